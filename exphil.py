@@ -1,0 +1,1441 @@
+"""exphil: Super Smash Bros. Melee bots that learn from Slippi replays and play through Dolphin.
+
+One module, in the order data flows:
+
+    specs -> compiler -> features/actions -> data -> training -> inference -> agent -> CLI
+
+* A backbone is a TOML spec (``specs/*.toml``) validated by msgspec.
+* The compiler turns a spec into two ONNX graphs that share every parameter name: a *window*
+  graph ``[B, L, ...]`` for training and a *step* graph ``[B, ...]`` plus carried state for play.
+  Both are built by the same layer code: the step graph is the window graph at ``L = 1``.
+* Training runs on onnxruntime-training, inference on onnxruntime.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import functools
+import hashlib
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Annotated, Any, Literal, NamedTuple, Sequence, Union
+
+import msgspec
+import numpy as np
+
+__version__ = "0.1.0"
+
+OPSET = 21  # onnxruntime-training 1.19 reads up to opset 21 ...
+IR_VERSION = 10  # ... and IR version 10.
+
+
+class ExphilError(Exception):
+    """Base class for errors that carry a message meant for the user."""
+
+
+# =================================================================================================
+# Specs
+# =================================================================================================
+
+Pos = Annotated[int, msgspec.Meta(ge=1)]
+Norm = Literal["layer", "rms", "none"]
+
+
+class _Strict(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    pass
+
+
+class Dense(_Strict, tag="dense", tag_field="kind"):
+    """Per-frame Linear + activation: no memory across frames."""
+
+    activation: Literal["relu", "gelu", "silu", "tanh"] = "relu"
+
+
+class LSTM(_Strict, tag="lstm", tag_field="kind"):
+    """LSTM cell (PyTorch gate order i, f, g, o)."""
+
+    forget_bias: float = 1.0
+
+
+class Mamba(_Strict, tag="mamba", tag_field="kind"):
+    """Mamba-1 selective state-space mixer."""
+
+    state: Pos = 16  # N, the SSM state per channel
+    expand: Pos = 2  # E, inner width = E * hidden
+    conv: Pos = 4  # K, causal depthwise conv taps
+    dt_rank: Annotated[int, msgspec.Meta(ge=0)] = 0  # 0 = ceil(hidden / 16)
+
+
+Mixer = Union[Dense, LSTM, Mamba]
+
+
+class Block(_Strict):
+    mixer: Mixer
+    repeat: Pos = 1  # number of identical layers this entry stands for
+    norm: Norm = "none"  # normalisation before the mixer
+    residual: bool = False  # x + mixer(norm(x))
+    ffn: Annotated[int, msgspec.Meta(ge=0)] = 0  # feed-forward expansion after the mixer (0 = none)
+
+
+class Embeddings(_Strict):
+    action: Pos = 32  # learned table per action state id
+    character: Pos = 8
+    stage: Pos = 4
+
+
+class Heads(_Strict):
+    hidden: Annotated[int, msgspec.Meta(ge=0)] = 0  # width of a shared hidden layer (0 = none)
+
+
+class Spec(_Strict):
+    name: str
+    window: Pos  # frames per training window
+    hidden: Pos  # model width
+    blocks: Annotated[list[Block], msgspec.Meta(min_length=1)]
+    description: str = ""
+    embed: Embeddings = Embeddings()
+    final_norm: Norm = "layer"
+    heads: Heads = Heads()
+
+    @property
+    def layers(self) -> list[Block]:
+        """Blocks with ``repeat`` expanded: one entry per layer."""
+        return [b for b in self.blocks for _ in range(b.repeat)]
+
+
+class SpecError(ExphilError):
+    pass
+
+
+def load_spec(path: str | os.PathLike) -> Spec:
+    """Read and validate a spec file. Errors name the file and the field path."""
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise SpecError(f"{path}: cannot read spec: {e.strerror}") from None
+    return parse_spec(data, source=str(path))
+
+
+def parse_spec(text: str | bytes, source: str = "<spec>") -> Spec:
+    try:
+        return msgspec.toml.decode(text, type=Spec)
+    except msgspec.ValidationError as e:
+        msg = str(e)
+        if " - at `$." in msg:  # "Expected `int`, got `str` - at `$.blocks[0].repeat`"
+            problem, field = msg.rsplit(" - at `$.", 1)
+            raise SpecError(f"{source}: field `{field.rstrip('`')}`: {problem}") from None
+        raise SpecError(f"{source}: {msg}") from None
+    except msgspec.DecodeError as e:
+        raise SpecError(f"{source}: not valid TOML: {e}") from None
+
+
+# =================================================================================================
+# Compiler: spec -> ONNX window graph and step graph (onnxscript's GraphBuilder)
+# =================================================================================================
+#
+# Every layer is written once, over tensors shaped [B, L, ...]. Per-frame work (projections,
+# gates, convolutions) runs on the whole window at once; true recurrences go through
+# `Graph.scan`, which unrolls a per-frame function over the L frames. The step graph is the same
+# code at L = 1 with the carried state as input, so a step reproduces a window frame by frame.
+# Only ops with gradients in onnxruntime-training 1.19 are used (no CumSum, Softplus, LSTM, Scan).
+
+HEADS = {"buttons": 8, "main_x": 17, "main_y": 17, "c_x": 17, "c_y": 17, "shoulder": 5}
+
+
+class Graph:
+    """A graph under construction: onnxscript's GraphBuilder plus parameters and helpers."""
+
+    def __init__(self, params: dict[str, np.ndarray], length: int, name: str):
+        import onnx_ir as ir
+        from onnxscript import GraphBuilder
+
+        self.ir = ir
+        self.graph = ir.Graph([], [], nodes=[], opset_imports={"": OPSET}, name=name)
+        self.builder = GraphBuilder(self.graph)
+        self.op = self.builder.op
+        self.params = params
+        self.length = length  # frames per window (1 in the step graph)
+        self._values: dict[str, Any] = {}
+
+    def param(self, name: str):
+        """The graph value of a parameter, registered as an initializer on first use."""
+        if name not in self._values:
+            tensor = self.ir.tensor(self.params[name], name=name)
+            self._values[name] = self.builder.initializer(tensor, name, qualify=False)
+        return self._values[name]
+
+    def const(self, array: np.ndarray | list, dtype=np.float32):
+        array = np.asarray(array, dtype=dtype)
+        name = f"const.{len(self.graph.initializers)}"
+        return self.builder.initializer(self.ir.tensor(array, name=name), name, qualify=False)
+
+    def input(self, name: str, dtype: str, shape: Sequence):
+        return self.builder.input(name, getattr(self.ir.DataType, dtype), list(shape))
+
+    def output(self, value, name: str, shape: Sequence):
+        """A float graph output with its declared shape (training tools require one)."""
+        if value in self.graph.inputs or value in self.graph.outputs:
+            value = self.op.Identity(value)
+        value.dtype = self.ir.DataType.FLOAT
+        value.shape = self.ir.Shape(list(shape))
+        self.builder.add_output(value, name)
+
+    def to_proto(self):
+        """Serialize; constants become Constant nodes so initializers are exactly the parameters."""
+        ir = self.ir
+        consts = [v for n, v in self.graph.initializers.items() if n not in self.params]
+        nodes = []
+        for v in consts:
+            self.graph.initializers.pop(v.name)
+            nodes.append(ir.Node("", "Constant", [], [ir.Attr("value", ir.AttributeType.TENSOR, v.const_value)],
+                                 outputs=[v], name=f"Constant.{v.name}"))
+        if nodes and self.graph.num_nodes():
+            self.graph.insert_before(self.graph.node(0), nodes)
+        return ir.to_proto(ir.Model(self.graph, ir_version=IR_VERSION, producer_name="exphil"))
+
+    # ---- small building blocks -------------------------------------------------------------------
+    def linear(self, x, name: str, bias: bool = True):
+        y = self.op.MatMul(x, self.param(f"{name}.weight"))
+        return self.op.Add(y, self.param(f"{name}.bias")) if bias else y
+
+    def split(self, x, sizes: Sequence[int], axis: int = -1):
+        return self.op.Split(x, self.const(list(sizes), np.int64), axis=axis, _outputs=len(sizes))
+
+    def silu(self, x):
+        return self.op.Mul(x, self.op.Sigmoid(x))
+
+    def softplus(self, x):  # relu(x) + log(1 + exp(-|x|)): stable, and has a gradient in ORT
+        op = self.op
+        return op.Add(op.Relu(x), op.Log(op.Add(op.Exp(op.Neg(op.Abs(x))), 1.0)))
+
+    def activation(self, kind: str, x):
+        op = self.op
+        if kind == "relu":
+            return op.Relu(x)
+        if kind == "tanh":
+            return op.Tanh(x)
+        if kind == "silu":
+            return self.silu(x)
+        if kind == "gelu":
+            return op.Mul(op.Mul(x, 0.5), op.Add(op.Erf(op.Mul(x, 1 / math.sqrt(2))), 1.0))
+        raise ValueError(kind)
+
+    def norm(self, kind: str, x, name: str):
+        op = self.op
+        if kind == "layer":  # bias input and all three outputs declared: needed for its gradient
+            y, _, _ = op.LayerNormalization(x, self.param(f"{name}.weight"), self.param(f"{name}.bias"),
+                                            axis=-1, epsilon=1e-5, _outputs=3)
+            return y
+        if kind == "rms":  # written in the pattern onnxruntime fuses into one kernel
+            ms = op.ReduceMean(op.Pow(x, 2.0), self.const([-1], np.int64), keepdims=1)
+            return op.Mul(op.Div(x, op.Sqrt(op.Add(ms, 1e-5))), self.param(f"{name}.weight"))
+        return x
+
+    def scan(self, fn, sequences: Sequence, state: dict):
+        """Unroll ``y_t, state = fn(frames_t, state)`` over the time axis (axis 1) of each sequence.
+
+        Frames keep a time axis of size 1 ([B, 1, ...]) and so do recurrent states, so the step
+        graph (L = 1) needs no reshaping at all. Returns outputs stacked [B, L, ...], final state."""
+        L = self.length
+        frames = [[s] if L == 1 else self.split(s, [1] * L, axis=1) for s in sequences]
+        ys = []
+        for t in range(L):
+            y, state = fn([f[t] for f in frames], state)
+            ys.append(y)
+        return (ys[0] if L == 1 else self.op.Concat(*ys, axis=1)), state
+
+
+class _Init:
+    """Creates named parameters with their initial values."""
+
+    def __init__(self, params: dict[str, np.ndarray], rng: np.random.Generator):
+        self.params, self.rng = params, rng
+
+    def __call__(self, name: str, value) -> None:
+        if name in self.params:
+            raise ValueError(f"duplicate parameter {name}")
+        self.params[name] = np.asarray(value, dtype=np.float32)
+
+    def uniform(self, name: str, shape: Sequence[int], bound: float) -> None:
+        self(name, self.rng.uniform(-bound, bound, size=shape))
+
+    def linear(self, name: str, n_in: int, n_out: int, bias: bool = True, scale: float = 1.0) -> None:
+        """Weight stored [in, out]; PyTorch's default U(+-1/sqrt(in)) initialisation."""
+        bound = 1 / math.sqrt(n_in)
+        self.uniform(f"{name}.weight", (n_in, n_out), bound * scale)
+        if bias:
+            self.uniform(f"{name}.bias", (n_out,), bound)
+
+    def norm(self, kind: str, name: str, width: int) -> None:
+        if kind in ("layer", "rms"):
+            self(f"{name}.weight", np.ones(width))
+        if kind == "layer":
+            self(f"{name}.bias", np.zeros(width))
+
+
+# ---- mixers: one class per kind of layer; `states` lists carried tensors as (name, shape) --------
+
+class DenseLayer:
+    def __init__(self, name: str, cfg: Dense, width: int, init: _Init, n_layers: int):
+        self.name, self.cfg = name, cfg
+        init.linear(f"{name}.linear", width, width)
+        self.states: list[tuple[str, tuple[int, ...]]] = []
+
+    def __call__(self, g: Graph, x, state: dict):
+        return g.activation(self.cfg.activation, g.linear(x, f"{self.name}.linear")), state
+
+
+class LSTMLayer:
+    """h, c carried; input projection hoisted out of the recurrence (one MatMul per window)."""
+
+    def __init__(self, name: str, cfg: LSTM, width: int, init: _Init, n_layers: int):
+        self.name, H = name, width
+        bound = 1 / math.sqrt(H)
+        init.uniform(f"{name}.w_ih", (width, 4 * H), bound)
+        init.uniform(f"{name}.w_hh", (H, 4 * H), bound)
+        bias = init.rng.uniform(-bound, bound, 4 * H)
+        bias[H:2 * H] += cfg.forget_bias
+        init(f"{name}.bias", bias)
+        self.H = H
+        self.states = [("h", (1, H)), ("c", (1, H))]
+
+    def __call__(self, g: Graph, x, state: dict):
+        op, n = g.op, self.name
+        xi = op.Add(op.MatMul(x, g.param(f"{n}.w_ih")), g.param(f"{n}.bias"))
+        w_hh = g.param(f"{n}.w_hh")
+
+        def cell(frame, s):
+            z = op.Add(frame[0], op.MatMul(s["h"], w_hh))
+            i, f, gg, o = g.split(z, [self.H] * 4)
+            c = op.Add(op.Mul(op.Sigmoid(f), s["c"]), op.Mul(op.Sigmoid(i), op.Tanh(gg)))
+            h = op.Mul(op.Sigmoid(o), op.Tanh(c))
+            return h, {"h": h, "c": c}
+
+        return g.scan(cell, [xi], state)
+
+
+class MambaLayer:
+    """Mamba-1: in_proj -> causal depthwise conv -> SiLU -> selective scan -> gate -> out_proj.
+
+    Conv and projections run on the whole window; only h_t = exp(dt A) h_{t-1} + dt u_t B_t and
+    its read-out y_t = C_t h_t are unrolled. States: the last K-1 conv inputs and h [D, N]."""
+
+    def __init__(self, name: str, cfg: Mamba, width: int, init: _Init, n_layers: int):
+        self.name = name
+        D, N, K = cfg.expand * width, cfg.state, cfg.conv
+        R = cfg.dt_rank or math.ceil(width / 16)
+        self.D, self.N, self.K, self.R = D, N, K, R
+        init.linear(f"{name}.in_proj", width, 2 * D, bias=False)
+        init.uniform(f"{name}.conv.weight", (D, 1, K), 1 / math.sqrt(K))  # tap K-1: current frame
+        init.uniform(f"{name}.conv.bias", (D,), 1 / math.sqrt(K))
+        init.linear(f"{name}.x_proj", D, R + 2 * N, bias=False)
+        init.uniform(f"{name}.dt_proj.weight", (R, D), R ** -0.5)
+        dt = np.exp(init.rng.uniform(math.log(1e-3), math.log(1e-1), D)).clip(min=1e-4)
+        init(f"{name}.dt_proj.bias", dt + np.log(-np.expm1(-dt)))  # inverse softplus
+        init(f"{name}.A_log", np.log(np.tile(np.arange(1, N + 1, dtype=np.float64), (D, 1))))
+        init(f"{name}.D", np.ones(D))
+        init.linear(f"{name}.out_proj", D, width, bias=False, scale=1 / math.sqrt(n_layers))
+        self.states = [("conv", (K - 1, D)), ("ssm", (1, D, N))]
+
+    def __call__(self, g: Graph, x, state: dict):
+        op, n, L = g.op, self.name, g.length
+        u, z = g.split(g.linear(x, f"{n}.in_proj", bias=False), [self.D, self.D])
+        # causal depthwise conv over [carried K-1 inputs, this window]; same code for any L
+        seq = op.Concat(state["conv"], u, axis=1)  # [B, K-1+L, D]
+        conv = op.Conv(op.Transpose(seq, perm=[0, 2, 1]), g.param(f"{n}.conv.weight"), g.param(f"{n}.conv.bias"),
+                       group=self.D, kernel_shape=[self.K])
+        u = g.silu(op.Transpose(conv, perm=[0, 2, 1]))
+        conv_state = op.Slice(seq, g.const([L], np.int64), g.const([L + self.K - 1], np.int64), g.const([1], np.int64))
+        dt, b, c = g.split(g.linear(u, f"{n}.x_proj", bias=False), [self.R, self.N, self.N])
+        dt = g.softplus(g.linear(dt, f"{n}.dt_proj"))  # [B, L, D]
+        last = g.const([-1], np.int64)
+        a = op.Neg(op.Exp(g.param(f"{n}.A_log")))  # [D, N]
+        decay = op.Exp(op.Mul(op.Unsqueeze(dt, last), a))  # [B, L, D, N]
+        drive = op.Mul(op.Unsqueeze(op.Mul(dt, u), last), op.Unsqueeze(b, g.const([-2], np.int64)))
+        c = op.Unsqueeze(c, g.const([-2], np.int64))  # [B, L, 1, N]
+        # the recurrence, per frame: h [B, 1, D, N]
+
+        def ssm(frame, s):
+            h = op.Add(op.Mul(frame[0], s["ssm"]), frame[1])
+            return op.ReduceSum(op.Mul(h, frame[2]), last, keepdims=0), {"ssm": h}
+
+        y, s = g.scan(ssm, [decay, drive, c], {"ssm": state["ssm"]})
+        y = op.Mul(op.Add(y, op.Mul(u, g.param(f"{n}.D"))), g.silu(z))
+        return g.linear(y, f"{n}.out_proj", bias=False), {"conv": conv_state, "ssm": s["ssm"]}
+
+
+MIXERS = {Dense: DenseLayer, LSTM: LSTMLayer, Mamba: MambaLayer}
+
+
+class Model:
+    """A spec's parameters (name -> array) and the code that builds its graphs."""
+
+    def __init__(self, spec: Spec, params: dict[str, np.ndarray] | None = None, seed: int = 0):
+        self.spec = spec
+        init = _Init({}, np.random.default_rng(seed))
+        d = spec.hidden
+        widths = {"action": spec.embed.action, "character": spec.embed.character, "stage": spec.embed.stage}
+        for table, vocab in EMBED_TABLES.items():
+            init(f"embed.{table}", init.rng.normal(0, 1, (vocab, widths[table])))
+        d_in = sum(widths[table] for _, table in CAT_FIELDS) + len(NUM_FIELDS)
+        init.linear("in_proj", d_in, d)
+        self.layers = []
+        layers = spec.layers
+        for i, block in enumerate(layers):
+            name = f"layers.{i}"
+            init.norm(block.norm, f"{name}.norm", d)
+            self.layers.append((block, MIXERS[type(block.mixer)](f"{name}.mixer", block.mixer, d, init, len(layers))))
+            if block.ffn:
+                init.norm("layer", f"{name}.ffn_norm", d)
+                init.linear(f"{name}.ffn.up", d, block.ffn * d)
+                init.linear(f"{name}.ffn.down", block.ffn * d, d, scale=1 / math.sqrt(len(layers)))
+        init.norm(spec.final_norm, "final_norm", d)
+        if spec.heads.hidden:
+            init.linear("heads.hidden", d, spec.heads.hidden)
+        init.linear("heads.out", spec.heads.hidden or d, sum(HEADS.values()), scale=0.1)
+        self.params = init.params
+        if params is not None:
+            self.load(params)
+
+    def load(self, params: dict[str, np.ndarray]) -> None:
+        missing = set(self.params) - set(params)
+        if missing:
+            raise ExphilError(f"weights do not match spec {self.spec.name!r}: missing {sorted(missing)[:5]}")
+        for k, v in self.params.items():
+            if params[k].shape != v.shape:
+                raise ExphilError(f"weights do not match spec {self.spec.name!r}: {k} has shape "
+                                  f"{params[k].shape}, spec needs {v.shape}")
+            self.params[k] = np.asarray(params[k], dtype=np.float32)
+
+    def start_from_frequencies(self, freqs: dict[str, list[float]]) -> None:
+        """Set the output biases so that an untrained model predicts the label frequencies
+        (its loss starts at the frequency baseline instead of far above it)."""
+        bias = []
+        for h, n in HEADS.items():
+            p = np.clip(np.asarray(freqs[h], np.float64), 1e-4, 1 - 1e-4)
+            bias.append(np.log(p / (1 - p)) if h == "buttons" else np.log(p))
+        self.params["heads.out.bias"] = np.concatenate(bias).astype(np.float32)
+
+    @property
+    def states(self) -> list[tuple[str, tuple[int, ...]]]:
+        """Carried state tensors, named `<layer>.<state>`, shapes without the batch axis."""
+        return [(f"{mixer.name}.{s}", shape) for _, mixer in self.layers for s, shape in mixer.states]
+
+    def zero_state(self, batch: int = 1) -> dict[str, np.ndarray]:
+        return {n: np.zeros((batch, *shape), np.float32) for n, shape in self.states}
+
+    def forward(self, g: Graph, cat, num, state: dict):
+        """cat [B, L, C] int64, num [B, L, F] -> head logits [B, L, sum(HEADS)], new state."""
+        op, spec = g.op, self.spec
+        feats = []
+        for i, (_, table) in enumerate(CAT_FIELDS):
+            ids = op.Gather(cat, g.const(i, np.int64), axis=2)
+            feats.append(op.Gather(g.param(f"embed.{table}"), ids, axis=0))
+        x = g.linear(op.Concat(*feats, num, axis=-1), "in_proj")
+        new_state = {}
+        for i, (block, mixer) in enumerate(self.layers):
+            own = {s: state[f"{mixer.name}.{s}"] for s, _ in mixer.states}
+            y, out = mixer(g, g.norm(block.norm, x, f"layers.{i}.norm"), own)
+            new_state.update({f"{mixer.name}.{s}": v for s, v in out.items()})
+            x = op.Add(x, y) if block.residual else y
+            if block.ffn:
+                h = g.norm("layer", x, f"layers.{i}.ffn_norm")
+                h = g.linear(g.activation("gelu", g.linear(h, f"layers.{i}.ffn.up")), f"layers.{i}.ffn.down")
+                x = op.Add(x, h)
+        x = g.norm(spec.final_norm, x, "final_norm")
+        if spec.heads.hidden:
+            x = g.activation("gelu", g.linear(x, "heads.hidden"))
+        return g.linear(x, "heads.out"), new_state
+
+    def build(self, length: int | None = None, step: bool = False, extra=None):
+        """The window graph over `length` frames (default: the spec's window), or the step graph.
+
+        `extra(g, heads, new_state)` may add inputs and outputs first (the training loss does)."""
+        length = 1 if step else (length or self.spec.window)
+        g = Graph(self.params, length, f"{self.spec.name}.{'step' if step else 'window'}")
+        op = g.op
+        C, F = len(CAT_FIELDS), len(NUM_FIELDS)
+        if step:
+            axis1 = g.const([1], np.int64)
+            cat = op.Unsqueeze(g.input("cat", "INT64", ["B", C]), axis1)
+            num = op.Unsqueeze(g.input("num", "FLOAT", ["B", F]), axis1)
+        else:
+            cat = g.input("cat", "INT64", ["B", length, C])
+            num = g.input("num", "FLOAT", ["B", length, F])
+        state = {n: g.input(f"state_in.{n}", "FLOAT", ["B", *shape]) for n, shape in self.states}
+        logits, new_state = self.forward(g, cat, num, state)
+        if step:
+            logits = op.Squeeze(logits, axis1)
+        heads = dict(zip(HEADS, g.split(logits, list(HEADS.values()))))
+        if extra is not None:
+            extra(g, heads, new_state)
+        lead = ["B"] if step else ["B", length]
+        for name, value in heads.items():
+            g.output(value, name, lead + [HEADS[name]])
+        for n, shape in self.states:
+            g.output(new_state[n], f"state_out.{n}", ["B", *shape])
+        return g.to_proto()
+
+    def save(self, out: str | os.PathLike, length: int | None = None) -> tuple[Path, Path]:
+        """Write window.onnx and step.onnx into `out`."""
+        import onnx
+
+        out = Path(out)
+        out.mkdir(parents=True, exist_ok=True)
+        paths = out / "window.onnx", out / "step.onnx"
+        for path, proto in zip(paths, (self.build(length), self.build(step=True))):
+            tmp = path.with_suffix(".onnx.tmp")
+            onnx.save(proto, tmp)
+            os.replace(tmp, path)
+        return paths
+
+
+def load_params(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """Parameters (initializers) of an ONNX file, by name."""
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(str(path))
+    return {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+
+
+# =================================================================================================
+# Features and actions
+# =================================================================================================
+# Game-state features and controller labels, identical from replays and from live play.
+#
+# Two sources produce the same numbers for the same frame:
+#
+# * ``read_replay`` + ``game_features`` / ``game_labels``: vectorised over a whole Slippi replay
+#   parsed with peppi-py (training data).
+# * ``features_from_gamestate`` / ``encode_controller``: one libmelee ``GameState`` at a time
+#   (play time, and libmelee's replay console).
+#
+# Every value follows libmelee's own definition of the field (including its defaults for old
+# replays that lack it), so a model trained on replay features sees the same inputs at play time.
+# Ports are libmelee's 1-based controller ports everywhere (peppi's ``Port.P1`` is port 1).
+#
+# Frames: one row per frame id, from the first frame (-123) to the last.  Netplay rollbacks re-send
+# frames; libmelee's console yields the *first* version of each (it skips any frame whose id is not
+# above the highest id already yielded), and so does ``read_replay`` by default.  The first version
+# holds the opponent's *predicted* inputs, so for training labels prefer
+# ``read_replay(path, finalized=True)``, which keeps the last (final) version of each frame.
+#
+# Layout, FEATURE_VERSION 1.  Categorical ids (``cat``, int64):
+#
+#     0 self_action     400  libmelee Action value; values outside the enum -> 399
+#     1 opp_action      400
+#     2 self_character   34  libmelee Character value (internal id); unknown -> 33
+#     3 opp_character    34
+#     4 stage            32  libmelee Stage value (NO_STAGE = 0 for stages it does not know)
+#
+# Floats (``num``, float32), feature = clip((raw - offset) * scale, -10, 10), raw in libmelee units:
+#
+#     per player, self block (0-17) then opponent block (18-35):
+#     +0  x                    *0.02          +9  hitlag_left            *0.1
+#     +1  y                    *0.02          +10 hitstun_frames_left    *0.02
+#     +2  percent              *0.01          +11 action_frame           *0.02
+#     +3  shield_strength      *0.01          +12 off_stage              0/1
+#     +4  stock                *0.25          +13 speed_air_x_self       *0.25
+#     +5  facing               +1 right, -1   +14 speed_y_self           *0.25
+#     +6  jumps_left           *0.25          +15 speed_x_attack         *0.25
+#     +7  on_ground            0/1            +16 speed_y_attack         *0.25
+#     +8  invulnerable         0/1            +17 speed_ground_x_self    *0.25
+#     own controller (36-48): buttons A B X Y Z L R D_UP (0/1, physical buttons), main_x, main_y,
+#     c_x, c_y ((v - 0.5) * 2, i.e. -1..1), shoulder (analog trigger 0..1).
+#
+# libmelee reports one processed analog trigger for both shoulders (l_shoulder == r_shoulder), so
+# a single ``shoulder`` feature stands for both.  Buttons are the physical ones
+# (``controller_state.button``): in the processed bits Z also sets A, and the physical buttons are
+# what ``Controller.press_button`` drives.  Items, projectiles, Nana and platforms are not included.
+#
+# Labels: ``game_labels`` row t is ``encode_controller`` of that port's controller state at frame t,
+# the same state that feature row t carries in 36-48.  Shifting targets by 1 + delay frames is the
+# caller's job.
+
+from melee import enums
+from melee.enums import Button
+from melee.stages import EDGE_GROUND_POSITION
+
+FEATURE_VERSION = 1
+
+ACTION_VOCAB, CHARACTER_VOCAB, STAGE_VOCAB = 400, 34, 32
+UNKNOWN_ACTION, UNKNOWN_CHARACTER = ACTION_VOCAB - 1, CHARACTER_VOCAB - 1
+EMBED_TABLES = {"action": ACTION_VOCAB, "character": CHARACTER_VOCAB, "stage": STAGE_VOCAB}
+CAT_FIELDS = [("self_action", "action"), ("opp_action", "action"), ("self_character", "character"),
+              ("opp_character", "character"), ("stage", "stage")]  # (name, embedding table)
+
+BUTTONS = ("A", "B", "X", "Y", "Z", "L", "R", "D_UP")
+STICK_CLASSES = 17
+SHOULDER_CLASSES = 5
+
+# (name, offset, scale) for the raw libmelee-unit values.
+_PLAYER_FIELDS = [
+    ("x", 0, 0.02), ("y", 0, 0.02), ("percent", 0, 0.01), ("shield", 0, 0.01),
+    ("stock", 0, 0.25), ("facing", 0, 1), ("jumps_left", 0, 0.25), ("on_ground", 0, 1),
+    ("invulnerable", 0, 1), ("hitlag_left", 0, 0.1), ("hitstun_left", 0, 0.02),
+    ("action_frame", 0, 0.02), ("off_stage", 0, 1),
+    ("speed_air_x_self", 0, 0.25), ("speed_y_self", 0, 0.25), ("speed_x_attack", 0, 0.25),
+    ("speed_y_attack", 0, 0.25), ("speed_ground_x_self", 0, 0.25)]
+_CONTROLLER_FIELDS = ([("button_" + b, 0, 1) for b in BUTTONS]
+                      + [(s, 0.5, 2) for s in ("main_x", "main_y", "c_x", "c_y")]
+                      + [("shoulder", 0, 1)])
+_ALL = ([("self_" + n, o, s) for n, o, s in _PLAYER_FIELDS]
+        + [("opp_" + n, o, s) for n, o, s in _PLAYER_FIELDS] + _CONTROLLER_FIELDS)
+NUM_FIELDS = [n for n, _, _ in _ALL]
+_OFFSET = np.array([o for _, o, _ in _ALL], np.float32)
+_SCALE = np.array([s for _, _, s in _ALL], np.float32)
+_CLIP = 10.0
+_P = len(_PLAYER_FIELDS)          # 18 values per player
+_CTRL = 2 * _P                    # first controller column
+
+# Lookup tables from raw game values to categorical ids.
+_ACTION_ID = np.full(1 << 16, UNKNOWN_ACTION, np.int64)
+_ACTION_ID[[a.value for a in enums.Action]] = [a.value for a in enums.Action]
+_CHARACTER_ID = np.full(256, UNKNOWN_CHARACTER, np.int64)
+_known = [c.value for c in enums.Character if c.value < UNKNOWN_CHARACTER]
+_CHARACTER_ID[_known] = _known
+_BUTTON_ENUMS = tuple(Button["BUTTON_" + b] for b in BUTTONS)
+_BUTTON_BITS = np.array([0x100, 0x200, 0x400, 0x800, 0x10, 0x40, 0x20, 0x08], np.uint16)
+
+# libmelee's console adds 1 to action_frame for the (character, action) pairs that the game
+# counts from 0; it reads the list from a data file shipped with libmelee.
+with open(os.path.join(os.path.dirname(enums.__file__), "actiondata.csv")) as _f:
+    _ZERO_INDEXED = np.array(sorted(int(r["character"]) << 16 | int(r["action"])
+                                    for r in csv.DictReader(_f) if r["zeroindex"] == "True"))
+
+
+class ReplayError(ExphilError):
+    """A replay that cannot be read or is not a usable 1v1 game."""
+
+    def __init__(self, path, reason):
+        super().__init__(f"{path}: {reason}")
+        self.path, self.reason = str(path), reason
+
+
+class Game(NamedTuple):
+    path: str
+    slippi_version: tuple      # (major, minor, build)
+    stage: int                 # libmelee Stage value
+    frame_ids: np.ndarray      # int32[T]
+    players: dict              # libmelee port -> {field: array[T] (speeds: float32[T, 5])}
+
+    @property
+    def ports(self):
+        return tuple(self.players)
+
+
+def _column(arr, what, default=None, dtype=None, *, keep, path):
+    """Arrow array -> numpy over the kept frames; `default` fills fields the version lacks."""
+    if arr is None:
+        if default is None:
+            raise ReplayError(path, f"no {what} data (Slippi version too old)")
+        return np.full(len(keep), default, dtype)
+    if arr.null_count:
+        raise ReplayError(path, f"missing values in {what}")
+    return arr.to_numpy(zero_copy_only=False)[keep]
+
+
+def read_replay(path, humans_only=True, finalized=False) -> Game:
+    """Parse a .slp file into per-frame arrays for its two players; ReplayError if unusable.
+
+    finalized=False keeps the first version of rolled-back frames (as libmelee does),
+    finalized=True the last one.
+    """
+    import peppi_py
+
+    path = os.fspath(path)
+    try:
+        game = peppi_py.read_slippi(path)
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as e:  # peppi panics raise pyo3's PanicException (a BaseException)
+        raise ReplayError(path, f"unreadable ({type(e).__name__}: {str(e)[:160]})") from None
+    start, frames = game.start, game.frames
+    if len(start.players) != 2 or start.is_teams:
+        raise ReplayError(path, f"not a 1v1: {len(start.players)} players, teams={start.is_teams}")
+    if humans_only and any(p.type != peppi_py.game.PlayerType.HUMAN for p in start.players):
+        raise ReplayError(path, "not two human players: " + ", ".join(
+            f"port {p.port.value + 1} is {p.type.name}" for p in start.players))
+    if frames is None or len(frames.id) == 0 or len(frames.ports) != 2:
+        raise ReplayError(path, "no frame data")
+    ids = frames.id.to_numpy(zero_copy_only=False)
+    if finalized:  # last occurrence of each frame id, in id order
+        _, last = np.unique(ids[::-1], return_index=True)
+        keep = len(ids) - 1 - last
+    else:  # frames whose id is above every id seen before
+        first = np.ones(len(ids), bool)
+        first[1:] = ids[1:] > np.maximum.accumulate(ids)[:-1]
+        keep = np.flatnonzero(first)
+
+    col = functools.partial(_column, keep=keep, path=path)
+    players = {}
+    for info, data in zip(start.players, frames.ports):
+        port, pre, post = info.port.value + 1, data.leader.pre, data.leader.post
+        vel = post.velocities
+        speeds = [col(None if vel is None else getattr(vel, k), "velocities", 0, np.float32)
+                  for k in ("self_x_air", "self_y", "knockback_x", "knockback_y", "self_x_ground")]
+        players[port] = arrays = dict(
+            character=col(post.character, "character"), action=col(post.state, "action state"),
+            x=col(post.position.x, "position"), y=col(post.position.y, "position"),
+            percent=col(post.percent, "percent"), shield=col(post.shield, "shield"),
+            stock=col(post.stocks, "stocks"), direction=col(post.direction, "direction"),
+            state_age=col(post.state_age, "state age"),
+            misc_as=col(post.misc_as, "misc_as", 0, np.float32),
+            airborne=col(post.airborne, "airborne", 0, np.uint8),
+            jumps=col(post.jumps, "jumps", 1, np.uint8),
+            hurtbox=col(post.hurtbox_state, "hurtbox", 0, np.uint8),
+            hitlag=col(post.hitlag, "hitlag", 0, np.float32),
+            speeds=np.stack(speeds, axis=1),
+            joy_x=col(pre.joystick.x, "joystick"), joy_y=col(pre.joystick.y, "joystick"),
+            c_x=col(pre.cstick.x, "c-stick"), c_y=col(pre.cstick.y, "c-stick"),
+            trigger=col(pre.triggers, "triggers"), buttons=col(pre.buttons_physical, "buttons"))
+        if not all(np.isfinite(arrays[k]).all() for k in ("x", "y", "percent", "shield")):
+            raise ReplayError(path, f"non-finite position/percent/shield at port {port}")
+    return Game(path, tuple(start.slippi.version), enums.to_internal_stage(start.stage).value,
+                ids[keep], players)
+
+
+def _trunc_int(a):
+    """Python's int() of a float32 array (toward zero), NaN -> 0 as libmelee does for hitstun."""
+    return np.nan_to_num(np.trunc(a), nan=0.0)
+
+
+def _player_raw(p, stage, out):
+    """Fill float32 out[T, 18] with one player's values in libmelee units."""
+    on_ground = p["airborne"] == 0
+    x, y = p["x"], p["y"]
+    edge = EDGE_GROUND_POSITION.get(enums.Stage(stage))
+    off_stage = (np.zeros(len(x), bool) if edge is None else
+                 ((np.abs(x) > np.float32(edge)) | (y < np.float32(-6))) & ~on_ground)
+    key = p["character"].astype(np.int64) << 16 | p["action"]
+    action_frame = _trunc_int(p["state_age"]) + np.isin(key, _ZERO_INDEXED)
+    cols = (x, y, p["percent"], p["shield"], p["stock"], np.where(p["direction"] > 0, 1, -1),
+            p["jumps"], on_ground, p["hurtbox"] != 0, _trunc_int(p["hitlag"]),
+            _trunc_int(p["misc_as"]), action_frame, off_stage)
+    for i, c in enumerate(cols):
+        out[:, i] = c
+    out[:, len(cols):_P] = p["speeds"]
+
+
+def _stick(a):
+    """libmelee's 0..1 stick value from peppi's -1..1 processed value, in float32."""
+    return a / np.float32(2) + np.float32(0.5)
+
+
+def game_features(game: Game, port: int, opponent_port: int):
+    """Features for every frame: (cat int64[T, 5], num float32[T, 49])."""
+    me, op = game.players[port], game.players[opponent_port]
+    T = len(game.frame_ids)
+    cat = np.empty((T, len(CAT_FIELDS)), np.int64)
+    cat[:, 0], cat[:, 1] = _ACTION_ID[me["action"]], _ACTION_ID[op["action"]]
+    cat[:, 2], cat[:, 3] = _CHARACTER_ID[me["character"]], _CHARACTER_ID[op["character"]]
+    cat[:, 4] = game.stage
+    raw = np.empty((T, len(NUM_FIELDS)), np.float32)
+    _player_raw(me, game.stage, raw[:, :_P])
+    _player_raw(op, game.stage, raw[:, _P:_CTRL])
+    raw[:, _CTRL:_CTRL + 8] = (me["buttons"][:, None] & _BUTTON_BITS) != 0
+    for i, k in enumerate(("joy_x", "joy_y", "c_x", "c_y")):
+        raw[:, _CTRL + 8 + i] = _stick(me[k])
+    raw[:, _CTRL + 12] = me["trigger"]
+    raw -= _OFFSET
+    raw *= _SCALE
+    return cat, np.clip(raw, -_CLIP, _CLIP, out=raw)
+
+
+def _stick_class(v):
+    return np.clip(np.rint(np.float32(v) * np.float32(16)), 0, 16).astype(np.int64)
+
+
+def _shoulder_class(v):
+    return np.clip(np.rint(np.float32(v) * np.float32(4)), 0, 4).astype(np.int64)
+
+
+def game_labels(game: Game, port: int):
+    """Controller classes for every frame (see encode_controller)."""
+    p = game.players[port]
+    return dict(buttons=((p["buttons"][:, None] & _BUTTON_BITS) != 0).astype(np.uint8),
+                main_x=_stick_class(_stick(p["joy_x"])), main_y=_stick_class(_stick(p["joy_y"])),
+                c_x=_stick_class(_stick(p["c_x"])), c_y=_stick_class(_stick(p["c_y"])),
+                shoulder=_shoulder_class(p["trigger"]))
+
+
+def encode_controller(cs):
+    """libmelee ControllerState -> action dict (sticks 17 classes, shoulder 5 classes).
+
+    Meant for a GameState's controller_state; a Controller's own ``current`` state holds the
+    pipe values after libmelee's analog fix-up, which do not map back to the same classes.
+    """
+    b = cs.button
+    (mx, my), (cx, cy) = cs.main_stick, cs.c_stick
+    return dict(buttons=np.array([b[e] for e in _BUTTON_ENUMS], np.uint8),
+                main_x=int(_stick_class(mx)), main_y=int(_stick_class(my)),
+                c_x=int(_stick_class(cx)), c_y=int(_stick_class(cy)),
+                shoulder=int(_shoulder_class(max(cs.l_shoulder, cs.r_shoulder))))
+
+
+def press_action(controller, action):
+    """Drive a libmelee Controller to an action dict; buttons are sent only when they change."""
+    current = controller.current.button  # libmelee keeps the last state sent through the pipe
+    for button, pressed in zip(_BUTTON_ENUMS, action["buttons"]):
+        if bool(pressed) != current[button]:
+            (controller.press_button if pressed else controller.release_button)(button)
+    controller.tilt_analog(Button.BUTTON_MAIN, action["main_x"] / 16, action["main_y"] / 16)
+    controller.tilt_analog(Button.BUTTON_C, action["c_x"] / 16, action["c_y"] / 16)
+    controller.press_shoulder(Button.BUTTON_L, action["shoulder"] / 4)
+
+
+def _fill_player(num, o, p):
+    num[o:o + _P] = (
+        p.position.x, p.position.y, p.percent, p.shield_strength, p.stock,
+        1 if p.facing else -1, p.jumps_left, p.on_ground, p.invulnerable, p.hitlag_left,
+        p.hitstun_frames_left, p.action_frame, p.off_stage, p.speed_air_x_self,
+        p.speed_y_self, p.speed_x_attack, p.speed_y_attack, p.speed_ground_x_self)
+
+
+def features_from_gamestate(gamestate, port: int, opponent_port: int):
+    """Features of one libmelee GameState: (cat int64[5], num float32[49])."""
+    me, op = gamestate.players[port], gamestate.players[opponent_port]
+    cat = np.empty(len(CAT_FIELDS), np.int64)
+    # (a PlayerState that never received a frame has action value -1: index -1 is unknown too)
+    cat[0], cat[1] = _ACTION_ID[me.action.value], _ACTION_ID[op.action.value]
+    cat[2], cat[3] = _CHARACTER_ID[me.character.value], _CHARACTER_ID[op.character.value]
+    cat[4] = gamestate.stage.value
+    num = np.empty(len(NUM_FIELDS), np.float32)
+    _fill_player(num, 0, me)
+    _fill_player(num, _P, op)
+    cs = me.controller_state
+    b = cs.button
+    num[_CTRL:_CTRL + 8] = [b[e] for e in _BUTTON_ENUMS]
+    num[_CTRL + 8:_CTRL + 12] = cs.main_stick + cs.c_stick
+    num[_CTRL + 12] = max(cs.l_shoulder, cs.r_shoulder)
+    num -= _OFFSET
+    num *= _SCALE
+    return cat, np.clip(num, -_CLIP, _CLIP, out=num)
+
+
+# =================================================================================================
+# Data: replays -> cached per-game arrays -> training windows
+# =================================================================================================
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("EXPHIL_CACHE") or Path.home() / ".cache" / "exphil")
+
+
+@dataclasses.dataclass
+class Episode:
+    """One game seen from one player's port: inputs per frame and that player's controller."""
+
+    source: str
+    port: int
+    cat: np.ndarray  # [T, C] int64 categorical ids
+    num: np.ndarray  # [T, F] float32 numeric features
+    labels: dict[str, np.ndarray]  # controller per frame: buttons [T, 8] uint8, sticks/shoulder [T]
+
+    @property
+    def frames(self) -> int:
+        return len(self.cat)
+
+
+def find_replays(root: str | os.PathLike) -> list[Path]:
+    """A .slp file, or every .slp file under a directory (recursively), sorted."""
+    root = Path(root)
+    if root.is_file():
+        return [root]
+    if not root.is_dir():
+        raise ExphilError(f"{root}: no such replay file or directory")
+    return sorted(p for p in root.rglob("*") if p.suffix.lower() == ".slp" and p.is_file())
+
+
+def _episodes_from_replay(path: Path) -> list[Episode]:
+    game = read_replay(path, finalized=True)  # the final version of each rolled-back frame
+    out = []
+    for port, other in ((game.ports[0], game.ports[1]), (game.ports[1], game.ports[0])):
+        cat, num = game_features(game, port, other)
+        out.append(Episode(str(path), port, cat, num, game_labels(game, port)))
+    return out
+
+
+def load_replay(path: Path, cache: Path | None = None) -> list[Episode]:
+    """Both players' episodes of one replay, through the cache of parsed arrays.
+
+    The cache is keyed by the file's content and the feature layout version, so a renamed file
+    is still a hit and an edited or re-laid-out one is a miss. Raises ReplayError."""
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise ReplayError(path, f"cannot read file: {e.strerror}") from None
+    key = f"{hashlib.sha256(data).hexdigest()[:24]}-v{FEATURE_VERSION}"
+    file = (cache or cache_dir()) / f"{key}.npz"
+    if file.exists():
+        try:
+            with np.load(file) as z:
+                return [Episode(str(path), int(z[f"{i}.port"]), z[f"{i}.cat"], z[f"{i}.num"],
+                                {h: z[f"{i}.{h}"] for h in HEADS}) for i in range(2)]
+        except Exception:  # a damaged cache entry is rebuilt, never trusted
+            pass
+    episodes = _episodes_from_replay(path)
+    arrays = {}
+    for i, ep in enumerate(episodes):
+        arrays.update({f"{i}.port": ep.port, f"{i}.cat": ep.cat, f"{i}.num": ep.num})
+        arrays.update({f"{i}.{h}": v for h, v in ep.labels.items()})
+    file.parent.mkdir(parents=True, exist_ok=True)
+    tmp = file.with_suffix(f".{os.getpid()}.tmp.npz")
+    np.savez(tmp, **arrays)
+    os.replace(tmp, file)
+    return episodes
+
+
+def load_games(replays: str | os.PathLike | Sequence, cache: Path | None = None, log=None
+               ) -> tuple[list[list[Episode]], list[dict]]:
+    """Episodes grouped by game, and the replays that were skipped (path and reason).
+
+    A replay that cannot be used is reported in one line and skipped; the rest go on."""
+    paths = [p for r in ([replays] if isinstance(replays, (str, os.PathLike)) else replays)
+             for p in find_replays(r)]
+    games, skipped = [], []
+    for path in paths:
+        try:
+            games.append(load_replay(path, cache))
+        except ReplayError as e:
+            skipped.append({"path": str(path), "reason": e.reason})
+            if log:
+                log(f"skipped {path}: {e.reason}")
+    return games, skipped
+
+
+def split_games(games: list, val_split: float, seed: int) -> tuple[list, list]:
+    """Train/validation split by game (never by frame), reproducible for a seed."""
+    order = np.random.default_rng(seed).permutation(len(games))
+    n_val = min(len(games) - 1, max(1, round(len(games) * val_split))) if val_split > 0 and len(games) > 1 else 0
+    val = {int(i) for i in order[:n_val]}
+    return [g for i, g in enumerate(games) if i not in val], [g for i, g in enumerate(games) if i in val]
+
+
+def windows(episodes: list[Episode], length: int, delay: int = 0) -> list[tuple[int, int]]:
+    """(episode, first frame) of consecutive windows. Frame t is trained to predict the
+    controller at t + 1 + delay, so the last 1 + delay frames of an episode have no target."""
+    return [(i, s) for i, ep in enumerate(episodes) for s in range(0, ep.frames - 1 - delay, length)]
+
+
+def make_batch(episodes: list[Episode], wins: Sequence[tuple[int, int]], length: int, delay: int = 0
+               ) -> dict[str, np.ndarray]:
+    """Inputs, one-hot targets and a 0/1 mask (padding past an episode's end) for windows."""
+    B, C, F = len(wins), len(CAT_FIELDS), len(NUM_FIELDS)
+    batch = {"cat": np.zeros((B, length, C), np.int64), "num": np.zeros((B, length, F), np.float32),
+             "mask": np.zeros((B, length), np.float32)}
+    labels = {h: np.zeros((B, length) + ((8,) if h == "buttons" else ()), np.int64) for h in HEADS}
+    for b, (i, s) in enumerate(wins):
+        ep = episodes[i]
+        n = min(length, ep.frames - 1 - delay - s)
+        batch["cat"][b, :n] = ep.cat[s:s + n]
+        batch["num"][b, :n] = ep.num[s:s + n]
+        batch["mask"][b, :n] = 1
+        for h in HEADS:
+            labels[h][b, :n] = ep.labels[h][s + 1 + delay:s + 1 + delay + n]
+    for h, k in HEADS.items():
+        batch[f"target.{h}"] = (labels[h].astype(np.float32) if h == "buttons"
+                                else np.eye(k, dtype=np.float32)[labels[h]])
+    return batch
+
+
+def label_frequencies(episodes: list[Episode], delay: int = 0) -> dict[str, list[float]]:
+    """Per head: how often each button is pressed / each class occurs among training targets."""
+    freqs = {}
+    for h, k in HEADS.items():
+        y = np.concatenate([ep.labels[h][1 + delay:] for ep in episodes])
+        freqs[h] = (y.mean(0) if h == "buttons" else (np.bincount(y, minlength=k) + 1) / (len(y) + k)).tolist()
+    return freqs
+
+
+def frequency_loss(freqs: dict[str, list[float]], episodes: list[Episode], delay: int = 0) -> dict[str, float]:
+    """The loss of always predicting `freqs` on these episodes: the bar a model must beat."""
+    out = {}
+    for h in HEADS:
+        y, q = np.concatenate([ep.labels[h][1 + delay:] for ep in episodes]), np.asarray(freqs[h])
+        if h == "buttons":
+            p = q.clip(1e-6, 1 - 1e-6)
+            out[h] = float(-(y * np.log(p) + (1 - y) * np.log(1 - p)).sum(1).mean())
+        else:
+            out[h] = float(-np.log(q[y]).mean())
+    out["total"] = sum(out.values())
+    return out
+
+
+# =================================================================================================
+# Training on onnxruntime-training
+# =================================================================================================
+
+def _ort_training():
+    """onnxruntime.training's `artifacts`, `api` and `onnxblock` modules.
+
+    The package's own __init__ (1.19) imports `optim`, which needs PyTorch; these submodules do
+    not. Registering the package folder as an empty module lets them import without it."""
+    import types
+    import onnxruntime
+
+    name = "onnxruntime.training"
+    if name not in sys.modules:
+        pkg = types.ModuleType(name)
+        pkg.__path__ = [os.path.join(os.path.dirname(onnxruntime.__file__), "training")]
+        sys.modules[name] = pkg
+    from onnxruntime.training import api, artifacts, onnxblock
+    return artifacts, api, onnxblock
+
+
+class _quiet_fd2:
+    """Silence C++ log lines written to file descriptor 2 (artifact generation prints ~20)."""
+
+    def __enter__(self):
+        sys.stderr.flush()
+        self.saved, self.null = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+        os.dup2(self.null, 2)
+
+    def __exit__(self, *exc):
+        os.dup2(self.saved, 2)
+        os.close(self.saved)
+        os.close(self.null)
+
+
+def add_loss(g: Graph, heads: dict, new_state: dict) -> None:
+    """Training loss inside the graph: BCE summed over the 8 buttons plus cross-entropy of each
+    stick axis and the shoulder, each averaged over unmasked frames, summed over heads.
+
+    Targets are probabilities (one-hot from replays), so soft targets work as well."""
+    op = g.op
+    last = g.const([-1], np.int64)
+    mask = g.input("mask", "FLOAT", ["B", g.length])
+    count = op.Max(op.ReduceSum(mask, keepdims=0), 1.0)
+    losses = {}
+    for h, k in HEADS.items():
+        x, y = heads[h], g.input(f"target.{h}", "FLOAT", ["B", g.length, k])
+        if h == "buttons":  # softplus(x) - x*y, stable
+            per = op.Sub(g.softplus(x), op.Mul(x, y))
+        else:
+            per = op.Neg(op.Mul(y, op.LogSoftmax(x, axis=-1)))
+        losses[h] = op.Div(op.ReduceSum(op.Mul(op.ReduceSum(per, last, keepdims=0), mask), keepdims=0), count)
+    total = losses["buttons"]
+    for h in list(HEADS)[1:]:
+        total = op.Add(total, losses[h])
+    # Every state output joins the loss with weight 0: onnxruntime-training 1.19 fails on a Split
+    # (or fused Slices) whose outputs do not all reach the loss.
+    for v in new_state.values():
+        total = op.Add(total, op.Mul(op.ReduceSum(v, keepdims=0), 0.0))
+    g.output(total, "loss", [])
+    for h, v in losses.items():
+        g.output(v, f"loss.{h}", [])
+
+
+def with_zero_state(batch: dict[str, np.ndarray], model: Model) -> dict[str, np.ndarray]:
+    """The batch plus a zero initial state for every recurrent state it does not carry."""
+    B = len(batch["cat"])
+    return {**{f"state_in.{n}": np.zeros((B, *shape), np.float32) for n, shape in model.states}, **batch}
+
+
+class Trainer:
+    """A model on onnxruntime-training: artifacts in `directory`, AdamW, checkpoint, export."""
+
+    def __init__(self, model: Model, directory: Path, lr: float = 1e-3, weight_decay: float = 0.01,
+                 length: int | None = None):
+        import onnx
+
+        artifacts, api, onnxblock = _ort_training()
+        self.model, self.dir = model, Path(directory)
+        self.length = length or model.spec.window
+        self.dir.mkdir(parents=True, exist_ok=True)
+        ckpt = self.dir / "checkpoint"
+        if not ckpt.exists():
+            proto = model.build(self.length, extra=add_loss)
+            with _quiet_fd2():
+                artifacts.generate_artifacts(proto, requires_grad=sorted(model.params), loss=None,
+                                             optimizer=onnxblock.optim.AdamW(weight_decay=weight_decay),
+                                             artifact_directory=str(self.dir))
+            opt = onnx.load(str(self.dir / "optimizer_model.onnx"))
+            opt.ir_version = IR_VERSION  # written with the onnx library's newer default
+            onnx.save(opt, str(self.dir / "optimizer_model.onnx"))
+        self.state = api.CheckpointState.load_checkpoint(str(ckpt))
+        self.module = api.Module(str(self.dir / "training_model.onnx"), self.state,
+                                 str(self.dir / "eval_model.onnx"))
+        self.optimizer = api.Optimizer(str(self.dir / "optimizer_model.onnx"), self.module)
+        self.optimizer.set_learning_rate(lr)
+        self.inputs = self.module.input_names()
+        self.outputs = self.module.output_names()
+
+    def _run(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        batch = with_zero_state(batch, self.model)
+        return dict(zip(self.outputs, self.module(*[batch[n] for n in self.inputs])))
+
+    def step(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """One AdamW step on a batch; returns the outputs (loss first) before the update."""
+        self.module.train()
+        out = self._run(batch)
+        self.optimizer.step()
+        self.module.lazy_reset_grad()
+        return out
+
+    def evaluate(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        self.module.eval()
+        return self._run(batch)
+
+    def params(self) -> dict[str, np.ndarray]:
+        return {n: self.state.parameters[n].data for n in self.model.params}
+
+    def save_checkpoint(self) -> None:
+        """Parameters and optimizer state, written atomically."""
+        _, api, _ = _ort_training()
+        tmp = self.dir / "checkpoint.tmp"
+        api.CheckpointState.save_checkpoint(self.state, str(tmp), include_optimizer_state=True)
+        os.replace(tmp, self.dir / "checkpoint")
+
+
+def _write_json(path: Path, data) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def _log(quiet: bool):
+    return (lambda *a: None) if quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
+
+
+@dataclasses.dataclass
+class RunResult:
+    path: Path
+    info: dict  # the contents of run.json
+
+
+def train(spec: Spec | str | os.PathLike, replays, epochs: int = 1, out: str | os.PathLike = "runs/run",
+          batch_size: int = 64, lr: float = 1e-3, weight_decay: float = 0.01, val_split: float = 0.2,
+          seed: int = 0, frame_delay: int = 0, cache: Path | None = None, quiet: bool = False) -> RunResult:
+    """Train a spec on replays; write a run folder (see README) and return its run.json."""
+    log = _log(quiet)
+    spec_path = None
+    if not isinstance(spec, Spec):
+        spec_path, spec = Path(spec), load_spec(spec)
+    out = Path(out)
+    games, skipped = load_games(replays, cache, log)
+    if not games:
+        raise ExphilError(f"{replays}: no usable replay (skipped {len(skipped)})")
+    if len(games) < 2 and val_split > 0:
+        raise ExphilError(f"{replays}: need at least 2 usable games to hold one out for validation")
+    train_games, val_games = split_games(games, val_split, seed)
+    train_eps = [ep for g in train_games for ep in g]
+    val_eps = [ep for g in val_games for ep in g]
+    L = spec.window
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "spec.toml").write_text(spec_path.read_text() if spec_path else msgspec.toml.encode(spec).decode())
+    freqs = label_frequencies(train_eps, frame_delay)
+    model = Model(spec, seed=seed)
+    model.start_from_frequencies(freqs)
+    trainer = Trainer(model, out / "train", lr=lr, weight_decay=weight_decay)
+    baseline = frequency_loss(freqs, val_eps, frame_delay) if val_eps else None
+    train_wins, val_wins = windows(train_eps, L, frame_delay), windows(val_eps, L, frame_delay)
+    log(f"{spec.name}: {len(train_games)} train games ({sum(e.frames for e in train_eps)} frames), "
+        f"{len(val_games)} validation games, {len(train_wins)} windows of {L}")
+    rng = np.random.default_rng(seed)
+    metrics_path = out / "metrics.jsonl"
+    metrics_path.write_text("")
+    history = []
+    for epoch in range(1, epochs + 1):
+        t0, losses, samples = time.perf_counter(), [], 0
+        order = rng.permutation(len(train_wins))
+        for k in range(0, len(order), batch_size):
+            batch = make_batch(train_eps, [train_wins[i] for i in order[k:k + batch_size]], L, frame_delay)
+            losses.append((float(trainer.step(batch)["loss"]), batch["mask"].sum()))
+            samples += int(batch["mask"].sum())
+        seconds = time.perf_counter() - t0
+        row = {"epoch": epoch, "train_loss": _weighted(losses), "seconds": round(seconds, 3),
+               "frames_per_s": round(samples / seconds, 1)}
+        if val_wins:
+            row.update(evaluate_windows(trainer.evaluate, val_eps, val_wins, L, frame_delay, batch_size))
+        trainer.save_checkpoint()
+        with open(metrics_path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        history.append(row)
+        log(f"epoch {epoch}/{epochs}: train loss {row['train_loss']:.4f}"
+            + (f", val loss {row['val_loss']:.4f} (baseline {baseline['total']:.4f})" if val_wins else "")
+            + f", {row['frames_per_s']:.0f} frames/s")
+    model.load(trainer.params())
+    model.save(out)
+    info = {
+        "exphil": __version__, "spec": spec.name, "feature_version": FEATURE_VERSION,
+        "settings": {"epochs": epochs, "batch_size": batch_size, "lr": lr, "weight_decay": weight_decay,
+                     "val_split": val_split, "seed": seed, "window": L},
+        "frame_delay": frame_delay,
+        "replays": {"train": sorted({e.source for e in train_eps}), "val": sorted({e.source for e in val_eps}),
+                    "skipped": skipped},
+        "frames": {"train": sum(e.frames for e in train_eps), "val": sum(e.frames for e in val_eps)},
+        "baseline_loss": baseline,
+        "label_frequencies": freqs,
+        "final": history[-1] if history else None,
+    }
+    _write_json(out / "run.json", info)
+    return RunResult(out, info)
+
+
+def _weighted(pairs: list[tuple[float, float]]) -> float:
+    total = sum(w for _, w in pairs)
+    return float(sum(v * w for v, w in pairs) / total) if total else float("nan")
+
+
+def evaluate_windows(run, episodes, wins, length, delay, batch_size=64) -> dict:
+    """Validation loss (total and per head) over windows, weighted by unmasked frames."""
+    parts = {k: [] for k in ["loss", *(f"loss.{h}" for h in HEADS)]}
+    for k in range(0, len(wins), batch_size):
+        batch = make_batch(episodes, wins[k:k + batch_size], length, delay)
+        out = run(batch)
+        for name in parts:
+            parts[name].append((float(out[name]), batch["mask"].sum()))
+    return {"val_loss": _weighted(parts["loss"]),
+            "val_heads": {h: round(_weighted(parts[f"loss.{h}"]), 5) for h in HEADS}}
+
+
+# =================================================================================================
+# Inference: onnxruntime sessions
+# =================================================================================================
+
+PROVIDERS = {"cuda": "CUDAExecutionProvider", "rocm": "ROCMExecutionProvider",
+             "coreml": "CoreMLExecutionProvider", "cpu": "CPUExecutionProvider"}
+
+
+def select_providers(requested: str = "auto", available: Sequence[str] | None = None) -> list[str]:
+    """Execution providers for a session: "auto" picks CUDA, then ROCm, then CoreML, then CPU
+    among those installed (CPU always stays as the fallback). A named provider that is not
+    installed is an error that lists what is."""
+    import onnxruntime as ort
+
+    available = list(ort.get_available_providers() if available is None else available)
+    if requested == "auto":
+        best = next((p for p in PROVIDERS.values() if p in available), "CPUExecutionProvider")
+        return [best] if best == "CPUExecutionProvider" else [best, "CPUExecutionProvider"]
+    name = PROVIDERS.get(requested.lower(), requested)
+    if name not in available:
+        names = ", ".join(k for k, v in PROVIDERS.items() if v in available)
+        raise ExphilError(f"provider {requested!r} is not available here; available: {names}")
+    return [name] if name == "CPUExecutionProvider" else [name, "CPUExecutionProvider"]
+
+
+def session(path: str | os.PathLike | bytes, provider: str = "auto", threads: int = 1):
+    """An onnxruntime session tuned for latency: `threads` intra-op threads, full graph
+    optimisation, no spinning threads between calls when more than one thread is used."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.log_severity_level = 3
+    model = path if isinstance(path, bytes) else str(path)
+    return ort.InferenceSession(model, so, providers=select_providers(provider))
+
+
+class Stepper:
+    """Runs a step graph frame by frame, carrying its recurrent state (zeros = start of a game)."""
+
+    def __init__(self, path: str | os.PathLike | bytes, provider: str = "auto", threads: int = 1):
+        self.session = session(path, provider, threads)
+        self.state_names = [i.name[len("state_in."):] for i in self.session.get_inputs()
+                            if i.name.startswith("state_in.")]
+        self._shapes = {i.name[len("state_in."):]: [1 if not isinstance(d, int) else d for d in i.shape]
+                        for i in self.session.get_inputs() if i.name.startswith("state_in.")}
+        self.output_names = [o.name for o in self.session.get_outputs()]
+        self.heads = [n for n in self.output_names if n in HEADS]
+        self.reset()
+
+    def reset(self) -> None:
+        self.feed = {f"state_in.{n}": np.zeros(s, np.float32) for n, s in self._shapes.items()}
+
+    def __call__(self, cat: np.ndarray, num: np.ndarray) -> dict[str, np.ndarray]:
+        """Logits per head for one frame (cat [C], num [F]); advances the state."""
+        self.feed["cat"] = cat.reshape(1, -1)
+        self.feed["num"] = num.reshape(1, -1)
+        out = dict(zip(self.output_names, self.session.run(None, self.feed)))
+        for n in self.state_names:
+            self.feed[f"state_in.{n}"] = out[f"state_out.{n}"]
+        return {h: out[h][0] for h in self.heads}
+
+
+def sample_action(logits: dict[str, np.ndarray], rng: np.random.Generator, temperature: float = 1.0,
+                  deterministic: bool = False) -> dict:
+    """An action from head logits: Bernoulli buttons and categorical sticks/shoulder, at a
+    temperature; deterministic = the most likely value of each head."""
+    action = {}
+    b = logits["buttons"]
+    if deterministic:
+        action["buttons"] = (b > 0).astype(np.uint8)
+    else:
+        action["buttons"] = (rng.random(len(b)) < 1 / (1 + np.exp(-b / temperature))).astype(np.uint8)
+    for h in HEADS:
+        if h == "buttons":
+            continue
+        x = logits[h]
+        if deterministic:
+            action[h] = int(np.argmax(x))
+        else:
+            p = np.exp((x - x.max()) / temperature)
+            action[h] = int(rng.choice(len(x), p=p / p.sum()))
+    return action
+
+
+# =================================================================================================
+# Agent: libmelee GameState -> action -> libmelee Controller
+# =================================================================================================
+
+class Agent:
+    """A trained run playing through libmelee.
+
+    >>> agent = Agent("runs/lstm")
+    >>> action = agent.act(gamestate, port=1)
+    >>> agent.press(controller, action)
+    """
+
+    def __init__(self, run: str | os.PathLike, provider: str = "auto", temperature: float = 1.0,
+                 deterministic: bool = False, seed: int | None = None, threads: int = 1):
+        run = Path(run)
+        if not (run / "step.onnx").exists():
+            raise ExphilError(f"{run}: not a run folder (no step.onnx)")
+        self.info = json.loads((run / "run.json").read_text()) if (run / "run.json").exists() else {}
+        version = self.info.get("feature_version", FEATURE_VERSION)
+        if version != FEATURE_VERSION:
+            raise ExphilError(f"{run}: trained with feature layout v{version}; this exphil reads "
+                              f"v{FEATURE_VERSION}. Retrain, or install the matching exphil.")
+        self.step = Stepper(run / "step.onnx", provider, threads)
+        self.temperature, self.deterministic = temperature, deterministic
+        self.rng = np.random.default_rng(seed)
+        self.frame_delay = int(self.info.get("frame_delay", 0))
+        self._last_frame: int | None = None
+        self._pressed = None
+
+    def reset(self) -> None:
+        """Forget the game so far (called automatically when a new game starts)."""
+        self.step.reset()
+        self._last_frame = None
+
+    def logits(self, gamestate, port: int, opponent_port: int | None = None) -> dict[str, np.ndarray]:
+        if opponent_port is None:
+            others = [p for p in gamestate.players if p != port]
+            if not others:
+                raise ExphilError(f"no opponent in the game state (players: {sorted(gamestate.players)})")
+            opponent_port = others[0]
+        if self._last_frame is not None and gamestate.frame <= self._last_frame:
+            self.reset()  # the frame counter went back: a new game
+        self._last_frame = gamestate.frame
+        return self.step(*features_from_gamestate(gamestate, port, opponent_port))
+
+    def act(self, gamestate, port: int, opponent_port: int | None = None) -> dict:
+        """The action for this frame (a dict like `encode_controller` returns)."""
+        return sample_action(self.logits(gamestate, port, opponent_port), self.rng,
+                             self.temperature, self.deterministic)
+
+    def press(self, controller, action: dict) -> None:
+        """Send an action to a libmelee Controller (its commands are flushed by the console)."""
+        press_action(controller, action)
+
+
+def load_run(run: str | os.PathLike) -> tuple[Model, dict]:
+    """The model of a run folder with its trained weights, and its run.json."""
+    run = Path(run)
+    for f in ("spec.toml", "window.onnx"):
+        if not (run / f).exists():
+            raise ExphilError(f"{run}: not a finished run folder (no {f})")
+    info = json.loads((run / "run.json").read_text()) if (run / "run.json").exists() else {}
+    return Model(load_spec(run / "spec.toml"), load_params(run / "window.onnx")), info
+
+
+def evaluate(run: str | os.PathLike, replays, batch_size: int = 64, cache: Path | None = None,
+             quiet: bool = False) -> dict:
+    """Loss of a trained run on replays (every game), next to the frequency baseline."""
+    log = _log(quiet)
+    model, info = load_run(run)
+    games, skipped = load_games(replays, cache, log)
+    if not games:
+        raise ExphilError(f"{replays}: no usable replay (skipped {len(skipped)})")
+    episodes = [ep for g in games for ep in g]
+    delay, L = int(info.get("frame_delay", 0)), model.spec.window
+    sess = session(model.build(extra=add_loss).SerializeToString())
+    names = [o.name for o in sess.get_outputs()]
+    inputs = [i.name for i in sess.get_inputs()]
+
+    def run_batch(batch):
+        batch = with_zero_state(batch, model)
+        return dict(zip(names, sess.run(None, {n: batch[n] for n in inputs})))
+
+    result = evaluate_windows(run_batch, episodes, windows(episodes, L, delay), L, delay, batch_size)
+    result = {"loss": result["val_loss"], "heads": result["val_heads"], "games": len(games),
+              "frames": sum(e.frames for e in episodes), "skipped": skipped}
+    if "label_frequencies" in info:
+        result["baseline_loss"] = frequency_loss(info["label_frequencies"], episodes, delay)["total"]
+    return result
+
+
+# =================================================================================================
+# Command line
+# =================================================================================================
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="exphil", description="Melee bots from Slippi replays.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train a spec on replays into a run folder")
+    p.add_argument("spec", help="spec file, e.g. specs/mamba.toml")
+    p.add_argument("--replays", required=True, help="a .slp file or a directory (searched recursively)")
+    p.add_argument("--out", required=True, help="run folder to write")
+    p.add_argument("--epochs", type=int, default=1)
+    p.add_argument("--batch-size", type=int, default=64, help="windows per step")
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--weight-decay", type=float, default=0.01)
+    p.add_argument("--val-split", type=float, default=0.2, help="fraction of games held out")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--frame-delay", type=int, default=0, help="predict the action D frames later")
+    p.add_argument("--quiet", action="store_true")
+
+    p = sub.add_parser("eval", help="loss of a trained run on replays")
+    p.add_argument("run")
+    p.add_argument("--replays", required=True)
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+
+    p = sub.add_parser("compile", help="write a spec's untrained window and step graphs")
+    p.add_argument("spec")
+    p.add_argument("--out", required=True)
+    p.add_argument("--window", type=int, help="frames in the window graph (default: the spec's)")
+
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "train":
+            res = train(args.spec, args.replays, epochs=args.epochs, out=args.out, batch_size=args.batch_size,
+                        lr=args.lr, weight_decay=args.weight_decay, val_split=args.val_split, seed=args.seed,
+                        frame_delay=args.frame_delay, quiet=args.quiet)
+            final = res.info["final"] or {}
+            print(f"{res.path}: val loss {final.get('val_loss', float('nan')):.4f} "
+                  f"(frequency baseline {(res.info['baseline_loss'] or {}).get('total', float('nan')):.4f})")
+        elif args.command == "eval":
+            res = evaluate(args.run, args.replays)
+            if args.json:
+                print(json.dumps(res, indent=2))
+            else:
+                print(f"{args.run}: loss {res['loss']:.4f} on {res['games']} games, {res['frames']} frames"
+                      + (f" (frequency baseline {res['baseline_loss']:.4f})" if "baseline_loss" in res else ""))
+                print("  " + "  ".join(f"{h} {v:.4f}" for h, v in res["heads"].items()))
+        elif args.command == "compile":
+            model = Model(load_spec(args.spec))
+            for path in model.save(args.out, args.window):
+                print(path)
+    except ExphilError as e:
+        print(f"exphil: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        print(f"exphil: error: {e.filename or ''}: {e.strerror or e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

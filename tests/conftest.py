@@ -1,0 +1,44 @@
+"""Shared fixtures. Tests run on the replays shipped in tests/replays (see its README) and, when
+present, on the wider set in ../shared/replays beside the repository."""
+
+import os
+from pathlib import Path
+
+import pytest
+
+HERE = Path(__file__).parent
+ROOT = HERE.parent
+REPLAYS = HERE / "replays"
+BROKEN = HERE / "broken"
+SHARED = ROOT.parent / "shared" / "replays"
+SPECS = sorted((ROOT / "specs").glob("*.toml"))
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _private_cache(tmp_path_factory):
+    """Each test session builds its own replay cache (never the user's ~/.cache/exphil)."""
+    os.environ["EXPHIL_CACHE"] = str(tmp_path_factory.mktemp("cache"))
+
+
+@pytest.fixture(scope="session")
+def mlp_run(tmp_path_factory):
+    """A small model trained on the shipped replays (shared by the tests that need a run)."""
+    import exphil
+
+    out = tmp_path_factory.mktemp("runs") / "mlp"
+    return exphil.train(ROOT / "specs" / "mlp.toml", REPLAYS, epochs=1, out=out, quiet=True)
+
+
+def stand_in_dolphin(tmp_path: Path):
+    """A libmelee Console/Controller pair whose controller pipe is a real FIFO in tmp_path.
+
+    Dolphin and a Melee ISO cannot run here: libmelee's Console asks the Dolphin executable for
+    its version, so a two-line shell script answers in its place and is never run otherwise."""
+    import melee
+
+    exe = tmp_path / "dolphin"
+    exe.write_text("#!/bin/sh\necho 'Slippi Dolphin mainline (stand-in for tests)'\n")
+    exe.chmod(0o755)
+    console = melee.Console(path=str(exe), is_dolphin=True, dolphin_home_path=str(tmp_path / "home"),
+                            tmp_home_directory=False)
+    return console

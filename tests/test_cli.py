@@ -1,0 +1,43 @@
+import json
+import subprocess
+import sys
+
+import onnx
+
+import exphil
+from conftest import REPLAYS, ROOT
+
+
+def cli(*args):
+    return subprocess.run([sys.executable, "-m", "exphil", *map(str, args)], capture_output=True, text=True,
+                          cwd=ROOT)
+
+
+def test_compile_writes_both_graphs(tmp_path):
+    res = cli("compile", "specs/lstm.toml", "--out", tmp_path / "lstm", "--window", 8)
+    assert res.returncode == 0, res.stderr
+    window, step = (onnx.load(tmp_path / "lstm" / f) for f in ("window.onnx", "step.onnx"))
+    assert window.graph.input[0].type.tensor_type.shape.dim[1].dim_value == 8
+    assert {t.name for t in window.graph.initializer} == {t.name for t in step.graph.initializer}
+
+
+def test_errors_are_one_clear_line(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text((ROOT / "specs" / "mlp.toml").read_text().replace("hidden = 512", "hidden = -1"))
+    for args, expected in [(("compile", bad, "--out", tmp_path / "x"), "field `hidden`"),
+                           (("compile", "specs/mlp.toml", "--out", "/dev/null/x"), "/dev/null/x"),
+                           (("train", "specs/mlp.toml", "--replays", tmp_path / "none", "--out", tmp_path / "r"),
+                            "no such replay file or directory"),
+                           (("eval", tmp_path, "--replays", REPLAYS), "not a finished run folder")]:
+        res = cli(*args)
+        assert res.returncode == 2, (args, res.stderr)
+        assert "Traceback" not in res.stderr and expected in res.stderr, res.stderr
+
+
+def test_eval_reports_loss_and_baseline(mlp_run):
+    res = cli("eval", mlp_run.path, "--replays", REPLAYS, "--json")
+    assert res.returncode == 0, res.stderr
+    out = json.loads(res.stdout)
+    assert out["games"] == 3 and out["frames"] > 20000 and not out["skipped"]
+    assert 0 < out["loss"] < out["baseline_loss"]
+    assert set(out["heads"]) == set(exphil.HEADS)

@@ -1,0 +1,156 @@
+"""The compiled graphs: step == window, independent oracles, format limits."""
+
+import numpy as np
+import onnx
+import pytest
+
+import exphil
+from conftest import REPLAYS, SPECS
+
+# ops that have gradients in onnxruntime-training 1.19 (measured; see the project notes)
+GRADIENT_OPS = {"Sigmoid", "Tanh", "Relu", "Exp", "Log", "Erf", "Pow", "Sqrt", "Reciprocal", "Neg", "Abs",
+                "Clip", "Min", "Max", "Add", "Mul", "Div", "Sub", "MatMul", "Gemm", "Softmax", "LogSoftmax",
+                "Where", "Slice", "Split", "Concat", "Gather", "Transpose", "Reshape", "Flatten", "Unsqueeze",
+                "Squeeze", "Expand", "Tile", "Pad", "ReduceSum", "ReduceMean", "Cast", "Conv",
+                "LayerNormalization", "Identity", "Constant"}
+
+
+@pytest.fixture(scope="module")
+def real_frames():
+    """Inputs from a real replay: both players' views of frames 2000-2239."""
+    eps = exphil.load_replay(REPLAYS / "hohav-py-slippi__netplay_name.slp")
+    return (np.stack([e.cat[2000:2240] for e in eps]), np.stack([e.num[2000:2240] for e in eps]))
+
+
+def run_window(model, length, cat, num, state):
+    sess = exphil.session(model.build(length).SerializeToString())
+    out = sess.run(None, {"cat": cat, "num": num, **{f"state_in.{k}": v for k, v in state.items()}})
+    return dict(zip([o.name for o in sess.get_outputs()], out))
+
+
+def run_steps(model, cat, num, state):
+    step = exphil.session(model.build(step=True).SerializeToString())
+    names = [o.name for o in step.get_outputs()]
+    heads = {h: [] for h in exphil.HEADS}
+    for t in range(cat.shape[1]):
+        out = dict(zip(names, step.run(None, {"cat": cat[:, t], "num": num[:, t],
+                                              **{f"state_in.{k}": v for k, v in state.items()}})))
+        state = {k: out[f"state_out.{k}"] for k in state}
+        for h in heads:
+            heads[h].append(out[h])
+    return {h: np.stack(v, 1) for h, v in heads.items()}, state
+
+
+@pytest.mark.parametrize("path", SPECS, ids=lambda p: p.stem)
+def test_step_graph_reproduces_window_graph(path, real_frames):
+    """120 frames fed one at a time to the step graph == the window graph over those frames,
+    from a zero state and from the non-zero state left by 60 earlier frames."""
+    model = exphil.Model(exphil.load_spec(path), seed=1)
+    cat, num = real_frames
+    zero = model.zero_state(2)
+    _, warm = run_steps(model, cat[:, :60], num[:, :60], zero)
+    if model.states:
+        assert any(np.abs(v).max() > 1e-3 for v in warm.values())
+    for state in (zero, warm):
+        window = run_window(model, 120, cat[:, 60:180], num[:, 60:180], state)
+        steps, final = run_steps(model, cat[:, 60:180], num[:, 60:180], state)
+        for h in exphil.HEADS:
+            assert window[h].shape == steps[h].shape == (2, 120, exphil.HEADS[h])
+            assert np.abs(window[h] - steps[h]).max() <= 1e-4, h
+        for k in final:
+            assert np.abs(window[f"state_out.{k}"] - final[k]).max() <= 1e-4, k
+
+
+@pytest.mark.parametrize("path", SPECS, ids=lambda p: p.stem)
+def test_graph_format_limits(path):
+    model = exphil.Model(exphil.load_spec(path))
+    window, step = model.build(), model.build(step=True)
+    for proto in (window, step):
+        onnx.checker.check_model(proto)
+        assert proto.ir_version <= 10
+        assert all(o.version <= 21 for o in proto.opset_import if o.domain in ("", "ai.onnx"))
+        # the same parameters, by name, in both graphs, and nothing else stored
+        assert {t.name for t in proto.graph.initializer} == set(model.params)
+        assert len({n.name for n in proto.graph.node}) == len(proto.graph.node)
+    assert {n.op_type for n in window.graph.node} <= GRADIENT_OPS
+    assert [i.name for i in step.graph.input][:2] == ["cat", "num"]
+    assert [o.name for o in step.graph.output][:6] == list(exphil.HEADS)
+    assert ({i.name[9:] for i in step.graph.input if i.name.startswith("state_in.")}
+            == {o.name[10:] for o in step.graph.output if o.name.startswith("state_out.")}
+            == {n for n, _ in model.states})
+
+
+def mixer_graph(layer_cls, cfg, width, length, seed=0):
+    """One mixer layer alone as a window graph: x [B, L, width] -> y, with its states."""
+    params = {}
+    layer = layer_cls("m", cfg, width, exphil._Init(params, np.random.default_rng(seed)), 1)
+    g = exphil.Graph(params, length, "mixer")
+    x = g.input("x", "FLOAT", ["B", length, width])
+    state = {s: g.input(f"state_in.{s}", "FLOAT", ["B", *shape]) for s, shape in layer.states}
+    y, new = layer(g, x, state)
+    g.output(y, "y", ["B", length, width])
+    for s, shape in layer.states:
+        g.output(new[s], f"state_out.{s}", ["B", *shape])
+    return exphil.session(g.to_proto().SerializeToString()), params, layer
+
+
+def test_lstm_matches_onnx_lstm_operator():
+    """Our LSTM (MatMul/Sigmoid/Tanh) == ONNX's own LSTM operator run by onnxruntime."""
+    H, L, B = 32, 50, 3
+    sess, p, _ = mixer_graph(exphil.LSTMLayer, exphil.LSTM(forget_bias=1.0), H, L)
+    rng = np.random.default_rng(5)
+    x = rng.normal(size=(B, L, H)).astype(np.float32)
+    h0, c0 = (rng.normal(size=(B, 1, H)).astype(np.float32) for _ in range(2))
+    y, h, c = sess.run(None, {"x": x, "state_in.h": h0, "state_in.c": c0})
+
+    def onnx_order(w):  # ours: rows i, f, g, o (stored [in, 4H]); ONNX: i, o, f, c as [4H, in]
+        i, f, g, o = np.split(w.T if w.ndim == 2 else w, 4)
+        return np.concatenate([i, o, f, g])
+
+    from onnx import TensorProto, helper
+    node = helper.make_node("LSTM", ["X", "W", "R", "Bias", "", "H0", "C0"], ["Y", "Yh", "Yc"], hidden_size=H)
+    graph = helper.make_graph([node], "ref", [
+        helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in ("X", "H0", "C0")],
+        [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in ("Y", "Yh", "Yc")],
+        initializer=[onnx.numpy_helper.from_array(a, n) for n, a in [
+            ("W", onnx_order(p["m.w_ih"])[None]), ("R", onnx_order(p["m.w_hh"])[None]),
+            ("Bias", np.concatenate([onnx_order(p["m.bias"]), np.zeros(4 * H, np.float32)])[None])]])
+    ref = exphil.session(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 14)],
+                                           ir_version=8).SerializeToString())
+    Y, Yh, Yc = ref.run(None, {"X": x.transpose(1, 0, 2), "H0": h0.transpose(1, 0, 2),
+                               "C0": c0.transpose(1, 0, 2)})
+    assert np.abs(y - Y[:, 0].transpose(1, 0, 2)).max() < 1e-5
+    assert np.abs(h[:, 0] - Yh[0]).max() < 1e-5 and np.abs(c[:, 0] - Yc[0]).max() < 1e-5
+
+
+def test_mamba_matches_sequential_recurrence():
+    """Our Mamba layer == the paper's recurrence written out in float64 NumPy, frame by frame:
+    conv over the last K inputs, SiLU, dt = softplus(.), h = exp(dt A) h + dt u B, y = C h + D u."""
+    d, L, B = 24, 40, 2
+    cfg = exphil.Mamba(state=8, expand=2, conv=4)
+    sess, p, layer = mixer_graph(exphil.MambaLayer, cfg, d, L, seed=3)
+    rng = np.random.default_rng(7)
+    x = rng.normal(size=(B, L, d)).astype(np.float32)
+    conv0 = rng.normal(size=(B, cfg.conv - 1, layer.D)).astype(np.float32)
+    ssm0 = rng.normal(size=(B, 1, layer.D, cfg.state)).astype(np.float32) * 0.1
+    y, conv_out, ssm_out = sess.run(None, {"x": x, "state_in.conv": conv0, "state_in.ssm": ssm0})
+
+    q = {k: v.astype(np.float64) for k, v in p.items()}
+    silu = lambda v: v / (1 + np.exp(-v))
+    A = -np.exp(q["m.A_log"])                                   # [D, N]
+    for b in range(B):
+        hist, h = list(conv0[b].astype(np.float64)), ssm0[b, 0].astype(np.float64)
+        for t in range(L):
+            uz = x[b, t] @ q["m.in_proj.weight"]
+            u, z = uz[:layer.D], uz[layer.D:]
+            hist.append(u)
+            window = np.stack(hist[-cfg.conv:])                  # [K, D], oldest first
+            u = silu((window.T * q["m.conv.weight"][:, 0, :]).sum(1) + q["m.conv.bias"])
+            proj = u @ q["m.x_proj.weight"]
+            dt_in, Bt, Ct = proj[:layer.R], proj[layer.R:layer.R + cfg.state], proj[layer.R + cfg.state:]
+            dt = np.log1p(np.exp(dt_in @ q["m.dt_proj.weight"] + q["m.dt_proj.bias"]))
+            h = np.exp(dt[:, None] * A) * h + (dt * u)[:, None] * Bt[None, :]
+            out = ((h @ Ct) + q["m.D"] * u) * silu(z)
+            assert np.abs(out @ q["m.out_proj.weight"] - y[b, t]).max() < 1e-4, (b, t)
+        assert np.abs(h - ssm_out[b, 0]).max() < 1e-4
+        assert np.abs(np.stack(hist[-(cfg.conv - 1):]) - conv_out[b]).max() < 1e-5

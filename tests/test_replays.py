@@ -1,0 +1,78 @@
+"""Bad input never stops a run: each unusable replay is skipped with one line naming it."""
+
+import shutil
+
+import numpy as np
+import pytest
+
+import exphil
+from conftest import BROKEN, REPLAYS, SHARED
+
+GOOD = REPLAYS / "hohav-py-slippi__netplay_name.slp"
+
+
+def broken_folder(tmp_path):
+    folder = tmp_path / "replays"
+    (folder / "nested").mkdir(parents=True)
+    shutil.copy(GOOD, folder / "nested" / "good.slp")
+    data = GOOD.read_bytes()
+    (folder / "truncated.slp").write_bytes(data[: len(data) // 3])
+    (folder / "header_only.slp").write_bytes(data[:100])
+    (folder / "empty.slp").write_bytes(b"")
+    (folder / "notes.slp").write_text("This is not a replay, just a text file named .slp\n")
+    shutil.copy(BROKEN / "hohav-peppi__corrupt.slp", folder / "corrupt.slp")
+    (folder / "readme.txt").write_text("ignored: not a .slp file")
+    return folder
+
+
+def test_broken_replays_are_skipped_with_a_reason(tmp_path):
+    lines = []
+    games, skipped = exphil.load_games(broken_folder(tmp_path), log=lines.append)
+    assert len(games) == 1 and games[0][0].source.endswith("good.slp")
+    names = {s["path"].rsplit("/", 1)[1] for s in skipped}
+    assert names >= {"header_only.slp", "empty.slp", "notes.slp", "corrupt.slp"}
+    assert len(lines) == len(skipped)
+    for s, line in zip(skipped, lines):
+        assert s["path"] in line and s["reason"] and "\n" not in line
+
+
+@pytest.mark.skipif(not (SHARED / "odd").is_dir(), reason="the shared replay collection is not beside the repository")
+def test_odd_cases_from_the_shared_collection(tmp_path):
+    """Corrupt, truncated, renamed text/PNG, Slippi 0.1, unknown events, single-player modes, CPU
+    opponents: each either reads as a 1v1 of two humans or is skipped, never a crash."""
+    games, skipped = exphil.load_games(SHARED / "odd")
+    assert len(games) + len(skipped) == len(list((SHARED / "odd").glob("*.slp")))
+    assert len(skipped) >= 10 and all(s["reason"] for s in skipped)
+
+
+def test_training_goes_on_past_broken_replays(tmp_path):
+    folder = broken_folder(tmp_path)
+    shutil.copy(REPLAYS / "hohav-peppi__duplicate_game_end.slp", folder / "second.slp")
+    run = exphil.train(exphil.load_spec(REPLAYS.parent.parent / "specs" / "mlp.toml"), folder, epochs=1,
+                       out=tmp_path / "run", quiet=True)
+    assert len(run.info["replays"]["skipped"]) >= 4
+    assert len(run.info["replays"]["train"]) + len(run.info["replays"]["val"]) == 2
+
+
+def test_no_usable_replay_is_one_clear_error(tmp_path):
+    (tmp_path / "empty.slp").write_bytes(b"")
+    with pytest.raises(exphil.ExphilError, match="no usable replay"):
+        exphil.train(REPLAYS.parent.parent / "specs" / "mlp.toml", tmp_path, out=tmp_path / "run", quiet=True)
+
+
+def test_second_load_comes_from_the_cache(tmp_path, monkeypatch):
+    first = exphil.load_replay(GOOD)
+    monkeypatch.setattr(exphil, "read_replay", lambda *a, **k: pytest.fail("parsed again"))
+    copy = tmp_path / "renamed.slp"
+    shutil.copy(GOOD, copy)
+    again = exphil.load_replay(copy)  # same content, other name: still a cache hit
+    for a, b in zip(first, again):
+        assert a.port == b.port and np.array_equal(a.cat, b.cat) and np.array_equal(a.num, b.num)
+        assert all(np.array_equal(a.labels[h], b.labels[h]) for h in exphil.HEADS)
+
+
+def test_split_is_by_game_and_reproducible():
+    games = [[f"g{i}a", f"g{i}b"] for i in range(10)]
+    train, val = exphil.split_games(games, 0.2, seed=3)
+    assert len(val) == 2 and len(train) == 8 and not {g[0] for g in train} & {g[0] for g in val}
+    assert exphil.split_games(games, 0.2, seed=3) == (train, val)

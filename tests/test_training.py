@@ -1,0 +1,65 @@
+"""Training on onnxruntime-training, on the shipped replays."""
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+
+import exphil
+from conftest import REPLAYS, ROOT, SPECS
+
+
+def test_trained_run_beats_the_frequency_baseline(mlp_run):
+    info = mlp_run.info
+    assert info["final"]["val_loss"] < info["baseline_loss"]["total"]
+    assert np.isfinite(info["final"]["train_loss"])
+
+
+def test_run_folder_contents(mlp_run):
+    run = mlp_run.path
+    for f in ("spec.toml", "run.json", "metrics.jsonl", "step.onnx", "window.onnx", "train/checkpoint"):
+        assert (run / f).exists(), f
+    info = json.loads((run / "run.json").read_text())
+    assert info["feature_version"] == exphil.FEATURE_VERSION
+    assert info["replays"]["train"] and info["replays"]["val"]
+    assert not set(info["replays"]["train"]) & set(info["replays"]["val"])
+    assert {"settings", "baseline_loss", "final", "frame_delay"} <= set(info)
+    assert exphil.load_spec(run / "spec.toml") == exphil.load_spec(ROOT / "specs" / "mlp.toml")
+    rows = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1] and {"train_loss", "val_loss", "val_heads"} <= set(rows[0])
+
+
+def test_exported_graphs_carry_the_trained_weights(mlp_run):
+    """step.onnx and window.onnx hold the same trained values, which differ from the init."""
+    step, window = (exphil.load_params(mlp_run.path / f) for f in ("step.onnx", "window.onnx"))
+    assert step.keys() == window.keys()
+    assert all(np.array_equal(step[k], window[k]) for k in step)
+    fresh = exphil.Model(exphil.load_spec(ROOT / "specs" / "mlp.toml")).params
+    assert any(not np.allclose(fresh[k], step[k]) for k in step)
+
+
+@pytest.mark.parametrize("path", SPECS, ids=lambda p: p.stem)
+def test_every_spec_trains(path, tmp_path):
+    """Artifacts generate for each spec; optimizer steps change the loss and keep it finite."""
+    model = exphil.Model(exphil.load_spec(path))
+    trainer = exphil.Trainer(model, tmp_path, lr=3e-3, length=8)
+    eps = exphil.load_replay(REPLAYS / "hohav-py-slippi__netplay_name.slp")
+    batch = exphil.make_batch(eps, exphil.windows(eps, 8)[100:116], 8)
+    before = float(trainer.evaluate(dict(batch))["loss"])
+    for _ in range(3):
+        trainer.step(dict(batch))
+    after = float(trainer.evaluate(dict(batch))["loss"])
+    assert np.isfinite(after) and after < before
+    trained = trainer.params()
+    assert set(trained) == set(model.params)
+    assert any(not np.array_equal(trained[k], model.params[k]) for k in trained)
+
+
+def test_recurrent_spec_beats_baseline(tmp_path):
+    """A recurrent model (LSTM, 2 x 256) also learns something real in a couple of epochs."""
+    run = exphil.train(ROOT / "specs" / "lstm.toml", REPLAYS, epochs=2, batch_size=16, out=tmp_path / "lstm",
+                       quiet=True)
+    assert run.info["final"]["val_loss"] < run.info["baseline_loss"]["total"]
+    agent = exphil.Agent(run.path)
+    assert agent.step.state_names  # the Agent carries the LSTM state
