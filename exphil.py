@@ -333,7 +333,7 @@ class MambaLayer:
         R = cfg.dt_rank or math.ceil(width / 16)
         self.D, self.N, self.K, self.R = D, N, K, R
         init.linear(f"{name}.in_proj", width, 2 * D, bias=False)
-        init.uniform(f"{name}.conv.weight", (D, 1, K), 1 / math.sqrt(K))  # tap K-1: current frame
+        init.uniform(f"{name}.conv.weight", (K, D), 1 / math.sqrt(K))  # tap K-1: current frame
         init.uniform(f"{name}.conv.bias", (D,), 1 / math.sqrt(K))
         init.linear(f"{name}.x_proj", D, R + 2 * N, bias=False)
         init.uniform(f"{name}.dt_proj.weight", (R, D), R ** -0.5)
@@ -347,26 +347,31 @@ class MambaLayer:
     def __call__(self, g: Graph, x, state: dict):
         op, n, L = g.op, self.name, g.length
         u, z = g.split(g.linear(x, f"{n}.in_proj", bias=False), [self.D, self.D])
-        # causal depthwise conv over [carried K-1 inputs, this window]; same code for any L
+        # causal depthwise conv over [carried K-1 inputs, this window]: tap k sees frame t-K+1+k.
+        # Written as K shifted products (same code for any L; faster than Conv at L = 1).
         seq = op.Concat(state["conv"], u, axis=1)  # [B, K-1+L, D]
-        conv = op.Conv(op.Transpose(seq, perm=[0, 2, 1]), g.param(f"{n}.conv.weight"), g.param(f"{n}.conv.bias"),
-                       group=self.D, kernel_shape=[self.K])
-        u = g.silu(op.Transpose(conv, perm=[0, 2, 1]))
-        conv_state = op.Slice(seq, g.const([L], np.int64), g.const([L + self.K - 1], np.int64), g.const([1], np.int64))
+        w, one = g.param(f"{n}.conv.weight"), g.const([1], np.int64)
+        conv = g.param(f"{n}.conv.bias")
+        for k in range(self.K):
+            tap = op.Slice(seq, g.const([k], np.int64), g.const([k + L], np.int64), one)
+            conv = op.Add(conv, op.Mul(tap, op.Gather(w, g.const(k, np.int64), axis=0)))
+        u = g.silu(conv)
+        conv_state = op.Slice(seq, g.const([L], np.int64), g.const([L + self.K - 1], np.int64), one)
         dt, b, c = g.split(g.linear(u, f"{n}.x_proj", bias=False), [self.R, self.N, self.N])
         dt = g.softplus(g.linear(dt, f"{n}.dt_proj"))  # [B, L, D]
-        last = g.const([-1], np.int64)
-        a = op.Neg(op.Exp(g.param(f"{n}.A_log")))  # [D, N]
-        decay = op.Exp(op.Mul(op.Unsqueeze(dt, last), a))  # [B, L, D, N]
-        drive = op.Mul(op.Unsqueeze(op.Mul(dt, u), last), op.Unsqueeze(b, g.const([-2], np.int64)))
-        c = op.Unsqueeze(c, g.const([-2], np.int64))  # [B, L, 1, N]
-        # the recurrence, per frame: h [B, 1, D, N]
-
+        col, row = g.const([-1], np.int64), g.const([-2], np.int64)
+        # outer products as MatMuls ([.., D, 1] x [.., 1, N]): much faster than broadcasting Muls
+        decay = op.Exp(op.Mul(op.MatMul(op.Unsqueeze(dt, col), g.const(np.ones((1, self.N)))),
+                              op.Neg(op.Exp(g.param(f"{n}.A_log")))))  # exp(dt A), [B, L, D, N]
+        drive = op.MatMul(op.Unsqueeze(op.Mul(dt, u), col), op.Unsqueeze(b, row))  # dt u B
+        c = op.Unsqueeze(c, col)  # [B, L, N, 1]
+        # the recurrence, per frame: h [B, 1, D, N]; read-out y = h C as a MatMul -> [B, 1, D, 1]
         def ssm(frame, s):
             h = op.Add(op.Mul(frame[0], s["ssm"]), frame[1])
-            return op.ReduceSum(op.Mul(h, frame[2]), last, keepdims=0), {"ssm": h}
+            return op.MatMul(h, frame[2]), {"ssm": h}
 
         y, s = g.scan(ssm, [decay, drive, c], {"ssm": state["ssm"]})
+        y = op.Squeeze(y, col)
         y = op.Mul(op.Add(y, op.Mul(u, g.param(f"{n}.D"))), g.silu(z))
         return g.linear(y, f"{n}.out_proj", bias=False), {"conv": conv_state, "ssm": s["ssm"]}
 
@@ -1238,29 +1243,60 @@ def session(path: str | os.PathLike | bytes, provider: str = "auto", threads: in
 
 
 class Stepper:
-    """Runs a step graph frame by frame, carrying its recurrent state (zeros = start of a game)."""
+    """Runs a step graph frame by frame, carrying its recurrent state (zeros = start of a game).
+
+    Every input and output lives in a buffer allocated once and bound to the session (IO
+    binding): a step allocates nothing. Two bindings alternate so that one step's state output
+    is the next step's state input without a copy."""
 
     def __init__(self, path: str | os.PathLike | bytes, provider: str = "auto", threads: int = 1):
+        import onnxruntime as ort
+
         self.session = session(path, provider, threads)
-        self.state_names = [i.name[len("state_in."):] for i in self.session.get_inputs()
-                            if i.name.startswith("state_in.")]
-        self._shapes = {i.name[len("state_in."):]: [1 if not isinstance(d, int) else d for d in i.shape]
-                        for i in self.session.get_inputs() if i.name.startswith("state_in.")}
-        self.output_names = [o.name for o in self.session.get_outputs()]
-        self.heads = [n for n in self.output_names if n in HEADS]
-        self.reset()
+        dims = lambda shape: [d if isinstance(d, int) else 1 for d in shape]
+        inputs = {i.name: i for i in self.session.get_inputs()}
+        self.cat = np.zeros(dims(inputs["cat"].shape), np.int64)
+        self.num = np.zeros(dims(inputs["num"].shape), np.float32)
+        self.state_names = [n[len("state_in."):] for n in inputs if n.startswith("state_in.")]
+        self.heads = {o.name: np.zeros(dims(o.shape), np.float32) for o in self.session.get_outputs()
+                      if o.name in HEADS}
+        buffers = [{n: np.zeros(dims(inputs[f"state_in.{n}"].shape), np.float32) for n in self.state_names}
+                   for _ in range(2)]
+        value = ort.OrtValue.ortvalue_from_numpy
+        self._keep = [value(a) for a in (self.cat, self.num, *self.heads.values())]
+        self._bindings = []
+        for src, dst in ((buffers[0], buffers[1]), (buffers[1], buffers[0])):
+            io = self.session.io_binding()
+            io.bind_ortvalue_input("cat", self._keep[0])
+            io.bind_ortvalue_input("num", self._keep[1])
+            for (name, _), v in zip(self.heads.items(), self._keep[2:]):
+                io.bind_ortvalue_output(name, v)
+            for n in self.state_names:
+                a, b = value(src[n]), value(dst[n])
+                self._keep += [a, b]
+                io.bind_ortvalue_input(f"state_in.{n}", a)
+                io.bind_ortvalue_output(f"state_out.{n}", b)
+            self._bindings.append((io, src))
+        self._turn = 0
+
+    @property
+    def state(self) -> dict[str, np.ndarray]:
+        """The state the next step will read (a view: copy it to keep it)."""
+        return self._bindings[self._turn][1]
 
     def reset(self) -> None:
-        self.feed = {f"state_in.{n}": np.zeros(s, np.float32) for n, s in self._shapes.items()}
+        for a in self.state.values():
+            a.fill(0)
 
     def __call__(self, cat: np.ndarray, num: np.ndarray) -> dict[str, np.ndarray]:
-        """Logits per head for one frame (cat [C], num [F]); advances the state."""
-        self.feed["cat"] = cat.reshape(1, -1)
-        self.feed["num"] = num.reshape(1, -1)
-        out = dict(zip(self.output_names, self.session.run(None, self.feed)))
-        for n in self.state_names:
-            self.feed[f"state_in.{n}"] = out[f"state_out.{n}"]
-        return {h: out[h][0] for h in self.heads}
+        """Logits per head for one frame (cat [C], num [F]); advances the state. The returned
+        arrays are reused by the next call."""
+        self.cat[0] = cat
+        self.num[0] = num
+        io, _ = self._bindings[self._turn]
+        self.session.run_with_iobinding(io)
+        self._turn ^= 1
+        return {h: v[0] for h, v in self.heads.items()}
 
 
 def sample_action(logits: dict[str, np.ndarray], rng: np.random.Generator, temperature: float = 1.0,

@@ -145,7 +145,7 @@ def test_mamba_matches_sequential_recurrence():
             u, z = uz[:layer.D], uz[layer.D:]
             hist.append(u)
             window = np.stack(hist[-cfg.conv:])                  # [K, D], oldest first
-            u = silu((window.T * q["m.conv.weight"][:, 0, :]).sum(1) + q["m.conv.bias"])
+            u = silu((window * q["m.conv.weight"]).sum(0) + q["m.conv.bias"])
             proj = u @ q["m.x_proj.weight"]
             dt_in, Bt, Ct = proj[:layer.R], proj[layer.R:layer.R + cfg.state], proj[layer.R + cfg.state:]
             dt = np.log1p(np.exp(dt_in @ q["m.dt_proj.weight"] + q["m.dt_proj.bias"]))
@@ -154,3 +154,15 @@ def test_mamba_matches_sequential_recurrence():
             assert np.abs(out @ q["m.out_proj.weight"] - y[b, t]).max() < 1e-4, (b, t)
         assert np.abs(h - ssm_out[b, 0]).max() < 1e-4
         assert np.abs(np.stack(hist[-(cfg.conv - 1):]) - conv_out[b]).max() < 1e-5
+
+
+def test_stepper_carries_state_like_the_window_graph(real_frames):
+    """The Agent's Stepper (IO binding, alternating state buffers) == the window graph."""
+    model = exphil.Model(exphil.load_spec(SPECS[[p.stem for p in SPECS].index("mamba")]), seed=2)
+    cat, num = real_frames
+    window = run_window(model, 90, cat[:1, :90], num[:1, :90], model.zero_state(1))
+    stepper = exphil.Stepper(model.build(step=True).SerializeToString())
+    for rep in range(2):  # the second pass starts after reset()
+        got = [stepper(cat[0, t], num[0, t])["main_x"].copy() for t in range(90)]
+        assert np.abs(np.stack(got) - window["main_x"][0]).max() <= 1e-4
+        stepper.reset()
