@@ -72,7 +72,27 @@ class Mamba(_Strict, tag="mamba", tag_field="kind"):
     dt_rank: Annotated[int, msgspec.Meta(ge=0)] = 0  # 0 = ceil(hidden / 16)
 
 
-Mixer = Union[Dense, LSTM, Mamba]
+class GRU(_Strict, tag="gru", tag_field="kind"):
+    """GRU cell (PyTorch gate order r, z, n; the reset gate applies after the hidden MatMul)."""
+
+
+class Attention(_Strict, tag="attention", tag_field="kind"):
+    """Sliding-window multi-head causal self-attention with a fixed-size key/value cache."""
+
+    heads: Pos = 4
+    window: Annotated[int, msgspec.Meta(ge=0)] = 0  # frames each query sees (0 = the spec's window)
+    qk_norm: bool = False  # LayerNorm on queries and keys, per head
+    alibi: bool = True  # linear distance penalty per head (positions without sin/cos tables)
+
+
+class GatedSSM(_Strict, tag="gated_ssm", tag_field="kind"):
+    """Diagonal gated recurrence h = a h + (1 - a) u, with a = sigmoid(u W_a + b_a) per channel."""
+
+    expand: Pos = 1  # inner width = expand * hidden
+    conv: Annotated[int, msgspec.Meta(ge=0)] = 4  # causal depthwise conv taps before the gate (0 = none)
+
+
+Mixer = Union[Dense, LSTM, GRU, Mamba, Attention, GatedSSM]
 
 
 class Block(_Strict):
@@ -238,6 +258,26 @@ class Graph:
             return op.Mul(op.Div(x, op.Sqrt(op.Add(ms, 1e-5))), self.param(f"{name}.weight"))
         return x
 
+    def history(self, carried, x, keep: int, axis: int = 1):
+        """Concat the carried last `keep` frames with this window along the time axis; returns
+        the joined sequence (keep + L frames) and its last `keep` frames (the next carry)."""
+        seq = self.op.Concat(carried, x, axis=axis)
+        L = self.length
+        return seq, self.op.Slice(seq, self.const([L], np.int64), self.const([L + keep], np.int64),
+                                  self.const([axis], np.int64))
+
+    def causal_conv(self, name: str, u, carried, taps: int):
+        """Depthwise causal conv over time: y_t = b + sum_k w[k] u_{t-K+1+k}, with the previous
+        K-1 inputs carried as state. K shifted products: same code for any L, and faster than
+        Conv at L = 1. Weight [K, D] (tap K-1 is the current frame), bias [D]."""
+        op, L = self.op, self.length
+        seq, carry = self.history(carried, u, taps - 1)
+        w, y = self.param(f"{name}.weight"), self.param(f"{name}.bias")
+        for k in range(taps):
+            tap = op.Slice(seq, self.const([k], np.int64), self.const([k + L], np.int64), self.const([1], np.int64))
+            y = op.Add(y, op.Mul(tap, op.Gather(w, self.const(k, np.int64), axis=0)))
+        return y, carry
+
     def scan(self, fn, sequences: Sequence, state: dict):
         """Unroll ``y_t, state = fn(frames_t, state)`` over the time axis (axis 1) of each sequence.
 
@@ -347,16 +387,8 @@ class MambaLayer:
     def __call__(self, g: Graph, x, state: dict):
         op, n, L = g.op, self.name, g.length
         u, z = g.split(g.linear(x, f"{n}.in_proj", bias=False), [self.D, self.D])
-        # causal depthwise conv over [carried K-1 inputs, this window]: tap k sees frame t-K+1+k.
-        # Written as K shifted products (same code for any L; faster than Conv at L = 1).
-        seq = op.Concat(state["conv"], u, axis=1)  # [B, K-1+L, D]
-        w, one = g.param(f"{n}.conv.weight"), g.const([1], np.int64)
-        conv = g.param(f"{n}.conv.bias")
-        for k in range(self.K):
-            tap = op.Slice(seq, g.const([k], np.int64), g.const([k + L], np.int64), one)
-            conv = op.Add(conv, op.Mul(tap, op.Gather(w, g.const(k, np.int64), axis=0)))
+        conv, conv_state = g.causal_conv(f"{n}.conv", u, state["conv"], self.K)
         u = g.silu(conv)
-        conv_state = op.Slice(seq, g.const([L], np.int64), g.const([L + self.K - 1], np.int64), one)
         dt, b, c = g.split(g.linear(u, f"{n}.x_proj", bias=False), [self.R, self.N, self.N])
         dt = g.softplus(g.linear(dt, f"{n}.dt_proj"))  # [B, L, D]
         col, row = g.const([-1], np.int64), g.const([-2], np.int64)
@@ -376,7 +408,127 @@ class MambaLayer:
         return g.linear(y, f"{n}.out_proj", bias=False), {"conv": conv_state, "ssm": s["ssm"]}
 
 
-MIXERS = {Dense: DenseLayer, LSTM: LSTMLayer, Mamba: MambaLayer}
+class GRULayer:
+    """h carried; input projection hoisted out of the recurrence. b_in and b_hn stay apart
+    (ONNX GRU's linear_before_reset=1)."""
+
+    def __init__(self, name: str, cfg: GRU, width: int, init: _Init, n_layers: int):
+        self.name, H = name, width
+        bound = 1 / math.sqrt(H)
+        init.uniform(f"{name}.w_ih", (width, 3 * H), bound)
+        init.uniform(f"{name}.w_hh", (H, 3 * H), bound)
+        init.uniform(f"{name}.b_ih", (3 * H,), bound)
+        init.uniform(f"{name}.b_hh", (3 * H,), bound)
+        self.H = H
+        self.states = [("h", (1, H))]
+
+    def __call__(self, g: Graph, x, state: dict):
+        op, n = g.op, self.name
+        xi = g.split(op.Add(op.MatMul(x, g.param(f"{n}.w_ih")), g.param(f"{n}.b_ih")), [self.H] * 3)
+        w_hh, b_hh = g.param(f"{n}.w_hh"), g.param(f"{n}.b_hh")
+
+        def cell(frame, s):
+            hr, hz, hn = g.split(op.Add(op.MatMul(s["h"], w_hh), b_hh), [self.H] * 3)
+            r, z = op.Sigmoid(op.Add(frame[0], hr)), op.Sigmoid(op.Add(frame[1], hz))
+            cand = op.Tanh(op.Add(frame[2], op.Mul(r, hn)))
+            h = op.Add(cand, op.Mul(z, op.Sub(s["h"], cand)))  # (1 - z) n + z h
+            return h, {"h": h}
+
+        return g.scan(cell, xi, state)
+
+
+class AttentionLayer:
+    """Causal multi-head attention over a band of W frames (key j visible to query i iff
+    i - W < j <= i). States: the last W-1 keys and values and which of them are real frames.
+
+    The window graph attends over [carried W-1 frames, L new frames] with a constant band mask,
+    so stepping frame by frame (L = 1, O(W) per step) reproduces it exactly, at any depth."""
+
+    def __init__(self, name: str, cfg: Attention, width: int, init: _Init, n_layers: int, window: int = 1):
+        if width % cfg.heads:
+            raise SpecError(f"attention: hidden size {width} is not divisible by heads = {cfg.heads}")
+        self.name, self.cfg, self.d = name, cfg, width
+        self.H, self.dh, self.W = cfg.heads, width // cfg.heads, cfg.window or window
+        init(f"{name}.qkv.weight", init.rng.normal(0, 0.02, (width, 3 * width)))
+        init(f"{name}.qkv.bias", np.zeros(3 * width))
+        init.linear(f"{name}.out", width, width, scale=1 / math.sqrt(2 * n_layers))
+        if cfg.qk_norm:
+            init.norm("layer", f"{name}.q_norm", self.dh)
+            init.norm("layer", f"{name}.k_norm", self.dh)
+        if self.W < 2:
+            raise SpecError(f"attention: window must be at least 2 frames (got {self.W})")
+        self.states = [("k", (self.H, self.dh, self.W - 1)), ("v", (self.H, self.W - 1, self.dh)),
+                       ("valid", (self.W - 1,))]
+
+    def bias(self, L: int) -> np.ndarray:
+        """Constant [H, L, W-1+L] additive mask: 0 inside the band, -1e9 outside; ALiBi inside."""
+        i, j = np.arange(L)[:, None], np.arange(self.W - 1 + L)[None, :]
+        dist = (self.W - 1 + i) - j  # how many frames key j is older than query i
+        band = (dist >= 0) & (dist < self.W)
+        slopes = 2.0 ** (-8.0 * np.arange(1, self.H + 1) / self.H) if self.cfg.alibi else np.zeros(self.H)
+        return np.where(band, -slopes[:, None, None] * dist, -1e9).astype(np.float32)
+
+    def __call__(self, g: Graph, x, state: dict):
+        op, n, L, H, dh = g.op, self.name, g.length, self.H, self.dh
+        q, k, v = g.split(g.linear(x, f"{n}.qkv"), [self.d] * 3)
+        heads = g.const([0, 0, H, dh], np.int64)  # [B, T, d] -> [B, T, H, dh]
+        if self.cfg.qk_norm:
+            q = op.Reshape(g.norm("layer", op.Reshape(q, heads), f"{n}.q_norm"), g.const([0, 0, self.d], np.int64))
+            k = op.Reshape(g.norm("layer", op.Reshape(k, heads), f"{n}.k_norm"), g.const([0, 0, self.d], np.int64))
+        # caches are kept head-major, keys transposed ([B, H, dh, W-1]) and values [B, H, W-1, dh],
+        # so a step only reshapes its own new key and value
+        q = op.Transpose(op.Reshape(q, heads), perm=[0, 2, 1, 3])  # [B, H, L, dh]
+        kt, k_carry = g.history(state["k"], op.Transpose(op.Reshape(k, heads), perm=[0, 2, 3, 1]), self.W - 1, 3)
+        vh, v_carry = g.history(state["v"], op.Transpose(op.Reshape(v, heads), perm=[0, 2, 1, 3]), self.W - 1, 2)
+        batch = op.Shape(x, start=0, end=1)
+        new = op.Expand(g.const(np.ones((1, L))), op.Concat(batch, g.const([L], np.int64), axis=0))
+        valid, valid_carry = g.history(state["valid"], new, self.W - 1)  # [B, W-1+L]
+        mask = op.Mul(op.Sub(op.Unsqueeze(valid, g.const([1, 2], np.int64)), 1.0), 1e9)  # [B, 1, 1, W-1+L]
+        scores = op.Add(op.Add(op.Mul(op.MatMul(q, kt), 1 / math.sqrt(dh)), g.const(self.bias(L))), mask)
+        o = op.MatMul(op.Softmax(scores, axis=-1), vh)  # [B, H, L, dh]
+        o = op.Reshape(op.Transpose(o, perm=[0, 2, 1, 3]), g.const([0, 0, self.d], np.int64))
+        return g.linear(o, f"{n}.out"), {"k": k_carry, "v": v_carry, "valid": valid_carry}
+
+
+class GatedSSMLayer:
+    """Per-channel gated linear recurrence (HGRN/minGRU-like) with a true step form:
+    [u, z] = x W_in; u = SiLU(conv(u)); a = sigmoid(u W_a + b_a); h = a h + (1 - a) u;
+    y = (h * SiLU(z)) W_out. Gates run on the whole window; only h is unrolled."""
+
+    def __init__(self, name: str, cfg: GatedSSM, width: int, init: _Init, n_layers: int):
+        self.name, self.K = name, cfg.conv
+        D = self.D = cfg.expand * width
+        init.linear(f"{name}.in_proj", width, 2 * D, bias=False)
+        if self.K:
+            init.uniform(f"{name}.conv.weight", (self.K, D), 1 / math.sqrt(self.K))
+            init.uniform(f"{name}.conv.bias", (D,), 1 / math.sqrt(self.K))
+        init(f"{name}.gate.weight", init.rng.normal(0, 0.02, (D, D)))
+        tau = np.exp(init.rng.uniform(math.log(4), math.log(256), D))  # memory of 4-256 frames
+        init(f"{name}.gate.bias", np.log((1 - 1 / tau) / (1 / tau)))  # sigmoid(b) = 1 - 1/tau
+        init.linear(f"{name}.out_proj", D, width, bias=False, scale=1 / math.sqrt(n_layers))
+        self.states = [("h", (1, D))] + ([("conv", (self.K - 1, D))] if self.K else [])
+
+    def __call__(self, g: Graph, x, state: dict):
+        op, n = g.op, self.name
+        u, z = g.split(g.linear(x, f"{n}.in_proj", bias=False), [self.D, self.D])
+        out = {}
+        if self.K:
+            u, out["conv"] = g.causal_conv(f"{n}.conv", u, state["conv"], self.K)
+        u = g.silu(u)
+        a = op.Sigmoid(g.linear(u, f"{n}.gate"))
+        drive = op.Sub(u, op.Mul(a, u))  # (1 - a) u
+
+        def step(frame, s):
+            h = op.Add(op.Mul(frame[0], s["h"]), frame[1])
+            return h, {"h": h}
+
+        h, s = g.scan(step, [a, drive], {"h": state["h"]})
+        out["h"] = s["h"]
+        return g.linear(op.Mul(h, g.silu(z)), f"{n}.out_proj", bias=False), out
+
+
+MIXERS = {Dense: DenseLayer, LSTM: LSTMLayer, GRU: GRULayer, Mamba: MambaLayer, Attention: AttentionLayer,
+          GatedSSM: GatedSSMLayer}
 
 
 class Model:
@@ -396,7 +548,9 @@ class Model:
         for i, block in enumerate(layers):
             name = f"layers.{i}"
             init.norm(block.norm, f"{name}.norm", d)
-            self.layers.append((block, MIXERS[type(block.mixer)](f"{name}.mixer", block.mixer, d, init, len(layers))))
+            cls = MIXERS[type(block.mixer)]
+            extra = {"window": spec.window} if cls is AttentionLayer else {}
+            self.layers.append((block, cls(f"{name}.mixer", block.mixer, d, init, len(layers), **extra)))
             if block.ffn:
                 init.norm("layer", f"{name}.ffn_norm", d)
                 init.linear(f"{name}.ffn.up", d, block.ffn * d)
@@ -930,14 +1084,18 @@ def windows(episodes: list[Episode], length: int, delay: int = 0) -> list[tuple[
     return [(i, s) for i, ep in enumerate(episodes) for s in range(0, ep.frames - 1 - delay, length)]
 
 
-def make_batch(episodes: list[Episode], wins: Sequence[tuple[int, int]], length: int, delay: int = 0
+def make_batch(episodes: list[Episode], wins: Sequence[tuple[int, int] | None], length: int, delay: int = 0
                ) -> dict[str, np.ndarray]:
-    """Inputs, one-hot targets and a 0/1 mask (padding past an episode's end) for windows."""
+    """Inputs, one-hot targets and a 0/1 mask (padding past an episode's end) for windows;
+    a window given as None is all padding."""
     B, C, F = len(wins), len(CAT_FIELDS), len(NUM_FIELDS)
     batch = {"cat": np.zeros((B, length, C), np.int64), "num": np.zeros((B, length, F), np.float32),
              "mask": np.zeros((B, length), np.float32)}
     labels = {h: np.zeros((B, length) + ((8,) if h == "buttons" else ()), np.int64) for h in HEADS}
-    for b, (i, s) in enumerate(wins):
+    for b, win in enumerate(wins):
+        if win is None:  # padding: an idle stream in stateful training
+            continue
+        i, s = win
         ep = episodes[i]
         n = min(length, ep.frames - 1 - delay - s)
         batch["cat"][b, :n] = ep.cat[s:s + n]
@@ -948,6 +1106,35 @@ def make_batch(episodes: list[Episode], wins: Sequence[tuple[int, int]], length:
     for h, k in HEADS.items():
         batch[f"target.{h}"] = (labels[h].astype(np.float32) if h == "buttons"
                                 else np.eye(k, dtype=np.float32)[labels[h]])
+    return batch
+
+
+def streams(episodes: list[Episode], length: int, batch_size: int, delay: int = 0,
+            rng: np.random.Generator | None = None) -> list[list[tuple[int, int] | None]]:
+    """Batches for stateful training: each batch row is a stream that walks whole episodes in
+    consecutive windows, so the state a window ends with is where the next one starts. Episodes
+    are dealt to streams (shuffled when `rng` is given) to balance their lengths; a stream that
+    runs out is padded with None."""
+    order = rng.permutation(len(episodes)) if rng is not None else range(len(episodes))
+    rows, loads = [[] for _ in range(min(batch_size, len(episodes)))], np.zeros(min(batch_size, len(episodes)))
+    for i in order:
+        b = int(np.argmin(loads))
+        rows[b] += [(int(i), s) for s in range(0, episodes[i].frames - 1 - delay, length)]
+        loads[b] += episodes[i].frames
+    steps = max(len(r) for r in rows)
+    return [[r[k] if k < len(r) else None for r in rows] for k in range(steps)]
+
+
+def carry_state(batch: dict, previous: dict | None, wins: Sequence, model: Model) -> dict:
+    """Set a batch's initial state to the previous batch's final state, row by row, except
+    where a row starts a new episode (or is padding): there the state is zero."""
+    if previous is None:
+        return batch
+    fresh = np.array([w is None or w[1] == 0 for w in wins])
+    for n, _ in model.states:
+        state = previous[f"state_out.{n}"].copy()
+        state[fresh] = 0
+        batch[f"state_in.{n}"] = state
     return batch
 
 
@@ -1118,8 +1305,13 @@ class RunResult:
 
 def train(spec: Spec | str | os.PathLike, replays, epochs: int = 1, out: str | os.PathLike = "runs/run",
           batch_size: int = 64, lr: float = 1e-3, weight_decay: float = 0.01, val_split: float = 0.2,
-          seed: int = 0, frame_delay: int = 0, cache: Path | None = None, quiet: bool = False) -> RunResult:
-    """Train a spec on replays; write a run folder (see README) and return its run.json."""
+          seed: int = 0, frame_delay: int = 0, stateful: bool = False, cache: Path | None = None,
+          quiet: bool = False) -> RunResult:
+    """Train a spec on replays; write a run folder (see README) and return its run.json.
+
+    stateful: walk each game in consecutive windows and carry the recurrent state from one
+    window to the next (truncated backpropagation through time) instead of starting every
+    window from zero; this is what frame-by-frame play does."""
     log = _log(quiet)
     spec_path = None
     if not isinstance(spec, Spec):
@@ -1150,29 +1342,40 @@ def train(spec: Spec | str | os.PathLike, replays, epochs: int = 1, out: str | o
     history = []
     for epoch in range(1, epochs + 1):
         t0, losses, samples = time.perf_counter(), [], 0
-        order = rng.permutation(len(train_wins))
-        for k in range(0, len(order), batch_size):
-            batch = make_batch(train_eps, [train_wins[i] for i in order[k:k + batch_size]], L, frame_delay)
-            losses.append((float(trainer.step(batch)["loss"]), batch["mask"].sum()))
+        if stateful and model.states:
+            plan = streams(train_eps, L, batch_size, frame_delay, rng)
+        else:
+            order = rng.permutation(len(train_wins))
+            plan = [[train_wins[i] for i in order[k:k + batch_size]] for k in range(0, len(order), batch_size)]
+        previous = None
+        for wins in plan:
+            batch = make_batch(train_eps, wins, L, frame_delay)
+            if stateful:
+                batch = carry_state(batch, previous, wins, model)
+            previous = trainer.step(batch)
+            losses.append((float(previous["loss"]), batch["mask"].sum()))
             samples += int(batch["mask"].sum())
         seconds = time.perf_counter() - t0
         row = {"epoch": epoch, "train_loss": _weighted(losses), "seconds": round(seconds, 3),
                "frames_per_s": round(samples / seconds, 1)}
         if val_wins:
             row.update(evaluate_windows(trainer.evaluate, val_eps, val_wins, L, frame_delay, batch_size))
+            if model.states:
+                row["val_stream_loss"] = evaluate_stream(trainer.evaluate, model, val_eps, L, frame_delay)
         trainer.save_checkpoint()
         with open(metrics_path, "a") as f:
             f.write(json.dumps(row) + "\n")
         history.append(row)
         log(f"epoch {epoch}/{epochs}: train loss {row['train_loss']:.4f}"
             + (f", val loss {row['val_loss']:.4f} (baseline {baseline['total']:.4f})" if val_wins else "")
+            + (f", whole-game val loss {row['val_stream_loss']:.4f}" if "val_stream_loss" in row else "")
             + f", {row['frames_per_s']:.0f} frames/s")
     model.load(trainer.params())
     model.save(out)
     info = {
         "exphil": __version__, "spec": spec.name, "feature_version": FEATURE_VERSION,
         "settings": {"epochs": epochs, "batch_size": batch_size, "lr": lr, "weight_decay": weight_decay,
-                     "val_split": val_split, "seed": seed, "window": L},
+                     "val_split": val_split, "seed": seed, "window": L, "stateful": stateful},
         "frame_delay": frame_delay,
         "replays": {"train": sorted({e.source for e in train_eps}), "val": sorted({e.source for e in val_eps}),
                     "skipped": skipped},
@@ -1188,6 +1391,17 @@ def train(spec: Spec | str | os.PathLike, replays, epochs: int = 1, out: str | o
 def _weighted(pairs: list[tuple[float, float]]) -> float:
     total = sum(w for _, w in pairs)
     return float(sum(v * w for v, w in pairs) / total) if total else float("nan")
+
+
+def evaluate_stream(run, model: Model, episodes, length, delay) -> float:
+    """Loss over whole games with the state carried across consecutive windows from each
+    game's start: what the step graph sees when it plays the games frame by frame."""
+    parts, previous = [], None
+    for wins in streams(episodes, length, len(episodes), delay):
+        batch = carry_state(make_batch(episodes, wins, length, delay), previous, wins, model)
+        previous = run(batch)
+        parts.append((float(previous["loss"]), batch["mask"].sum()))
+    return _weighted(parts)
 
 
 def evaluate_windows(run, episodes, wins, length, delay, batch_size=64) -> dict:
@@ -1431,6 +1645,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--val-split", type=float, default=0.2, help="fraction of games held out")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--frame-delay", type=int, default=0, help="predict the action D frames later")
+    p.add_argument("--stateful", action="store_true",
+                   help="carry recurrent state across consecutive windows of each game (truncated BPTT)")
     p.add_argument("--quiet", action="store_true")
 
     p = sub.add_parser("eval", help="loss of a trained run on replays")
@@ -1448,7 +1664,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "train":
             res = train(args.spec, args.replays, epochs=args.epochs, out=args.out, batch_size=args.batch_size,
                         lr=args.lr, weight_decay=args.weight_decay, val_split=args.val_split, seed=args.seed,
-                        frame_delay=args.frame_delay, quiet=args.quiet)
+                        frame_delay=args.frame_delay, stateful=args.stateful, quiet=args.quiet)
             final = res.info["final"] or {}
             print(f"{res.path}: val loss {final.get('val_loss', float('nan')):.4f} "
                   f"(frequency baseline {(res.info['baseline_loss'] or {}).get('total', float('nan')):.4f})")

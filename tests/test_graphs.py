@@ -8,7 +8,7 @@ import exphil
 from conftest import REPLAYS, SPECS
 
 # ops that have gradients in onnxruntime-training 1.19 (measured; see the project notes)
-GRADIENT_OPS = {"Sigmoid", "Tanh", "Relu", "Exp", "Log", "Erf", "Pow", "Sqrt", "Reciprocal", "Neg", "Abs",
+GRADIENT_OPS = {"Shape", "Sigmoid", "Tanh", "Relu", "Exp", "Log", "Erf", "Pow", "Sqrt", "Reciprocal", "Neg", "Abs",
                 "Clip", "Min", "Max", "Add", "Mul", "Div", "Sub", "MatMul", "Gemm", "Softmax", "LogSoftmax",
                 "Where", "Slice", "Split", "Concat", "Gather", "Transpose", "Reshape", "Flatten", "Unsqueeze",
                 "Squeeze", "Expand", "Tile", "Pad", "ReduceSum", "ReduceMean", "Cast", "Conv",
@@ -80,10 +80,10 @@ def test_graph_format_limits(path):
             == {n for n, _ in model.states})
 
 
-def mixer_graph(layer_cls, cfg, width, length, seed=0):
+def mixer_graph(layer_cls, cfg, width, length, seed=0, **kw):
     """One mixer layer alone as a window graph: x [B, L, width] -> y, with its states."""
     params = {}
-    layer = layer_cls("m", cfg, width, exphil._Init(params, np.random.default_rng(seed)), 1)
+    layer = layer_cls("m", cfg, width, exphil._Init(params, np.random.default_rng(seed)), 1, **kw)
     g = exphil.Graph(params, length, "mixer")
     x = g.input("x", "FLOAT", ["B", length, width])
     state = {s: g.input(f"state_in.{s}", "FLOAT", ["B", *shape]) for s, shape in layer.states}
@@ -166,3 +166,57 @@ def test_stepper_carries_state_like_the_window_graph(real_frames):
         got = [stepper(cat[0, t], num[0, t])["main_x"].copy() for t in range(90)]
         assert np.abs(np.stack(got) - window["main_x"][0]).max() <= 1e-4
         stepper.reset()
+
+
+def test_gru_matches_onnx_gru_operator():
+    """Our GRU == ONNX's GRU operator with linear_before_reset=1 (PyTorch's variant)."""
+    from onnx import TensorProto, helper
+    H, L, B = 24, 40, 2
+    sess, p, _ = mixer_graph(exphil.GRULayer, exphil.GRU(), H, L)
+    rng = np.random.default_rng(9)
+    x = rng.normal(size=(B, L, H)).astype(np.float32)
+    h0 = rng.normal(size=(B, 1, H)).astype(np.float32)
+    y, h = sess.run(None, {"x": x, "state_in.h": h0})
+
+    def onnx_order(w):  # ours: r, z, n (stored [in, 3H]); ONNX: z, r, h as [3H, in]
+        r, z, n = np.split(w.T if w.ndim == 2 else w, 3)
+        return np.concatenate([z, r, n])
+
+    node = helper.make_node("GRU", ["X", "W", "R", "Bias", "", "H0"], ["Y", "Yh"], hidden_size=H,
+                            linear_before_reset=1)
+    graph = helper.make_graph([node], "ref", [
+        helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in ("X", "H0")],
+        [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in ("Y", "Yh")],
+        initializer=[onnx.numpy_helper.from_array(a, n) for n, a in [
+            ("W", onnx_order(p["m.w_ih"])[None]), ("R", onnx_order(p["m.w_hh"])[None]),
+            ("Bias", np.concatenate([onnx_order(p["m.b_ih"]), onnx_order(p["m.b_hh"])])[None])]])
+    ref = exphil.session(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 14)],
+                                           ir_version=8).SerializeToString())
+    Y, Yh = ref.run(None, {"X": x.transpose(1, 0, 2), "H0": h0.transpose(1, 0, 2)})
+    assert np.abs(y - Y[:, 0].transpose(1, 0, 2)).max() < 1e-5
+    assert np.abs(h[:, 0] - Yh[0]).max() < 1e-5
+
+
+@pytest.mark.parametrize("alibi", [False, True])
+def test_attention_matches_numpy_band_attention(alibi):
+    """Our attention == plain NumPy softmax attention with a causal band of W frames, over a
+    sequence longer than the band (so the band, not just causality, is exercised)."""
+    d, H, W, L, B = 32, 4, 8, 30, 2
+    cfg = exphil.Attention(heads=H, window=W, alibi=alibi)
+    sess, p, layer = mixer_graph(exphil.AttentionLayer, cfg, d, L, seed=4)
+    x = np.random.default_rng(1).normal(size=(B, L, d)).astype(np.float32)
+    zeros = {f"state_in.{n}": np.zeros((B, *s), np.float32) for n, s in layer.states}
+    y = sess.run(None, {"x": x, **zeros})[0]
+
+    qkv = x.astype(np.float64) @ p["m.qkv.weight"] + p["m.qkv.bias"]
+    q, k, v = (a.reshape(B, L, H, d // H).transpose(0, 2, 1, 3) for a in np.split(qkv, 3, -1))
+    s = q @ k.transpose(0, 1, 3, 2) / np.sqrt(d // H)  # [B, H, L, L]
+    i, j = np.arange(L)[:, None], np.arange(L)[None, :]
+    if alibi:
+        slopes = 2.0 ** (-8.0 * np.arange(1, H + 1) / H)
+        s = s - slopes[:, None, None] * (i - j)
+    s = np.where((j <= i) & (i - j < W), s, -np.inf)
+    a = np.exp(s - s.max(-1, keepdims=True))
+    o = (a / a.sum(-1, keepdims=True)) @ v
+    ref = o.transpose(0, 2, 1, 3).reshape(B, L, d) @ p["m.out.weight"] + p["m.out.bias"]
+    assert np.abs(y - ref).max() < 1e-4

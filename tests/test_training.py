@@ -63,3 +63,33 @@ def test_recurrent_spec_beats_baseline(tmp_path):
     assert run.info["final"]["val_loss"] < run.info["baseline_loss"]["total"]
     agent = exphil.Agent(run.path)
     assert agent.step.state_names  # the Agent carries the LSTM state
+
+
+def test_streams_walk_each_game_in_order():
+    eps = exphil.load_replay(REPLAYS / "hohav-py-slippi__netplay_name.slp") + \
+        exphil.load_replay(REPLAYS / "hohav-peppi__duplicate_game_end.slp")
+    plan = exphil.streams(eps, 60, 3, rng=np.random.default_rng(0))
+    assert all(len(b) == 3 for b in plan)
+    seen = [w for b in plan for w in b if w is not None]
+    assert sorted(seen) == sorted(exphil.windows(eps, 60))  # every window exactly once
+    for row in range(3):
+        walk = [b[row] for b in plan if b[row] is not None]
+        for (i, s), (j, t) in zip(walk, walk[1:]):
+            assert (j == i and t == s + 60) or (t == 0 and i != j)  # consecutive, or a new game
+
+
+def test_carried_state_resets_at_game_start():
+    model = exphil.Model(exphil.load_spec(ROOT / "specs" / "gru.toml"))
+    prev = {"state_out.layers.0.mixer.h": np.ones((3, 1, 256), np.float32),
+            "state_out.layers.1.mixer.h": np.ones((3, 1, 256), np.float32)}
+    batch = exphil.carry_state({}, prev, [(0, 60), (1, 0), None], model)
+    h = batch["state_in.layers.0.mixer.h"]
+    assert h[0].min() == 1 and h[1].max() == 0 and h[2].max() == 0
+
+
+def test_stateful_training_records_whole_game_loss(tmp_path):
+    run = exphil.train(ROOT / "specs" / "gated_ssm.toml", REPLAYS, epochs=1, batch_size=8, stateful=True,
+                       out=tmp_path / "run", quiet=True)
+    final = run.info["final"]
+    assert run.info["settings"]["stateful"] and np.isfinite(final["val_stream_loss"])
+    assert final["val_stream_loss"] < run.info["baseline_loss"]["total"]
