@@ -1022,17 +1022,21 @@ def _episodes_from_replay(path: Path) -> list[Episode]:
     return out
 
 
-def load_replay(path: Path, cache: Path | None = None) -> list[Episode]:
-    """Both players' episodes of one replay, through the cache of parsed arrays.
-
-    The cache is keyed by the file's content and the feature layout version, so a renamed file
-    is still a hit and an edited or re-laid-out one is a miss. Raises ReplayError."""
+def _cache_entry(path: Path, cache: Path | None) -> Path:
+    """The cache file of a replay: keyed by its content and the feature layout version, so a
+    renamed copy is still a hit and an edited or re-laid-out one is a miss."""
     try:
         data = path.read_bytes()
     except OSError as e:
         raise ReplayError(path, f"cannot read file: {e.strerror}") from None
-    key = f"{hashlib.sha256(data).hexdigest()[:24]}-v{FEATURE_VERSION}"
-    file = (cache or cache_dir()) / f"{key}.npz"
+    return (cache or cache_dir()) / f"{hashlib.sha256(data).hexdigest()[:24]}-v{FEATURE_VERSION}.npz"
+
+
+def load_replay(path: Path, cache: Path | None = None, entry: Path | None = None) -> list[Episode]:
+    """Both players' episodes of one replay, through the cache of parsed arrays. Raises
+    ReplayError."""
+    path = Path(path)
+    file = entry or _cache_entry(path, cache)
     if file.exists():
         try:
             with np.load(file) as z:
@@ -1052,22 +1056,82 @@ def load_replay(path: Path, cache: Path | None = None) -> list[Episode]:
     return episodes
 
 
-def load_games(replays: str | os.PathLike | Sequence, cache: Path | None = None, log=None
-               ) -> tuple[list[list[Episode]], list[dict]]:
+def _build_cache(args) -> tuple[str, str | None, int]:
+    """Worker: parse one replay into the cache; (path, error or None, frames)."""
+    path, entry = args
+    try:
+        return str(path), None, sum(ep.frames for ep in load_replay(path, entry=entry))
+    except ReplayError as e:
+        return str(path), e.reason, 0
+
+
+def load_games(replays: str | os.PathLike | Sequence, cache: Path | None = None, log=None,
+               max_files: int = 0, workers: int | None = None) -> tuple[list[list[Episode]], list[dict]]:
     """Episodes grouped by game, and the replays that were skipped (path and reason).
 
-    A replay that cannot be used is reported in one line and skipped; the rest go on."""
+    Replays not yet in the cache are parsed on every core first. A replay that cannot be used is
+    reported in one line and skipped; the rest go on."""
     paths = [p for r in ([replays] if isinstance(replays, (str, os.PathLike)) else replays)
              for p in find_replays(r)]
+    if max_files:
+        paths = paths[:max_files]
+    entries, errors = {}, {}
+    for p in paths:
+        try:
+            entries[p] = _cache_entry(p, cache)
+        except ReplayError as e:
+            errors[p] = e.reason
+    missing = [(p, f) for p, f in entries.items() if not f.exists()]
+    workers = min(workers or os.cpu_count() or 1, len(missing))
+    if missing:
+        t0 = time.perf_counter()
+        if workers > 1:
+            import multiprocessing
+
+            with multiprocessing.get_context("spawn").Pool(workers) as pool:
+                built = pool.map(_build_cache, missing, chunksize=1)
+        else:
+            built = [_build_cache(m) for m in missing]
+        errors.update({Path(p): reason for p, reason, _ in built if reason})
+        frames, seconds = sum(f for _, _, f in built), time.perf_counter() - t0
+        if log and frames:
+            log(f"parsed {len(missing)} new replays ({frames:,} frames, both players) in {seconds:.1f} s "
+                f"on {workers} core(s): {frames / seconds:,.0f} frames/s")
     games, skipped = [], []
     for path in paths:
         try:
-            games.append(load_replay(path, cache))
+            if path in errors:
+                raise ReplayError(path, errors[path])
+            games.append(load_replay(path, entry=entries[path]))
         except ReplayError as e:
             skipped.append({"path": str(path), "reason": e.reason})
             if log:
                 log(f"skipped {path}: {e.reason}")
     return games, skipped
+
+
+def _enum_id(enum, name: str, what: str) -> int:
+    try:
+        return enum[name.upper().replace("-", "_").replace(" ", "_")].value
+    except KeyError:
+        raise ExphilError(f"unknown {what} {name!r}; known: "
+                          + ", ".join(sorted(e.name.lower() for e in enum))) from None
+
+
+def filter_games(games: list[list[Episode]], character: str | None = None, opponent: str | None = None,
+                 stage: str | None = None, min_frames: int = 0) -> list[list[Episode]]:
+    """Keep games of at least `min_frames` on `stage`, and the player views whose own and
+    opponent characters match (names as in libmelee, e.g. fox, falco, final_destination)."""
+    want = {2: character and _enum_id(enums.Character, character, "character"),
+            3: opponent and _enum_id(enums.Character, opponent, "character"),
+            4: stage and _enum_id(enums.Stage, stage, "stage")}
+    out = []
+    for game in games:
+        kept = [ep for ep in game if ep.frames >= min_frames
+                and all(v is None or v == "" or ep.cat[0, col] == v for col, v in want.items())]
+        if kept:
+            out.append(kept)
+    return out
 
 
 def split_games(games: list, val_split: float, seed: int) -> tuple[list, list]:
@@ -1084,28 +1148,64 @@ def windows(episodes: list[Episode], length: int, delay: int = 0) -> list[tuple[
     return [(i, s) for i, ep in enumerate(episodes) for s in range(0, ep.frames - 1 - delay, length)]
 
 
-def make_batch(episodes: list[Episode], wins: Sequence[tuple[int, int] | None], length: int, delay: int = 0
-               ) -> dict[str, np.ndarray]:
-    """Inputs, one-hot targets and a 0/1 mask (padding past an episode's end) for windows;
-    a window given as None is all padding."""
+# Left/right mirror: these feature columns change sign, and stick x classes k <-> 16 - k.
+MIRROR_SIGN = np.array([-1.0 if n.split("_", 1)[-1] in {"x", "facing", "speed_air_x_self", "speed_x_attack",
+                                                         "speed_ground_x_self"} or n in ("main_x", "c_x") else 1.0
+                        for n in NUM_FIELDS], np.float32)
+MIRROR_HEADS = ("main_x", "c_x")
+
+
+def make_batch(episodes: list[Episode], wins: Sequence[tuple[int, int] | None], length: int,
+               delay: int | Sequence[int] = 0, mirror: Sequence[bool] | None = None, smoothing: float = 0.0,
+               teacher: dict | None = None) -> dict[str, np.ndarray]:
+    """Inputs, targets (probabilities) and a 0/1 mask (padding past an episode's end) for
+    windows; a window given as None is all padding.
+
+    delay: per batch or per window (frame t predicts the controller at t + 1 + delay).
+    mirror: per window, flip left and right. smoothing: label smoothing of the targets.
+    teacher: {"logits": per-episode [T, sum(HEADS)] arrays, "temperature": T} adds the
+    teacher's soft targets `soft.<head>` (distillation)."""
     B, C, F = len(wins), len(CAT_FIELDS), len(NUM_FIELDS)
+    delays = np.broadcast_to(np.asarray(delay), (B,))
     batch = {"cat": np.zeros((B, length, C), np.int64), "num": np.zeros((B, length, F), np.float32),
              "mask": np.zeros((B, length), np.float32)}
     labels = {h: np.zeros((B, length) + ((8,) if h == "buttons" else ()), np.int64) for h in HEADS}
+    soft = teacher and np.zeros((B, length, sum(HEADS.values())), np.float32)
     for b, win in enumerate(wins):
         if win is None:  # padding: an idle stream in stateful training
             continue
-        i, s = win
+        (i, s), d = win, int(delays[b])
         ep = episodes[i]
-        n = min(length, ep.frames - 1 - delay - s)
+        n = min(length, ep.frames - 1 - d - s)
+        if n <= 0:
+            continue
         batch["cat"][b, :n] = ep.cat[s:s + n]
         batch["num"][b, :n] = ep.num[s:s + n]
         batch["mask"][b, :n] = 1
         for h in HEADS:
-            labels[h][b, :n] = ep.labels[h][s + 1 + delay:s + 1 + delay + n]
+            labels[h][b, :n] = ep.labels[h][s + 1 + d:s + 1 + d + n]
+        if teacher:
+            soft[b, :n] = teacher["logits"][i][s:s + n]
+    if mirror is not None and np.any(mirror):
+        flip = np.asarray(mirror, bool)
+        batch["num"][flip] *= MIRROR_SIGN
+        for h in MIRROR_HEADS:
+            labels[h][flip] = 16 - labels[h][flip]
     for h, k in HEADS.items():
-        batch[f"target.{h}"] = (labels[h].astype(np.float32) if h == "buttons"
-                                else np.eye(k, dtype=np.float32)[labels[h]])
+        y = labels[h].astype(np.float32) if h == "buttons" else np.eye(k, dtype=np.float32)[labels[h]]
+        batch[f"target.{h}"] = y * (1 - smoothing) + smoothing / (2 if h == "buttons" else k) if smoothing else y
+    if teacher:
+        T, offsets = teacher["temperature"], np.cumsum([0, *HEADS.values()])
+        for (h, k), o in zip(HEADS.items(), offsets):
+            x = soft[..., o:o + k] / T
+            if mirror is not None and h in MIRROR_HEADS:
+                x[np.asarray(mirror, bool)] = x[np.asarray(mirror, bool)][..., ::-1]
+            if h == "buttons":
+                p = 1 / (1 + np.exp(-x))
+            else:
+                p = np.exp(x - x.max(-1, keepdims=True))
+                p /= p.sum(-1, keepdims=True)
+            batch[f"soft.{h}"] = p.astype(np.float32)
     return batch
 
 
@@ -1196,33 +1296,62 @@ class _quiet_fd2:
         os.close(self.null)
 
 
-def add_loss(g: Graph, heads: dict, new_state: dict) -> None:
-    """Training loss inside the graph: BCE summed over the 8 buttons plus cross-entropy of each
-    stick axis and the shoulder, each averaged over unmasked frames, summed over heads.
+def loss_graph(distill: tuple[float, float] | None = None):
+    """The training loss, built inside the graph (`Model.build(extra=loss_graph())`).
 
-    Targets are probabilities (one-hot from replays), so soft targets work as well."""
-    op = g.op
-    last = g.const([-1], np.int64)
-    mask = g.input("mask", "FLOAT", ["B", g.length])
-    count = op.Max(op.ReduceSum(mask, keepdims=0), 1.0)
-    losses = {}
-    for h, k in HEADS.items():
-        x, y = heads[h], g.input(f"target.{h}", "FLOAT", ["B", g.length, k])
-        if h == "buttons":  # softplus(x) - x*y, stable
-            per = op.Sub(g.softplus(x), op.Mul(x, y))
-        else:
-            per = op.Neg(op.Mul(y, op.LogSoftmax(x, axis=-1)))
-        losses[h] = op.Div(op.ReduceSum(op.Mul(op.ReduceSum(per, last, keepdims=0), mask), keepdims=0), count)
-    total = losses["buttons"]
-    for h in list(HEADS)[1:]:
-        total = op.Add(total, losses[h])
-    # Every state output joins the loss with weight 0: onnxruntime-training 1.19 fails on a Split
-    # (or fused Slices) whose outputs do not all reach the loss.
-    for v in new_state.values():
-        total = op.Add(total, op.Mul(op.ReduceSum(v, keepdims=0), 0.0))
-    g.output(total, "loss", [])
-    for h, v in losses.items():
-        g.output(v, f"loss.{h}", [])
+    Hard loss: BCE summed over the 8 buttons plus the cross-entropy of each stick axis and the
+    shoulder, each averaged over unmasked frames, summed over heads. Targets are probabilities.
+    With distill = (T, alpha), each head's loss becomes
+    alpha * T^2 * KL(teacher_T || student_T) + (1 - alpha) * hard, with the teacher's tempered
+    probabilities fed as `soft.<head>`. Outputs: `loss`, `loss.<head>` (hard, per head) and,
+    when distilling, `kl` (summed over heads)."""
+
+    def add(g: Graph, heads: dict, new_state: dict) -> None:
+        op = g.op
+        last = g.const([-1], np.int64)
+        mask = g.input("mask", "FLOAT", ["B", g.length])
+        count = op.Max(op.ReduceSum(mask, keepdims=0), 1.0)
+
+        def frames_mean(per_frame_vector):  # [B, L, k] -> sum over k, masked mean over frames
+            return op.Div(op.ReduceSum(op.Mul(op.ReduceSum(per_frame_vector, last, keepdims=0), mask), keepdims=0),
+                          count)
+
+        def cross_entropy(h, x, p):  # of logits x against probabilities p
+            if h == "buttons":  # softplus(x) - x p, stable
+                return op.Sub(g.softplus(x), op.Mul(x, p))
+            return op.Neg(op.Mul(p, op.LogSoftmax(x, axis=-1)))
+
+        total, kl_total, hard = None, None, {}
+        for h, k in HEADS.items():
+            x = heads[h]
+            hard[h] = frames_mean(cross_entropy(h, x, g.input(f"target.{h}", "FLOAT", ["B", g.length, k])))
+            loss = hard[h]
+            if distill:
+                T, alpha = distill
+                p = g.input(f"soft.{h}", "FLOAT", ["B", g.length, k])
+                logp = op.Log(op.Max(p, 1e-12))
+                entropy = op.Neg(op.Mul(p, logp))
+                if h == "buttons":  # Bernoulli entropy: both outcomes
+                    q = op.Sub(1.0, p)
+                    entropy = op.Sub(entropy, op.Mul(q, op.Log(op.Max(q, 1e-12))))
+                kl = frames_mean(op.Sub(cross_entropy(h, op.Mul(x, 1 / T), p), entropy))
+                kl_total = kl if kl_total is None else op.Add(kl_total, kl)
+                loss = op.Add(op.Mul(kl, alpha * T * T), op.Mul(loss, 1 - alpha))
+            total = loss if total is None else op.Add(total, loss)
+        # Every state output joins the loss with weight 0: onnxruntime-training 1.19 fails on a
+        # Split (or fused Slices) whose outputs do not all reach the loss.
+        for v in new_state.values():
+            total = op.Add(total, op.Mul(op.ReduceSum(v, keepdims=0), 0.0))
+        g.output(total, "loss", [])
+        for h, v in hard.items():
+            g.output(v, f"loss.{h}", [])
+        if distill:
+            g.output(kl_total, "kl", [])
+
+    return add
+
+
+add_loss = loss_graph()
 
 
 def with_zero_state(batch: dict[str, np.ndarray], model: Model) -> dict[str, np.ndarray]:
@@ -1232,27 +1361,35 @@ def with_zero_state(batch: dict[str, np.ndarray], model: Model) -> dict[str, np.
 
 
 class Trainer:
-    """A model on onnxruntime-training: artifacts in `directory`, AdamW, checkpoint, export."""
+    """A model on onnxruntime-training: artifacts in `directory`, AdamW, checkpoint, export.
+
+    An existing checkpoint in `directory` is loaded (parameters, optimizer state, progress)."""
 
     def __init__(self, model: Model, directory: Path, lr: float = 1e-3, weight_decay: float = 0.01,
-                 length: int | None = None):
+                 length: int | None = None, max_grad_norm: float = 0.0, distill: tuple | None = None):
         import onnx
+        import shutil
 
         artifacts, api, onnxblock = _ort_training()
         self.model, self.dir = model, Path(directory)
         self.length = length or model.spec.window
-        self.dir.mkdir(parents=True, exist_ok=True)
-        ckpt = self.dir / "checkpoint"
-        if not ckpt.exists():
-            proto = model.build(self.length, extra=add_loss)
+        if not (self.dir / "checkpoint").exists():  # build into a temporary folder, then rename
+            tmp = self.dir.with_name(self.dir.name + ".tmp")
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+            clip = onnxblock.optim.ClipGradNorm(max_grad_norm) if max_grad_norm else None
             with _quiet_fd2():
-                artifacts.generate_artifacts(proto, requires_grad=sorted(model.params), loss=None,
-                                             optimizer=onnxblock.optim.AdamW(weight_decay=weight_decay),
-                                             artifact_directory=str(self.dir))
-            opt = onnx.load(str(self.dir / "optimizer_model.onnx"))
+                artifacts.generate_artifacts(model.build(self.length, extra=loss_graph(distill)),
+                                             requires_grad=sorted(model.params), loss=None,
+                                             optimizer=onnxblock.optim.AdamW(weight_decay=weight_decay,
+                                                                             clip_grad=clip),
+                                             artifact_directory=str(tmp))
+            opt = onnx.load(str(tmp / "optimizer_model.onnx"))
             opt.ir_version = IR_VERSION  # written with the onnx library's newer default
-            onnx.save(opt, str(self.dir / "optimizer_model.onnx"))
-        self.state = api.CheckpointState.load_checkpoint(str(ckpt))
+            onnx.save(opt, str(tmp / "optimizer_model.onnx"))
+            shutil.rmtree(self.dir, ignore_errors=True)
+            os.replace(tmp, self.dir)
+        self.state = api.CheckpointState.load_checkpoint(str(self.dir / "checkpoint"))
         self.module = api.Module(str(self.dir / "training_model.onnx"), self.state,
                                  str(self.dir / "eval_model.onnx"))
         self.optimizer = api.Optimizer(str(self.dir / "optimizer_model.onnx"), self.module)
@@ -1264,8 +1401,10 @@ class Trainer:
         batch = with_zero_state(batch, self.model)
         return dict(zip(self.outputs, self.module(*[batch[n] for n in self.inputs])))
 
-    def step(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def step(self, batch: dict[str, np.ndarray], lr: float | None = None) -> dict[str, np.ndarray]:
         """One AdamW step on a batch; returns the outputs (loss first) before the update."""
+        if lr is not None:
+            self.optimizer.set_learning_rate(lr)
         self.module.train()
         out = self._run(batch)
         self.optimizer.step()
@@ -1279,12 +1418,79 @@ class Trainer:
     def params(self) -> dict[str, np.ndarray]:
         return {n: self.state.parameters[n].data for n in self.model.params}
 
-    def save_checkpoint(self) -> None:
-        """Parameters and optimizer state, written atomically."""
+    @property
+    def progress(self) -> dict:
+        """Where training stands, saved inside the checkpoint (empty for a fresh one)."""
+        try:
+            return json.loads(self.state.properties["progress"])
+        except (KeyError, TypeError, ValueError):
+            return {}
+
+    def save_checkpoint(self, progress: dict) -> None:
+        """Parameters, optimizer state and progress, in one file written atomically."""
         _, api, _ = _ort_training()
+        self.state.properties["progress"] = json.dumps(progress)
         tmp = self.dir / "checkpoint.tmp"
         api.CheckpointState.save_checkpoint(self.state, str(tmp), include_optimizer_state=True)
         os.replace(tmp, self.dir / "checkpoint")
+
+
+class Metrics:
+    """Loss (total and per head), button F1 and top-1 accuracy of the other heads, over frames."""
+
+    def __init__(self, sums: dict | None = None):
+        self.sums = sums or {}
+
+    def add(self, out: dict[str, np.ndarray], batch: dict[str, np.ndarray]) -> None:
+        mask = batch["mask"] > 0
+        frames = float(mask.sum())
+        acc = self.sums
+        acc["frames"] = acc.get("frames", 0.0) + frames
+        for name in ["loss", *(f"loss.{h}" for h in HEADS), *(["kl"] if "kl" in out else [])]:
+            acc[name] = acc.get(name, 0.0) + float(out[name]) * frames
+        pred, true = out["buttons"][mask] > 0, batch["target.buttons"][mask] > 0.5
+        for key, value in (("tp", pred & true), ("fp", pred & ~true), ("fn", ~pred & true)):
+            acc[key] = acc.get(key, 0.0) + float(value.sum())
+        for h in HEADS:
+            if h != "buttons":
+                hit = out[h][mask].argmax(-1) == batch[f"target.{h}"][mask].argmax(-1)
+                acc[f"hit.{h}"] = acc.get(f"hit.{h}", 0.0) + float(hit.sum())
+
+    def result(self, prefix: str) -> dict:
+        acc, n = self.sums, max(self.sums.get("frames", 0.0), 1.0)
+        tp, fp, fn = (acc.get(k, 0.0) for k in ("tp", "fp", "fn"))
+        out = {f"{prefix}_loss": acc.get("loss", float("nan")) / n,
+               f"{prefix}_heads": {h: round(acc.get(f"loss.{h}", 0.0) / n, 5) for h in HEADS},
+               f"{prefix}_button_f1": round(2 * tp / max(2 * tp + fp + fn, 1.0), 5),
+               f"{prefix}_accuracy": {h: round(acc.get(f"hit.{h}", 0.0) / n, 5) for h in HEADS if h != "buttons"}}
+        if "kl" in acc:
+            out[f"{prefix}_kl"] = acc["kl"] / n
+        return out
+
+
+def evaluate_batches(run, batches) -> Metrics:
+    """Metrics of `run(batch) -> outputs` over batches (an iterable of input dicts)."""
+    metrics = Metrics()
+    for batch in batches:
+        metrics.add(run(batch), batch)
+    return metrics
+
+
+def stream_batches(model: Model, episodes, length, delay, run, **batch_args):
+    """Batches walking each game from its start in consecutive windows, the state carried
+    from one to the next (what the step graph sees playing the games frame by frame)."""
+    previous = None
+    for wins in streams(episodes, length, len(episodes), delay):
+        batch = carry_state(make_batch(episodes, wins, length, delay, **batch_args), previous, wins, model)
+        previous = run(batch)
+        yield batch, previous
+
+
+def evaluate_stream(run, model: Model, episodes, length, delay, **batch_args) -> Metrics:
+    metrics = Metrics()
+    for batch, out in stream_batches(model, episodes, length, delay, run, **batch_args):
+        metrics.add(out, batch)
+    return metrics
 
 
 def _write_json(path: Path, data) -> None:
@@ -1297,123 +1503,386 @@ def _log(quiet: bool):
     return (lambda *a: None) if quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
 
 
+class Progress:
+    """A one-line progress bar on stderr (frames/s and ETA), shown only on a terminal."""
+
+    def __init__(self, total: int, label: str, quiet: bool = False):
+        self.total, self.label, self.done, self.frames = total, label, 0, 0
+        self.on = not quiet and sys.stderr.isatty()
+        self.t0 = self.last = time.perf_counter()
+
+    def update(self, frames: int) -> None:
+        self.done += 1
+        self.frames += frames
+        now = time.perf_counter()
+        if self.on and (now - self.last > 0.1 or self.done == self.total):
+            self.last, rate = now, self.done / max(now - self.t0, 1e-9)
+            eta = (self.total - self.done) / rate
+            bar = "#" * int(30 * self.done / max(self.total, 1))
+            print(f"\r{self.label} [{bar:<30}] {self.done}/{self.total} "
+                  f"{self.frames / (now - self.t0):,.0f} frames/s ETA {eta:.0f}s ", end="", file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self.on:
+            print("\r" + " " * 100 + "\r", end="", file=sys.stderr, flush=True)
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """Every setting of a training run (recorded in run.json; `--resume` reads it back)."""
+
+    epochs: int = 1
+    batch_size: int = 64  # windows per step (streams, in stateful training)
+    lr: float = 1e-3
+    lr_schedule: str = "constant"  # or "cosine" (to 0 at the end, after a linear warm-up)
+    warmup_steps: int = 0
+    weight_decay: float = 0.01
+    max_grad_norm: float = 0.0  # clip the global gradient norm (inside the optimizer graph); 0 = off
+    label_smoothing: float = 0.0
+    val_split: float = 0.2
+    seed: int = 0
+    frame_delay: int = 0  # predict the controller 1 + frame_delay frames ahead
+    online_robust: bool = False  # a random delay in [delay_min, delay_max] per window instead
+    delay_min: int = 0
+    delay_max: int = 0
+    mirror_prob: float = 0.0
+    stateful: bool = False
+    save_every: int = 0  # also checkpoint every N steps (0: at the end of each epoch only)
+    early_stopping: bool = False
+    patience: int = 3
+    max_steps: int = 0  # stop after this many steps in all (0: no limit)
+    budget_seconds: float = 0.0  # stop training after this long (0: no limit)
+    max_files: int = 0
+    character: str | None = None
+    opponent_character: str | None = None
+    stage: str | None = None
+    min_frames: int = 0
+    teacher: str | None = None  # a run folder to distill from
+    distill_temperature: float = 2.0
+    distill_alpha: float = 0.7
+
+    def __post_init__(self):
+        checks = [(self.epochs >= 1, "epochs must be >= 1"), (self.batch_size >= 1, "batch-size must be >= 1"),
+                  (self.lr > 0, "lr must be > 0"), (self.lr_schedule in ("constant", "cosine"),
+                                                    "lr-schedule must be constant or cosine"),
+                  (0 <= self.val_split < 1, "val-split must be in [0, 1)"),
+                  (0 <= self.label_smoothing < 1, "label-smoothing must be in [0, 1)"),
+                  (0 <= self.mirror_prob <= 1, "mirror-prob must be in [0, 1]"),
+                  (self.frame_delay >= 0 and 0 <= self.delay_min <= self.delay_max,
+                   "delays must be >= 0 and delay-min <= delay-max"),
+                  (self.max_grad_norm >= 0 and self.weight_decay >= 0, "max-grad-norm and weight-decay must be >= 0"),
+                  (0 < self.distill_alpha <= 1 and self.distill_temperature > 0,
+                   "distillation needs 0 < alpha <= 1 and temperature > 0")]
+        for ok, message in checks:
+            if not ok:
+                raise ExphilError(f"invalid training setting: {message}")
+
+    @property
+    def delays(self) -> tuple[int, int]:
+        return (self.delay_min, self.delay_max) if self.online_robust else (self.frame_delay, self.frame_delay)
+
+    def learning_rate(self, step: int, total: int) -> float:
+        if step < self.warmup_steps:
+            return self.lr * (step + 1) / self.warmup_steps
+        if self.lr_schedule == "cosine":
+            progress = (step - self.warmup_steps) / max(total - self.warmup_steps, 1)
+            return self.lr * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+        return self.lr
+
+
 @dataclasses.dataclass
 class RunResult:
     path: Path
     info: dict  # the contents of run.json
 
 
-def train(spec: Spec | str | os.PathLike, replays, epochs: int = 1, out: str | os.PathLike = "runs/run",
-          batch_size: int = 64, lr: float = 1e-3, weight_decay: float = 0.01, val_split: float = 0.2,
-          seed: int = 0, frame_delay: int = 0, stateful: bool = False, cache: Path | None = None,
-          quiet: bool = False) -> RunResult:
-    """Train a spec on replays; write a run folder (see README) and return its run.json.
+def _teacher_logits(teacher: str | os.PathLike, episodes: list[Episode]) -> tuple[list[np.ndarray], Model]:
+    """The teacher's logits for every frame of every episode, from its window graph with the
+    state carried from each game's start (what its step graph would output in play)."""
+    model, _ = load_run(teacher)
+    sess = session(model.build().SerializeToString())
+    names, inputs = [o.name for o in sess.get_outputs()], [i.name for i in sess.get_inputs()]
+    L, out = model.spec.window, [np.zeros((ep.frames, sum(HEADS.values())), np.float32) for ep in episodes]
 
-    stateful: walk each game in consecutive windows and carry the recurrent state from one
-    window to the next (truncated backpropagation through time) instead of starting every
-    window from zero; this is what frame-by-frame play does."""
-    log = _log(quiet)
-    spec_path = None
-    if not isinstance(spec, Spec):
-        spec_path, spec = Path(spec), load_spec(spec)
-    out = Path(out)
-    games, skipped = load_games(replays, cache, log)
+    def run(batch):
+        batch = with_zero_state(batch, model)
+        return dict(zip(names, sess.run(None, {n: batch[n] for n in inputs})))
+
+    plan = streams(episodes, L, len(episodes), -1)  # delay -1: every frame, targets unused
+    previous = None
+    for wins in plan:
+        batch = carry_state(make_batch(episodes, wins, L, -1), previous, wins, model)
+        previous = run(batch)
+        logits = np.concatenate([previous[h] for h in HEADS], -1)
+        for b, win in enumerate(wins):
+            if win is not None:
+                i, s = win
+                n = min(L, episodes[i].frames - s)
+                out[i][s:s + n] = logits[b, :n]
+    return out, model
+
+
+def train(spec: Spec | str | os.PathLike | None = None, replays=None, out: str | os.PathLike = "runs/run",
+          resume: bool = False, quiet: bool = False, cache: Path | None = None, **settings) -> RunResult:
+    """Train a spec on replays into a run folder; see TrainConfig for the settings.
+
+    resume=True continues the run in `out` from its last checkpoint with the same settings,
+    step, optimizer state and data order (spec and replays are then read from the run)."""
+    log, out = _log(quiet), Path(out)
+    if resume:
+        if not (out / "run.json").exists() or not (out / "train" / "checkpoint").exists():
+            raise ExphilError(f"{out}: nothing to resume (no run.json and checkpoint)")
+        info = json.loads((out / "run.json").read_text())
+        config = TrainConfig(**info["config"])
+        spec, replays = load_spec(out / "spec.toml"), info["replays"]["source"]
+    else:
+        if spec is None or replays is None:
+            raise ExphilError("train needs a spec and replays")
+        config = TrainConfig(**settings)
+        spec = spec if isinstance(spec, Spec) else load_spec(spec)
+    games, skipped = load_games(replays, cache, log, max_files=config.max_files)
     if not games:
-        raise ExphilError(f"{replays}: no usable replay (skipped {len(skipped)})")
-    if len(games) < 2 and val_split > 0:
+        raise ExphilError(f"{replays}: no usable replay ({len(skipped)} .slp files found, all skipped)")
+    games = filter_games(games, config.character, config.opponent_character, config.stage, config.min_frames)
+    if not games:
+        raise ExphilError(f"{replays}: no game matches the filters (character {config.character}, opponent "
+                          f"{config.opponent_character}, stage {config.stage}, min frames {config.min_frames})")
+    if len(games) < 2 and config.val_split > 0:
         raise ExphilError(f"{replays}: need at least 2 usable games to hold one out for validation")
-    train_games, val_games = split_games(games, val_split, seed)
-    train_eps = [ep for g in train_games for ep in g]
-    val_eps = [ep for g in val_games for ep in g]
-    L = spec.window
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "spec.toml").write_text(spec_path.read_text() if spec_path else msgspec.toml.encode(spec).decode())
-    freqs = label_frequencies(train_eps, frame_delay)
-    model = Model(spec, seed=seed)
-    model.start_from_frequencies(freqs)
-    trainer = Trainer(model, out / "train", lr=lr, weight_decay=weight_decay)
-    baseline = frequency_loss(freqs, val_eps, frame_delay) if val_eps else None
-    train_wins, val_wins = windows(train_eps, L, frame_delay), windows(val_eps, L, frame_delay)
-    log(f"{spec.name}: {len(train_games)} train games ({sum(e.frames for e in train_eps)} frames), "
-        f"{len(val_games)} validation games, {len(train_wins)} windows of {L}")
-    rng = np.random.default_rng(seed)
-    metrics_path = out / "metrics.jsonl"
-    metrics_path.write_text("")
-    history = []
-    for epoch in range(1, epochs + 1):
-        t0, losses, samples = time.perf_counter(), [], 0
-        if stateful and model.states:
-            plan = streams(train_eps, L, batch_size, frame_delay, rng)
-        else:
-            order = rng.permutation(len(train_wins))
-            plan = [[train_wins[i] for i in order[k:k + batch_size]] for k in range(0, len(order), batch_size)]
-        previous = None
-        for wins in plan:
-            batch = make_batch(train_eps, wins, L, frame_delay)
-            if stateful:
-                batch = carry_state(batch, previous, wins, model)
-            previous = trainer.step(batch)
-            losses.append((float(previous["loss"]), batch["mask"].sum()))
-            samples += int(batch["mask"].sum())
-        seconds = time.perf_counter() - t0
-        row = {"epoch": epoch, "train_loss": _weighted(losses), "seconds": round(seconds, 3),
-               "frames_per_s": round(samples / seconds, 1)}
-        if val_wins:
-            row.update(evaluate_windows(trainer.evaluate, val_eps, val_wins, L, frame_delay, batch_size))
-            if model.states:
-                row["val_stream_loss"] = evaluate_stream(trainer.evaluate, model, val_eps, L, frame_delay)
-        trainer.save_checkpoint()
-        with open(metrics_path, "a") as f:
-            f.write(json.dumps(row) + "\n")
-        history.append(row)
-        log(f"epoch {epoch}/{epochs}: train loss {row['train_loss']:.4f}"
-            + (f", val loss {row['val_loss']:.4f} (baseline {baseline['total']:.4f})" if val_wins else "")
-            + (f", whole-game val loss {row['val_stream_loss']:.4f}" if "val_stream_loss" in row else "")
-            + f", {row['frames_per_s']:.0f} frames/s")
-    model.load(trainer.params())
-    model.save(out)
+    train_games, val_games = split_games(games, config.val_split, config.seed)
+    train_eps, val_eps = [e for g in train_games for e in g], [e for g in val_games for e in g]
+    lists = {"train": sorted({e.source for e in train_eps}), "val": sorted({e.source for e in val_eps})}
+    if resume and {k: info["replays"][k] for k in lists} != lists:
+        raise ExphilError(f"{out}: the replays found now differ from the run's; cannot resume exactly")
+    L, (d_lo, d_hi) = spec.window, config.delays
+    freqs = label_frequencies(train_eps, d_lo)
+    baseline = frequency_loss(freqs, val_eps, d_lo) if val_eps else None
     info = {
         "exphil": __version__, "spec": spec.name, "feature_version": FEATURE_VERSION,
-        "settings": {"epochs": epochs, "batch_size": batch_size, "lr": lr, "weight_decay": weight_decay,
-                     "val_split": val_split, "seed": seed, "window": L, "stateful": stateful},
-        "frame_delay": frame_delay,
-        "replays": {"train": sorted({e.source for e in train_eps}), "val": sorted({e.source for e in val_eps}),
-                    "skipped": skipped},
+        "config": dataclasses.asdict(config), "frame_delay": d_lo,
+        "delay_range": [d_lo, d_hi],
+        "replays": {"source": [str(r) for r in ([replays] if isinstance(replays, (str, os.PathLike)) else replays)],
+                    **lists, "skipped": skipped},
         "frames": {"train": sum(e.frames for e in train_eps), "val": sum(e.frames for e in val_eps)},
-        "baseline_loss": baseline,
-        "label_frequencies": freqs,
-        "final": history[-1] if history else None,
+        "baseline_loss": baseline, "label_frequencies": freqs, "status": "running",
     }
+    out.mkdir(parents=True, exist_ok=True)
+    if not resume:
+        (out / "spec.toml").write_text(msgspec.toml.encode(spec).decode())
+        (out / "metrics.jsonl").write_text("")
+    _write_json(out / "run.json", info)
+
+    teacher = None
+    if config.teacher:
+        logits, teacher_model = _teacher_logits(config.teacher, train_eps + val_eps)
+        teacher_delay = json.loads((Path(config.teacher) / "run.json").read_text()).get("frame_delay", 0)
+        if (d_lo, d_hi) != (teacher_delay, teacher_delay):
+            raise ExphilError(f"teacher {config.teacher} was trained with frame delay {teacher_delay}; "
+                              f"distill with the same --frame-delay (and without --online-robust)")
+        teacher = {"temperature": config.distill_temperature, "train": logits[:len(train_eps)],
+                   "val": logits[len(train_eps):], "model": teacher_model}
+    distill = (config.distill_temperature, config.distill_alpha) if teacher else None
+    model = Model(spec, seed=config.seed)
+    model.start_from_frequencies(freqs)
+    trainer = Trainer(model, out / "train", lr=config.lr, weight_decay=config.weight_decay,
+                      max_grad_norm=config.max_grad_norm, distill=distill)
+    progress = trainer.progress if resume else {}
+    stateful = config.stateful and bool(model.states)
+    train_wins = windows(train_eps, L, d_hi)
+
+    def plan(epoch: int) -> list:  # the batches of an epoch: a function of (seed, epoch) only
+        rng = np.random.default_rng([config.seed, epoch])
+        if stateful:
+            return streams(train_eps, L, config.batch_size, d_hi, rng)
+        order = rng.permutation(len(train_wins))
+        return [[train_wins[i] for i in order[k:k + config.batch_size]]
+                for k in range(0, len(order), config.batch_size)]
+
+    def batch_for(wins, rng, eps_teacher):
+        n = len(wins)
+        return make_batch(train_eps, wins, L, rng.integers(d_lo, d_hi + 1, n) if d_hi > d_lo else d_lo,
+                          mirror=rng.random(n) < config.mirror_prob if config.mirror_prob else None,
+                          smoothing=config.label_smoothing, teacher=eps_teacher)
+
+    steps_per_epoch = len(plan(1))
+    total_steps = steps_per_epoch * config.epochs
+    if config.max_steps:
+        total_steps = min(total_steps, config.max_steps)
+    step = progress.get("step", 0)
+    epoch, start = progress.get("epoch", 1), progress.get("batch", 0)
+    best = progress.get("best", {"val_loss": float("inf"), "epoch": 0})
+    stale = progress.get("stale", 0)
+    t_start, stopped = time.perf_counter(), progress.get("stopped")
+    carry_file = out / "train" / "carry.npz"
+    log(f"{spec.name}: {len(train_games)} train games ({info['frames']['train']:,} frames), "
+        f"{len(val_games)} validation games, {steps_per_epoch} steps of {config.batch_size} x {L} frames per epoch"
+        + (f"; resuming at epoch {epoch}, step {step}" if progress else ""))
+
+    while epoch <= config.epochs and not stopped:
+        batches, metrics = plan(epoch), Metrics(progress.get("sums") if start else None)
+        bar, t0, frames = Progress(len(batches) - start, f"epoch {epoch}/{config.epochs}", quiet), time.perf_counter(), 0
+        previous = None
+        if stateful and start and carry_file.exists():
+            with np.load(carry_file) as z:
+                previous = dict(z) if int(z["step"]) == step else None
+        for k in range(start, len(batches)):
+            rng = np.random.default_rng([config.seed, epoch, k])
+            batch = batch_for(batches[k], rng, teacher and {**teacher, "logits": teacher["train"]})
+            if stateful:
+                batch = carry_state(batch, previous, batches[k], model)
+            previous = trainer.step(batch, config.learning_rate(step, total_steps))
+            metrics.add(previous, batch)
+            step, n = step + 1, int(batch["mask"].sum())
+            frames += n
+            bar.update(n)
+            over = (config.max_steps and step >= config.max_steps) or \
+                (config.budget_seconds and time.perf_counter() - t_start >= config.budget_seconds)
+            if over:
+                stopped = "step or time budget reached"
+            if config.save_every and step % config.save_every == 0 and k + 1 < len(batches) and not over:
+                if stateful:
+                    tmp = carry_file.with_suffix(".tmp.npz")
+                    np.savez(tmp, step=step, **{n: previous[n] for n in previous if n.startswith("state_out.")})
+                    os.replace(tmp, carry_file)
+                trainer.save_checkpoint({"step": step, "epoch": epoch, "batch": k + 1, "sums": metrics.sums,
+                                         "best": best, "stale": stale})
+            if over:
+                break
+        bar.close()
+        seconds = time.perf_counter() - t0
+        row = {"epoch": epoch, "step": step, **metrics.result("train"), "seconds": round(seconds, 3),
+               "frames_per_s": round(frames / max(seconds, 1e-9), 1), "lr": config.learning_rate(step, total_steps)}
+        if val_eps:
+            vt = teacher and {**teacher, "logits": teacher["val"]}
+            val_batches = (make_batch(val_eps, w, L, d_lo, teacher=vt)
+                           for w in chunks(windows(val_eps, L, d_lo), config.batch_size))
+            row.update(evaluate_batches(trainer.evaluate, val_batches).result("val"))
+            if model.states:
+                row["val_stream_loss"] = evaluate_stream(trainer.evaluate, model, val_eps, L, d_lo,
+                                                         teacher=vt).result("val")["val_loss"]
+            if row["val_loss"] < best["val_loss"]:
+                best, stale = {"val_loss": row["val_loss"], "epoch": epoch}, 0
+                np.savez(out / "train" / "best.tmp.npz", **trainer.params())
+                os.replace(out / "train" / "best.tmp.npz", out / "train" / "best.npz")
+            else:
+                stale += 1
+            if config.early_stopping and stale >= config.patience:
+                stopped = f"early stopping: no validation improvement in {stale} epochs"
+        with open(out / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(row) + "\n")
+        epoch, start = epoch + 1, 0
+        trainer.save_checkpoint({"step": step, "epoch": epoch, "batch": 0, "best": best, "stale": stale,
+                                 "stopped": stopped})
+        log(f"epoch {row['epoch']}/{config.epochs}: train loss {row['train_loss']:.4f}"
+            + (f", val loss {row['val_loss']:.4f} (baseline {baseline['total']:.4f}), "
+               f"button F1 {row['val_button_f1']:.3f}" if val_eps else "")
+            + (f", whole-game val loss {row['val_stream_loss']:.4f}" if "val_stream_loss" in row else "")
+            + f", {row['frames_per_s']:,.0f} frames/s" + (f" ({stopped})" if stopped else ""))
+
+    best_file = out / "train" / "best.npz"
+    if best_file.exists():
+        with np.load(best_file) as z:
+            model.load(dict(z))
+    else:
+        model.load(trainer.params())
+    model.save(out)
+    history = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines() if l.strip()]
+    info.update({"status": "finished", "final": history[-1] if history else None, "best": best,
+                 "exported": "best validation epoch" if best_file.exists() else "last step",
+                 "stopped": stopped, "steps": step})
+    if teacher:
+        eps, logits = (val_eps, teacher["val"]) if val_eps else (train_eps, teacher["train"])
+        info["distillation"] = distillation_report(out, eps, logits, teacher["model"], d_lo)
     _write_json(out / "run.json", info)
     return RunResult(out, info)
 
 
-def _weighted(pairs: list[tuple[float, float]]) -> float:
-    total = sum(w for _, w in pairs)
-    return float(sum(v * w for v, w in pairs) / total) if total else float("nan")
+def chunks(items: list, size: int) -> list[list]:
+    return [items[k:k + size] for k in range(0, len(items), size)]
 
 
-def evaluate_stream(run, model: Model, episodes, length, delay) -> float:
-    """Loss over whole games with the state carried across consecutive windows from each
-    game's start: what the step graph sees when it plays the games frame by frame."""
-    parts, previous = [], None
-    for wins in streams(episodes, length, len(episodes), delay):
-        batch = carry_state(make_batch(episodes, wins, length, delay), previous, wins, model)
-        previous = run(batch)
-        parts.append((float(previous["loss"]), batch["mask"].sum()))
-    return _weighted(parts)
+def load_run(run: str | os.PathLike) -> tuple[Model, dict]:
+    """The model of a run folder with its exported weights, and its run.json."""
+    run = Path(run)
+    for f in ("spec.toml", "window.onnx"):
+        if not (run / f).exists():
+            raise ExphilError(f"{run}: not a finished run folder (no {f})")
+    info = json.loads((run / "run.json").read_text()) if (run / "run.json").exists() else {}
+    return Model(load_spec(run / "spec.toml"), load_params(run / "window.onnx")), info
 
 
-def evaluate_windows(run, episodes, wins, length, delay, batch_size=64) -> dict:
-    """Validation loss (total and per head) over windows, weighted by unmasked frames."""
-    parts = {k: [] for k in ["loss", *(f"loss.{h}" for h in HEADS)]}
-    for k in range(0, len(wins), batch_size):
-        batch = make_batch(episodes, wins[k:k + batch_size], length, delay)
-        out = run(batch)
-        for name in parts:
-            parts[name].append((float(out[name]), batch["mask"].sum()))
-    return {"val_loss": _weighted(parts["loss"]),
-            "val_heads": {h: round(_weighted(parts[f"loss.{h}"]), 5) for h in HEADS}}
+def _window_runner(model: Model, extra=None):
+    """run(batch) -> outputs for a model's window graph on onnxruntime (inference)."""
+    sess = session(model.build(extra=extra).SerializeToString())
+    names, inputs = [o.name for o in sess.get_outputs()], [i.name for i in sess.get_inputs()]
+
+    def run(batch):
+        batch = with_zero_state(batch, model)
+        return dict(zip(names, sess.run(None, {n: batch[n] for n in inputs})))
+    return run
+
+
+def evaluate(run: str | os.PathLike, replays, batch_size: int = 64, cache: Path | None = None,
+             quiet: bool = False) -> dict:
+    """Loss, button F1 and accuracies of a trained run on replays (every game, each played
+    from its start with the state carried), next to the frequency baseline."""
+    model, info = load_run(run)
+    games, skipped = load_games(replays, cache, _log(quiet))
+    if not games:
+        raise ExphilError(f"{replays}: no usable replay (skipped {len(skipped)})")
+    episodes = [ep for g in games for ep in g]
+    delay, L = int(info.get("frame_delay", 0)), model.spec.window
+    runner = _window_runner(model, add_loss)
+    if model.states:
+        metrics = evaluate_stream(runner, model, episodes, L, delay)
+    else:
+        metrics = evaluate_batches(runner, (make_batch(episodes, w, L, delay)
+                                            for w in chunks(windows(episodes, L, delay), batch_size)))
+    res = metrics.result("eval")
+    result = {"loss": res["eval_loss"], "heads": res["eval_heads"], "button_f1": res["eval_button_f1"],
+              "accuracy": res["eval_accuracy"], "games": len(games), "frames": sum(e.frames for e in episodes),
+              "skipped": skipped}
+    if "label_frequencies" in info:
+        result["baseline_loss"] = frequency_loss(info["label_frequencies"], episodes, delay)["total"]
+    return result
+
+
+def distillation_report(student_run: Path, episodes: list[Episode], logits: list[np.ndarray], teacher_model: Model,
+                        delay: int) -> dict:
+    """Per-head agreement of the student with the teacher on the episodes' frames (most likely
+    value per head; per button, pressed or not), and both step latencies."""
+    student, _ = load_run(student_run)
+    agree = {h: [0.0, 0.0] for h in HEADS}
+    teacher = {"logits": logits, "temperature": 1.0}
+    for batch, out in stream_batches(student, episodes, student.spec.window, delay, _window_runner(student),
+                                     teacher=teacher):
+        mask = batch["mask"] > 0
+        for h in HEADS:
+            soft, mine = batch[f"soft.{h}"][mask], out[h][mask]
+            same = (soft > 0.5) == (mine > 0) if h == "buttons" else soft.argmax(-1) == mine.argmax(-1)
+            agree[h][0] += float(same.sum())
+            agree[h][1] += float(same.size)
+    return {"agreement": {h: round(a / max(n, 1), 4) for h, (a, n) in agree.items()},
+            "step_latency_ms": {"teacher": step_latency(teacher_model), "student": step_latency(student)}}
+
+
+def step_latency(model: Model, calls: int = 1000, warmup: int = 100, provider: str = "cpu", threads: int = 1,
+                 step_path: str | os.PathLike | None = None) -> dict:
+    """Step-graph wall time per call (batch 1, state carried), p50 and p99 in ms, on inputs
+    shaped like real frames."""
+    stepper = Stepper(str(step_path) if step_path else model.build(step=True).SerializeToString(), provider, threads)
+    rng = np.random.default_rng(0)
+    cats = np.stack([rng.integers(0, EMBED_TABLES[t], 256) for _, t in CAT_FIELDS], 1).astype(np.int64)
+    nums = rng.normal(0, 1, (256, len(NUM_FIELDS))).astype(np.float32)
+    for i in range(warmup):
+        stepper(cats[i % 256], nums[i % 256])
+    times = np.empty(calls)
+    for i in range(calls):
+        t0 = time.perf_counter()
+        stepper(cats[i % 256], nums[i % 256])
+        times[i] = time.perf_counter() - t0
+    ms = times * 1e3
+    return {"p50_ms": float(np.median(ms)), "p99_ms": float(np.percentile(ms, 99)), "calls": calls}
 
 
 # =================================================================================================
@@ -1590,66 +2059,178 @@ class Agent:
         press_action(controller, action)
 
 
-def load_run(run: str | os.PathLike) -> tuple[Model, dict]:
-    """The model of a run folder with its trained weights, and its run.json."""
-    run = Path(run)
-    for f in ("spec.toml", "window.onnx"):
-        if not (run / f).exists():
-            raise ExphilError(f"{run}: not a finished run folder (no {f})")
-    info = json.loads((run / "run.json").read_text()) if (run / "run.json").exists() else {}
-    return Model(load_spec(run / "spec.toml"), load_params(run / "window.onnx")), info
-
-
-def evaluate(run: str | os.PathLike, replays, batch_size: int = 64, cache: Path | None = None,
-             quiet: bool = False) -> dict:
-    """Loss of a trained run on replays (every game), next to the frequency baseline."""
-    log = _log(quiet)
-    model, info = load_run(run)
-    games, skipped = load_games(replays, cache, log)
-    if not games:
-        raise ExphilError(f"{replays}: no usable replay (skipped {len(skipped)})")
-    episodes = [ep for g in games for ep in g]
-    delay, L = int(info.get("frame_delay", 0)), model.spec.window
-    sess = session(model.build(extra=add_loss).SerializeToString())
-    names = [o.name for o in sess.get_outputs()]
-    inputs = [i.name for i in sess.get_inputs()]
-
-    def run_batch(batch):
-        batch = with_zero_state(batch, model)
-        return dict(zip(names, sess.run(None, {n: batch[n] for n in inputs})))
-
-    result = evaluate_windows(run_batch, episodes, windows(episodes, L, delay), L, delay, batch_size)
-    result = {"loss": result["val_loss"], "heads": result["val_heads"], "games": len(games),
-              "frames": sum(e.frames for e in episodes), "skipped": skipped}
-    if "label_frequencies" in info:
-        result["baseline_loss"] = frequency_loss(info["label_frequencies"], episodes, delay)["total"]
-    return result
-
-
 # =================================================================================================
 # Command line
 # =================================================================================================
+
+SPECS_DIR = Path(__file__).resolve().parent / "specs"
+
+# Presets fill in settings; flags given on the command line win.
+PRESETS = {
+    "quick": {"spec": "mlp", "max_files": 5, "epochs": 1},
+    "standard": {"spec": "mamba", "window_size": 60, "epochs": 10, "lr_schedule": "cosine", "warmup_steps": 100},
+    "production": {"spec": "mamba", "window_size": 60, "hidden": 512, "num_layers": 4, "epochs": 30,
+                   "lr_schedule": "cosine", "warmup_steps": 500, "stateful": True, "mirror_prob": 0.5,
+                   "label_smoothing": 0.05, "max_grad_norm": 1.0, "early_stopping": True, "patience": 5},
+}
+
+SPEC_FLAGS = {  # flag -> (mixer kinds it applies to, field), for overriding a spec without editing it
+    "state_size": ((Mamba,), "state"), "expand_factor": ((Mamba, GatedSSM), "expand"),
+    "conv_size": ((Mamba, GatedSSM), "conv"), "num_heads": ((Attention,), "heads"),
+}
+
+
+def override_spec(spec: Spec, window_size: int | None = None, hidden: int | None = None,
+                  num_layers: int | None = None, **mixer_fields) -> Spec:
+    """A copy of a spec with some settings changed; a setting no layer of the spec has is an
+    error, never ignored. The result is validated like a spec file."""
+    changes = {k: v for k, v in (("window", window_size), ("hidden", hidden)) if v is not None}
+    blocks = list(spec.blocks)
+    if num_layers is not None:
+        if len(blocks) != 1:
+            raise SpecError(f"spec {spec.name!r} has {len(blocks)} groups of blocks; --num-layers needs one: "
+                            "edit the spec's `repeat` fields instead")
+        blocks = [msgspec.structs.replace(blocks[0], repeat=num_layers)]
+    for flag, value in mixer_fields.items():
+        if value is None:
+            continue
+        kinds, field = SPEC_FLAGS[flag]
+        if not any(isinstance(b.mixer, kinds) for b in blocks):
+            raise SpecError(f"spec {spec.name!r} has no layer with a {field!r} setting "
+                            f"(--{flag.replace('_', '-')} applies to {', '.join(k.__name__ for k in kinds)})")
+        blocks = [msgspec.structs.replace(b, mixer=msgspec.structs.replace(b.mixer, **{field: value}))
+                  if isinstance(b.mixer, kinds) else b for b in blocks]
+    new = msgspec.structs.replace(spec, blocks=blocks, **changes)
+    return parse_spec(msgspec.toml.encode(new), source=f"{spec.name} with overrides")
+
+
+def _spec_arg(name: str) -> Spec:
+    path = Path(name)
+    if not path.exists() and (SPECS_DIR / f"{name}.toml").exists():
+        path = SPECS_DIR / f"{name}.toml"  # a shipped spec by name: "mamba"
+    return load_spec(path)
+
+
+def _training_flags(p: argparse.ArgumentParser) -> None:
+    """Flags shared by train and distill. Defaults are None so presets can fill them in."""
+    d = p.add_argument_group("data")
+    d.add_argument("--replays", help="a .slp file or a directory (searched recursively)")
+    d.add_argument("--max-files", type=int, help="use at most this many replays (sorted by path)")
+    d.add_argument("--character", help="keep the player views of this character (e.g. fox)")
+    d.add_argument("--opponent-character", help="... against this character")
+    d.add_argument("--stage", help="keep games on this stage (e.g. final_destination)")
+    d.add_argument("--min-frames", type=int, help="drop games shorter than this")
+    d.add_argument("--val-split", type=float, help="fraction of games held out for validation (0.2)")
+    d.add_argument("--seed", type=int, help="seed for the split, the data order and the initial weights (0)")
+    m = p.add_argument_group("model overrides (written into the run's spec.toml)")
+    for flag in ("window-size", "hidden", "num-layers", "state-size", "expand-factor", "conv-size", "num-heads"):
+        m.add_argument(f"--{flag}", type=int)
+    o = p.add_argument_group("optimisation")
+    o.add_argument("--epochs", type=int, help="(1)")
+    o.add_argument("--batch-size", type=int, help="windows per step (64)")
+    o.add_argument("--lr", type=float, help="peak learning rate (1e-3)")
+    o.add_argument("--lr-schedule", choices=["constant", "cosine"])
+    o.add_argument("--warmup-steps", type=int, help="linear warm-up of the learning rate (0)")
+    o.add_argument("--weight-decay", type=float, help="AdamW decoupled weight decay (0.01)")
+    o.add_argument("--max-grad-norm", type=float,
+                   help="clip the global gradient norm, inside the optimizer graph (0 = off)")
+    o.add_argument("--label-smoothing", type=float, help="(0)")
+    o.add_argument("--frame-delay", type=int, help="predict the controller D frames later than the next frame (0)")
+    o.add_argument("--online-robust", action="store_true", default=None,
+                   help="a random delay in [--delay-min, --delay-max] per window")
+    o.add_argument("--delay-min", type=int)
+    o.add_argument("--delay-max", type=int)
+    o.add_argument("--mirror-prob", type=float, help="probability of a left/right mirrored window (0)")
+    o.add_argument("--stateful", action="store_true", default=None,
+                   help="carry recurrent state across consecutive windows of each game (truncated BPTT)")
+    o.add_argument("--max-steps", type=int, help="stop after this many steps")
+    r = p.add_argument_group("run")
+    r.add_argument("--out", required=True, help="run folder")
+    r.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    r.add_argument("--save-every", type=int, help="also checkpoint every N steps (default: each epoch)")
+    r.add_argument("--early-stopping", action="store_true", default=None)
+    r.add_argument("--patience", type=int, help="epochs without validation improvement (3)")
+    r.add_argument("--quiet", action="store_true", help="no progress bar or log lines")
+
+
+CONFIG_FIELDS = {f.name for f in dataclasses.fields(TrainConfig)}
+
+
+def _run_training(args, preset: dict, **extra) -> RunResult:
+    if args.resume:
+        return train(out=args.out, resume=True, quiet=args.quiet)
+    flags = {k: v for k, v in vars(args).items() if v is not None}
+    settings = {**preset, **flags, **extra}
+    spec_name = settings.pop("spec", None) or settings.pop("student", None)
+    if not spec_name:
+        raise ExphilError("give a spec file (or --preset)")
+    if not settings.get("replays"):
+        raise ExphilError("--replays is required")
+    spec = override_spec(_spec_arg(spec_name), **{k: settings.get(k) for k in
+                                                  ("window_size", "hidden", "num_layers", *SPEC_FLAGS)})
+    return train(spec, settings["replays"], out=args.out, quiet=args.quiet,
+                 **{k: v for k, v in settings.items() if k in CONFIG_FIELDS})
+
+
+def plot(run: str | os.PathLike) -> Path:
+    """Write curves.png (loss and accuracy per epoch) into a run folder."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise ExphilError("plotting needs matplotlib: pip install 'exphil[plot]'") from None
+    run = Path(run)
+    if not (run / "metrics.jsonl").exists():
+        raise ExphilError(f"{run}: no metrics.jsonl")
+    rows = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines() if l.strip()]
+    if not rows:
+        raise ExphilError(f"{run}: metrics.jsonl has no epoch yet")
+    info = json.loads((run / "run.json").read_text()) if (run / "run.json").exists() else {}
+    epochs = [r["epoch"] for r in rows]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
+    for key, label in (("train_loss", "train"), ("val_loss", "validation"), ("val_stream_loss", "validation, whole games")):
+        if key in rows[0]:
+            a.plot(epochs, [r[key] for r in rows], marker="o", label=label)
+    if info.get("baseline_loss"):
+        a.axhline(info["baseline_loss"]["total"], color="gray", linestyle="--", label="frequency baseline")
+    a.set(title=f"{info.get('spec', run.name)}: loss", xlabel="epoch", ylabel="loss")
+    for axis in (a, b):
+        axis.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+    a.legend()
+    prefix = "val" if "val_accuracy" in rows[0] else "train"
+    b.plot(epochs, [r[f"{prefix}_button_f1"] for r in rows], marker="o", label="button F1")
+    for h in rows[0][f"{prefix}_accuracy"]:
+        b.plot(epochs, [r[f"{prefix}_accuracy"][h] for r in rows], marker=".", label=f"{h} top-1")
+    b.set(title=f"{'validation' if prefix == 'val' else 'training'} accuracy", xlabel="epoch", ylim=(0, 1))
+    b.legend(fontsize=8)
+    fig.tight_layout()
+    path = run / "curves.png"
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="exphil", description="Melee bots from Slippi replays.")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("train", help="train a spec on replays into a run folder")
-    p.add_argument("spec", help="spec file, e.g. specs/mamba.toml")
-    p.add_argument("--replays", required=True, help="a .slp file or a directory (searched recursively)")
-    p.add_argument("--out", required=True, help="run folder to write")
-    p.add_argument("--epochs", type=int, default=1)
-    p.add_argument("--batch-size", type=int, default=64, help="windows per step")
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--weight-decay", type=float, default=0.01)
-    p.add_argument("--val-split", type=float, default=0.2, help="fraction of games held out")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--frame-delay", type=int, default=0, help="predict the action D frames later")
-    p.add_argument("--stateful", action="store_true",
-                   help="carry recurrent state across consecutive windows of each game (truncated BPTT)")
-    p.add_argument("--quiet", action="store_true")
+    p = sub.add_parser("train", help="train a spec on replays into a run folder",
+                       description="Train a spec on replays. Flags override the preset.")
+    p.add_argument("spec", nargs="?", help="spec file or shipped spec name (e.g. specs/mamba.toml, mamba)")
+    p.add_argument("--preset", choices=sorted(PRESETS), help=", ".join(
+        f"{k}: {v['spec']}, {v['epochs']} epoch(s)" for k, v in PRESETS.items()))
+    _training_flags(p)
 
-    p = sub.add_parser("eval", help="loss of a trained run on replays")
+    p = sub.add_parser("distill", help="train a student spec on a teacher run's soft targets",
+                       description="loss = alpha * T^2 * KL(teacher/T || student/T) + (1 - alpha) * hard loss")
+    p.add_argument("--teacher", required=True, help="run folder of the teacher")
+    p.add_argument("--student", required=True, help="spec of the student (e.g. specs/mlp.toml)")
+    p.add_argument("--temperature", type=float, default=2.0, dest="distill_temperature")
+    p.add_argument("--alpha", type=float, default=0.7, dest="distill_alpha")
+    _training_flags(p)
+
+    p = sub.add_parser("eval", help="loss and accuracy of a trained run on replays")
     p.add_argument("run")
     p.add_argument("--replays", required=True)
     p.add_argument("--json", action="store_true", help="print the result as JSON")
@@ -1659,15 +2240,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--out", required=True)
     p.add_argument("--window", type=int, help="frames in the window graph (default: the spec's)")
 
+    p = sub.add_parser("plot", help="write curves.png (loss and accuracy per epoch) into a run folder")
+    p.add_argument("run")
+
     args = parser.parse_args(argv)
     try:
-        if args.command == "train":
-            res = train(args.spec, args.replays, epochs=args.epochs, out=args.out, batch_size=args.batch_size,
-                        lr=args.lr, weight_decay=args.weight_decay, val_split=args.val_split, seed=args.seed,
-                        frame_delay=args.frame_delay, stateful=args.stateful, quiet=args.quiet)
+        if args.command in ("train", "distill"):
+            if args.command == "train":
+                preset = dict(PRESETS[args.preset]) if args.preset else {}
+                res = _run_training(args, preset)
+            else:
+                res = _run_training(args, {}, teacher=args.teacher)
             final = res.info["final"] or {}
             print(f"{res.path}: val loss {final.get('val_loss', float('nan')):.4f} "
                   f"(frequency baseline {(res.info['baseline_loss'] or {}).get('total', float('nan')):.4f})")
+            if "distillation" in res.info:
+                rep = res.info["distillation"]
+                print("agreement with the teacher: " + ", ".join(f"{h} {v:.3f}" for h, v in rep["agreement"].items()))
+                print("step latency p50: " + ", ".join(f"{k} {v['p50_ms']:.3f} ms" for k, v in rep["step_latency_ms"].items()))
         elif args.command == "eval":
             res = evaluate(args.run, args.replays)
             if args.json:
@@ -1676,10 +2266,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print(f"{args.run}: loss {res['loss']:.4f} on {res['games']} games, {res['frames']} frames"
                       + (f" (frequency baseline {res['baseline_loss']:.4f})" if "baseline_loss" in res else ""))
                 print("  " + "  ".join(f"{h} {v:.4f}" for h, v in res["heads"].items()))
+                print(f"  button F1 {res['button_f1']:.3f}  " + "  ".join(f"{h} {v:.3f}" for h, v in res["accuracy"].items()))
         elif args.command == "compile":
-            model = Model(load_spec(args.spec))
+            model = Model(_spec_arg(args.spec))
             for path in model.save(args.out, args.window):
                 print(path)
+        elif args.command == "plot":
+            print(plot(args.run))
     except ExphilError as e:
         print(f"exphil: error: {e}", file=sys.stderr)
         return 2

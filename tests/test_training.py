@@ -24,10 +24,11 @@ def test_run_folder_contents(mlp_run):
     assert info["feature_version"] == exphil.FEATURE_VERSION
     assert info["replays"]["train"] and info["replays"]["val"]
     assert not set(info["replays"]["train"]) & set(info["replays"]["val"])
-    assert {"settings", "baseline_loss", "final", "frame_delay"} <= set(info)
+    assert {"config", "baseline_loss", "final", "frame_delay", "label_frequencies"} <= set(info)
     assert exphil.load_spec(run / "spec.toml") == exphil.load_spec(ROOT / "specs" / "mlp.toml")
     rows = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
-    assert [r["epoch"] for r in rows] == [1] and {"train_loss", "val_loss", "val_heads"} <= set(rows[0])
+    assert [r["epoch"] for r in rows] == [1]
+    assert {"train_loss", "val_loss", "val_heads", "val_button_f1", "val_accuracy", "train_button_f1"} <= set(rows[0])
 
 
 def test_exported_graphs_carry_the_trained_weights(mlp_run):
@@ -91,5 +92,5 @@ def test_stateful_training_records_whole_game_loss(tmp_path):
     run = exphil.train(ROOT / "specs" / "gated_ssm.toml", REPLAYS, epochs=1, batch_size=8, stateful=True,
                        out=tmp_path / "run", quiet=True)
     final = run.info["final"]
-    assert run.info["settings"]["stateful"] and np.isfinite(final["val_stream_loss"])
+    assert run.info["config"]["stateful"] and np.isfinite(final["val_stream_loss"])
     assert final["val_stream_loss"] < run.info["baseline_loss"]["total"]
