@@ -39,6 +39,21 @@ class ExphilError(Exception):
     """Base class for errors that carry a message meant for the user."""
 
 
+class _quiet_fd2:
+    """Silence what native code writes to file descriptor 2 (onnxruntime-training's log lines,
+    a replay parser's panic backtrace); Python exceptions still carry the errors."""
+
+    def __enter__(self):
+        sys.stderr.flush()
+        self.saved, self.null = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+        os.dup2(self.null, 2)
+
+    def __exit__(self, *exc):
+        os.dup2(self.saved, 2)
+        os.close(self.saved)
+        os.close(self.null)
+
+
 # =================================================================================================
 # Specs
 # =================================================================================================
@@ -812,7 +827,8 @@ def read_replay(path, humans_only=True, finalized=False) -> Game:
 
     path = os.fspath(path)
     try:
-        game = peppi_py.read_slippi(path)
+        with _quiet_fd2():  # a parser panic prints a Rust backtrace; the exception says enough
+            game = peppi_py.read_slippi(path)
     except (KeyboardInterrupt, SystemExit):
         raise
     except BaseException as e:  # peppi panics raise pyo3's PanicException (a BaseException)
@@ -1034,9 +1050,12 @@ def _cache_entry(path: Path, cache: Path | None) -> Path:
 
 def load_replay(path: Path, cache: Path | None = None, entry: Path | None = None) -> list[Episode]:
     """Both players' episodes of one replay, through the cache of parsed arrays. Raises
-    ReplayError."""
+    ReplayError (remembered in the cache too, so a bad file is not parsed again)."""
     path = Path(path)
     file = entry or _cache_entry(path, cache)
+    error = file.with_suffix(".error")
+    if error.exists():
+        raise ReplayError(path, error.read_text())
     if file.exists():
         try:
             with np.load(file) as z:
@@ -1044,7 +1063,12 @@ def load_replay(path: Path, cache: Path | None = None, entry: Path | None = None
                                 {h: z[f"{i}.{h}"] for h in HEADS}) for i in range(2)]
         except Exception:  # a damaged cache entry is rebuilt, never trusted
             pass
-    episodes = _episodes_from_replay(path)
+    try:
+        episodes = _episodes_from_replay(path)
+    except ReplayError as e:
+        file.parent.mkdir(parents=True, exist_ok=True)
+        error.write_text(e.reason)
+        raise
     arrays = {}
     for i, ep in enumerate(episodes):
         arrays.update({f"{i}.port": ep.port, f"{i}.cat": ep.cat, f"{i}.num": ep.num})
@@ -1056,13 +1080,15 @@ def load_replay(path: Path, cache: Path | None = None, entry: Path | None = None
     return episodes
 
 
-def _build_cache(args) -> tuple[str, str | None, int]:
-    """Worker: parse one replay into the cache; (path, error or None, frames)."""
+def _build_cache(args) -> tuple[str, str | None, int, float]:
+    """Worker: parse one replay into the cache; (path, error or None, game frames, seconds)."""
     path, entry = args
+    t0 = time.perf_counter()
     try:
-        return str(path), None, sum(ep.frames for ep in load_replay(path, entry=entry))
+        frames = load_replay(path, entry=entry)[0].frames
+        return str(path), None, frames, time.perf_counter() - t0
     except ReplayError as e:
-        return str(path), e.reason, 0
+        return str(path), e.reason, 0, time.perf_counter() - t0
 
 
 def load_games(replays: str | os.PathLike | Sequence, cache: Path | None = None, log=None,
@@ -1081,7 +1107,7 @@ def load_games(replays: str | os.PathLike | Sequence, cache: Path | None = None,
             entries[p] = _cache_entry(p, cache)
         except ReplayError as e:
             errors[p] = e.reason
-    missing = [(p, f) for p, f in entries.items() if not f.exists()]
+    missing = [(p, f) for p, f in entries.items() if not f.exists() and not f.with_suffix(".error").exists()]
     workers = min(workers or os.cpu_count() or 1, len(missing))
     if missing:
         t0 = time.perf_counter()
@@ -1092,11 +1118,12 @@ def load_games(replays: str | os.PathLike | Sequence, cache: Path | None = None,
                 built = pool.map(_build_cache, missing, chunksize=1)
         else:
             built = [_build_cache(m) for m in missing]
-        errors.update({Path(p): reason for p, reason, _ in built if reason})
-        frames, seconds = sum(f for _, _, f in built), time.perf_counter() - t0
+        errors.update({Path(p): reason for p, reason, _, _ in built if reason})
+        frames, seconds = sum(b[2] for b in built), time.perf_counter() - t0
+        busy = sum(b[3] for b in built)
         if log and frames:
-            log(f"parsed {len(missing)} new replays ({frames:,} frames, both players) in {seconds:.1f} s "
-                f"on {workers} core(s): {frames / seconds:,.0f} frames/s")
+            log(f"parsed {len(missing)} new replays ({frames:,} frames) in {seconds:.1f} s on {workers} core(s): "
+                f"{frames / seconds:,.0f} frames/s ({frames / busy:,.0f} per core once started)")
     games, skipped = [], []
     for path in paths:
         try:
@@ -1280,20 +1307,6 @@ def _ort_training():
         sys.modules[name] = pkg
     from onnxruntime.training import api, artifacts, onnxblock
     return artifacts, api, onnxblock
-
-
-class _quiet_fd2:
-    """Silence C++ log lines written to file descriptor 2 (artifact generation prints ~20)."""
-
-    def __enter__(self):
-        sys.stderr.flush()
-        self.saved, self.null = os.dup(2), os.open(os.devnull, os.O_WRONLY)
-        os.dup2(self.null, 2)
-
-    def __exit__(self, *exc):
-        os.dup2(self.saved, 2)
-        os.close(self.saved)
-        os.close(self.null)
 
 
 def loss_graph(distill: tuple[float, float] | None = None):
