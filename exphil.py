@@ -1773,7 +1773,7 @@ def train(spec: Spec | str | os.PathLike | None = None, replays=None, out: str |
             if model.states:
                 row["val_stream_loss"] = evaluate_stream(trainer.evaluate, model, val_eps, L, d_lo,
                                                          teacher=vt).result("val")["val_loss"]
-            if row["val_loss"] < best["val_loss"]:
+            if row["val_loss"] < best["val_loss"] - 1e-4:  # an improvement, not noise
                 best, stale = {"val_loss": row["val_loss"], "epoch": epoch}, 0
                 np.savez(out / "train" / "best.tmp.npz", **trainer.params())
                 os.replace(out / "train" / "best.tmp.npz", out / "train" / "best.npz")
