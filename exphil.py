@@ -1242,12 +1242,16 @@ def streams(episodes: list[Episode], length: int, batch_size: int, delay: int = 
     consecutive windows, so the state a window ends with is where the next one starts. Episodes
     are dealt to streams (shuffled when `rng` is given) to balance their lengths; a stream that
     runs out is padded with None."""
-    order = rng.permutation(len(episodes)) if rng is not None else range(len(episodes))
-    rows, loads = [[] for _ in range(min(batch_size, len(episodes)))], np.zeros(min(batch_size, len(episodes)))
-    for i in order:
+    n = min(batch_size, len(episodes))
+    dealt, loads = [[] for _ in range(n)], np.zeros(n)
+    for i in sorted(range(len(episodes)), key=lambda i: -episodes[i].frames):  # longest first: balanced
         b = int(np.argmin(loads))
-        rows[b] += [(int(i), s) for s in range(0, episodes[i].frames - 1 - delay, length)]
+        dealt[b].append(i)
         loads[b] += episodes[i].frames
+    if rng is not None:
+        for d in dealt:
+            rng.shuffle(d)
+    rows = [[(i, s) for i in d for s in range(0, episodes[i].frames - 1 - delay, length)] for d in dealt]
     steps = max(len(r) for r in rows)
     return [[r[k] if k < len(r) else None for r in rows] for k in range(steps)]
 
