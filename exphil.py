@@ -2003,21 +2003,21 @@ def sample_action(logits: dict[str, np.ndarray], rng: np.random.Generator, tempe
                   deterministic: bool = False) -> dict:
     """An action from head logits: Bernoulli buttons and categorical sticks/shoulder, at a
     temperature; deterministic = the most likely value of each head."""
-    action = {}
     b = logits["buttons"]
     if deterministic:
-        action["buttons"] = (b > 0).astype(np.uint8)
-    else:
-        action["buttons"] = (rng.random(len(b)) < 1 / (1 + np.exp(-b / temperature))).astype(np.uint8)
-    for h in HEADS:
-        if h == "buttons":
-            continue
-        x = logits[h]
-        if deterministic:
-            action[h] = int(np.argmax(x))
-        else:
-            p = np.exp((x - x.max()) / temperature)
-            action[h] = int(rng.choice(len(x), p=p / p.sum()))
+        action = {"buttons": (b > 0).astype(np.uint8)}
+        action.update({h: int(np.argmax(logits[h])) for h in HEADS if h != "buttons"})
+        return action
+    # Gumbel-max: argmax(x / T + Gumbel noise) is a sample of softmax(x / T); for a button,
+    # b / T + logistic noise > 0 happens with probability sigmoid(b / T). One draw for all heads.
+    u = rng.random(sum(HEADS.values()))
+    noise = np.log(u[:8] / (1 - u[:8]))
+    gumbel = -np.log(-np.log(u[8:]))
+    action = {"buttons": (b / temperature + noise > 0).astype(np.uint8)}
+    o = 0
+    for h, k in list(HEADS.items())[1:]:
+        action[h] = int(np.argmax(logits[h] / temperature + gumbel[o:o + k]))
+        o += k
     return action
 
 

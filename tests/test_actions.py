@@ -152,3 +152,26 @@ def test_provider_selection():
     with pytest.raises(exphil.ExphilError, match="'cuda' is not available here; available: cpu"):
         exphil.select_providers("cuda", [cpu])
     assert exphil.select_providers("auto") == [cpu]  # this machine has no GPU
+
+
+def test_sampling_follows_the_model_distribution():
+    """Sampled actions follow softmax(x / T) per stick/shoulder head and sigmoid(b / T) per
+    button (40,000 draws, seeded); deterministic picks the most likely value."""
+    rng = np.random.default_rng(1)
+    logits = {h: rng.normal(0, 2, k).astype(np.float32) for h, k in exphil.HEADS.items()}
+    T, n = 1.5, 40_000
+    counts = {h: np.zeros(k) for h, k in exphil.HEADS.items()}
+    for _ in range(n):
+        a = exphil.sample_action(logits, rng, temperature=T)
+        counts["buttons"] += a["buttons"]
+        for h in exphil.HEADS:
+            if h != "buttons":
+                counts[h][a[h]] += 1
+    assert np.abs(counts["buttons"] / n - 1 / (1 + np.exp(-logits["buttons"] / T))).max() < 0.015
+    for h in exphil.HEADS:
+        if h != "buttons":
+            p = np.exp(logits[h] / T)
+            assert np.abs(counts[h] / n - p / p.sum()).max() < 0.015, h
+    best = exphil.sample_action(logits, rng, deterministic=True)
+    assert best["buttons"].tolist() == (logits["buttons"] > 0).astype(int).tolist()
+    assert all(best[h] == int(np.argmax(logits[h])) for h in exphil.HEADS if h != "buttons")
