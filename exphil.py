@@ -1240,9 +1240,10 @@ def streams(episodes: list[Episode], length: int, batch_size: int, delay: int = 
             rng: np.random.Generator | None = None) -> list[list[tuple[int, int] | None]]:
     """Batches for stateful training: each batch row is a stream that walks whole episodes in
     consecutive windows, so the state a window ends with is where the next one starts. Episodes
-    are dealt to streams (shuffled when `rng` is given) to balance their lengths; a stream that
-    runs out is padded with None."""
-    n = min(batch_size, len(episodes))
+    are dealt to at most `batch_size` streams (in shuffled order when `rng` is given), using as
+    few streams as keeps their lengths balanced; a stream that runs out is padded with None."""
+    per_stream = math.ceil(len(episodes) / batch_size)
+    n = math.ceil(len(episodes) / per_stream)  # as many streams as keep them equally long
     dealt, loads = [[] for _ in range(n)], np.zeros(n)
     for i in sorted(range(len(episodes)), key=lambda i: -episodes[i].frames):  # longest first: balanced
         b = int(np.argmin(loads))
