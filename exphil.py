@@ -14,17 +14,23 @@ One module, in the order data flows:
 from __future__ import annotations
 
 import argparse
+import collections
+import contextlib
 import csv
 import dataclasses
 import functools
 import hashlib
 import json
+import logging
 import math
 import os
+import queue
 import sys
+import tempfile
+import threading
 import time
 from pathlib import Path
-from typing import Annotated, Any, Literal, NamedTuple, Sequence, Union
+from typing import Annotated, Any, Callable, Literal, NamedTuple, Sequence, Union
 
 import msgspec
 import numpy as np
@@ -400,7 +406,7 @@ class MambaLayer:
         self.states = [("conv", (K - 1, D)), ("ssm", (1, D, N))]
 
     def __call__(self, g: Graph, x, state: dict):
-        op, n, L = g.op, self.name, g.length
+        op, n = g.op, self.name
         u, z = g.split(g.linear(x, f"{n}.in_proj", bias=False), [self.D, self.D])
         conv, conv_state = g.causal_conv(f"{n}.conv", u, state["conv"], self.K)
         u = g.silu(conv)
@@ -2026,30 +2032,48 @@ def sample_action(logits: dict[str, np.ndarray], rng: np.random.Generator, tempe
 # Agent: libmelee GameState -> action -> libmelee Controller
 # =================================================================================================
 
+PRECISIONS = {"fp32": "step.onnx", "int8": "step.int8.onnx", "fp16": "step.fp16.onnx"}
+
+
+def step_path(run: str | os.PathLike, precision: str = "fp32") -> Path:
+    """A run folder's step graph at a precision ("fp32", "int8" or "fp16")."""
+    run = Path(run)
+    if precision not in PRECISIONS:
+        raise ExphilError(f"precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
+    path = run / PRECISIONS[precision]
+    if not path.exists():
+        have = [p for p, f in PRECISIONS.items() if (run / f).exists()]
+        hint = {"fp32": "", "int8": f"; write it with `exphil quantize {run}`",
+                "fp16": f"; write it with `exphil quantize {run} --fp16`"}[precision]
+        raise ExphilError(f"{run}: no {precision} step graph ({path.name}){hint}; "
+                          f"this folder has: {', '.join(have) or 'none (not a run folder)'}")
+    return path
+
+
 class Agent:
     """A trained run playing through libmelee.
 
-    >>> agent = Agent("runs/lstm")
+    >>> agent = Agent("runs/lstm", precision="int8")
     >>> action = agent.act(gamestate, port=1)
     >>> agent.press(controller, action)
     """
 
     def __init__(self, run: str | os.PathLike, provider: str = "auto", temperature: float = 1.0,
-                 deterministic: bool = False, seed: int | None = None, threads: int = 1):
+                 deterministic: bool = False, seed: int | None = None, threads: int = 1,
+                 precision: str = "fp32"):
         run = Path(run)
-        if not (run / "step.onnx").exists():
-            raise ExphilError(f"{run}: not a run folder (no step.onnx)")
+        path = step_path(run, precision)
         self.info = json.loads((run / "run.json").read_text()) if (run / "run.json").exists() else {}
         version = self.info.get("feature_version", FEATURE_VERSION)
         if version != FEATURE_VERSION:
             raise ExphilError(f"{run}: trained with feature layout v{version}; this exphil reads "
                               f"v{FEATURE_VERSION}. Retrain, or install the matching exphil.")
-        self.step = Stepper(run / "step.onnx", provider, threads)
+        self.step = Stepper(path, provider, threads)
+        self.precision = precision
         self.temperature, self.deterministic = temperature, deterministic
         self.rng = np.random.default_rng(seed)
         self.frame_delay = int(self.info.get("frame_delay", 0))
         self._last_frame: int | None = None
-        self._pressed = None
 
     def reset(self) -> None:
         """Forget the game so far (called automatically when a new game starts)."""
@@ -2067,14 +2091,539 @@ class Agent:
         self._last_frame = gamestate.frame
         return self.step(*features_from_gamestate(gamestate, port, opponent_port))
 
+    def sample(self, logits: dict[str, np.ndarray]) -> dict:
+        """An action from one frame's logits, at the agent's temperature. Logits that are NaN or
+        infinite are an error: no action is ever made from them."""
+        if not np.isfinite(sum(float(v.sum()) for v in logits.values())):
+            raise ExphilError("the model returned NaN or infinite logits")
+        return sample_action(logits, self.rng, self.temperature, self.deterministic)
+
     def act(self, gamestate, port: int, opponent_port: int | None = None) -> dict:
         """The action for this frame (a dict like `encode_controller` returns)."""
-        return sample_action(self.logits(gamestate, port, opponent_port), self.rng,
-                             self.temperature, self.deterministic)
+        return self.sample(self.logits(gamestate, port, opponent_port))
 
     def press(self, controller, action: dict) -> None:
         """Send an action to a libmelee Controller (its commands are flushed by the console)."""
         press_action(controller, action)
+
+
+# =================================================================================================
+# Precision: INT8 and FP16 step graphs
+# =================================================================================================
+# `quantize_step` rewrites a step graph with onnxruntime's quantization tools; `quantize_run`
+# writes it into a run folder only after checking, frame by frame on real replays, that it picks
+# the same actions as the FP32 graph. Each graph carries its own recurrent state, as in play.
+#
+# * dynamic INT8: weights of every MatMul stored as int8, activations quantised per call
+#   (MatMulInteger). No calibration. The fastest on CPU here.
+# * static INT8: QDQ format, activation ranges calibrated on real frames together with the state
+#   the FP32 graph carries into each frame.
+# * FP16: weights and arithmetic in float16, inputs and outputs (state included) kept float32.
+#   Meant for GPUs; onnxruntime's CPU provider runs it, slowly, through casts.
+
+def replay_frames(episodes: Sequence, max_frames: int):
+    """(t, cat, num) for the opening frames of every episode, in order, `max_frames` in all split
+    evenly between the episodes; t counts frames from the episode's start."""
+    per = max(1, max_frames // max(1, len(episodes)))
+    for ep in episodes:
+        for t in range(min(per, ep.frames)):
+            yield t, ep.cat[t], ep.num[t]
+
+
+def calibration_feeds(model: str | os.PathLike | bytes, episodes: Sequence, count: int, every: int = 10):
+    """`count` step-graph inputs for static calibration: every `every`-th frame of the episodes
+    (spread over whole games, not just their openings), each with the state that the FP32 graph
+    carries into it from stepping through every frame before it."""
+    stepper = Stepper(model, "cpu")
+    for t, cat, num in replay_frames(episodes, count * every):
+        if t == 0:
+            stepper.reset()
+        if t % every == 0:
+            yield {"cat": cat[None], "num": num[None],
+                   **{f"state_in.{n}": v.copy() for n, v in stepper.state.items()}}
+        stepper(cat, num)
+
+
+class _Feeds:
+    """onnxruntime's CalibrationDataReader protocol (get_next, None at the end) over an iterable."""
+
+    def __init__(self, feeds):
+        self._feeds = iter(feeds)
+
+    def get_next(self):
+        return next(self._feeds, None)
+
+
+@contextlib.contextmanager
+def _no_warnings():
+    logging.disable(logging.WARNING)
+    try:
+        yield
+    finally:
+        logging.disable(logging.NOTSET)
+
+
+def _fp16(model):
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    # The step graph declares LayerNormalization's Mean/InvStdDev outputs (training needs them);
+    # the converter would retype them to float16, which the operator forbids. Play never reads them.
+    used = {i for n in model.graph.node for i in n.input} | {o.name for o in model.graph.output}
+    for node in model.graph.node:
+        if node.op_type == "LayerNormalization":
+            while len(node.output) > 1 and node.output[-1] not in used:
+                node.output.pop()
+    return convert_float_to_float16(model, keep_io_types=True)
+
+
+def quantize_step(model, mode: str = "dynamic", calibration=None):
+    """A step graph (path or onnx.ModelProto) at lower precision, as an onnx.ModelProto.
+
+    mode: "dynamic" (INT8 weights), "static" (INT8 QDQ; `calibration` = iterable of input feeds,
+    see `calibration_feeds`) or "fp16". Inputs and outputs stay float32, so a Stepper runs any."""
+    import onnx
+    import onnx.version_converter
+    from onnxruntime.quantization import QuantFormat, quantize_dynamic, quantize_static
+
+    if mode not in ("dynamic", "static", "fp16"):
+        raise ExphilError(f"quantization mode {mode!r}: choose dynamic, static or fp16")
+    if mode == "static" and calibration is None:
+        raise ExphilError("static quantization needs calibration frames")
+    model = onnx.load(str(model)) if isinstance(model, (str, os.PathLike)) else onnx.ModelProto.FromString(
+        model.SerializeToString())  # a copy: the conversions below edit the proto they are given
+    if mode == "fp16":
+        out = _fp16(model)
+    else:
+        # INT8 for the MatMuls with a weight operand, where the time goes: quantising the other
+        # ops too (or the activation x activation MatMuls) costs agreement and gains nothing.
+        weights = {t.name for t in model.graph.initializer}
+        matmuls = [n.name for n in model.graph.node if n.op_type == "MatMul" and n.input[1] in weights]
+        with tempfile.TemporaryDirectory() as tmp, _no_warnings():  # warnings: "consider pre-processing"
+            src, dst = Path(tmp) / "step.onnx", Path(tmp) / "step.int8.onnx"
+            if mode == "dynamic":
+                onnx.save(model, src)
+                quantize_dynamic(src, dst, nodes_to_quantize=matmuls)
+            else:
+                # onnxruntime 1.19 fuses QDQ MatMuls into QLinearMatMul nodes at the graph's opset,
+                # and has no CPU kernel for QLinearMatMul-21: write the source graph at opset 20.
+                onnx.save(onnx.version_converter.convert_version(model, 20), src)
+                # ranges are folded in batches so memory stays flat however many frames are given
+                quantize_static(src, dst, _Feeds(calibration), quant_format=QuantFormat.QDQ,
+                                nodes_to_quantize=matmuls, extra_options={"CalibMaxIntermediateOutputs": 256})
+            out = onnx.load(str(dst))
+    out.ir_version = min(out.ir_version, IR_VERSION)
+    opset = max(o.version for o in out.opset_import if o.domain in ("", "ai.onnx"))
+    if opset > OPSET:
+        raise ExphilError(f"the {mode} graph needs opset {opset}; onnxruntime here reads up to {OPSET}")
+    return out
+
+
+def agreement(reference: Stepper, other: Stepper, frames) -> tuple[dict[str, float], np.ndarray]:
+    """Per-head top-1 agreement of two step graphs run side by side over frames in order (each
+    carrying its own state), and their per-call times in seconds [frames, 2].
+
+    Buttons agree when a logit has the same sign (pressed or not); the other heads when they
+    pick the same class."""
+    same = {h: [] for h in HEADS}
+    times = []
+    for t, cat, num in frames:
+        if t == 0:
+            reference.reset()
+            other.reset()
+        t0 = time.perf_counter()
+        a = reference(cat, num)
+        t1 = time.perf_counter()
+        b = other(cat, num)
+        times.append((t1 - t0, time.perf_counter() - t1))
+        for h in HEADS:
+            same[h].append((a[h] > 0) == (b[h] > 0) if h == "buttons" else [a[h].argmax() == b[h].argmax()])
+    return {h: float(np.mean(np.concatenate(v))) for h, v in same.items()}, np.array(times)
+
+
+def quantize_run(run: str | os.PathLike, mode: str = "dynamic", calibration_replays=None,
+                 min_agreement: float = 0.98, replays=None, max_frames: int = 20000,
+                 calibration_frames: int = 2000, provider: str = "auto", quiet: bool = False) -> dict:
+    """Write step.int8.onnx (mode "dynamic" or "static") or step.fp16.onnx into a run folder.
+
+    The graph is written only if, on validation frames (`replays`, default: the validation
+    replays listed in run.json; at most `max_frames`), every head agrees with FP32 on at least
+    `min_agreement` of them. Static calibration uses `calibration_replays` (default: the run's
+    training replays). Returns the report: agreement per head and p50/p99 step latency of both."""
+    log = _log(quiet)
+    run = Path(run)
+    reference = step_path(run, "fp32")
+    info = json.loads((run / "run.json").read_text()) if (run / "run.json").exists() else {}
+
+    def episodes(given, listed: str):
+        sources = given if given is not None else info.get("replays", {}).get(listed)
+        if not sources:
+            raise ExphilError(f"{run}: run.json lists no {listed} replays; pass some replays")
+        games, _ = load_games(sources, log=log)
+        if not games:
+            raise ExphilError(f"{run}: none of the {listed} replays could be read")
+        return [ep for g in games for ep in g]
+
+    val = episodes(replays, "val")
+    calibration = None
+    if mode == "static":
+        log(f"calibrating on {calibration_frames} frames of the training replays")
+        calibration = calibration_feeds(reference, episodes(calibration_replays, "train"), calibration_frames)
+    proto = quantize_step(reference, mode, calibration)
+    precision = "fp16" if mode == "fp16" else "int8"
+    fp32, low = Stepper(reference, provider), Stepper(proto.SerializeToString(), provider)
+    log(f"comparing {precision} with fp32 on up to {max_frames} validation frames")
+    heads, times = agreement(fp32, low, replay_frames(val, max_frames))
+    ms = times * 1e3
+    report = {"mode": mode, "precision": precision, "frames": len(times), "agreement": heads,
+              "min_agreement": min_agreement,
+              "latency_ms": {name: {"p50": float(np.median(ms[:, i])), "p99": float(np.percentile(ms[:, i], 99))}
+                             for i, name in enumerate(("fp32", precision))},
+              "providers": low.session.get_providers()}
+    if mode == "fp16" and report["providers"] == ["CPUExecutionProvider"]:
+        report["note"] = "no GPU here: FP16 ran on the CPU provider (through casts, slower than FP32)"
+    worst = min(heads, key=heads.get)
+    if heads[worst] < min_agreement:
+        raise ExphilError(f"{mode} graph not written: head {worst!r} agrees with FP32 on "
+                          f"{heads[worst]:.2%} of {len(times)} frames (< {min_agreement:.2%})")
+    import onnx
+
+    proto.metadata_props.add(key="exphil.quantize", value=json.dumps(report))
+    path = run / PRECISIONS[precision]
+    tmp = path.with_suffix(".onnx.tmp")
+    onnx.save(proto, tmp)
+    os.replace(tmp, path)
+    report["path"] = str(path)
+    return report
+
+
+# =================================================================================================
+# Play: the sync and async runners, over a libmelee Console and Controller
+# =================================================================================================
+# A runner takes one GameState per console.step() and sends one batch of controller commands per
+# frame. In game it plays the Agent; in menus it hands the frame to `menus` (see Menus). Dolphin's
+# console flushes its connected controllers inside step(); with any other source of game states
+# (libmelee's Console streaming a replay) the runner flushes the controller itself.
+#
+# Between the model and the controller:
+#   action repeat N  a new action every N frames, held in between;
+#   frame delay D    the action chosen at frame t is sent at frame t + D, through a queue that
+#                    starts with D neutral actions. D = the run's trained delay + the extra asked.
+
+NEUTRAL = {"buttons": np.zeros(len(BUTTONS), np.uint8), "main_x": 8, "main_y": 8, "c_x": 8, "c_y": 8,
+           "shoulder": 0}
+FPS = 60
+
+
+def confidence(logits: dict[str, np.ndarray], action: dict) -> float:
+    """The probability the model gave to the main-stick class it chose, x and y averaged (the
+    stats line's `Conf`)."""
+    p = [np.exp(logits[h] - logits[h].max()) for h in ("main_x", "main_y")]
+    return float((p[0][action["main_x"]] / p[0].sum() + p[1][action["main_y"]] / p[1].sum()) / 2)
+
+
+class Stats:
+    """A run's counters, and its stats line:
+
+        [Stats] 30.1s | 58.5/60 fps | Inferences: 1802 | Conf: 0.72 | p99 0.41 ms
+
+    fps, Conf and p99 (one inference: features -> step -> sample) cover the time since the last
+    line; Inferences counts from the start."""
+
+    def __init__(self):
+        self.start = self._mark = time.perf_counter()
+        self.frames = self.games = self.errors = 0
+        self.inference_s, self.confidences, self.frame_s = [], [], []
+        self._seen = self._seen_frames = 0
+
+    def line(self) -> str:
+        now, n = time.perf_counter(), len(self.inference_s)
+        fps = (self.frames - self._seen_frames) / max(now - self._mark, 1e-9)
+        times, confs = self.inference_s[self._seen:n], self.confidences[self._seen:n]
+        self._mark, self._seen, self._seen_frames = now, n, self.frames
+        conf = f"{np.mean(confs):.2f}" if confs else "-"
+        p99 = f"{np.percentile(times, 99) * 1e3:.2f}" if times else "-"
+        return (f"[Stats] {now - self.start:.1f}s | {fps:.1f}/{FPS} fps | Inferences: {n} | Conf: {conf} | "
+                f"p99 {p99} ms" + (f" | Errors: {self.errors}" if self.errors else ""))
+
+    def summary(self) -> dict:
+        seconds = time.perf_counter() - self.start
+        ms = lambda v, q: float(np.percentile(v, q) * 1e3) if v else None
+        return {"seconds": seconds, "frames": self.frames, "fps": self.frames / seconds, "games": self.games,
+                "inferences": len(self.inference_s), "errors": self.errors,
+                "inference_ms": {"p50": ms(self.inference_s, 50), "p99": ms(self.inference_s, 99)},
+                "frame_ms": {"p50": ms(self.frame_s, 50), "p99": ms(self.frame_s, 99)}}
+
+
+class Runner:
+    """Plays an Agent through a libmelee Console and Controller, inference in the game loop: each
+    frame, console.step() -> features -> step -> sample -> controller -> flush.
+
+    `frame_ms` in the summary is that per-frame work, from the game state to the flushed commands."""
+
+    def __init__(self, agent, console, controller, port: int, opponent_port: int | None = None, *,
+                 action_repeat: int = 1, frame_delay: int = 0, menus: Menus | None = None,
+                 on_game_end: str = "stop", stats_every: float = 10.0, log: Callable[[str], None] | None = None):
+        self.delay = agent.frame_delay + frame_delay
+        if action_repeat < 1:
+            raise ExphilError(f"action repeat {action_repeat}: must be 1 or more")
+        if self.delay < 0:
+            raise ExphilError(f"frame delay {frame_delay} plus the run's trained delay {agent.frame_delay} "
+                              "is negative")
+        if on_game_end not in ("stop", "restart"):
+            raise ExphilError(f"on game end {on_game_end!r}: choose stop or restart")
+        self.agent, self.console, self.controller = agent, console, controller
+        self.port, self.opponent_port, self.menus = port, opponent_port, menus
+        self.action_repeat, self.on_game_end, self.stats_every = action_repeat, on_game_end, stats_every
+        self.log = log or (lambda msg: print(msg, flush=True))
+        self.flush = controller not in getattr(console, "controllers", ())
+
+    def run(self) -> dict:
+        """Play until the console sends no more frames, the game ends (on_game_end="stop"),
+        Dolphin or the controller pipe goes away, or Ctrl-C. Every button is released on the way
+        out. Returns Stats.summary()."""
+        from melee import Menu
+        from melee.slippstream import EnetDisconnected
+
+        self.stats = Stats()
+        in_game, reason, next_line = False, "the console sent no more frames", self.stats.start + self.stats_every
+        try:
+            while (gs := self.console.step()) is not None:
+                t0 = time.perf_counter()
+                self.stats.frames += 1
+                if gs.menu_state in (Menu.IN_GAME, Menu.SUDDEN_DEATH):
+                    if not in_game:
+                        in_game = True
+                        self._new_game(gs)
+                    self._play(gs)
+                else:
+                    if in_game:
+                        in_game = False
+                        self._game_over()
+                        if self.on_game_end == "stop":
+                            reason = "game over"
+                            break
+                    if self.menus is not None:
+                        self.menus(gs)
+                if self.flush:
+                    self.controller.flush()
+                now = time.perf_counter()
+                self.stats.frame_s.append(now - t0)
+                if self.stats_every and now >= next_line:
+                    self.log(self.stats.line())
+                    next_line = now + self.stats_every
+        except KeyboardInterrupt:
+            reason = "interrupted (Ctrl-C)"
+        except (ConnectionError, EOFError, EnetDisconnected) as e:  # BrokenPipeError is a ConnectionError
+            reason = f"Dolphin closed or the controller pipe broke ({type(e).__name__})"
+        finally:
+            if in_game:
+                self._game_over()
+            self._release()
+        self.log(f"stopped: {reason}")
+        return self.stats.summary()
+
+    # ---- per game and per frame ------------------------------------------------------------------
+
+    def _new_game(self, gs) -> None:
+        self.stats.games += 1
+        self._me = int(self.menus.port(gs, self.port)) if self.menus is not None else self.port
+        self._stocks = {int(p): int(ps.stock) for p, ps in gs.players.items()}
+        self._held, self._queue = NEUTRAL, collections.deque([NEUTRAL] * self.delay)
+        self._wait, self._game_frames = 0, 0
+        names = ", ".join(f"{self._who(p)} {ps.character.name.lower()}" for p, ps in sorted(gs.players.items()))
+        self.log(f"game {self.stats.games}: {names} on {gs.stage.name.lower()}")
+
+    def _play(self, gs) -> None:
+        self._game_frames += 1
+        for p, ps in gs.players.items():
+            p, stock = int(p), int(ps.stock)
+            if stock < self._stocks.get(p, stock):
+                self.log(f"{self._who(p)} lost a stock: {stock} left")
+            self._stocks[p] = stock
+        try:
+            action = self.decide(gs)
+        except Exception as e:  # the model failed: never leave a button held
+            self._failed(e)
+            return
+        if action is not None:
+            self._held = action
+        self._queue.append(self._held)
+        press_action(self.controller, self._queue.popleft())
+
+    def decide(self, gs) -> dict | None:
+        """This frame's new action, or None to hold the last one."""
+        self._wait -= 1
+        if self._wait > 0:
+            return None
+        self._wait = self.action_repeat
+        return self._infer(gs)
+
+    def _infer(self, gs) -> dict:
+        t0 = time.perf_counter()
+        try:
+            logits = self.agent.logits(gs, self._me, self.opponent_port)
+            action = self.agent.sample(logits)
+        except Exception:
+            self.agent.reset()  # a failed step may have left NaN in the carried state
+            raise
+        self.stats.inference_s.append(time.perf_counter() - t0)
+        self.stats.confidences.append(confidence(logits, action))
+        return action
+
+    def _failed(self, e: Exception) -> None:
+        self.stats.errors += 1
+        if self.stats.errors == 1:
+            self.log(f"inference failed ({type(e).__name__}: {e}); all buttons released, playing on "
+                     "(further failures are counted in the stats line)")
+        self.controller.release_all()
+        self._held, self._queue = NEUTRAL, collections.deque([NEUTRAL] * self.delay)
+
+    def _game_over(self) -> None:
+        me = self._stocks.get(self._me)
+        others = [s for p, s in self._stocks.items() if p != self._me]
+        result = "lost" if me == 0 else "won" if others and max(others) == 0 else "no result"
+        stocks = ", ".join(f"{self._who(p)} {s}" for p, s in sorted(self._stocks.items()))
+        self.log(f"game {self.stats.games} over after {self._game_frames / FPS:.1f}s: {result} (stocks: {stocks})")
+
+    def _who(self, port: int) -> str:
+        return f"bot (port {port})" if port == self._me else f"port {port}"
+
+    def _release(self) -> None:
+        try:
+            self.controller.release_all()
+            self.controller.flush()
+        except (OSError, ValueError, RuntimeError):  # the pipe is already gone
+            pass
+
+
+class AsyncRunner(Runner):
+    """A Runner whose inference runs in its own thread: the game loop never waits for the model.
+    Each frame it sends the newest action the model has finished, repeating the last one while
+    inference runs, and hands the current game state to the worker when it is free (and
+    action_repeat frames have passed). A recurrent model sees only the frames it was given."""
+
+    def run(self) -> dict:
+        self._requests, self._results = queue.SimpleQueue(), queue.SimpleQueue()
+        self._busy = False
+        worker = threading.Thread(target=self._work, name="exphil-inference", daemon=True)
+        worker.start()
+        try:
+            return super().run()
+        finally:
+            self._requests.put(None)
+            worker.join(1.0)
+
+    def _work(self) -> None:
+        while (request := self._requests.get()) is not None:
+            game, gs = request
+            try:
+                out = self._infer(gs)
+            except Exception as e:
+                out = e
+            self._results.put((game, out))
+            self._busy = False
+
+    def decide(self, gs) -> dict | None:
+        """The newest action the worker finished, if any; hands it this frame when it is free."""
+        self._wait -= 1
+        if self._wait <= 0 and not self._busy:
+            self._wait, self._busy = self.action_repeat, True
+            self._requests.put((self.stats.games, gs))
+        try:
+            game, out = self._results.get_nowait()
+        except queue.Empty:
+            return None
+        if game != self.stats.games:  # finished after its game ended
+            return None
+        if isinstance(out, Exception):
+            raise out
+        return out
+
+
+class ReplayGame:
+    """A Slippi replay standing in for Dolphin: libmelee's Console streams it, one GameState per
+    step(), paced at `fps` like the game (None: as fast as it reads), for at most `frames`."""
+
+    controllers = ()  # nothing here flushes a controller: the runner does
+
+    def __init__(self, path: str | os.PathLike, fps: float | None = FPS, frames: int | None = None):
+        import melee
+
+        self.console = melee.Console(path=str(path), is_dolphin=False, allow_old_version=True)
+        self.console.connect()
+        self.fps, self.frames, self.count, self._start = fps, frames, 0, None
+
+    def step(self):
+        if self.frames is not None and self.count >= self.frames:
+            return None
+        if self.fps:
+            self._start = self._start or time.perf_counter()
+            time.sleep(max(0.0, self._start + self.count / self.fps - time.perf_counter()))
+        self.count += 1
+        return self.console.step()
+
+
+class Menus:
+    """Walks libmelee's menus into a game with its MenuHelper: the bot's controller picks the
+    character and stage (or enters the connect code); against a CPU, the CPU's controller picks
+    its character and level, and the bot starts the game."""
+
+    def __init__(self, controller, character: str, stage: str, connect_code: str | None = None,
+                 cpu=None, cpu_level: int = 0, costume: int = 0):
+        import melee
+
+        self.controller, self.cpu, self.cpu_level, self.costume = controller, cpu, cpu_level, costume
+        self.character = melee.Character(_enum_id(melee.Character, character, "character"))
+        self.stage = melee.Stage(_enum_id(melee.Stage, stage, "stage"))
+        self.connect_code = connect_code
+        self._bot, self._cpu = melee.MenuHelper(), melee.MenuHelper()
+
+    def __call__(self, gamestate) -> None:
+        self._bot.menu_helper_simple(gamestate, self.controller, self.character, self.stage, self.connect_code,
+                                     costume=self.costume, autostart=self.cpu is not None)
+        if self.cpu is not None:
+            self._cpu.menu_helper_simple(gamestate, self.cpu, self.character, self.stage, cpu_level=self.cpu_level)
+
+    def port(self, gamestate, default: int) -> int:
+        """The bot's port in this game: Slippi online assigns one, found by character and costume."""
+        if not self.connect_code:
+            return default
+        from melee import port_detector
+
+        return port_detector(gamestate, self.character, self.costume) or default
+
+
+def play(run: str | os.PathLike, dolphin: str | os.PathLike, iso: str | os.PathLike, port: int = 1,
+         opponent_port: int = 2, character: str = "fox", stage: str = "final_destination",
+         connect_code: str | None = None, cpu_level: int = 0, asynchronous: bool = False,
+         provider: str = "auto", precision: str = "fp32", temperature: float = 1.0,
+         deterministic: bool = False, **runner) -> dict:
+    """Play a run in Slippi Dolphin: start it on the ISO, walk the menus, play (Runner or
+    AsyncRunner, with `runner` settings) and close Dolphin at the end."""
+    import melee
+
+    agent = Agent(run, provider=provider, precision=precision, temperature=temperature, deterministic=deterministic)
+    try:
+        console = melee.Console(path=str(dolphin))
+    except ValueError as e:  # libmelee's word for a wrong path
+        raise ExphilError(f"{dolphin}: {e}; give the Slippi Dolphin executable or its folder") from None
+    controller = melee.Controller(console, port)
+    cpu = melee.Controller(console, opponent_port) if cpu_level and not connect_code else None
+    menus = Menus(controller, character, stage, connect_code, cpu, cpu_level)
+    console.run(iso_path=str(iso))
+    try:
+        if not console.connect():
+            raise ExphilError(f"could not connect to Dolphin ({dolphin})")
+        if connect_code and not console.has_user_json:
+            raise ExphilError("a connect code needs Slippi's user.json: log in once with the Slippi Launcher")
+        for c in (controller, cpu):
+            if c is not None and not c.connect():
+                raise ExphilError(f"could not open the controller pipe of port {c.port}")
+        kind = AsyncRunner if asynchronous else Runner
+        return kind(agent, console, controller, port, None if connect_code else opponent_port, menus=menus,
+                    **runner).run()
+    finally:
+        console.stop()
 
 
 # =================================================================================================
@@ -2229,6 +2778,80 @@ def plot(run: str | os.PathLike) -> Path:
     return path
 
 
+def _add_play_commands(sub) -> None:
+    """The `quantize` and `play` subcommands."""
+    p = sub.add_parser("quantize", help="write an INT8 (or FP16) step graph into a run folder, if it "
+                                        "picks the same actions as FP32")
+    p.add_argument("run")
+    kind = p.add_mutually_exclusive_group()
+    kind.add_argument("--static", action="store_true",
+                      help="static INT8 (QDQ) calibrated on real frames (default: dynamic INT8)")
+    kind.add_argument("--fp16", action="store_true", help="an FP16 graph, for GPUs")
+    p.add_argument("--calibration-replays", help="replays to calibrate --static on (default: the run's "
+                                                 "training replays)")
+    p.add_argument("--replays", help="replays to compare with FP32 on (default: the run's validation replays)")
+    p.add_argument("--min-agreement", type=float, default=0.98,
+                   help="write nothing unless every head picks FP32's action on this share of frames")
+    p.add_argument("--max-frames", type=int, default=20000, help="validation frames to compare on")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+
+    p = sub.add_parser("play", help="play a run in Slippi Dolphin")
+    p.add_argument("run")
+    p.add_argument("--dolphin", required=True, help="Slippi Dolphin executable (or its folder)")
+    p.add_argument("--iso", required=True, help="Melee NTSC 1.02 ISO")
+    p.add_argument("--port", type=int, default=1, help="the bot's controller port")
+    p.add_argument("--opponent-port", type=int, default=2)
+    p.add_argument("--character", default="fox")
+    p.add_argument("--stage", default="final_destination")
+    p.add_argument("--connect-code", help="play a Slippi online direct match with this code")
+    p.add_argument("--cpu-level", type=int, default=0,
+                   help="1-9: a CPU (same character) on the opponent port; 0: a human there")
+    p.add_argument("--async", dest="asynchronous", action="store_true",
+                   help="inference in its own thread: the game never waits for the model")
+    p.add_argument("--action-repeat", type=int, default=1, metavar="N", help="a new action every N frames")
+    p.add_argument("--frame-delay", type=int, default=0, metavar="N",
+                   help="frames of delay added to the run's trained delay (negative: fewer)")
+    sampling = p.add_mutually_exclusive_group()
+    sampling.add_argument("--temperature", type=float, default=1.0)
+    sampling.add_argument("--deterministic", action="store_true", help="the most likely action every time")
+    p.add_argument("--on-game-end", choices=["restart", "stop"], default="stop")
+    p.add_argument("--provider", default="auto", help="auto, cpu, cuda, rocm or coreml")
+    p.add_argument("--precision", choices=list(PRECISIONS), default="fp32")
+    p.add_argument("--stats-every", type=float, default=10.0, metavar="SECONDS", help="0: no stats lines")
+
+
+def _run_play_command(args) -> None:
+    if args.command == "quantize":
+        mode = "fp16" if args.fp16 else "static" if args.static else "dynamic"
+        if args.calibration_replays and mode != "static":
+            raise ExphilError("--calibration-replays only applies to --static")
+        report = quantize_run(args.run, mode, calibration_replays=args.calibration_replays,
+                              min_agreement=args.min_agreement, replays=args.replays, max_frames=args.max_frames)
+        if args.json:
+            print(json.dumps(report, indent=2))
+            return
+        lat, low = report["latency_ms"], report["precision"]
+        print(f"{report['path']}: {mode} {low.upper()}, checked on {report['frames']} validation frames")
+        print("  agreement with FP32: " + "  ".join(f"{h} {v:.2%}" for h, v in report["agreement"].items())
+              + f"  (required {report['min_agreement']:.2%})")
+        print(f"  step p50/p99: fp32 {lat['fp32']['p50']:.3f}/{lat['fp32']['p99']:.3f} ms, {low} "
+              f"{lat[low]['p50']:.3f}/{lat[low]['p99']:.3f} ms ({lat[low]['p50'] / lat['fp32']['p50']:.2f}x) "
+              f"on {report['providers'][0]}")
+        if "note" in report:
+            print(f"  note: {report['note']}")
+    elif args.command == "play":
+        summary = play(args.run, args.dolphin, args.iso, port=args.port, opponent_port=args.opponent_port,
+                       character=args.character, stage=args.stage, connect_code=args.connect_code,
+                       cpu_level=args.cpu_level, asynchronous=args.asynchronous, provider=args.provider,
+                       precision=args.precision, temperature=args.temperature, deterministic=args.deterministic,
+                       action_repeat=args.action_repeat, frame_delay=args.frame_delay,
+                       on_game_end=args.on_game_end, stats_every=args.stats_every)
+        inf = summary["inference_ms"]
+        print(f"played {summary['games']} game(s), {summary['frames']} frames at {summary['fps']:.1f} fps; "
+              f"{summary['inferences']} inferences"
+              + (f", p50 {inf['p50']:.2f} ms, p99 {inf['p99']:.2f} ms" if summary["inferences"] else ""))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="exphil", description="Melee bots from Slippi replays.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -2260,6 +2883,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     p = sub.add_parser("plot", help="write curves.png (loss and accuracy per epoch) into a run folder")
     p.add_argument("run")
+    _add_play_commands(sub)
 
     args = parser.parse_args(argv)
     try:
@@ -2291,6 +2915,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print(path)
         elif args.command == "plot":
             print(plot(args.run))
+        else:
+            _run_play_command(args)
     except ExphilError as e:
         print(f"exphil: error: {e}", file=sys.stderr)
         return 2

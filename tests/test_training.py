@@ -3,7 +3,6 @@
 import json
 
 import numpy as np
-import onnx
 import pytest
 
 import exphil
