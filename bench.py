@@ -1,14 +1,21 @@
-"""Hardware check and architecture table.
+"""Can I run this? Step latency of every spec on this machine, and the architecture table.
 
-    python bench.py                      # step latency of every spec in specs/ (batch 1, FP32, CPU)
-    python bench.py --throughput         # ... and training frames/s (batch 64, window 60)
+    python bench.py                      # every spec in specs/: each provider and precision here
+    python bench.py --markdown           # the same table in Markdown (for a README)
+    python bench.py --runs runs/lstm     # trained runs instead of random weights
+    python bench.py --loop               # the full decision loop through libmelee (replay + FIFO)
+    python bench.py --throughput         # training frames/s per spec (batch 64, window 60)
     python bench.py --train --replays DIR --budget-seconds 120
                                          # train every spec on the same games for the same time,
                                          # then rank them (the architecture table)
 
-Specs are compiled with random weights for latency (it does not depend on the values). Latency
-is reported as median (p50) and p99 over many calls after a warm-up, with the verdict against
-the 60 FPS frame budget (16.67 ms, minus ~2 ms for reading the game and sending inputs).
+Latency is the wall time of one step-graph call (batch 1, recurrent state carried), median (p50)
+and p99 over at least 300 calls after a warm-up (more when calls are fast). Verdicts against the
+60 FPS frame (16.67 ms, minus ~2 ms for reading the game and sending inputs):
+  ✅ p99 under 15 ms   ⚠️ playable with action repeat (p99 under 3 frames)   ❌ too slow.
+The "re-run" column is the other way to run a temporal model: the whole window graph over the
+last `window` frames, every frame. Specs are compiled with random weights (latency does not
+depend on the values).
 """
 
 from __future__ import annotations
@@ -17,6 +24,7 @@ import argparse
 import json
 import os
 import platform
+import subprocess
 import sys
 import tempfile
 import time
@@ -28,16 +36,162 @@ import exphil
 
 FRAME_MS = 1000 / 60
 ROOT = Path(__file__).resolve().parent
+REPLAY = ROOT / "tests" / "replays" / "hohav-py-slippi__netplay_name.slp"
+GPU_PROVIDERS = ("cuda", "rocm", "coreml")
 
 
 def verdict(p99_ms: float) -> str:
-    return "yes" if p99_ms < FRAME_MS - 2 else ("with action repeat" if p99_ms < 3 * FRAME_MS else "no")
+    return "✅" if p99_ms < FRAME_MS - 2 else ("⚠️" if p99_ms < 3 * FRAME_MS else "❌")
+
+
+def timed(call, min_calls: int = 300, max_calls: int = 5000, seconds: float = 0.6, warmup: int = 50) -> dict:
+    """p50/p99 ms of `call()`: at least `min_calls`, more (up to `max_calls`) when calls are fast
+    enough to fit `seconds`."""
+    for _ in range(warmup):
+        call()
+    t0 = time.perf_counter()
+    call()
+    calls = int(np.clip(seconds / max(time.perf_counter() - t0, 1e-6), min_calls, max_calls))
+    times = np.empty(calls)
+    for i in range(calls):
+        t0 = time.perf_counter()
+        call()
+        times[i] = time.perf_counter() - t0
+    ms = times * 1e3
+    return {"p50_ms": float(np.median(ms)), "p99_ms": float(np.percentile(ms, 99)), "calls": calls}
+
+
+def frames(n: int = 512):
+    """Real inputs: frames of a shipped replay."""
+    ep = exphil.load_replay(REPLAY)[0]
+    return ep.cat[1000:1000 + n], ep.num[1000:1000 + n]
+
+
+def step_cell(graph: bytes, provider: str, cats, nums) -> dict:
+    stepper = exphil.Stepper(graph, provider)
+    i = iter(range(1 << 62))
+
+    def call():
+        k = next(i) % len(cats)
+        stepper(cats[k], nums[k])
+    return timed(call)
+
+
+def rerun_cell(model: exphil.Model, provider: str, cats, nums) -> dict:
+    """The window graph over the last `window` frames, re-run for every frame."""
+    L = model.spec.window
+    sess = exphil.session(model.build().SerializeToString(), provider)
+    feed = {"cat": cats[None, :L], "num": nums[None, :L], **{f"state_in.{k}": v for k, v in model.zero_state(1).items()}}
+    return timed(lambda: sess.run(None, feed), min_calls=300 if L > 1 else 300, seconds=0.4)
+
+
+def graphs_for(source: str) -> tuple[str, exphil.Model, dict[str, bytes]]:
+    """(name, model, {precision: step graph}) for a spec file (random weights) or a run folder."""
+    import onnx
+
+    if Path(source).is_dir():
+        model, _ = exphil.load_run(source)
+        fp32 = (Path(source) / "step.onnx").read_bytes()
+        name = Path(source).name
+    else:
+        model = exphil.Model(exphil.load_spec(source))
+        fp32 = model.build(step=True).SerializeToString()
+        name = model.spec.name
+    out = {"fp32": fp32}
+    int8 = Path(source) / "step.int8.onnx"
+    out["int8"] = int8.read_bytes() if int8.exists() else exphil.quantize_step(onnx.ModelProto.FromString(fp32)).SerializeToString()
+    return name, model, out
+
+
+def latency_table(sources: list[str], providers: list[str]) -> dict:
+    """Every source x provider x precision: FP32 and INT8 on the CPU, FP32 and FP16 on a GPU;
+    a provider not installed here is reported as absent."""
+    import onnx
+
+    available = exphil.select_providers  # raises for a provider that is not installed
+    cats, nums = frames()
+    rows = {}
+    for source in sources:
+        name, model, graphs = graphs_for(source)
+        row = {"params": int(sum(v.size for v in model.params.values())), "window": model.spec.window, "cells": {}}
+        for provider in providers:
+            try:
+                available(provider)
+            except exphil.ExphilError:
+                row["cells"][provider] = {"absent": True}
+                continue
+            precisions = ["fp32", "int8"] if provider == "cpu" else ["fp32", "fp16"]
+            for precision in precisions:
+                graph = graphs.get(precision) or exphil.quantize_step(onnx.ModelProto.FromString(graphs["fp32"]),
+                                                                      "fp16").SerializeToString()
+                row["cells"][f"{provider}/{precision}"] = step_cell(graph, provider, cats, nums)
+            if model.spec.window > 1:
+                row["cells"][f"{provider}/fp32 re-run"] = rerun_cell(model, provider, cats, nums)
+        print(f"  measured {name}", file=sys.stderr, flush=True)
+        rows[name] = row
+    return rows
+
+
+def print_table(rows: dict, markdown: bool) -> None:
+    columns = sorted({c for r in rows.values() for c, v in r["cells"].items() if "absent" not in v},
+                     key=lambda c: (c.split("/")[0] != "cpu", "re-run" in c, c))
+    absent = sorted({c for r in rows.values() for c, v in r["cells"].items() if "absent" in v})
+    head = ["spec", "params", *[f"{c} p50 ms" for c in columns], "headroom"]
+    lines = []
+    for name, r in rows.items():
+        cells = [f"{r['cells'][c]['p50_ms']:.3f} {verdict(r['cells'][c]['p99_ms'])}" if c in r["cells"] else "-"
+                 for c in columns]
+        best = min(v["p99_ms"] for c, v in r["cells"].items() if "absent" not in v and "re-run" not in c)
+        lines.append([name, f"{r['params']:,}", *cells, f"{FRAME_MS / best:,.0f}x"])
+    if markdown:
+        print("| " + " | ".join(head) + " |")
+        print("|" + "---|" * len(head))
+        for line in lines:
+            print("| " + " | ".join(line) + " |")
+    else:
+        widths = [max(len(h), *(len(l[i]) for l in lines)) for i, h in enumerate(head)]
+        print("  ".join(h.ljust(w) for h, w in zip(head, widths)))
+        for line in lines:
+            print("  ".join(v.ljust(w) for v, w in zip(line, widths)))
+    print(f"\n✅ p99 < {FRAME_MS - 2:.1f} ms   ⚠️ p99 < {3 * FRAME_MS:.0f} ms (use action repeat)   ❌ slower.  "
+          "headroom = frame budget / best step p99."
+          + (f"  Not available here: {', '.join(absent)}." if absent else ""))
+
+
+def loop_latency(source: str, frames_: int = 1800, fps: float | None = None, precision: str = "fp32") -> dict:
+    """The sync Runner's per-frame work: libmelee GameState -> features -> step -> sample ->
+    controller commands flushed into a FIFO that another process drains, as Dolphin would.
+    libmelee's Console streams a real replay as the game (back to back, or paced at `fps`)."""
+    import melee
+    import onnx
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        name, model, graphs = graphs_for(source)
+        model.save(tmp / "run")
+        onnx.save(onnx.ModelProto.FromString(graphs["int8"]), tmp / "run" / "step.int8.onnx")
+        agent = exphil.Agent(tmp / "run", provider="cpu", precision=precision, seed=0)
+        exe = tmp / "dolphin"  # Dolphin cannot run here; libmelee only asks this stand-in for a version
+        exe.write_text("#!/bin/sh\necho 'Slippi Dolphin mainline (stand-in)'\n")
+        exe.chmod(0o755)
+        console = melee.Console(path=str(exe), is_dolphin=True, dolphin_home_path=str(tmp / "home"),
+                                tmp_home_directory=False)
+        controller = melee.Controller(console, 1)
+        drain = subprocess.Popen(["cat", controller.pipe_path], stdout=subprocess.DEVNULL)
+        try:
+            controller.connect()
+            game = exphil.ReplayGame(REPLAY, fps, frames_)
+            summary = exphil.Runner(agent, game, controller, 1, 2, stats_every=0, log=lambda m: None).run()
+        finally:
+            controller.disconnect()
+            drain.wait(5)
+    return {"p50_ms": summary["frame_ms"]["p50"], "p99_ms": summary["frame_ms"]["p99"], "frames": summary["frames"]}
 
 
 def train_throughput(spec: exphil.Spec, batch_size: int = 64, window: int = 60, steps: int = 5) -> dict:
     """Training frames per second on onnxruntime-training: AdamW steps on real replay windows."""
     model = exphil.Model(spec)
-    episodes = exphil.load_replay(ROOT / "tests" / "replays" / "hohav-py-slippi__netplay_name.slp")
+    episodes = exphil.load_replay(REPLAY)
     wins = exphil.windows(episodes, window)
     batch = exphil.make_batch(episodes, [wins[i % len(wins)] for i in range(batch_size)], window)
     with tempfile.TemporaryDirectory() as tmp:
@@ -64,12 +218,12 @@ def architecture_table(paths: list[str], replays: str, budget_seconds: float, se
                                batch_size=batch_size, budget_seconds=budget_seconds, quiet=True)
             history = [json.loads(l) for l in (run.path / "metrics.jsonl").read_text().splitlines()]
             best = min(history, key=lambda r: r["val_loss"])
-            frames = sum(r["frames_per_s"] * r["seconds"] for r in history)
+            frames_done = sum(r["frames_per_s"] * r["seconds"] for r in history)
             latency = exphil.step_latency(exphil.load_run(run.path)[0], calls=1000)
             rows.append({"spec": spec.name, "val_loss": best["val_loss"], "val_stream_loss": best.get("val_stream_loss"),
                          "button_f1": best["val_button_f1"], "accuracy": best["val_accuracy"],
                          "baseline_loss": run.info["baseline_loss"]["total"], "steps": run.info["steps"],
-                         "train_frames_per_s": frames / sum(r["seconds"] for r in history),
+                         "train_frames_per_s": frames_done / sum(r["seconds"] for r in history),
                          "step_p50_ms": latency["p50_ms"], "step_p99_ms": latency["p99_ms"]})
     rows.sort(key=lambda r: r["val_loss"])
     return rows
@@ -91,12 +245,15 @@ def machine() -> dict:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     parser.add_argument("--specs", nargs="*", help="spec files (default: specs/*.toml)")
-    parser.add_argument("--calls", type=int, default=2000, help="timed calls per spec (after warm-up)")
-    parser.add_argument("--threads", type=int, default=1, help="intra-op threads")
-    parser.add_argument("--throughput", action="store_true",
-                        help="also measure training frames/s (batch 64, window 60) per spec")
+    parser.add_argument("--runs", nargs="*", help="trained run folders instead of specs")
+    parser.add_argument("--providers", nargs="*", default=["cpu", *GPU_PROVIDERS],
+                        help="providers to try; those not installed are reported as absent")
+    parser.add_argument("--markdown", action="store_true", help="print the table in Markdown")
+    parser.add_argument("--loop", action="store_true", help="the full decision loop (lstm and mamba by default)")
+    parser.add_argument("--throughput", action="store_true", help="training frames/s (batch 64, window 60)")
     parser.add_argument("--train", action="store_true", help="the architecture table (needs --replays)")
     parser.add_argument("--replays", help="replays for --train")
     parser.add_argument("--budget-seconds", type=float, default=60, help="training time per spec for --train")
@@ -104,42 +261,52 @@ def main(argv=None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", help="also write every number to this file")
     args = parser.parse_args(argv)
-    paths = args.specs or sorted(str(p) for p in (ROOT / "specs").glob("*.toml"))
+    specs = args.specs or sorted(str(p) for p in (ROOT / "specs").glob("*.toml"))
     info = machine()
     print(f"{info['cpu']} ({info['cores']} cores), {info['os']}, Python {info['python']}, "
           f"onnxruntime {info['onnxruntime']}, providers: {', '.join(info['providers'])}")
-    result = {"machine": info}
+    result, t0 = {"machine": info}, time.perf_counter()
     if args.train:
         if not args.replays:
             parser.error("--train needs --replays")
-        rows = architecture_table(paths, args.replays, args.budget_seconds, args.seed, args.batch_size)
+        rows = architecture_table(specs, args.replays, args.budget_seconds, args.seed, args.batch_size)
         print(f"\nsame games, seed {args.seed}, {args.budget_seconds:.0f} s of training each "
               f"(frequency baseline {rows[0]['baseline_loss']:.3f})\n")
-        print("| rank | spec | val loss | button F1 | train frames/s | step p50 ms | 60 FPS |")
-        print("|---|---|---|---|---|---|---|")
+        print("| rank | spec | val loss | whole-game val loss | button F1 | train frames/s | step p50 ms | 60 FPS |")
+        print("|---|---|---|---|---|---|---|---|")
         for i, r in enumerate(rows, 1):
-            print(f"| {i} | {r['spec']} | {r['val_loss']:.3f} | {r['button_f1']:.3f} | {r['train_frames_per_s']:,.0f} "
-                  f"| {r['step_p50_ms']:.3f} | {verdict(r['step_p99_ms'])} |")
+            stream = f"{r['val_stream_loss']:.3f}" if r["val_stream_loss"] is not None else "-"
+            print(f"| {i} | {r['spec']} | {r['val_loss']:.3f} | {stream} | {r['button_f1']:.3f} | "
+                  f"{r['train_frames_per_s']:,.0f} | {r['step_p50_ms']:.3f} | {verdict(r['step_p99_ms'])} |")
         result["architectures"] = rows
-    else:
-        print(f"step latency, batch 1, FP32, CPU, {args.threads} thread(s), {args.calls} calls after warm-up\n")
-        print(f"{'spec':<12}{'params':>10}{'p50 ms':>10}{'p99 ms':>10}  60 FPS"
-              + ("  train frames/s" if args.throughput else ""))
+    elif args.loop:
+        sources = args.runs or (args.specs or [str(ROOT / "specs" / f"{n}.toml") for n in ("lstm", "mamba")])
+        print("\nfull decision loop: GameState -> features -> step -> sample -> commands flushed to a FIFO "
+              "(p50/p99 ms per frame, 1800 frames)\n")
         rows = {}
-        for path in paths:
+        for source in sources:
+            cells = {f"{p} {'back to back' if fps is None else 'at 60 FPS'}": loop_latency(source, fps=fps, precision=p)
+                     for fps in (None, 60) for p in ("fp32", "int8")}
+            rows[source] = cells
+            print(f"{Path(source).stem:<10}" + "  ".join(f"{k}: {v['p50_ms']:.3f}/{v['p99_ms']:.3f}"
+                                                         for k, v in cells.items()), flush=True)
+        result["loop"] = rows
+    elif args.throughput:
+        rows = {}
+        for path in specs:
             spec = exphil.load_spec(path)
-            model = exphil.Model(spec)
-            r = exphil.step_latency(model, args.calls, threads=args.threads)
-            r["params"] = int(sum(v.size for v in model.params.values()))
-            line = f"{spec.name:<12}{r['params']:>10,}{r['p50_ms']:>10.3f}{r['p99_ms']:>10.3f}  {verdict(r['p99_ms']):<6}"
-            if args.throughput:
-                r["train"] = train_throughput(spec)
-                line += f"  {r['train']['frames_per_s']:>15,.0f}"
-            print(line, flush=True)
-            rows[spec.name] = r
+            rows[spec.name] = train_throughput(spec)
+            print(f"{spec.name:<12}{rows[spec.name]['frames_per_s']:>10,.0f} training frames/s", flush=True)
+        result["throughput"] = rows
+    else:
+        rows = latency_table(args.runs or specs, [p.lower() for p in args.providers])
+        print("\nstep latency, batch 1, one intra-op thread; cells: p50 ms and verdict from p99\n")
+        print_table(rows, args.markdown)
         result["step"] = rows
+    result["seconds"] = time.perf_counter() - t0
+    print(f"\n({result['seconds']:.0f} s)", file=sys.stderr)
     if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+        Path(args.json).write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n")
     return 0
 
 

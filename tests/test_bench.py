@@ -15,12 +15,22 @@ def bench(*args):
 
 
 def test_latency_table(tmp_path):
-    out = bench("--specs", "specs/mlp.toml", "specs/lstm.toml", "--calls", "300", "--json", tmp_path / "b.json")
+    """A cell for every spec x available provider x precision (and the window re-run); numbers
+    positive, p99 >= p50; providers not installed are reported as absent, not a crash."""
+    out = bench("--specs", "specs/mlp.toml", "specs/lstm.toml", "--providers", "cpu", "cuda", "coreml",
+                "--json", tmp_path / "b.json")
     data = json.loads((tmp_path / "b.json").read_text())
     assert set(data["step"]) == {"mlp", "lstm"} and "CPUExecutionProvider" in data["machine"]["providers"]
+    assert set(data["step"]["lstm"]["cells"]) == {"cpu/fp32", "cpu/int8", "cpu/fp32 re-run", "cuda", "coreml"}
+    assert set(data["step"]["mlp"]["cells"]) == {"cpu/fp32", "cpu/int8", "cuda", "coreml"}  # window 1: no re-run
     for row in data["step"].values():
-        assert 0 < row["p50_ms"] <= row["p99_ms"] and row["calls"] == 300
-    assert "lstm" in out and "p99 ms" in out
+        assert row["cells"]["cuda"] == {"absent": True} and row["cells"]["coreml"] == {"absent": True}
+        for name, cell in row["cells"].items():
+            if "absent" not in cell:
+                assert 0 < cell["p50_ms"] <= cell["p99_ms"] and cell["calls"] >= 300, name
+    assert "Not available here: coreml, cuda" in out and "cpu/int8 p50 ms" in out and "headroom" in out
+    md = bench("--specs", "specs/mlp.toml", "--providers", "cpu", "--markdown")
+    assert "| spec | params | cpu/fp32 p50 ms | cpu/int8 p50 ms | headroom |" in md
 
 
 def test_architecture_table(tmp_path):
