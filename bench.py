@@ -44,37 +44,10 @@ def verdict(p99_ms: float) -> str:
     return "✅" if p99_ms < FRAME_MS - 2 else ("⚠️" if p99_ms < 3 * FRAME_MS else "❌")
 
 
-def timed(call, min_calls: int = 300, max_calls: int = 5000, seconds: float = 0.6, warmup: int = 50) -> dict:
-    """p50/p99 ms of `call()`: at least `min_calls`, more (up to `max_calls`) when calls are fast
-    enough to fit `seconds`."""
-    for _ in range(warmup):
-        call()
-    t0 = time.perf_counter()
-    call()
-    calls = int(np.clip(seconds / max(time.perf_counter() - t0, 1e-6), min_calls, max_calls))
-    times = np.empty(calls)
-    for i in range(calls):
-        t0 = time.perf_counter()
-        call()
-        times[i] = time.perf_counter() - t0
-    ms = times * 1e3
-    return {"p50_ms": float(np.median(ms)), "p99_ms": float(np.percentile(ms, 99)), "calls": calls}
-
-
 def frames(n: int = 512):
     """Real inputs: frames of a shipped replay."""
     ep = exphil.load_replay(REPLAY)[0]
     return ep.cat[1000:1000 + n], ep.num[1000:1000 + n]
-
-
-def step_cell(graph: bytes, provider: str, cats, nums) -> dict:
-    stepper = exphil.Stepper(graph, provider)
-    i = iter(range(1 << 62))
-
-    def call():
-        k = next(i) % len(cats)
-        stepper(cats[k], nums[k])
-    return timed(call)
 
 
 def rerun_cell(model: exphil.Model, provider: str, cats, nums) -> dict:
@@ -82,7 +55,7 @@ def rerun_cell(model: exphil.Model, provider: str, cats, nums) -> dict:
     L = model.spec.window
     sess = exphil.session(model.build().SerializeToString(), provider)
     feed = {"cat": cats[None, :L], "num": nums[None, :L], **{f"state_in.{k}": v for k, v in model.zero_state(1).items()}}
-    return timed(lambda: sess.run(None, feed), min_calls=300 if L > 1 else 300, seconds=0.4)
+    return exphil.timed(lambda: sess.run(None, feed), seconds=0.4)
 
 
 def graphs_for(source: str) -> tuple[str, exphil.Model, dict[str, bytes]]:
@@ -124,7 +97,7 @@ def latency_table(sources: list[str], providers: list[str]) -> dict:
             for precision in precisions:
                 graph = graphs.get(precision) or exphil.quantize_step(onnx.ModelProto.FromString(graphs["fp32"]),
                                                                       "fp16").SerializeToString()
-                row["cells"][f"{provider}/{precision}"] = step_cell(graph, provider, cats, nums)
+                row["cells"][f"{provider}/{precision}"] = exphil.step_latency(graph, provider, frames=(cats, nums))
             if model.spec.window > 1:
                 row["cells"][f"{provider}/fp32 re-run"] = rerun_cell(model, provider, cats, nums)
         print(f"  measured {name}", file=sys.stderr, flush=True)
@@ -219,7 +192,7 @@ def architecture_table(paths: list[str], replays: str, budget_seconds: float, se
             history = [json.loads(l) for l in (run.path / "metrics.jsonl").read_text().splitlines()]
             best = min(history, key=lambda r: r["val_loss"])
             frames_done = sum(r["frames_per_s"] * r["seconds"] for r in history)
-            latency = exphil.step_latency(exphil.load_run(run.path)[0], calls=1000)
+            latency = exphil.step_latency(exphil.load_run(run.path)[0])
             rows.append({"spec": spec.name, "val_loss": best["val_loss"], "val_stream_loss": best.get("val_stream_loss"),
                          "button_f1": best["val_button_f1"], "accuracy": best["val_accuracy"],
                          "baseline_loss": run.info["baseline_loss"]["total"], "steps": run.info["steps"],

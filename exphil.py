@@ -1890,23 +1890,42 @@ def distillation_report(student_run: Path, episodes: list[Episode], logits: list
             "step_latency_ms": {"teacher": step_latency(teacher_model), "student": step_latency(student)}}
 
 
-def step_latency(model: Model, calls: int = 1000, warmup: int = 100, provider: str = "cpu", threads: int = 1,
-                 step_path: str | os.PathLike | None = None) -> dict:
-    """Step-graph wall time per call (batch 1, state carried), p50 and p99 in ms, on inputs
-    shaped like real frames."""
-    stepper = Stepper(str(step_path) if step_path else model.build(step=True).SerializeToString(), provider, threads)
-    rng = np.random.default_rng(0)
-    cats = np.stack([rng.integers(0, EMBED_TABLES[t], 256) for _, t in CAT_FIELDS], 1).astype(np.int64)
-    nums = rng.normal(0, 1, (256, len(NUM_FIELDS))).astype(np.float32)
-    for i in range(warmup):
-        stepper(cats[i % 256], nums[i % 256])
+def timed(call, min_calls: int = 300, max_calls: int = 5000, seconds: float = 0.6, warmup: int = 50) -> dict:
+    """p50 and p99 wall time (ms) of `call()` over at least `min_calls` calls after a warm-up,
+    more (up to `max_calls`) when calls are fast enough to fit in about `seconds`."""
+    for _ in range(warmup):
+        call()
+    t0 = time.perf_counter()
+    call()
+    calls = int(np.clip(seconds / max(time.perf_counter() - t0, 1e-6), min_calls, max_calls))
     times = np.empty(calls)
     for i in range(calls):
         t0 = time.perf_counter()
-        stepper(cats[i % 256], nums[i % 256])
+        call()
         times[i] = time.perf_counter() - t0
     ms = times * 1e3
     return {"p50_ms": float(np.median(ms)), "p99_ms": float(np.percentile(ms, 99)), "calls": calls}
+
+
+def step_latency(graph: Model | bytes | str | os.PathLike, provider: str = "cpu", threads: int = 1,
+                 frames: tuple[np.ndarray, np.ndarray] | None = None, **timing) -> dict:
+    """Step-graph wall time per call (batch 1, state carried): p50/p99 ms (see `timed`).
+    `graph`: a Model, serialized graph bytes or a path; `frames`: (cat [N, C], num [N, F]) inputs
+    to cycle through (default: random values shaped like real frames)."""
+    if isinstance(graph, Model):
+        graph = graph.build(step=True).SerializeToString()
+    stepper = Stepper(graph if isinstance(graph, bytes) else str(graph), provider, threads)
+    if frames is None:
+        rng = np.random.default_rng(0)
+        frames = (np.stack([rng.integers(0, EMBED_TABLES[t], 256) for _, t in CAT_FIELDS], 1).astype(np.int64),
+                  rng.normal(0, 1, (256, len(NUM_FIELDS))).astype(np.float32))
+    cats, nums = frames
+    counter = iter(range(1 << 62))
+
+    def call():
+        k = next(counter) % len(cats)
+        stepper(cats[k], nums[k])
+    return timed(call, **timing)
 
 
 # =================================================================================================
