@@ -1594,6 +1594,10 @@ class TrainConfig:
                   (0 <= self.mirror_prob <= 1, "mirror-prob must be in [0, 1]"),
                   (self.frame_delay >= 0 and 0 <= self.delay_min <= self.delay_max,
                    "delays must be >= 0 and delay-min <= delay-max"),
+                  (not (self.online_robust and self.frame_delay), "with online-robust, set delay-min and "
+                                                                  "delay-max instead of frame-delay"),
+                  (self.online_robust or not (self.delay_min or self.delay_max),
+                   "delay-min and delay-max apply only with online-robust"),
                   (self.max_grad_norm >= 0 and self.weight_decay >= 0, "max-grad-norm and weight-decay must be >= 0"),
                   (0 < self.distill_alpha <= 1 and self.distill_temperature > 0,
                    "distillation needs 0 < alpha <= 1 and temperature > 0")]

@@ -221,3 +221,19 @@ def test_distillation_loss_matches_its_formula(episodes):
         assert np.isclose(out[f"loss.{h}"], hard, rtol=1e-4)
         total += alpha * T * T * kl + (1 - alpha) * hard
     assert np.isclose(out["loss"], total, rtol=1e-4)
+
+
+def test_settings_that_would_be_ignored_are_errors():
+    for bad, message in [(dict(online_robust=True, frame_delay=2), "instead of frame-delay"),
+                         (dict(delay_max=3), "only with online-robust"),
+                         (dict(val_split=1.0), "val-split"), (dict(mirror_prob=2), "mirror-prob")]:
+        with pytest.raises(exphil.ExphilError, match=message):
+            exphil.TrainConfig(**bad)
+    assert exphil.TrainConfig(online_robust=True, delay_min=1, delay_max=4).delays == (1, 4)
+
+
+def test_online_robust_training_records_its_delays(tmp_path):
+    run = exphil.train(SPEC / "mlp.toml", REPLAYS, online_robust=True, delay_min=1, delay_max=3, max_steps=20,
+                       out=tmp_path / "run", quiet=True)
+    assert run.info["delay_range"] == [1, 3] and run.info["frame_delay"] == 1
+    assert exphil.Agent(tmp_path / "run").frame_delay == 1
