@@ -12,7 +12,7 @@
 Latency is the wall time of one step-graph call (batch 1, recurrent state carried), median (p50)
 and p99 over at least 300 calls after a warm-up (more when calls are fast). Verdicts against the
 60 FPS frame (16.67 ms, minus ~2 ms for reading the game and sending inputs):
-  ✅ p99 under 15 ms   ⚠️ playable with action repeat (p99 under 3 frames)   ❌ too slow.
+  ✅ p99 under 14.7 ms   ⚠️ playable with action repeat (p99 under 3 frames)   ❌ too slow.
 The "re-run" column is the other way to run a temporal model: the whole window graph over the
 last `window` frames, every frame. Specs are compiled with random weights (latency does not
 depend on the values).

@@ -1117,12 +1117,21 @@ def load_games(replays: str | os.PathLike | Sequence, cache: Path | None = None,
     workers = min(workers or os.cpu_count() or 1, len(missing))
     if missing:
         t0 = time.perf_counter()
+        built = None
         if workers > 1:
+            from concurrent.futures import ProcessPoolExecutor
+            from concurrent.futures.process import BrokenProcessPool
             import multiprocessing
 
-            with multiprocessing.get_context("spawn").Pool(workers) as pool:
-                built = pool.map(_build_cache, missing, chunksize=1)
-        else:
+            try:  # a script without an `if __name__ == "__main__"` guard breaks spawned workers
+                with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+                    built = list(pool.map(_build_cache, missing))
+            except BrokenProcessPool:
+                if log:
+                    log("parsing on one core: worker processes could not start (call exphil from a script "
+                        "with an `if __name__ == \"__main__\":` guard to use every core)")
+                workers = 1
+        if built is None:
             built = [_build_cache(m) for m in missing]
         errors.update({Path(p): reason for p, reason, _, _ in built if reason})
         frames, seconds = sum(b[2] for b in built), time.perf_counter() - t0
@@ -1182,9 +1191,10 @@ def windows(episodes: list[Episode], length: int, delay: int = 0) -> list[tuple[
 
 
 # Left/right mirror: these feature columns change sign, and stick x classes k <-> 16 - k.
-MIRROR_SIGN = np.array([-1.0 if n.split("_", 1)[-1] in {"x", "facing", "speed_air_x_self", "speed_x_attack",
-                                                         "speed_ground_x_self"} or n in ("main_x", "c_x") else 1.0
-                        for n in NUM_FIELDS], np.float32)
+MIRROR_COLUMNS = [f"{who}_{n}" for who in ("self", "opp")
+                  for n in ("x", "facing", "speed_air_x_self", "speed_x_attack", "speed_ground_x_self")]
+MIRROR_COLUMNS += ["main_x", "c_x"]
+MIRROR_SIGN = np.array([-1.0 if n in MIRROR_COLUMNS else 1.0 for n in NUM_FIELDS], np.float32)
 MIRROR_HEADS = ("main_x", "c_x")
 
 
@@ -1380,8 +1390,7 @@ add_loss = loss_graph()
 
 def with_zero_state(batch: dict[str, np.ndarray], model: Model) -> dict[str, np.ndarray]:
     """The batch plus a zero initial state for every recurrent state it does not carry."""
-    B = len(batch["cat"])
-    return {**{f"state_in.{n}": np.zeros((B, *shape), np.float32) for n, shape in model.states}, **batch}
+    return {**{f"state_in.{n}": v for n, v in model.zero_state(len(batch["cat"])).items()}, **batch}
 
 
 class Trainer:
@@ -1483,12 +1492,16 @@ class Metrics:
     def result(self, prefix: str) -> dict:
         acc, n = self.sums, max(self.sums.get("frames", 0.0), 1.0)
         tp, fp, fn = (acc.get(k, 0.0) for k in ("tp", "fp", "fn"))
-        out = {f"{prefix}_loss": acc.get("loss", float("nan")) / n,
+        # the hard loss (label cross-entropy), comparable with the frequency baseline; with
+        # distillation the optimised loss also mixes in the KL and is reported apart
+        hard = sum(acc.get(f"loss.{h}", 0.0) for h in HEADS) if "frames" in acc else float("nan")
+        out = {f"{prefix}_loss": hard / n,
                f"{prefix}_heads": {h: round(acc.get(f"loss.{h}", 0.0) / n, 5) for h in HEADS},
                f"{prefix}_button_f1": round(2 * tp / max(2 * tp + fp + fn, 1.0), 5),
                f"{prefix}_accuracy": {h: round(acc.get(f"hit.{h}", 0.0) / n, 5) for h in HEADS if h != "buttons"}}
         if "kl" in acc:
             out[f"{prefix}_kl"] = acc["kl"] / n
+            out[f"{prefix}_distill_loss"] = acc["loss"] / n
         return out
 
 
@@ -1507,12 +1520,12 @@ def stream_batches(model: Model, episodes, length, delay, run, **batch_args):
     for wins in streams(episodes, length, len(episodes), delay):
         batch = carry_state(make_batch(episodes, wins, length, delay, **batch_args), previous, wins, model)
         previous = run(batch)
-        yield batch, previous
+        yield wins, batch, previous
 
 
 def evaluate_stream(run, model: Model, episodes, length, delay, **batch_args) -> Metrics:
     metrics = Metrics()
-    for batch, out in stream_batches(model, episodes, length, delay, run, **batch_args):
+    for _, batch, out in stream_batches(model, episodes, length, delay, run, **batch_args):
         metrics.add(out, batch)
     return metrics
 
@@ -1600,7 +1613,11 @@ class TrainConfig:
                    "delay-min and delay-max apply only with online-robust"),
                   (self.max_grad_norm >= 0 and self.weight_decay >= 0, "max-grad-norm and weight-decay must be >= 0"),
                   (0 < self.distill_alpha <= 1 and self.distill_temperature > 0,
-                   "distillation needs 0 < alpha <= 1 and temperature > 0")]
+                   "distillation needs 0 < alpha <= 1 and temperature > 0"),
+                  (min(self.max_files, self.save_every, self.max_steps, self.warmup_steps, self.min_frames,
+                       self.budget_seconds) >= 0, "counts and limits must be >= 0"),
+                  (self.patience >= 1, "patience must be >= 1"),
+                  (not (self.early_stopping and self.val_split == 0), "early stopping needs a validation split")]
         for ok, message in checks:
             if not ok:
                 raise ExphilError(f"invalid training setting: {message}")
@@ -1628,20 +1645,10 @@ def _teacher_logits(teacher: str | os.PathLike, episodes: list[Episode]) -> tupl
     """The teacher's logits for every frame of every episode, from its window graph with the
     state carried from each game's start (what its step graph would output in play)."""
     model, _ = load_run(teacher)
-    sess = session(model.build().SerializeToString())
-    names, inputs = [o.name for o in sess.get_outputs()], [i.name for i in sess.get_inputs()]
     L, out = model.spec.window, [np.zeros((ep.frames, sum(HEADS.values())), np.float32) for ep in episodes]
-
-    def run(batch):
-        batch = with_zero_state(batch, model)
-        return dict(zip(names, sess.run(None, {n: batch[n] for n in inputs})))
-
-    plan = streams(episodes, L, len(episodes), -1)  # delay -1: every frame, targets unused
-    previous = None
-    for wins in plan:
-        batch = carry_state(make_batch(episodes, wins, L, -1), previous, wins, model)
-        previous = run(batch)
-        logits = np.concatenate([previous[h] for h in HEADS], -1)
+    # delay -1: windows cover every frame (their targets are not used)
+    for wins, _, result in stream_batches(model, episodes, L, -1, _window_runner(model)):
+        logits = np.concatenate([result[h] for h in HEADS], -1)
         for b, win in enumerate(wins):
             if win is not None:
                 i, s = win
@@ -1666,6 +1673,8 @@ def train(spec: Spec | str | os.PathLike | None = None, replays=None, out: str |
     else:
         if spec is None or replays is None:
             raise ExphilError("train needs a spec and replays")
+        if (out / "train" / "checkpoint").exists():
+            raise ExphilError(f"{out} already holds a run: continue it with --resume, or choose another --out")
         config = TrainConfig(**settings)
         spec = spec if isinstance(spec, Spec) else load_spec(spec)
     games, skipped = load_games(replays, cache, log, max_files=config.max_files)
@@ -1702,11 +1711,11 @@ def train(spec: Spec | str | os.PathLike | None = None, replays=None, out: str |
 
     teacher = None
     if config.teacher:
-        logits, teacher_model = _teacher_logits(config.teacher, train_eps + val_eps)
-        teacher_delay = json.loads((Path(config.teacher) / "run.json").read_text()).get("frame_delay", 0)
+        teacher_delay = load_run(config.teacher)[1].get("frame_delay", 0)
         if (d_lo, d_hi) != (teacher_delay, teacher_delay):
             raise ExphilError(f"teacher {config.teacher} was trained with frame delay {teacher_delay}; "
                               f"distill with the same --frame-delay (and without --online-robust)")
+        logits, teacher_model = _teacher_logits(config.teacher, train_eps + val_eps)
         teacher = {"temperature": config.distill_temperature, "train": logits[:len(train_eps)],
                    "val": logits[len(train_eps):], "model": teacher_model}
     distill = (config.distill_temperature, config.distill_alpha) if teacher else None
@@ -1715,6 +1724,10 @@ def train(spec: Spec | str | os.PathLike | None = None, replays=None, out: str |
     trainer = Trainer(model, out / "train", lr=config.lr, weight_decay=config.weight_decay,
                       max_grad_norm=config.max_grad_norm, distill=distill)
     progress = trainer.progress if resume else {}
+    if resume:  # drop rows of epochs the checkpoint does not include (killed after writing them)
+        rows = [l for l in (out / "metrics.jsonl").read_text().splitlines()
+                if l.strip() and json.loads(l)["epoch"] < progress.get("epoch", 1)]
+        (out / "metrics.jsonl").write_text("".join(r + "\n" for r in rows))
     stateful = config.stateful and bool(model.states)
     train_wins = windows(train_eps, L, d_hi)
 
@@ -1726,11 +1739,16 @@ def train(spec: Spec | str | os.PathLike | None = None, replays=None, out: str |
         return [[train_wins[i] for i in order[k:k + config.batch_size]]
                 for k in range(0, len(order), config.batch_size)]
 
-    def batch_for(wins, rng, eps_teacher):
+    def batch_for(wins, rng, eps_teacher, flipped):
         n = len(wins)
+        if not config.mirror_prob:
+            mirror = None
+        elif stateful:  # a stream keeps one side for a whole game: its state carries across windows
+            mirror = [w is not None and bool(flipped[w[0]]) for w in wins]
+        else:
+            mirror = rng.random(n) < config.mirror_prob
         return make_batch(train_eps, wins, L, rng.integers(d_lo, d_hi + 1, n) if d_hi > d_lo else d_lo,
-                          mirror=rng.random(n) < config.mirror_prob if config.mirror_prob else None,
-                          smoothing=config.label_smoothing, teacher=eps_teacher)
+                          mirror=mirror, smoothing=config.label_smoothing, teacher=eps_teacher)
 
     steps_per_epoch = len(plan(1))
     total_steps = steps_per_epoch * config.epochs
@@ -1741,7 +1759,7 @@ def train(spec: Spec | str | os.PathLike | None = None, replays=None, out: str |
     best = progress.get("best", {"val_loss": float("inf"), "epoch": 0})
     stale = progress.get("stale", 0)
     t_start, stopped = time.perf_counter(), progress.get("stopped")
-    carry_file = out / "train" / "carry.npz"
+    carry = lambda at: out / "train" / f"carry-{at}.npz"  # stateful: the state carried into step `at`
     log(f"{spec.name}: {len(train_games)} train games ({info['frames']['train']:,} frames), "
         f"{len(val_games)} validation games, {steps_per_epoch} steps of {config.batch_size} x {L} frames per epoch"
         + (f"; resuming at epoch {epoch}, step {step}" if progress else ""))
@@ -1750,12 +1768,15 @@ def train(spec: Spec | str | os.PathLike | None = None, replays=None, out: str |
         batches, metrics = plan(epoch), Metrics(progress.get("sums") if start else None)
         bar, t0, frames = Progress(len(batches) - start, f"epoch {epoch}/{config.epochs}", quiet), time.perf_counter(), 0
         previous = None
-        if stateful and start and carry_file.exists():
-            with np.load(carry_file) as z:
-                previous = dict(z) if int(z["step"]) == step else None
+        flipped = np.random.default_rng([config.seed, epoch, 1 << 30]).random(len(train_eps)) < config.mirror_prob
+        if stateful and start:
+            if not carry(step).exists():
+                raise ExphilError(f"{out}: the state carried into step {step} is missing; cannot resume exactly")
+            with np.load(carry(step)) as z:
+                previous = dict(z)
         for k in range(start, len(batches)):
             rng = np.random.default_rng([config.seed, epoch, k])
-            batch = batch_for(batches[k], rng, teacher and {**teacher, "logits": teacher["train"]})
+            batch = batch_for(batches[k], rng, teacher and {**teacher, "logits": teacher["train"]}, flipped)
             if stateful:
                 batch = carry_state(batch, previous, batches[k], model)
             previous = trainer.step(batch, config.learning_rate(step, total_steps))
@@ -1768,12 +1789,15 @@ def train(spec: Spec | str | os.PathLike | None = None, replays=None, out: str |
             if over:
                 stopped = "step or time budget reached"
             if config.save_every and step % config.save_every == 0 and k + 1 < len(batches) and not over:
-                if stateful:
-                    tmp = carry_file.with_suffix(".tmp.npz")
-                    np.savez(tmp, step=step, **{n: previous[n] for n in previous if n.startswith("state_out.")})
-                    os.replace(tmp, carry_file)
+                if stateful:  # written before the checkpoint that points at it; older ones after
+                    np.savez(carry(step).with_suffix(".tmp.npz"),
+                             **{n: v for n, v in previous.items() if n.startswith("state_out.")})
+                    os.replace(carry(step).with_suffix(".tmp.npz"), carry(step))
                 trainer.save_checkpoint({"step": step, "epoch": epoch, "batch": k + 1, "sums": metrics.sums,
                                          "best": best, "stale": stale})
+                for old in (out / "train").glob("carry-*.npz"):
+                    if old != carry(step):
+                        old.unlink()
             if over:
                 break
         bar.close()
@@ -1882,7 +1906,7 @@ def distillation_report(student_run: Path, episodes: list[Episode], logits: list
     student, _ = load_run(student_run)
     agree = {h: [0.0, 0.0] for h in HEADS}
     teacher = {"logits": logits, "temperature": 1.0}
-    for batch, out in stream_batches(student, episodes, student.spec.window, delay, _window_runner(student),
+    for _, batch, out in stream_batches(student, episodes, student.spec.window, delay, _window_runner(student),
                                      teacher=teacher):
         mask = batch["mask"] > 0
         for h in HEADS:
@@ -1958,8 +1982,8 @@ def select_providers(requested: str = "auto", available: Sequence[str] | None = 
 
 
 def session(path: str | os.PathLike | bytes, provider: str = "auto", threads: int = 1):
-    """An onnxruntime session tuned for latency: `threads` intra-op threads, full graph
-    optimisation, no spinning threads between calls when more than one thread is used."""
+    """An onnxruntime session tuned for latency: `threads` intra-op threads (one by default: no
+    thread pool to wake), sequential execution, full graph optimisation."""
     import onnxruntime as ort
 
     so = ort.SessionOptions()
@@ -2145,23 +2169,27 @@ class Agent:
 #   Meant for GPUs; onnxruntime's CPU provider runs it, slowly, through casts.
 
 def replay_frames(episodes: Sequence, max_frames: int):
-    """(t, cat, num) for the opening frames of every episode, in order, `max_frames` in all split
-    evenly between the episodes; t counts frames from the episode's start."""
+    """(t, cat, num, counted) for every frame of the episodes in order, t counting from each
+    episode's start; `counted` marks up to `max_frames` of them, spread evenly over the whole of
+    every game (after its countdown), where a measurement is taken. Every frame is yielded
+    because a recurrent graph must step through all of them."""
     per = max(1, max_frames // max(1, len(episodes)))
     for ep in episodes:
-        for t in range(min(per, ep.frames)):
-            yield t, ep.cat[t], ep.num[t]
+        start = min(123, ep.frames - 1)  # frame ids start at -123: the countdown before "GO"
+        every = max(1, -(-(ep.frames - start) // per))  # ceil: at most `per` marks per game
+        for t in range(ep.frames):
+            yield t, ep.cat[t], ep.num[t], t >= start and (t - start) % every == 0
 
 
-def calibration_feeds(model: str | os.PathLike | bytes, episodes: Sequence, count: int, every: int = 10):
-    """`count` step-graph inputs for static calibration: every `every`-th frame of the episodes
-    (spread over whole games, not just their openings), each with the state that the FP32 graph
-    carries into it from stepping through every frame before it."""
+def calibration_feeds(model: str | os.PathLike | bytes, episodes: Sequence, count: int):
+    """About `count` step-graph inputs for static calibration, spread over whole games, each
+    with the state that the FP32 graph carries into it from stepping through every frame
+    before it."""
     stepper = Stepper(model, "cpu")
-    for t, cat, num in replay_frames(episodes, count * every):
+    for t, cat, num, counted in replay_frames(episodes, count):
         if t == 0:
             stepper.reset()
-        if t % every == 0:
+        if counted:
             yield {"cat": cat[None], "num": num[None],
                    **{f"state_in.{n}": v.copy() for n, v in stepper.state.items()}}
         stepper(cat, num)
@@ -2241,15 +2269,16 @@ def quantize_step(model, mode: str = "dynamic", calibration=None):
     return out
 
 
-def agreement(reference: Stepper, other: Stepper, frames) -> tuple[dict[str, float], np.ndarray]:
+def agreement(reference: Stepper, other: Stepper, frames) -> tuple[dict[str, float], np.ndarray, int]:
     """Per-head top-1 agreement of two step graphs run side by side over frames in order (each
-    carrying its own state), and their per-call times in seconds [frames, 2].
+    carrying its own state) on the frames marked counted, their per-call times in seconds
+    [frames, 2], and how many frames were counted.
 
     Buttons agree when a logit has the same sign (pressed or not); the other heads when they
     pick the same class."""
     same = {h: [] for h in HEADS}
     times = []
-    for t, cat, num in frames:
+    for t, cat, num, counted in frames:
         if t == 0:
             reference.reset()
             other.reset()
@@ -2258,9 +2287,10 @@ def agreement(reference: Stepper, other: Stepper, frames) -> tuple[dict[str, flo
         t1 = time.perf_counter()
         b = other(cat, num)
         times.append((t1 - t0, time.perf_counter() - t1))
-        for h in HEADS:
-            same[h].append((a[h] > 0) == (b[h] > 0) if h == "buttons" else [a[h].argmax() == b[h].argmax()])
-    return {h: float(np.mean(np.concatenate(v))) for h, v in same.items()}, np.array(times)
+        if counted:
+            for h in HEADS:
+                same[h].append((a[h] > 0) == (b[h] > 0) if h == "buttons" else [a[h].argmax() == b[h].argmax()])
+    return {h: float(np.mean(np.concatenate(v))) for h, v in same.items()}, np.array(times), len(same["c_x"])
 
 
 def quantize_run(run: str | os.PathLike, mode: str = "dynamic", calibration_replays=None,
@@ -2295,9 +2325,9 @@ def quantize_run(run: str | os.PathLike, mode: str = "dynamic", calibration_repl
     precision = "fp16" if mode == "fp16" else "int8"
     fp32, low = Stepper(reference, provider), Stepper(proto.SerializeToString(), provider)
     log(f"comparing {precision} with fp32 on up to {max_frames} validation frames")
-    heads, times = agreement(fp32, low, replay_frames(val, max_frames))
+    heads, times, counted = agreement(fp32, low, replay_frames(val, max_frames))
     ms = times * 1e3
-    report = {"mode": mode, "precision": precision, "frames": len(times), "agreement": heads,
+    report = {"mode": mode, "precision": precision, "frames": counted, "agreement": heads,
               "min_agreement": min_agreement,
               "latency_ms": {name: {"p50": float(np.median(ms[:, i])), "p99": float(np.percentile(ms[:, i], 99))}
                              for i, name in enumerate(("fp32", precision))},
@@ -2307,7 +2337,7 @@ def quantize_run(run: str | os.PathLike, mode: str = "dynamic", calibration_repl
     worst = min(heads, key=heads.get)
     if heads[worst] < min_agreement:
         raise ExphilError(f"{mode} graph not written: head {worst!r} agrees with FP32 on "
-                          f"{heads[worst]:.2%} of {len(times)} frames (< {min_agreement:.2%})")
+                          f"{heads[worst]:.2%} of {counted} frames (< {min_agreement:.2%})")
     import onnx
 
     proto.metadata_props.add(key="exphil.quantize", value=json.dumps(report))
@@ -2350,29 +2380,37 @@ class Stats:
         [Stats] 30.1s | 58.5/60 fps | Inferences: 1802 | Conf: 0.72 | p99 0.41 ms
 
     fps, Conf and p99 (one inference: features -> step -> sample) cover the time since the last
-    line; Inferences counts from the start."""
+    line; Inferences counts from the start. The summary's percentiles cover the last hour."""
+
+    KEEP = 60 * 60 * FPS  # samples kept for the summary: memory stays flat however long the run
 
     def __init__(self):
         self.start = self._mark = time.perf_counter()
-        self.frames = self.games = self.errors = 0
-        self.inference_s, self.confidences, self.frame_s = [], [], []
-        self._seen = self._seen_frames = 0
+        self.frames = self.games = self.errors = self.inferences = 0
+        self.inference_s = collections.deque(maxlen=self.KEEP)
+        self.frame_s = collections.deque(maxlen=self.KEEP)
+        self._times, self._confs, self._seen_frames = [], [], 0
+
+    def inference(self, seconds: float, conf: float) -> None:
+        self.inferences += 1
+        self.inference_s.append(seconds)
+        self._times.append(seconds)
+        self._confs.append(conf)
 
     def line(self) -> str:
-        now, n = time.perf_counter(), len(self.inference_s)
+        now = time.perf_counter()
         fps = (self.frames - self._seen_frames) / max(now - self._mark, 1e-9)
-        times, confs = self.inference_s[self._seen:n], self.confidences[self._seen:n]
-        self._mark, self._seen, self._seen_frames = now, n, self.frames
-        conf = f"{np.mean(confs):.2f}" if confs else "-"
-        p99 = f"{np.percentile(times, 99) * 1e3:.2f}" if times else "-"
-        return (f"[Stats] {now - self.start:.1f}s | {fps:.1f}/{FPS} fps | Inferences: {n} | Conf: {conf} | "
-                f"p99 {p99} ms" + (f" | Errors: {self.errors}" if self.errors else ""))
+        conf = f"{np.mean(self._confs):.2f}" if self._confs else "-"
+        p99 = f"{np.percentile(self._times, 99) * 1e3:.2f}" if self._times else "-"
+        self._mark, self._seen_frames, self._times, self._confs = now, self.frames, [], []
+        return (f"[Stats] {now - self.start:.1f}s | {fps:.1f}/{FPS} fps | Inferences: {self.inferences} | "
+                f"Conf: {conf} | p99 {p99} ms" + (f" | Errors: {self.errors}" if self.errors else ""))
 
     def summary(self) -> dict:
         seconds = time.perf_counter() - self.start
         ms = lambda v, q: float(np.percentile(v, q) * 1e3) if v else None
         return {"seconds": seconds, "frames": self.frames, "fps": self.frames / seconds, "games": self.games,
-                "inferences": len(self.inference_s), "errors": self.errors,
+                "inferences": self.inferences, "errors": self.errors,
                 "inference_ms": {"p50": ms(self.inference_s, 50), "p99": ms(self.inference_s, 99)},
                 "frame_ms": {"p50": ms(self.frame_s, 50), "p99": ms(self.frame_s, 99)}}
 
@@ -2489,8 +2527,7 @@ class Runner:
         except Exception:
             self.agent.reset()  # a failed step may have left NaN in the carried state
             raise
-        self.stats.inference_s.append(time.perf_counter() - t0)
-        self.stats.confidences.append(confidence(logits, action))
+        self.stats.inference(time.perf_counter() - t0, confidence(logits, action))
         return action
 
     def _failed(self, e: Exception) -> None:
@@ -2625,6 +2662,10 @@ def play(run: str | os.PathLike, dolphin: str | os.PathLike, iso: str | os.PathL
     AsyncRunner, with `runner` settings) and close Dolphin at the end."""
     import melee
 
+    if connect_code and cpu_level:
+        raise ExphilError("--cpu-level and --connect-code exclude each other: a CPU or an online opponent")
+    if not Path(iso).is_file():
+        raise ExphilError(f"{iso}: no such ISO file")
     agent = Agent(run, provider=provider, precision=precision, temperature=temperature, deterministic=deterministic)
     try:
         console = melee.Console(path=str(dolphin))
@@ -2748,6 +2789,11 @@ CONFIG_FIELDS = {f.name for f in dataclasses.fields(TrainConfig)}
 
 def _run_training(args, preset: dict, **extra) -> RunResult:
     if args.resume:
+        given = [k for k, v in vars(args).items() if v not in (None, False) and k not in
+                 ("command", "out", "resume", "quiet", "distill_temperature", "distill_alpha")]
+        if given:
+            raise ExphilError("--resume continues a run with its own settings; drop "
+                              + ", ".join("--" + k.replace("_", "-") for k in given))
         return train(out=args.out, resume=True, quiet=args.quiet)
     flags = {k: v for k, v in vars(args).items() if v is not None}
     settings = {**preset, **flags, **extra}

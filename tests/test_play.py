@@ -123,7 +123,7 @@ class Flaky:
 
 def test_dynamic_int8_agrees_with_fp32_and_is_written(mlp_copy):
     report = exphil.quantize_run(mlp_copy, "dynamic", max_frames=3000, quiet=True)
-    assert report["frames"] == 3000 and report["precision"] == "int8"
+    assert 2700 <= report["frames"] <= 3000 and report["precision"] == "int8"
     assert set(report["agreement"]) == set(exphil.HEADS)
     assert min(report["agreement"].values()) >= 0.98  # the default threshold; the issue's target is 99%
     assert {"fp32", "int8"} == set(report["latency_ms"]) and report["latency_ms"]["int8"]["p50"] > 0
@@ -142,10 +142,11 @@ def test_agreement_measures_disagreement(mlp_copy, lstm_folder):
     """A graph agrees fully with itself, and far less with another model of other weights."""
     eps = exphil.load_replay(REPLAY)
     step = lambda folder: exphil.Stepper(folder / "step.onnx")
-    same, times = exphil.agreement(step(mlp_copy), step(mlp_copy), exphil.replay_frames(eps, 600))
-    assert set(same.values()) == {1.0} and times.shape == (600, 2)
+    same, times, counted = exphil.agreement(step(mlp_copy), step(mlp_copy), exphil.replay_frames(eps, 600))
+    assert set(same.values()) == {1.0} and times.shape == (sum(e.frames for e in eps), 2)
+    assert 540 <= counted <= 600  # spread over both whole games
     other = exphil.Model(exphil.load_spec(ROOT / "specs" / "mlp.toml"), seed=5).save(lstm_folder.parent / "mlp0")
-    differ, _ = exphil.agreement(step(mlp_copy), exphil.Stepper(other[1]), exphil.replay_frames(eps, 600))
+    differ, _, _ = exphil.agreement(step(mlp_copy), exphil.Stepper(other[1]), exphil.replay_frames(eps, 600))
     assert min(differ.values()) < 0.9
 
 
@@ -171,18 +172,20 @@ def test_static_int8_and_fp16_graphs(mlp_copy):
 
 
 def test_static_calibration_carries_the_recurrent_state(lstm_folder):
-    """Calibration feeds are every 10th real frame, each with the state the FP32 graph carries
-    into it from stepping through every frame before it."""
+    """Calibration feeds are real frames spread over whole games (after the countdown), each
+    with the state the FP32 graph carries into it from stepping through every frame before it."""
     eps = exphil.load_replay(REPLAY)
-    feeds = list(exphil.calibration_feeds(lstm_folder / "step.onnx", eps, 6, every=10))
-    assert len(feeds) == 6 and not any(v.any() for k, v in feeds[3].items() if k.startswith("state_in."))
+    feeds = list(exphil.calibration_feeds(lstm_folder / "step.onnx", eps, 6))
+    marks = [(i, t) for i, ep in enumerate(eps) for t, _, _, counted in exphil.replay_frames([ep], 3) if counted]
+    assert len(feeds) == len(marks) >= 6 and all(t >= 123 for _, t in marks)
+    assert max(t for _, t in marks) > eps[0].frames * 0.6  # not only the openings
+    i, t = marks[len(marks) // 2 + 1]  # a frame in the second game, after its first mark
+    feed = feeds[len(marks) // 2 + 1]
+    assert i == 1 and np.array_equal(feed["num"][0], eps[1].num[t])
     stepper = exphil.Stepper(lstm_folder / "step.onnx")
-    for t in range(25):  # the second episode's first 25 frames, from a zero state
-        stepper(eps[1].cat[t], eps[1].num[t])
-        if t in (9, 19):
-            feed = feeds[3 + (t + 1) // 10]
-            assert np.array_equal(feed["num"][0], eps[1].num[t + 1])
-            assert all(np.allclose(feed[f"state_in.{n}"], v, atol=1e-6) for n, v in stepper.state.items())
+    for k in range(t):
+        stepper(eps[1].cat[k], eps[1].num[k])
+    assert all(np.allclose(feed[f"state_in.{n}"], v, atol=1e-5) for n, v in stepper.state.items())
 
 
 def test_precision_and_provider_errors(mlp_copy):
@@ -330,15 +333,19 @@ def test_menus_between_games(tmp_path, lstm_folder):
 # ---- command line --------------------------------------------------------------------------------
 
 def test_cli(mlp_copy, capsys):
+    iso = mlp_copy.parent / "melee.iso"
+    assert exphil.main(["play", str(mlp_copy), "--dolphin", "/nowhere/dolphin", "--iso", str(iso)]) == 2
+    assert f"{iso}: no such ISO file" in capsys.readouterr().err
+    iso.write_bytes(b"stand-in")  # never read: the run stops before Dolphin would start
     assert exphil.main(["quantize", str(mlp_copy), "--max-frames", "1000", "--min-agreement", "1.01"]) == 2
     assert "graph not written" in capsys.readouterr().err
-    assert exphil.main(["play", str(mlp_copy), "--dolphin", "/nowhere/dolphin", "--iso", "melee.iso",
+    assert exphil.main(["play", str(mlp_copy), "--dolphin", "/nowhere/dolphin", "--iso", str(iso),
                  "--precision", "int8"]) == 2  # fails on the missing graph, before starting anything
     assert "no int8 step graph" in capsys.readouterr().err
-    assert exphil.main(["play", str(mlp_copy), "--dolphin", "/nowhere/dolphin", "--iso", "melee.iso"]) == 2
+    assert exphil.main(["play", str(mlp_copy), "--dolphin", "/nowhere/dolphin", "--iso", str(iso)]) == 2
     assert "/nowhere/dolphin: Unknown path" in capsys.readouterr().err
     assert exphil.main(["quantize", str(mlp_copy), "--max-frames", "1000"]) == 0
     out = capsys.readouterr().out
-    assert "step.int8.onnx: dynamic INT8, checked on 1000 validation frames" in out and "agreement with FP32" in out
+    assert re.search(r"step.int8.onnx: dynamic INT8, checked on 9\d\d validation frames", out) and "agreement with FP32" in out
     with pytest.raises(SystemExit):
         exphil.main(["play", str(mlp_copy), "--dolphin", "d", "--iso", "i", "--temperature", "0.5", "--deterministic"])

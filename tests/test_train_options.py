@@ -29,16 +29,17 @@ def cli_train(out, *extra):
             "--out", str(out), "--epochs", "2", "--batch-size", "8", "--hidden", "64", "--quiet", *extra]
 
 
-def test_killed_run_resumes_exactly(tmp_path):
+@pytest.mark.parametrize("mode", [[], ["--stateful", "--mirror-prob", "0.5"]], ids=["windows", "stateful"])
+def test_killed_run_resumes_exactly(tmp_path, mode):
     """SIGKILL a real training process mid-epoch, resume it: the result equals a run that was
-    never interrupted (same steps, optimizer state and data order), and the checkpoint it
-    resumed from was at most --save-every steps old."""
-    whole = subprocess.run(cli_train(tmp_path / "whole", "--save-every", "5"), capture_output=True, text=True)
+    never interrupted (same steps, optimizer state, data order and, in stateful training, the
+    carried state), and the checkpoint it resumed from was at most --save-every steps old."""
+    whole = subprocess.run(cli_train(tmp_path / "whole", "--save-every", "5", *mode), capture_output=True, text=True)
     assert whole.returncode == 0, whole.stderr
     total = json.loads((tmp_path / "whole" / "run.json").read_text())["steps"]
 
     out = tmp_path / "killed"
-    proc = subprocess.Popen(cli_train(out, "--save-every", "5"), stderr=subprocess.PIPE)
+    proc = subprocess.Popen(cli_train(out, "--save-every", "5", *mode), stderr=subprocess.PIPE)
     ckpt, deadline = out / "train" / "checkpoint", time.time() + 120
     while time.time() < deadline and proc.poll() is None:  # wait for the 2nd mid-epoch checkpoint
         if ckpt.exists() and _progress(ckpt).get("step", 0) >= 10:
@@ -72,6 +73,14 @@ def _progress(ckpt):
         except Exception:  # the file is being replaced right now
             time.sleep(0.02)
     return {}
+
+
+def test_a_run_folder_is_never_silently_reused(tmp_path, mlp_run):
+    with pytest.raises(exphil.ExphilError, match="already holds a run: continue it with --resume"):
+        exphil.train(SPEC / "mlp.toml", REPLAYS, out=mlp_run.path, quiet=True)
+    res = subprocess.run([sys.executable, "-m", "exphil", "train", "--resume", "--out", str(mlp_run.path),
+                          "--epochs", "5"], capture_output=True, text=True)
+    assert res.returncode == 2 and "--resume continues a run with its own settings; drop --epochs" in res.stderr
 
 
 def test_early_stopping_keeps_the_best_epoch(tmp_path):
