@@ -93,3 +93,41 @@ def test_stateful_training_records_whole_game_loss(tmp_path):
     final = run.info["final"]
     assert run.info["config"]["stateful"] and np.isfinite(final["val_stream_loss"])
     assert final["val_stream_loss"] < run.info["baseline_loss"]["total"]
+
+
+def test_metrics_count_f1_and_accuracy_over_unmasked_frames():
+    """Button F1 (micro, over all buttons) and top-1 accuracy, on frames with mask 1 only."""
+    k = exphil.HEADS
+    mask = np.array([[1, 1, 1, 0]], np.float32)
+    buttons = np.zeros((1, 4, 8), np.float32)
+    buttons[0, :, 0] = [1, 1, 0, 1]  # A held on frames 0, 1 and (masked) 3
+    logits = np.full((1, 4, 8), -5.0, np.float32)
+    logits[0, :, 0] = [5, -5, 5, 5]  # predicted on frames 0, 2, 3: TP 1, FN 1, FP 1 (frame 3 masked)
+    batch = {"mask": mask, "target.buttons": buttons}
+    out = {"loss": 2.0, "buttons": logits, **{f"loss.{h}": 1.0 if h == "buttons" else 0.2 for h in k}}
+    for h, n in k.items():
+        if h != "buttons":
+            batch[f"target.{h}"] = np.eye(n, dtype=np.float32)[[[3, 3, 3, 3]]]
+            out[h] = np.eye(n, dtype=np.float32)[[[3, 3, 4, 4]]]  # right on frames 0 and 1 only
+    m = exphil.Metrics()
+    m.add(out, batch)
+    r = m.result("val")
+    assert r["val_button_f1"] == pytest.approx(2 * 1 / (2 * 1 + 1 + 1), abs=1e-4)
+    assert all(v == pytest.approx(2 / 3, abs=1e-4) for v in r["val_accuracy"].values())  # rounded to 5 places
+    assert r["val_loss"] == pytest.approx(1.0 + 5 * 0.2) and r["val_heads"]["buttons"] == 1.0
+
+
+def test_stateful_training_feeds_the_carried_state(tmp_path, monkeypatch):
+    carried = []
+    original = exphil.carry_state
+
+    def spy(batch, previous, wins, model):
+        out = original(batch, previous, wins, model)
+        if previous is not None:
+            carried.append(max(float(np.abs(out[f"state_in.{n}"]).max()) for n, _ in model.states))
+        return out
+
+    monkeypatch.setattr(exphil, "carry_state", spy)
+    exphil.train(ROOT / "specs" / "gru.toml", REPLAYS, stateful=True, batch_size=4, max_steps=5, val_split=0.2,
+                 out=tmp_path / "run", quiet=True)
+    assert carried and max(carried) > 0  # later windows start from a real, non-zero state
