@@ -1,8 +1,17 @@
 """exphil: Super Smash Bros. Melee bots that learn from Slippi replays and play through Dolphin.
 
-One module, in the order data flows:
+One module, in the order data flows; each section starts with a banner line of "=":
 
-    specs -> compiler -> features/actions -> data -> training -> inference -> agent -> CLI
+    Specs              the TOML spec format (msgspec Structs) and its loader
+    Compiler           spec -> ONNX window graph and step graph (onnxscript), one class per layer kind
+    Features/actions   game state -> model inputs, controller <-> action classes (peppi-py and libmelee)
+    Data               replays -> cached per-game arrays -> training windows and batches
+    Training           onnxruntime-training: loss graph, Trainer, metrics, train(), evaluate(), distillation
+    Inference          onnxruntime sessions, providers, the Stepper, sampling
+    Agent              a trained run playing one frame at a time
+    Precision          INT8 and FP16 step graphs, checked against FP32
+    Play               the sync and async runners over libmelee's Console and Controller
+    Command line       `python -m exphil ...`
 
 * A backbone is a TOML spec (``specs/*.toml``) validated by msgspec.
 * The compiler turns a spec into two ONNX graphs that share every parameter name: a *window*
