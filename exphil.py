@@ -811,7 +811,6 @@ class ReplayError(ExphilError):
 
 class Game(NamedTuple):
     path: str
-    slippi_version: tuple      # (major, minor, build)
     stage: int                 # libmelee Stage value
     frame_ids: np.ndarray      # int32[T]
     players: dict              # libmelee port -> {field: array[T] (speeds: float32[T, 5])}
@@ -832,7 +831,7 @@ def _column(arr, what, default=None, dtype=None, *, keep, path):
     return arr.to_numpy(zero_copy_only=False)[keep]
 
 
-def read_replay(path, humans_only=True, finalized=False) -> Game:
+def read_replay(path, finalized=False) -> Game:
     """Parse a .slp file into per-frame arrays for its two players; ReplayError if unusable.
 
     finalized=False keeps the first version of rolled-back frames (as libmelee does),
@@ -851,7 +850,7 @@ def read_replay(path, humans_only=True, finalized=False) -> Game:
     start, frames = game.start, game.frames
     if len(start.players) != 2 or start.is_teams:
         raise ReplayError(path, f"not a 1v1: {len(start.players)} players, teams={start.is_teams}")
-    if humans_only and any(p.type != peppi_py.game.PlayerType.HUMAN for p in start.players):
+    if any(p.type != peppi_py.game.PlayerType.HUMAN for p in start.players):
         raise ReplayError(path, "not two human players: " + ", ".join(
             f"port {p.port.value + 1} is {p.type.name}" for p in start.players))
     if frames is None or len(frames.id) == 0 or len(frames.ports) != 2:
@@ -889,7 +888,7 @@ def read_replay(path, humans_only=True, finalized=False) -> Game:
             trigger=col(pre.triggers, "triggers"), buttons=col(pre.buttons_physical, "buttons"))
         if not all(np.isfinite(arrays[k]).all() for k in ("x", "y", "percent", "shield")):
             raise ReplayError(path, f"non-finite position/percent/shield at port {port}")
-    return Game(path, tuple(start.slippi.version), enums.to_internal_stage(start.stage).value,
+    return Game(path, enums.to_internal_stage(start.stage).value,
                 ids[keep], players)
 
 
@@ -2077,11 +2076,14 @@ def sample_action(logits: dict[str, np.ndarray], rng: np.random.Generator, tempe
     noise = np.log(u[:8] / (1 - u[:8]))
     gumbel = -np.log(-np.log(u[8:]))
     action = {"buttons": (b / temperature + noise > 0).astype(np.uint8)}
-    o = 0
-    for h, k in list(HEADS.items())[1:]:
-        action[h] = int(np.argmax(logits[h] / temperature + gumbel[o:o + k]))
-        o += k
+    for h, part in _CLASS_HEADS:
+        action[h] = int(np.argmax(logits[h] / temperature + gumbel[part]))
     return action
+
+
+# the categorical heads and their slice of the noise drawn after the 8 buttons (built once)
+_CLASS_HEADS = [(h, slice(o, o + k)) for (h, k), o in
+                zip(list(HEADS.items())[1:], np.cumsum([0, *list(HEADS.values())[1:]]))]
 
 
 # =================================================================================================
