@@ -5,9 +5,10 @@
     python bench.py --runs runs/lstm     # trained runs instead of random weights
     python bench.py --loop               # the full decision loop through libmelee (replay + FIFO)
     python bench.py --throughput         # training frames/s per spec (batch 64, window 60)
-    python bench.py --train --replays DIR --budget-seconds 120
-                                         # train every spec on the same games for the same time,
-                                         # then rank them (the architecture table)
+    python bench.py --train --replays DIR --max-steps 600
+                                         # train every spec on the same games for the same number
+                                         # of steps (or --budget-seconds), then rank them by their
+                                         # margin under the Markov baseline (the architecture table)
 
 Latency is the wall time of one step-graph call (batch 1, recurrent state carried), median (p50)
 and p99 over at least 300 calls after a warm-up (more when calls are fast). Verdicts against the
@@ -179,27 +180,48 @@ def train_throughput(spec: exphil.Spec, batch_size: int = 64, window: int = 60, 
     return {"step_s": step, "frames_per_s": batch_size * window / step, "batch_size": batch_size, "window": window}
 
 
-def architecture_table(paths: list[str], replays: str, budget_seconds: float, seed: int, batch_size: int) -> list[dict]:
-    """Train every spec on the same games with the same seed and time budget; rank by
-    validation loss."""
+def architecture_table(paths: list[str], replays: str, budget_seconds: float, seed: int, batch_size: int,
+                       max_steps: int = 0, frame_delay: int = 0) -> list[dict]:
+    """Train every spec on the same games with the same seed and the same number of optimizer
+    steps (or time budget); rank by the margin of the exported model's validation loss under
+    the Markov baseline. Copy and Markov are scored on the same validation frames."""
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for path in paths:
             spec = exphil.load_spec(path)
-            print(f"training {spec.name} for {budget_seconds:.0f} s ...", file=sys.stderr, flush=True)
+            print(f"training {spec.name} ({max_steps or 'unlimited'} steps, {budget_seconds or 'no'} s budget) ...",
+                  file=sys.stderr, flush=True)
             run = exphil.train(spec, replays, out=Path(tmp) / spec.name, epochs=10_000, seed=seed,
-                               batch_size=batch_size, budget_seconds=budget_seconds, quiet=True)
+                               batch_size=batch_size, budget_seconds=budget_seconds, max_steps=max_steps,
+                               frame_delay=frame_delay, quiet=True)
             history = [json.loads(l) for l in (run.path / "metrics.jsonl").read_text().splitlines()]
-            best = min(history, key=lambda r: r["val_loss"])
+            best = run.info["exported_metrics"]
             frames_done = sum(r["frames_per_s"] * r["seconds"] for r in history)
             latency = exphil.step_latency(exphil.load_run(run.path)[0])
             rows.append({"spec": spec.name, "val_loss": best["val_loss"], "val_stream_loss": best.get("val_stream_loss"),
-                         "button_f1": best["val_button_f1"], "accuracy": best["val_accuracy"],
+                         "markov_loss": best["val_markov"]["loss"],
+                         "margin": 1 - best["val_loss"] / best["val_markov"]["loss"],
+                         "button_f1": best["val_button_f1"], "copy_button_f1": best["val_copy"]["button_f1"],
+                         "accuracy": best["val_accuracy"], "copy_accuracy": best["val_copy"]["accuracy"],
+                         "change_accuracy": best["val_change"]["accuracy"],
                          "baseline_loss": run.info["baseline_loss"]["total"], "steps": run.info["steps"],
                          "train_frames_per_s": frames_done / sum(r["seconds"] for r in history),
                          "step_p50_ms": latency["p50_ms"], "step_p99_ms": latency["p99_ms"]})
-    rows.sort(key=lambda r: r["val_loss"])
+    rows.sort(key=lambda r: -r["margin"])
     return rows
+
+
+def print_architectures(rows: list[dict]) -> None:
+    print("| rank | spec | val loss | markov | margin | whole-game val loss | main_x (copy) | main_y (copy) | "
+          "button F1 (copy) | main_x on changes | steps | train frames/s | step p50 ms | 60 FPS |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for i, r in enumerate(rows, 1):
+        stream = f"{r['val_stream_loss']:.3f}" if r["val_stream_loss"] is not None else "-"
+        acc, copy = r["accuracy"], r["copy_accuracy"]
+        print(f"| {i} | {r['spec']} | {r['val_loss']:.3f} | {r['markov_loss']:.3f} | {100 * r['margin']:+.1f}% | "
+              f"{stream} | {acc['main_x']:.3f} ({copy['main_x']:.3f}) | {acc['main_y']:.3f} ({copy['main_y']:.3f}) | "
+              f"{r['button_f1']:.3f} ({r['copy_button_f1']:.3f}) | {r['change_accuracy']['main_x']:.3f} | {r['steps']} | "
+              f"{r['train_frames_per_s']:,.0f} | {r['step_p50_ms']:.3f} | {verdict(r['step_p99_ms'])} |")
 
 
 def machine() -> dict:
@@ -229,7 +251,11 @@ def main(argv=None) -> int:
     parser.add_argument("--throughput", action="store_true", help="training frames/s (batch 64, window 60)")
     parser.add_argument("--train", action="store_true", help="the architecture table (needs --replays)")
     parser.add_argument("--replays", help="replays for --train")
-    parser.add_argument("--budget-seconds", type=float, default=60, help="training time per spec for --train")
+    parser.add_argument("--max-steps", type=int, default=0,
+                        help="optimizer steps per spec for --train (comparable across machines)")
+    parser.add_argument("--budget-seconds", type=float, default=0,
+                        help="training time per spec for --train (0: no limit; one of the two is needed)")
+    parser.add_argument("--frame-delay", type=int, default=0, help="--train: frame t predicts frame t + 1 + D")
     parser.add_argument("--batch-size", type=int, default=32, help="batch size for --train")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", help="also write every number to this file")
@@ -242,15 +268,15 @@ def main(argv=None) -> int:
     if args.train:
         if not args.replays:
             parser.error("--train needs --replays")
-        rows = architecture_table(specs, args.replays, args.budget_seconds, args.seed, args.batch_size)
-        print(f"\nsame games, seed {args.seed}, {args.budget_seconds:.0f} s of training each "
-              f"(frequency baseline {rows[0]['baseline_loss']:.3f})\n")
-        print("| rank | spec | val loss | whole-game val loss | button F1 | train frames/s | step p50 ms | 60 FPS |")
-        print("|---|---|---|---|---|---|---|---|")
-        for i, r in enumerate(rows, 1):
-            stream = f"{r['val_stream_loss']:.3f}" if r["val_stream_loss"] is not None else "-"
-            print(f"| {i} | {r['spec']} | {r['val_loss']:.3f} | {stream} | {r['button_f1']:.3f} | "
-                  f"{r['train_frames_per_s']:,.0f} | {r['step_p50_ms']:.3f} | {verdict(r['step_p99_ms'])} |")
+        if not (args.max_steps or args.budget_seconds):
+            parser.error("--train needs --max-steps or --budget-seconds")
+        rows = architecture_table(specs, args.replays, args.budget_seconds, args.seed, args.batch_size,
+                                  args.max_steps, args.frame_delay)
+        print(f"\nsame games, seed {args.seed}, batch {args.batch_size}, "
+              + (f"{args.max_steps} optimizer steps" if args.max_steps else f"{args.budget_seconds:.0f} s")
+              + f" each, frame delay {args.frame_delay}; ranked by the margin of the validation loss under the "
+              f"Markov baseline (frequency baseline {rows[0]['baseline_loss']:.3f})\n")
+        print_architectures(rows)
         result["architectures"] = rows
     elif args.loop:
         sources = args.runs or (args.specs or [str(ROOT / "specs" / f"{n}.toml") for n in ("lstm", "mamba")])

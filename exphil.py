@@ -141,6 +141,10 @@ class Embeddings(_Strict):
 
 class Heads(_Strict):
     hidden: Annotated[int, msgspec.Meta(ge=0)] = 0  # width of a shared hidden layer (0 = none)
+    # add to each head's logits a learned row picked by the current controller's class (a
+    # "next input given current input" table, started at the training games' counts): the model
+    # starts at the Markov baseline and learns what changes the input
+    markov: bool = False
 
 
 class Spec(_Strict):
@@ -152,6 +156,9 @@ class Spec(_Strict):
     embed: Embeddings = Embeddings()
     final_norm: Norm = "layer"
     heads: Heads = Heads()
+    # in training only: zero this share of the input projection's and every block's outputs
+    # (scaled up to keep the mean); play and evaluation use the whole model
+    dropout: Annotated[float, msgspec.Meta(ge=0, lt=1)] = 0.0
 
     @property
     def layers(self) -> list[Block]:
@@ -212,6 +219,7 @@ class Graph:
         self.op = self.builder.op
         self.params = params
         self.length = length  # frames per window (1 in the step graph)
+        self.training = None  # the training graph's boolean input "training" (dropout on or off)
         self._values: dict[str, Any] = {}
 
     def param(self, name: str):
@@ -257,6 +265,13 @@ class Graph:
 
     def split(self, x, sizes: Sequence[int], axis: int = -1):
         return self.op.Split(x, self.const(list(sizes), np.int64), axis=axis, _outputs=len(sizes))
+
+    def dropout(self, x, rate: float):
+        """Dropout in the training graph (on in train steps, off in evaluation); elsewhere x."""
+        if self.training is None or not rate:
+            return x
+        y, _ = self.op.Dropout(x, self.const(rate), self.training, _outputs=2)  # the mask output: for its gradient
+        return y
 
     def silu(self, x):
         return self.op.Mul(x, self.op.Sigmoid(x))
@@ -589,6 +604,9 @@ class Model:
         if spec.heads.hidden:
             init.linear("heads.hidden", d, spec.heads.hidden)
         init.linear("heads.out", spec.heads.hidden or d, sum(HEADS.values()), scale=0.1)
+        if spec.heads.markov:
+            for h, k in HEADS.items():
+                init(f"heads.markov.{h}", np.zeros((2, 8) if h == "buttons" else (k, k)))
         self.params = init.params
         if params is not None:
             self.load(params)
@@ -603,9 +621,16 @@ class Model:
                                   f"{params[k].shape}, spec needs {v.shape}")
             self.params[k] = np.asarray(params[k], dtype=np.float32)
 
-    def start_from_frequencies(self, freqs: dict[str, list[float]]) -> None:
-        """Set the output biases so that an untrained model predicts the label frequencies
-        (its loss starts at the frequency baseline instead of far above it)."""
+    def start_from_baselines(self, freqs: dict[str, list[float]], markov: dict[str, list] | None = None) -> None:
+        """Set the output biases so that an untrained model predicts the label frequencies (its
+        loss starts at the frequency baseline instead of far above it); with the spec's Markov
+        table heads, set those to the counted table instead (it starts at the Markov baseline)."""
+        if self.spec.heads.markov and markov is not None:
+            for h in HEADS:
+                p = np.asarray(markov[h], np.float64)  # smoothed counts: strictly inside (0, 1)
+                self.params[f"heads.markov.{h}"] = (np.log(p / (1 - p)) if h == "buttons" else np.log(p)).astype(np.float32)
+            self.params["heads.out.bias"] = np.zeros_like(self.params["heads.out.bias"])
+            return
         bias = []
         for h, n in HEADS.items():
             p = np.clip(np.asarray(freqs[h], np.float64), 1e-4, 1 - 1e-4)
@@ -627,29 +652,56 @@ class Model:
         for i, (_, table) in enumerate(CAT_FIELDS):
             ids = op.Gather(cat, g.const(i, np.int64), axis=2)
             feats.append(op.Gather(g.param(f"embed.{table}"), ids, axis=0))
-        x = g.linear(op.Concat(*feats, num, axis=-1), "in_proj")
+        x = g.dropout(g.linear(op.Concat(*feats, num, axis=-1), "in_proj"), spec.dropout)
         new_state = {}
         for i, (block, mixer) in enumerate(self.layers):
             own = {s: state[f"{mixer.name}.{s}"] for s, _ in mixer.states}
             y, out = mixer(g, g.norm(block.norm, x, f"layers.{i}.norm"), own)
+            y = g.dropout(y, spec.dropout)
             new_state.update({f"{mixer.name}.{s}": v for s, v in out.items()})
             x = op.Add(x, y) if block.residual else y
             if block.ffn:
                 h = g.norm("layer", x, f"layers.{i}.ffn_norm")
                 h = g.linear(g.activation("gelu", g.linear(h, f"layers.{i}.ffn.up")), f"layers.{i}.ffn.down")
-                x = op.Add(x, h)
+                x = op.Add(x, g.dropout(h, spec.dropout))
         x = g.norm(spec.final_norm, x, "final_norm")
         if spec.heads.hidden:
             x = g.activation("gelu", g.linear(x, "heads.hidden"))
-        return g.linear(x, "heads.out"), new_state
+        logits = g.linear(x, "heads.out")
+        if spec.heads.markov:
+            logits = op.Add(logits, self.markov_logits(g, num))
+        return logits, new_state
 
-    def build(self, length: int | None = None, step: bool = False, extra=None):
+    def markov_logits(self, g: Graph, num):
+        """[B, L, sum(HEADS)]: per head, the row of its table picked by the current controller's
+        class, recovered from the controller features exactly as the labels encode it."""
+        op = g.op
+        ctrl = op.Slice(num, g.const([_CTRL], np.int64), g.const([_CTRL + 13], np.int64), g.const([-1], np.int64))
+        buttons, *analog = g.split(ctrl, [8, 1, 1, 1, 1, 1])
+        table = g.param("heads.markov.buttons")
+        released = op.Gather(table, g.const(0, np.int64), axis=0)
+        pressed = op.Gather(table, g.const(1, np.int64), axis=0)
+        parts = [op.Add(released, op.Mul(buttons, op.Sub(pressed, released)))]
+        last = g.const([-1], np.int64)
+        for (h, k), v in zip(list(HEADS.items())[1:], analog):
+            if h != "shoulder":  # the feature is (v - 0.5) * 2 for a stick value v in 0..1
+                v = op.Add(op.Mul(v, 0.5), 0.5)
+            cls = op.Round(op.Clip(op.Mul(v, float(k - 1)), g.const(0.0), g.const(float(k - 1))))
+            ids = op.Squeeze(op.Cast(cls, to=g.ir.DataType.INT64), last)
+            parts.append(op.Gather(g.param(f"heads.markov.{h}"), ids, axis=0))
+        return op.Concat(*parts, axis=-1)
+
+    def build(self, length: int | None = None, step: bool = False, extra=None, training: bool = False):
         """The window graph over `length` frames (default: the spec's window), or the step graph.
 
-        `extra(g, heads, new_state)` may add inputs and outputs first (the training loss does)."""
+        `extra(g, heads, new_state)` may add inputs and outputs first (the training loss does).
+        training=True: the graph for onnxruntime-training, with a boolean input "training" that
+        switches the spec's dropout on (train steps) or off (evaluation), when it has any."""
         length = 1 if step else (length or self.spec.window)
         g = Graph(self.params, length, f"{self.spec.name}.{'step' if step else 'window'}")
         op = g.op
+        if training and self.spec.dropout:
+            g.training = g.input("training", "BOOL", [])
         C, F = len(CAT_FIELDS), len(NUM_FIELDS)
         if step:
             axis1 = g.const([1], np.int64)
@@ -1208,12 +1260,17 @@ MIRROR_HEADS = ("main_x", "c_x")
 
 def make_batch(episodes: list[Episode], wins: Sequence[tuple[int, int] | None], length: int,
                delay: int | Sequence[int] = 0, mirror: Sequence[bool] | None = None, smoothing: float = 0.0,
-               teacher: dict | None = None) -> dict[str, np.ndarray]:
-    """Inputs, targets (probabilities) and a 0/1 mask (padding past an episode's end) for
-    windows; a window given as None is all padding.
+               teacher: dict | None = None, change_weight: float = 1.0,
+               controller_dropout: tuple[float, int] | None = None) -> dict[str, np.ndarray]:
+    """Inputs, targets (probabilities), a frame mask (0 for padding past an episode's end) and
+    each frame's current controller classes `current.<head>` (what "repeat the current input"
+    predicts) for windows; a window given as None is all padding.
 
     delay: per batch or per window (frame t predicts the controller at t + 1 + delay).
     mirror: per window, flip left and right. smoothing: label smoothing of the targets.
+    change_weight: the mask (the loss weight) of frames whose target differs from the current
+    controller in any head. controller_dropout (p, seed): zero the current-controller inputs of
+    a random share p of the frames.
     teacher: {"logits": per-episode [T, sum(HEADS)] arrays, "temperature": T} adds the
     teacher's soft targets `soft.<head>` (distillation)."""
     B, C, F = len(wins), len(CAT_FIELDS), len(NUM_FIELDS)
@@ -1221,6 +1278,7 @@ def make_batch(episodes: list[Episode], wins: Sequence[tuple[int, int] | None], 
     batch = {"cat": np.zeros((B, length, C), np.int64), "num": np.zeros((B, length, F), np.float32),
              "mask": np.zeros((B, length), np.float32)}
     labels = {h: np.zeros((B, length) + ((8,) if h == "buttons" else ()), np.int64) for h in HEADS}
+    current = {h: np.zeros_like(v) for h, v in labels.items()}
     soft = teacher and np.zeros((B, length, sum(HEADS.values())), np.float32)
     for b, win in enumerate(wins):
         if win is None:  # padding: an idle stream in stateful training
@@ -1235,6 +1293,7 @@ def make_batch(episodes: list[Episode], wins: Sequence[tuple[int, int] | None], 
         batch["mask"][b, :n] = 1
         for h in HEADS:
             labels[h][b, :n] = ep.labels[h][s + 1 + d:s + 1 + d + n]
+            current[h][b, :n] = ep.labels[h][s:s + n]
         if teacher:
             soft[b, :n] = teacher["logits"][i][s:s + n]
     if mirror is not None and np.any(mirror):
@@ -1242,7 +1301,15 @@ def make_batch(episodes: list[Episode], wins: Sequence[tuple[int, int] | None], 
         batch["num"][flip] *= MIRROR_SIGN
         for h in MIRROR_HEADS:
             labels[h][flip] = 16 - labels[h][flip]
+            current[h][flip] = 16 - current[h][flip]
+    if controller_dropout:  # hide the current controller on some frames (the model must not just copy it)
+        rng = np.random.default_rng(controller_dropout[1])
+        batch["num"][..., _CTRL:][rng.random((B, length)) < controller_dropout[0]] = 0
+    if change_weight != 1:  # key frames: the controller changes between the current and the target frame
+        changed = np.any([(labels[h] != current[h]).reshape(B, length, -1).any(-1) for h in HEADS], axis=0)
+        batch["mask"] *= np.where(changed, np.float32(change_weight), np.float32(1))
     for h, k in HEADS.items():
+        batch[f"current.{h}"] = current[h]
         y = labels[h].astype(np.float32) if h == "buttons" else np.eye(k, dtype=np.float32)[labels[h]]
         batch[f"target.{h}"] = y * (1 - smoothing) + smoothing / (2 if h == "buttons" else k) if smoothing else y
     if teacher:
@@ -1294,20 +1361,45 @@ def carry_state(batch: dict, previous: dict | None, wins: Sequence, model: Model
     return batch
 
 
+def _pairs(episodes: list[Episode], head: str, delay: int) -> tuple[np.ndarray, np.ndarray]:
+    """Every (current controller, target) pair of a head: frame t and frame t + 1 + delay."""
+    cur = [ep.labels[head][:max(ep.frames - 1 - delay, 0)] for ep in episodes]
+    nxt = [ep.labels[head][1 + delay:] for ep in episodes]
+    return np.concatenate(cur), np.concatenate(nxt)
+
+
 def label_frequencies(episodes: list[Episode], delay: int = 0) -> dict[str, list[float]]:
     """Per head: how often each button is pressed / each class occurs among training targets."""
     freqs = {}
     for h, k in HEADS.items():
-        y = np.concatenate([ep.labels[h][1 + delay:] for ep in episodes])
+        y = _pairs(episodes, h, delay)[1]
         freqs[h] = (y.mean(0) if h == "buttons" else (np.bincount(y, minlength=k) + 1) / (len(y) + k)).tolist()
     return freqs
 
 
+def markov_tables(episodes: list[Episode], delay: int = 0) -> dict[str, list]:
+    """The "next input given current input" count table of each head, on training episodes:
+    buttons [2, 8] (P(pressed at the target frame) given not pressed / pressed now), sticks
+    and shoulder [k, k] (row: current class, P(target class)); add-one smoothed."""
+    tables = {}
+    for h, k in HEADS.items():
+        cur, nxt = _pairs(episodes, h, delay)
+        if h == "buttons":
+            pressed = np.stack([(nxt * (cur == s)).sum(0) for s in (0, 1)])
+            seen = np.stack([(cur == s).sum(0) for s in (0, 1)])
+            tables[h] = ((pressed + 1) / (seen + 2)).tolist()
+        else:
+            counts = np.zeros((k, k))
+            np.add.at(counts, (cur, nxt), 1)
+            tables[h] = ((counts + 1 / k) / (counts.sum(1, keepdims=True) + 1)).tolist()
+    return tables
+
+
 def frequency_loss(freqs: dict[str, list[float]], episodes: list[Episode], delay: int = 0) -> dict[str, float]:
-    """The loss of always predicting `freqs` on these episodes: the bar a model must beat."""
+    """The loss of always predicting `freqs` on these episodes."""
     out = {}
     for h in HEADS:
-        y, q = np.concatenate([ep.labels[h][1 + delay:] for ep in episodes]), np.asarray(freqs[h])
+        y, q = _pairs(episodes, h, delay)[1], np.asarray(freqs[h])
         if h == "buttons":
             p = q.clip(1e-6, 1 - 1e-6)
             out[h] = float(-(y * np.log(p) + (1 - y) * np.log(1 - p)).sum(1).mean())
@@ -1420,7 +1512,7 @@ class Trainer:
             tmp.mkdir(parents=True)
             clip = onnxblock.optim.ClipGradNorm(max_grad_norm) if max_grad_norm else None
             with _quiet_fd2():
-                artifacts.generate_artifacts(model.build(self.length, extra=loss_graph(distill)),
+                artifacts.generate_artifacts(model.build(self.length, extra=loss_graph(distill), training=True),
                                              requires_grad=sorted(model.params), loss=None,
                                              optimizer=onnxblock.optim.AdamW(weight_decay=weight_decay,
                                                                              clip_grad=clip),
@@ -1438,8 +1530,8 @@ class Trainer:
         self.inputs = self.module.input_names()
         self.outputs = self.module.output_names()
 
-    def _run(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        batch = with_zero_state(batch, self.model)
+    def _run(self, batch: dict[str, np.ndarray], training: bool) -> dict[str, np.ndarray]:
+        batch = {**with_zero_state(batch, self.model), "training": np.array(training)}
         return dict(zip(self.outputs, self.module(*[batch[n] for n in self.inputs])))
 
     def step(self, batch: dict[str, np.ndarray], lr: float | None = None) -> dict[str, np.ndarray]:
@@ -1447,14 +1539,14 @@ class Trainer:
         if lr is not None:
             self.optimizer.set_learning_rate(lr)
         self.module.train()
-        out = self._run(batch)
+        out = self._run(batch, True)
         self.optimizer.step()
         self.module.lazy_reset_grad()
         return out
 
     def evaluate(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         self.module.eval()
-        return self._run(batch)
+        return self._run(batch, False)
 
     def params(self) -> dict[str, np.ndarray]:
         return {n: self.state.parameters[n].data for n in self.model.params}
@@ -1476,46 +1568,167 @@ class Trainer:
         os.replace(tmp, self.dir / "checkpoint")
 
 
-class Metrics:
-    """Loss (total and per head), button F1 and top-1 accuracy of the other heads, over frames."""
+# decision thresholds of a button's probability among which a run picks its own (on training frames)
+BUTTON_THRESHOLDS = (0.5, 0.45, 0.4, 0.35, 0.3, 0.25, 0.2, 0.15, 0.1)
 
-    def __init__(self, sums: dict | None = None):
+
+def _logit(p: float) -> float:
+    return math.log(p / (1 - p))
+
+
+def _bce(p, y):
+    p = np.clip(p, 1e-6, 1 - 1e-6)
+    return -(y * np.log(p) + (1 - y) * np.log(1 - p))
+
+
+class Metrics:
+    """Loss (total and per head), button F1 and top-1 accuracy of the other heads over frames,
+    and the same on the same frames for the baselines a model must beat:
+
+    * copy: "repeat the current input" (the target equals the controller of the current frame,
+      which the model sees as an input): button F1 and top-1 per head;
+    * markov: the "next input given current input" count table of the training games
+      (`markov_tables`): loss per head and total;
+    * frequency: always the training games' label frequencies: loss, and the top-1 of always
+      the most common class;
+    * change frames: the model's top-1 per head on the frames whose target differs from the
+      current input, and its accuracy on the button entries that change.
+
+    A button counts as pressed when its probability is above `button_threshold` (one of
+    BUTTON_THRESHOLDS); button F1 is also counted at every one of those thresholds, so that a
+    run can choose its threshold on training frames (`best_button_threshold`).
+    `baselines` = {"frequency": label_frequencies(...), "markov": markov_tables(...)}."""
+
+    def __init__(self, sums: dict | None = None, baselines: dict | None = None, button_threshold: float = 0.5):
+        if button_threshold not in BUTTON_THRESHOLDS:
+            raise ValueError(f"button threshold {button_threshold} is not one of {BUTTON_THRESHOLDS}")
         self.sums = sums or {}
+        self.baselines = baselines
+        self.button_threshold = button_threshold
+
+    def _count(self, key: str, value) -> None:
+        self.sums[key] = self.sums.get(key, 0.0) + float(value)
 
     def add(self, out: dict[str, np.ndarray], batch: dict[str, np.ndarray]) -> None:
         mask = batch["mask"] > 0
         frames = float(mask.sum())
-        acc = self.sums
-        acc["frames"] = acc.get("frames", 0.0) + frames
+        self._count("frames", frames)
         for name in ["loss", *(f"loss.{h}" for h in HEADS), *(["kl"] if "kl" in out else [])]:
-            acc[name] = acc.get(name, 0.0) + float(out[name]) * frames
-        pred, true = out["buttons"][mask] > 0, batch["target.buttons"][mask] > 0.5
-        for key, value in (("tp", pred & true), ("fp", pred & ~true), ("fn", ~pred & true)):
-            acc[key] = acc.get(key, 0.0) + float(value.sum())
+            self._count(name, float(out[name]) * frames)
         for h in HEADS:
-            if h != "buttons":
-                hit = out[h][mask].argmax(-1) == batch[f"target.{h}"][mask].argmax(-1)
-                acc[f"hit.{h}"] = acc.get(f"hit.{h}", 0.0) + float(hit.sum())
+            true = batch[f"target.{h}"][mask]
+            true = true > 0.5 if h == "buttons" else true.argmax(-1)
+            if h == "buttons":
+                for t in BUTTON_THRESHOLDS:
+                    self._score(h, f"{t}.", out[h][mask] > _logit(t), true)
+            pred = out[h][mask] > _logit(self.button_threshold) if h == "buttons" else out[h][mask].argmax(-1)
+            if f"current.{h}" not in batch:  # batches made without make_batch: no baselines
+                self._score(h, "", pred, true)
+                continue
+            current = batch[f"current.{h}"][mask]
+            if h == "buttons":
+                current = current > 0
+            changed = current != true
+            self._score(h, "", pred, true, changed)
+            self._score(h, "copy.", current, true)
+            if self.baselines:
+                self._baseline_losses(h, current, true)
+
+    def _score(self, h, who, pred, true, changed=None) -> None:
+        if h == "buttons":
+            for key, value in (("tp", pred & true), ("fp", pred & ~true), ("fn", ~pred & true)):
+                self._count(who + key, value.sum())
+        else:
+            self._count(f"{who}hit.{h}", (pred == true).sum())
+        if changed is not None:
+            self._count(f"change.n.{h}", changed.sum())
+            self._count(f"change.hit.{h}", ((pred == true) & changed).sum())
+
+    def _baseline_losses(self, h, current, true) -> None:
+        freq, table = np.asarray(self.baselines["frequency"][h]), np.asarray(self.baselines["markov"][h])
+        if h == "buttons":
+            y = true.astype(np.float64)
+            self._count(f"frequency.loss.{h}", _bce(freq, y).sum())
+            self._count(f"markov.loss.{h}", _bce(table[current.astype(np.int64), np.arange(8)], y).sum())
+        else:
+            self._count(f"frequency.loss.{h}", -np.log(freq[true]).sum())
+            self._count(f"frequency.hit.{h}", (true == freq.argmax()).sum())
+            self._count(f"markov.loss.{h}", -np.log(table[current, true]).sum())
+
+    def best_button_threshold(self) -> float:
+        """The threshold of BUTTON_THRESHOLDS with the highest button F1 on these frames."""
+        f1 = {t: self._f1(f"{t}.") for t in BUTTON_THRESHOLDS}
+        return max(BUTTON_THRESHOLDS, key=lambda t: (f1[t], t))
+
+    def _f1(self, who: str) -> float:
+        tp, fp, fn = (self.sums.get(who + k, 0.0) for k in ("tp", "fp", "fn"))
+        return round(2 * tp / max(2 * tp + fp + fn, 1.0), 5)
 
     def result(self, prefix: str) -> dict:
         acc, n = self.sums, max(self.sums.get("frames", 0.0), 1.0)
-        tp, fp, fn = (acc.get(k, 0.0) for k in ("tp", "fp", "fn"))
-        # the hard loss (label cross-entropy), comparable with the frequency baseline; with
-        # distillation the optimised loss also mixes in the KL and is reported apart
+        f1 = self._f1
+        top1 = lambda who: {h: round(acc.get(f"{who}hit.{h}", 0.0) / n, 5) for h in HEADS if h != "buttons"}
+        # the hard loss (label cross-entropy), comparable with the baselines; with distillation
+        # the optimised loss also mixes in the KL and is reported apart
         hard = sum(acc.get(f"loss.{h}", 0.0) for h in HEADS) if "frames" in acc else float("nan")
         out = {f"{prefix}_loss": hard / n,
                f"{prefix}_heads": {h: round(acc.get(f"loss.{h}", 0.0) / n, 5) for h in HEADS},
-               f"{prefix}_button_f1": round(2 * tp / max(2 * tp + fp + fn, 1.0), 5),
-               f"{prefix}_accuracy": {h: round(acc.get(f"hit.{h}", 0.0) / n, 5) for h in HEADS if h != "buttons"}}
+               f"{prefix}_button_f1": f1(""), f"{prefix}_button_threshold": self.button_threshold,
+               f"{prefix}_button_f1_by_threshold": {str(t): f1(f"{t}.") for t in BUTTON_THRESHOLDS},
+               f"{prefix}_accuracy": top1(""),
+               f"{prefix}_frames": int(acc.get("frames", 0))}
+        if "change.n.main_x" in acc:
+            out[f"{prefix}_change"] = {
+                "frames": {h: int(acc[f"change.n.{h}"]) for h in HEADS},
+                "accuracy": {h: round(acc[f"change.hit.{h}"] / max(acc[f"change.n.{h}"], 1.0), 5) for h in HEADS}}
+            out[f"{prefix}_copy"] = {"button_f1": f1("copy."), "accuracy": top1("copy.")}
+        for who in ("markov", "frequency"):
+            if f"{who}.loss.main_x" in acc:
+                heads = {h: round(acc[f"{who}.loss.{h}"] / n, 5) for h in HEADS}
+                out[f"{prefix}_{who}"] = {"loss": round(sum(heads.values()), 5), "heads": heads}
+        if "frequency.hit.main_x" in acc:
+            out[f"{prefix}_frequency"]["accuracy"] = top1("frequency.")  # always the most common class
         if "kl" in acc:
             out[f"{prefix}_kl"] = acc["kl"] / n
             out[f"{prefix}_distill_loss"] = acc["loss"] / n
         return out
 
 
-def evaluate_batches(run, batches) -> Metrics:
-    """Metrics of `run(batch) -> outputs` over batches (an iterable of input dicts)."""
-    metrics = Metrics()
+def summary_line(result: dict, prefix: str) -> str:
+    """A model's headline metrics beside its baselines on the same frames, e.g.
+    `val loss 1.567 (markov 1.635, -4.2%) | main_x 0.848 (copy 0.857) | buttons F1 0.871 (copy 0.887) | ...`"""
+    r = lambda key: result.get(f"{prefix}_{key}")
+    loss, markov, copy, change = r("loss"), r("markov"), r("copy"), r("change")
+    parts = [f"{prefix} loss {loss:.3f}" + (f" (markov {markov['loss']:.3f}, {100 * (loss / markov['loss'] - 1):+.1f}%)"
+                                           if markov else "")]
+    for h in ("main_x", "main_y"):
+        parts.append(f"{h} {r('accuracy')[h]:.3f}" + (f" (copy {copy['accuracy'][h]:.3f})" if copy else ""))
+    threshold = r("button_threshold")
+    parts.append(f"buttons F1 {r('button_f1'):.3f}" + (f" at p > {threshold}" if threshold not in (None, 0.5) else "")
+                 + (f" (copy {copy['button_f1']:.3f})" if copy else ""))
+    if change:
+        parts.append("change frames: " + " ".join(f"{h} {change['accuracy'][h]:.2f}" for h in ("main_x", "main_y", "buttons")))
+    return " | ".join(parts)
+
+
+def scoreboard(res: dict) -> str:
+    """Per head: the model's loss and top-1 (buttons: F1) beside copy, Markov and frequency on
+    the same frames, and its top-1 on change frames; `res` as `evaluate` returns it."""
+    rows = ["  head       loss  markov  frequency   top-1   copy  most-common  on change frames"]
+    for h in HEADS:
+        get = lambda who, key: (res.get(who) or {}).get(key, {}).get(h, float("nan"))
+        top1 = res["button_f1"] if h == "buttons" else res["accuracy"][h]
+        copy = (res.get("copy") or {}).get("button_f1", float("nan")) if h == "buttons" else get("copy", "accuracy")
+        rows.append(f"  {h:<9}{res['heads'][h]:>6.3f}{get('markov', 'heads'):>8.3f}{get('frequency', 'heads'):>11.3f}"
+                    f"{top1:>8.3f}{copy:>7.3f}{get('frequency', 'accuracy'):>13.3f}{get('change', 'accuracy'):>18.3f}")
+    rows.append("  (buttons: F1 instead of top-1; on change frames, the share of changing button entries right)")
+    return "\n".join(rows)
+
+
+def evaluate_batches(run, batches, metrics: Metrics | None = None) -> Metrics:
+    """Metrics of `run(batch) -> outputs` over batches (an iterable of input dicts), added to
+    `metrics` (default: a new Metrics without baselines)."""
+    metrics = metrics or Metrics()
     for batch in batches:
         metrics.add(run(batch), batch)
     return metrics
@@ -1531,8 +1744,9 @@ def stream_batches(model: Model, episodes, length, delay, run, **batch_args):
         yield wins, batch, previous
 
 
-def evaluate_stream(run, model: Model, episodes, length, delay, **batch_args) -> Metrics:
-    metrics = Metrics()
+def evaluate_stream(run, model: Model, episodes, length, delay, metrics: Metrics | None = None,
+                    **batch_args) -> Metrics:
+    metrics = metrics or Metrics()
     for _, batch, out in stream_batches(model, episodes, length, delay, run, **batch_args):
         metrics.add(out, batch)
     return metrics
@@ -1586,11 +1800,13 @@ class TrainConfig:
     label_smoothing: float = 0.0
     val_split: float = 0.2
     seed: int = 0
-    frame_delay: int = 0  # predict the controller 1 + frame_delay frames ahead
+    frame_delay: int = 0  # frame t predicts the controller at frame t + 1 + frame_delay
     online_robust: bool = False  # a random delay in [delay_min, delay_max] per window instead
     delay_min: int = 0
     delay_max: int = 0
     mirror_prob: float = 0.0
+    change_weight: float = 1.0  # loss weight of frames whose target differs from the current input
+    controller_dropout: float = 0.0  # share of training frames whose current-controller inputs are zeroed
     stateful: bool = False
     save_every: int = 0  # also checkpoint every N steps (0: at the end of each epoch only)
     early_stopping: bool = False
@@ -1613,6 +1829,8 @@ class TrainConfig:
                   (0 <= self.val_split < 1, "val-split must be in [0, 1)"),
                   (0 <= self.label_smoothing < 1, "label-smoothing must be in [0, 1)"),
                   (0 <= self.mirror_prob <= 1, "mirror-prob must be in [0, 1]"),
+                  (0 <= self.controller_dropout <= 1, "controller-dropout must be in [0, 1]"),
+                  (0 < self.change_weight < 1e6, "change-weight must be > 0"),
                   (self.frame_delay >= 0 and 0 <= self.delay_min <= self.delay_max,
                    "delays must be >= 0 and delay-min <= delay-max"),
                   (not (self.online_robust and self.frame_delay), "with online-robust, set delay-min and "
@@ -1701,15 +1919,18 @@ def train(spec: Spec | str | os.PathLike | None = None, replays=None, out: str |
         raise ExphilError(f"{out}: the replays found now differ from the run's; cannot resume exactly")
     L, (d_lo, d_hi) = spec.window, config.delays
     freqs = label_frequencies(train_eps, d_lo)
+    baselines = {"frequency": freqs, "markov": markov_tables(train_eps, d_lo)}  # counted on training games only
     baseline = frequency_loss(freqs, val_eps, d_lo) if val_eps else None
     info = {
         "exphil": __version__, "spec": spec.name, "feature_version": FEATURE_VERSION,
         "config": dataclasses.asdict(config), "frame_delay": d_lo,
-        "delay_range": [d_lo, d_hi],
+        "delay_range": [d_lo, d_hi], "target": "frame t predicts the controller at frame t + "
+                                               + (f"{1 + d_lo}" if d_lo == d_hi else f"{1 + d_lo}..{1 + d_hi}"),
         "replays": {"source": [str(r) for r in ([replays] if isinstance(replays, (str, os.PathLike)) else replays)],
                     **lists, "skipped": skipped},
         "frames": {"train": sum(e.frames for e in train_eps), "val": sum(e.frames for e in val_eps)},
-        "baseline_loss": baseline, "label_frequencies": freqs, "status": "running",
+        "baseline_loss": baseline, "label_frequencies": freqs, "markov_tables": baselines["markov"],
+        "status": "running",
     }
     out.mkdir(parents=True, exist_ok=True)
     if not resume:
@@ -1728,7 +1949,7 @@ def train(spec: Spec | str | os.PathLike | None = None, replays=None, out: str |
                    "val": logits[len(train_eps):], "model": teacher_model}
     distill = (config.distill_temperature, config.distill_alpha) if teacher else None
     model = Model(spec, seed=config.seed)
-    model.start_from_frequencies(freqs)
+    model.start_from_baselines(freqs, baselines["markov"])
     trainer = Trainer(model, out / "train", lr=config.lr, weight_decay=config.weight_decay,
                       max_grad_norm=config.max_grad_norm, distill=distill)
     progress = trainer.progress if resume else {}
@@ -1756,7 +1977,10 @@ def train(spec: Spec | str | os.PathLike | None = None, replays=None, out: str |
         else:
             mirror = rng.random(n) < config.mirror_prob
         return make_batch(train_eps, wins, L, rng.integers(d_lo, d_hi + 1, n) if d_hi > d_lo else d_lo,
-                          mirror=mirror, smoothing=config.label_smoothing, teacher=eps_teacher)
+                          mirror=mirror, smoothing=config.label_smoothing, teacher=eps_teacher,
+                          change_weight=config.change_weight,
+                          controller_dropout=(config.controller_dropout, int(rng.integers(1 << 62)))
+                          if config.controller_dropout else None)
 
     steps_per_epoch = len(plan(1))
     total_steps = steps_per_epoch * config.epochs
@@ -1773,7 +1997,7 @@ def train(spec: Spec | str | os.PathLike | None = None, replays=None, out: str |
         + (f"; resuming at epoch {epoch}, step {step}" if progress else ""))
 
     while epoch <= config.epochs and not stopped:
-        batches, metrics = plan(epoch), Metrics(progress.get("sums") if start else None)
+        batches, metrics = plan(epoch), Metrics(progress.get("sums") if start else None, baselines)
         bar, t0, frames = Progress(len(batches) - start, f"epoch {epoch}/{config.epochs}", quiet), time.perf_counter(), 0
         previous = None
         flipped = np.random.default_rng([config.seed, epoch, 1 << 30]).random(len(train_eps)) < config.mirror_prob
@@ -1811,12 +2035,14 @@ def train(spec: Spec | str | os.PathLike | None = None, replays=None, out: str |
         bar.close()
         seconds = time.perf_counter() - t0
         row = {"epoch": epoch, "step": step, **metrics.result("train"), "seconds": round(seconds, 3),
+               "button_threshold": metrics.best_button_threshold(),  # chosen on this epoch's training batches
                "frames_per_s": round(frames / max(seconds, 1e-9), 1), "lr": config.learning_rate(step, total_steps)}
         if val_eps:
             vt = teacher and {**teacher, "logits": teacher["val"]}
             val_batches = (make_batch(val_eps, w, L, d_lo, teacher=vt)
                            for w in chunks(windows(val_eps, L, d_lo), config.batch_size))
-            row.update(evaluate_batches(trainer.evaluate, val_batches).result("val"))
+            row.update(evaluate_batches(trainer.evaluate, val_batches,
+                                        Metrics(baselines=baselines, button_threshold=row["button_threshold"])).result("val"))
             if model.states:
                 row["val_stream_loss"] = evaluate_stream(trainer.evaluate, model, val_eps, L, d_lo,
                                                          teacher=vt).result("val")["val_loss"]
@@ -1833,11 +2059,10 @@ def train(spec: Spec | str | os.PathLike | None = None, replays=None, out: str |
         epoch, start = epoch + 1, 0
         trainer.save_checkpoint({"step": step, "epoch": epoch, "batch": 0, "best": best, "stale": stale,
                                  "stopped": stopped})
-        log(f"epoch {row['epoch']}/{config.epochs}: train loss {row['train_loss']:.4f}"
-            + (f", val loss {row['val_loss']:.4f} (baseline {baseline['total']:.4f}), "
-               f"button F1 {row['val_button_f1']:.3f}" if val_eps else "")
-            + (f", whole-game val loss {row['val_stream_loss']:.4f}" if "val_stream_loss" in row else "")
-            + f", {row['frames_per_s']:,.0f} frames/s" + (f" ({stopped})" if stopped else ""))
+        log(f"epoch {row['epoch']}/{config.epochs}: train loss {row['train_loss']:.4f}, "
+            + (summary_line(row, "val") if val_eps else "no validation games")
+            + (f" | whole-game val loss {row['val_stream_loss']:.3f}" if "val_stream_loss" in row else "")
+            + f" | {row['frames_per_s']:,.0f} frames/s" + (f" ({stopped})" if stopped else ""))
 
     best_file = out / "train" / "best.npz"
     if best_file.exists():
@@ -1847,7 +2072,9 @@ def train(spec: Spec | str | os.PathLike | None = None, replays=None, out: str |
         model.load(trainer.params())
     model.save(out)
     history = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines() if l.strip()]
+    exported = next((r for r in history if r["epoch"] == best["epoch"]), history[-1] if history else None)
     info.update({"status": "finished", "final": history[-1] if history else None, "best": best,
+                 "exported_metrics": exported, "button_threshold": (exported or {}).get("button_threshold", 0.5),
                  "exported": "best validation epoch" if best_file.exists() else "last step",
                  "stopped": stopped, "steps": step})
     if teacher:
@@ -1885,26 +2112,26 @@ def _window_runner(model: Model, extra=None):
 def evaluate(run: str | os.PathLike, replays, batch_size: int = 64, cache: Path | None = None,
              quiet: bool = False) -> dict:
     """Loss, button F1 and accuracies of a trained run on replays (every game, each played
-    from its start with the state carried), next to the frequency baseline."""
+    from its start with the state carried), beside its baselines on the same frames: copy,
+    the run's Markov table and label frequencies (see Metrics), and on change frames."""
     model, info = load_run(run)
     games, skipped = load_games(replays, cache, _log(quiet))
     if not games:
         raise ExphilError(f"{replays}: no usable replay (skipped {len(skipped)})")
     episodes = [ep for g in games for ep in g]
     delay, L = int(info.get("frame_delay", 0)), model.spec.window
+    baselines = ({"frequency": info["label_frequencies"], "markov": info["markov_tables"]}
+                 if "markov_tables" in info else None)
+    metrics = Metrics(baselines=baselines, button_threshold=info.get("button_threshold", 0.5))
     runner = _window_runner(model, add_loss)
     if model.states:
-        metrics = evaluate_stream(runner, model, episodes, L, delay)
+        evaluate_stream(runner, model, episodes, L, delay, metrics)
     else:
-        metrics = evaluate_batches(runner, (make_batch(episodes, w, L, delay)
-                                            for w in chunks(windows(episodes, L, delay), batch_size)))
-    res = metrics.result("eval")
-    result = {"loss": res["eval_loss"], "heads": res["eval_heads"], "button_f1": res["eval_button_f1"],
-              "accuracy": res["eval_accuracy"], "games": len(games), "frames": sum(e.frames for e in episodes),
-              "skipped": skipped}
-    if "label_frequencies" in info:
-        result["baseline_loss"] = frequency_loss(info["label_frequencies"], episodes, delay)["total"]
-    return result
+        evaluate_batches(runner, (make_batch(episodes, w, L, delay)
+                                  for w in chunks(windows(episodes, L, delay), batch_size)), metrics)
+    res = {k.removeprefix("eval_"): v for k, v in metrics.result("eval").items()}
+    return {**res, "frame_delay": delay, "target": f"frame t predicts the controller at frame t + {1 + delay}",
+            "games": len(games), "game_frames": sum(e.frames for e in episodes), "skipped": skipped}
 
 
 def distillation_report(student_run: Path, episodes: list[Episode], logits: list[np.ndarray], teacher_model: Model,
@@ -2062,12 +2289,13 @@ class Stepper:
 
 
 def sample_action(logits: dict[str, np.ndarray], rng: np.random.Generator, temperature: float = 1.0,
-                  deterministic: bool = False) -> dict:
+                  deterministic: bool = False, button_threshold: float = 0.5) -> dict:
     """An action from head logits: Bernoulli buttons and categorical sticks/shoulder, at a
-    temperature; deterministic = the most likely value of each head."""
+    temperature; deterministic = the most likely class of each stick and shoulder head, and each
+    button pressed when its probability is above `button_threshold` (the run's, in an Agent)."""
     b = logits["buttons"]
     if deterministic:
-        action = {"buttons": (b > 0).astype(np.uint8)}
+        action = {"buttons": (b > _logit(button_threshold)).astype(np.uint8)}
         action.update({h: int(np.argmax(logits[h])) for h in HEADS if h != "buttons"})
         return action
     # Gumbel-max: argmax(x / T + Gumbel noise) is a sample of softmax(x / T); for a button,
@@ -2154,7 +2382,8 @@ class Agent:
         infinite are an error: no action is ever made from them."""
         if not np.isfinite(sum(float(v.sum()) for v in logits.values())):
             raise ExphilError("the model returned NaN or infinite logits")
-        return sample_action(logits, self.rng, self.temperature, self.deterministic)
+        return sample_action(logits, self.rng, self.temperature, self.deterministic,
+                             self.info.get("button_threshold", 0.5))
 
     def act(self, gamestate, port: int, opponent_port: int | None = None) -> dict:
         """The action for this frame (a dict like `encode_controller` returns)."""
@@ -2777,15 +3006,21 @@ def _training_flags(p: argparse.ArgumentParser) -> None:
     o.add_argument("--max-grad-norm", type=float,
                    help="clip the global gradient norm, inside the optimizer graph (0 = off)")
     o.add_argument("--label-smoothing", type=float, help="(0)")
-    o.add_argument("--frame-delay", type=int, help="predict the controller D frames later than the next frame (0)")
+    o.add_argument("--frame-delay", type=int, metavar="D",
+                   help="frame t predicts the controller at frame t + 1 + D (0: the next frame)")
     o.add_argument("--online-robust", action="store_true", default=None,
                    help="a random delay in [--delay-min, --delay-max] per window")
     o.add_argument("--delay-min", type=int)
     o.add_argument("--delay-max", type=int)
     o.add_argument("--mirror-prob", type=float, help="probability of a left/right mirrored window (0)")
+    o.add_argument("--change-weight", type=float,
+                   help="loss weight of frames whose target differs from the current input (1)")
+    o.add_argument("--controller-dropout", type=float,
+                   help="share of training frames whose current-controller inputs are zeroed (0)")
     o.add_argument("--stateful", action="store_true", default=None,
                    help="carry recurrent state across consecutive windows of each game (truncated BPTT)")
     o.add_argument("--max-steps", type=int, help="stop after this many steps")
+    o.add_argument("--budget-seconds", type=float, help="stop training after this many seconds")
     r = p.add_argument_group("run")
     r.add_argument("--out", required=True, help="run folder")
     r.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
@@ -2839,8 +3074,10 @@ def plot(run: str | os.PathLike) -> Path:
     for key, label in (("train_loss", "train"), ("val_loss", "validation"), ("val_stream_loss", "validation, whole games")):
         if key in rows[0]:
             a.plot(epochs, [r[key] for r in rows], marker="o", label=label)
+    if "val_markov" in rows[-1]:
+        a.axhline(rows[-1]["val_markov"]["loss"], color="black", linestyle="--", label="Markov baseline")
     if info.get("baseline_loss"):
-        a.axhline(info["baseline_loss"]["total"], color="gray", linestyle="--", label="frequency baseline")
+        a.axhline(info["baseline_loss"]["total"], color="gray", linestyle=":", label="frequency baseline")
     a.set(title=f"{info.get('spec', run.name)}: loss", xlabel="epoch", ylabel="loss")
     for axis in (a, b):
         axis.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
@@ -2973,9 +3210,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                 res = _run_training(args, preset)
             else:
                 res = _run_training(args, {}, teacher=args.teacher)
-            final = res.info["final"] or {}
-            print(f"{res.path}: val loss {final.get('val_loss', float('nan')):.4f} "
-                  f"(frequency baseline {(res.info['baseline_loss'] or {}).get('total', float('nan')):.4f})")
+            row, best = res.info["exported_metrics"] or {}, res.info["best"]
+            print(f"{res.path}: exported " + (f"epoch {best['epoch']} (best validation loss): "
+                                              + summary_line(row, "val") if "val_loss" in row and best["epoch"]
+                                              else "the last step (no validation games)"))
             if "distillation" in res.info:
                 rep = res.info["distillation"]
                 print("agreement with the teacher: " + ", ".join(f"{h} {v:.3f}" for h, v in rep["agreement"].items()))
@@ -2985,10 +3223,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             if args.json:
                 print(json.dumps(res, indent=2))
             else:
-                print(f"{args.run}: loss {res['loss']:.4f} on {res['games']} games, {res['frames']} frames"
-                      + (f" (frequency baseline {res['baseline_loss']:.4f})" if "baseline_loss" in res else ""))
-                print("  " + "  ".join(f"{h} {v:.4f}" for h, v in res["heads"].items()))
-                print(f"  button F1 {res['button_f1']:.3f}  " + "  ".join(f"{h} {v:.3f}" for h, v in res["accuracy"].items()))
+                print(f"{args.run}: {res['games']} games, {res['frames']:,} scored frames, {res['target']}")
+                print("  " + summary_line({f"eval_{k}": v for k, v in res.items()}, "eval"))
+                print(scoreboard(res))
         elif args.command == "compile":
             model = Model(_spec_arg(args.spec))
             for path in model.save(args.out, args.window):

@@ -34,9 +34,14 @@ def test_latency_table(tmp_path):
 
 
 def test_architecture_table(tmp_path):
-    out = bench("--train", "--replays", REPLAYS, "--budget-seconds", "2", "--specs", "specs/mlp.toml",
+    """A fixed number of optimizer steps per spec; ranked by the margin under the Markov
+    baseline, with the copy baseline beside each accuracy."""
+    out = bench("--train", "--replays", REPLAYS, "--max-steps", "3", "--specs", "specs/mlp.toml",
                 "specs/gated_ssm.toml", "--json", tmp_path / "a.json")
     rows = json.loads((tmp_path / "a.json").read_text())["architectures"]
-    assert [r["spec"] for r in rows] != [] and {r["spec"] for r in rows} == {"mlp", "gated_ssm"}
-    assert rows[0]["val_loss"] <= rows[1]["val_loss"] and all(r["steps"] > 0 for r in rows)
-    assert "| rank | spec | val loss |" in out
+    assert {r["spec"] for r in rows} == {"mlp", "gated_ssm"} and all(r["steps"] == 3 for r in rows)
+    assert rows[0]["margin"] >= rows[1]["margin"]
+    for r in rows:
+        assert abs(r["margin"] - (1 - r["val_loss"] / r["markov_loss"])) < 1e-9
+        assert 0.5 < r["copy_accuracy"]["main_x"] < 1 and 0.5 < r["copy_button_f1"] < 1
+    assert "| rank | spec | val loss | markov | margin |" in out and "3 optimizer steps" in out

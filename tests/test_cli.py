@@ -39,5 +39,5 @@ def test_eval_reports_loss_and_baseline(mlp_run):
     assert res.returncode == 0, res.stderr
     out = json.loads(res.stdout)
     assert out["games"] == 3 and out["frames"] > 20000 and not out["skipped"]
-    assert 0 < out["loss"] < out["baseline_loss"]
+    assert 0 < out["loss"] < out["frequency"]["loss"]
     assert set(out["heads"]) == set(exphil.HEADS)

@@ -13,6 +13,9 @@ GRADIENT_OPS = {"Shape", "Sigmoid", "Tanh", "Relu", "Exp", "Log", "Erf", "Pow", 
                 "Where", "Slice", "Split", "Concat", "Gather", "Transpose", "Reshape", "Flatten", "Unsqueeze",
                 "Squeeze", "Expand", "Tile", "Pad", "ReduceSum", "ReduceMean", "Cast", "Conv",
                 "LayerNormalization", "Identity", "Constant"}
+# ops without a gradient that only read the inputs (nothing to differentiate): Round, in the
+# Markov heads' lookup of the current controller class
+INPUT_OPS = {"Round"}
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +75,7 @@ def test_graph_format_limits(path):
         # the same parameters, by name, in both graphs, and nothing else stored
         assert {t.name for t in proto.graph.initializer} == set(model.params)
         assert len({n.name for n in proto.graph.node}) == len(proto.graph.node)
-    assert {n.op_type for n in window.graph.node} <= GRADIENT_OPS
+    assert {n.op_type for n in window.graph.node} <= GRADIENT_OPS | INPUT_OPS
     assert [i.name for i in step.graph.input][:2] == ["cat", "num"]
     assert [o.name for o in step.graph.output][:6] == list(exphil.HEADS)
     assert ({i.name[9:] for i in step.graph.input if i.name.startswith("state_in.")}
