@@ -938,8 +938,9 @@ def read_replay(path, finalized=False) -> Game:
             joy_x=col(pre.joystick.x, "joystick"), joy_y=col(pre.joystick.y, "joystick"),
             c_x=col(pre.cstick.x, "c-stick"), c_y=col(pre.cstick.y, "c-stick"),
             trigger=col(pre.triggers, "triggers"), buttons=col(pre.buttons_physical, "buttons"))
-        if not all(np.isfinite(arrays[k]).all() for k in ("x", "y", "percent", "shield")):
-            raise ReplayError(path, f"non-finite position/percent/shield at port {port}")
+        for k, v in arrays.items():  # (misc_as is NaN outside hitstun: libmelee reads that as 0)
+            if k != "misc_as" and v.dtype.kind == "f" and not np.isfinite(v).all():
+                raise ReplayError(path, f"non-finite {k} values at port {port}")
     return Game(path, enums.to_internal_stage(start.stage).value,
                 ids[keep], players)
 
@@ -1823,8 +1824,14 @@ class TrainConfig:
     distill_alpha: float = 0.7
 
     def __post_init__(self):
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ExphilError(f"invalid training setting: {f.name.replace('_', '-')} must be a finite number, "
+                                  f"not {value}")
         checks = [(self.epochs >= 1, "epochs must be >= 1"), (self.batch_size >= 1, "batch-size must be >= 1"),
-                  (self.lr > 0, "lr must be > 0"), (self.lr_schedule in ("constant", "cosine"),
+                  (0 < self.lr <= 1, f"lr must be in (0, 1], not {self.lr} (typical: 1e-4 to 3e-3)"),
+                  (self.lr_schedule in ("constant", "cosine"),
                                                     "lr-schedule must be constant or cosine"),
                   (0 <= self.val_split < 1, "val-split must be in [0, 1)"),
                   (0 <= self.label_smoothing < 1, "label-smoothing must be in [0, 1)"),
@@ -1837,7 +1844,10 @@ class TrainConfig:
                                                                   "delay-max instead of frame-delay"),
                   (self.online_robust or not (self.delay_min or self.delay_max),
                    "delay-min and delay-max apply only with online-robust"),
-                  (self.max_grad_norm >= 0 and self.weight_decay >= 0, "max-grad-norm and weight-decay must be >= 0"),
+                  (self.max_grad_norm >= 0, "max-grad-norm must be >= 0"),
+                  (0 <= self.weight_decay <= 1, f"weight-decay must be in [0, 1], not {self.weight_decay}"),
+                  (not self.online_robust or self.delay_max > 0,
+                   "online-robust needs a delay range: add --delay-max (and --delay-min), e.g. 0 and 4"),
                   (0 < self.distill_alpha <= 1 and self.distill_temperature > 0,
                    "distillation needs 0 < alpha <= 1 and temperature > 0"),
                   (min(self.max_files, self.save_every, self.max_steps, self.warmup_steps, self.min_frames,
@@ -1918,6 +1928,11 @@ def train(spec: Spec | str | os.PathLike | None = None, replays=None, out: str |
     if resume and {k: info["replays"][k] for k in lists} != lists:
         raise ExphilError(f"{out}: the replays found now differ from the run's; cannot resume exactly")
     L, (d_lo, d_hi) = spec.window, config.delays
+    train_wins = windows(train_eps, L, d_hi)
+    if not train_wins or (val_eps and not windows(val_eps, L, d_lo)):
+        which, d = ("training", d_hi) if not train_wins else ("validation", d_lo)
+        raise ExphilError(f"{replays}: no {which} frame has a target at frame delay {d}: the {which} games are "
+                          f"all {1 + d} frames or shorter")
     freqs = label_frequencies(train_eps, d_lo)
     baselines = {"frequency": freqs, "markov": markov_tables(train_eps, d_lo)}  # counted on training games only
     baseline = frequency_loss(freqs, val_eps, d_lo) if val_eps else None
@@ -1958,7 +1973,6 @@ def train(spec: Spec | str | os.PathLike | None = None, replays=None, out: str |
                 if l.strip() and json.loads(l)["epoch"] < progress.get("epoch", 1)]
         (out / "metrics.jsonl").write_text("".join(r + "\n" for r in rows))
     stateful = config.stateful and bool(model.states)
-    train_wins = windows(train_eps, L, d_hi)
 
     def plan(epoch: int) -> list:  # the batches of an epoch: a function of (seed, epoch) only
         rng = np.random.default_rng([config.seed, epoch])
@@ -1992,6 +2006,13 @@ def train(spec: Spec | str | os.PathLike | None = None, replays=None, out: str |
     stale = progress.get("stale", 0)
     t_start, stopped = time.perf_counter(), progress.get("stopped")
     carry = lambda at: out / "train" / f"carry-{at}.npz"  # stateful: the state carried into step `at`
+
+    def checkpoint(progress: dict | None) -> None:  # never a checkpoint (or an export) of non-finite weights
+        if not all(np.isfinite(v).all() for v in trainer.params().values()):
+            _diverged(out, info, f"a parameter is not finite after step {step}", config)
+        if progress is not None:
+            trainer.save_checkpoint(progress)
+
     log(f"{spec.name}: {len(train_games)} train games ({info['frames']['train']:,} frames), "
         f"{len(val_games)} validation games, {steps_per_epoch} steps of {config.batch_size} x {L} frames per epoch"
         + (f"; resuming at epoch {epoch}, step {step}" if progress else ""))
@@ -2012,8 +2033,10 @@ def train(spec: Spec | str | os.PathLike | None = None, replays=None, out: str |
             if stateful:
                 batch = carry_state(batch, previous, batches[k], model)
             previous = trainer.step(batch, config.learning_rate(step, total_steps))
+            if not math.isfinite(float(previous["loss"])):
+                _diverged(out, info, f"the loss is {float(previous['loss'])} at step {step + 1}", config)
             metrics.add(previous, batch)
-            step, n = step + 1, int(batch["mask"].sum())
+            step, n = step + 1, int((batch["mask"] > 0).sum())
             frames += n
             bar.update(n)
             over = (config.max_steps and step >= config.max_steps) or \
@@ -2025,7 +2048,7 @@ def train(spec: Spec | str | os.PathLike | None = None, replays=None, out: str |
                     np.savez(carry(step).with_suffix(".tmp.npz"),
                              **{n: v for n, v in previous.items() if n.startswith("state_out.")})
                     os.replace(carry(step).with_suffix(".tmp.npz"), carry(step))
-                trainer.save_checkpoint({"step": step, "epoch": epoch, "batch": k + 1, "sums": metrics.sums,
+                checkpoint({"step": step, "epoch": epoch, "batch": k + 1, "sums": metrics.sums,
                                          "best": best, "stale": stale})
                 for old in (out / "train").glob("carry-*.npz"):
                     if old != carry(step):
@@ -2057,13 +2080,14 @@ def train(spec: Spec | str | os.PathLike | None = None, replays=None, out: str |
         with open(out / "metrics.jsonl", "a") as f:
             f.write(json.dumps(row) + "\n")
         epoch, start = epoch + 1, 0
-        trainer.save_checkpoint({"step": step, "epoch": epoch, "batch": 0, "best": best, "stale": stale,
+        checkpoint({"step": step, "epoch": epoch, "batch": 0, "best": best, "stale": stale,
                                  "stopped": stopped})
         log(f"epoch {row['epoch']}/{config.epochs}: train loss {row['train_loss']:.4f}, "
             + (summary_line(row, "val") if val_eps else "no validation games")
             + (f" | whole-game val loss {row['val_stream_loss']:.3f}" if "val_stream_loss" in row else "")
             + f" | {row['frames_per_s']:,.0f} frames/s" + (f" ({stopped})" if stopped else ""))
 
+    checkpoint(None)
     best_file = out / "train" / "best.npz"
     if best_file.exists():
         with np.load(best_file) as z:
@@ -2082,6 +2106,14 @@ def train(spec: Spec | str | os.PathLike | None = None, replays=None, out: str |
         info["distillation"] = distillation_report(out, eps, logits, teacher["model"], d_lo)
     _write_json(out / "run.json", info)
     return RunResult(out, info)
+
+
+def _diverged(out: Path, info: dict, what: str, config: TrainConfig):
+    """Stop a run whose loss or parameters went non-finite: marked in run.json, nothing exported,
+    the last good checkpoint kept."""
+    _write_json(out / "run.json", {**info, "status": "diverged", "diverged": what})
+    raise ExphilError(f"{out}: training diverged: {what} (likely a learning rate too high, --lr {config.lr}, or "
+                      f"non-finite values in the data); nothing was exported, the last good checkpoint is kept")
 
 
 def chunks(items: list, size: int) -> list[list]:
@@ -2354,9 +2386,11 @@ class Agent:
         if version != FEATURE_VERSION:
             raise ExphilError(f"{run}: trained with feature layout v{version}; this exphil reads "
                               f"v{FEATURE_VERSION}. Retrain, or install the matching exphil.")
+        if not (math.isfinite(temperature) and temperature >= 0):
+            raise ExphilError(f"temperature must be a finite number >= 0 (0: deterministic), not {temperature}")
         self.step = Stepper(path, provider, threads)
         self.precision = precision
-        self.temperature, self.deterministic = temperature, deterministic
+        self.temperature, self.deterministic = temperature, deterministic or temperature == 0
         self.rng = np.random.default_rng(seed)
         self.frame_delay = int(self.info.get("frame_delay", 0))
         self._last_frame: int | None = None
@@ -3129,7 +3163,8 @@ def _add_play_commands(sub) -> None:
     p.add_argument("--frame-delay", type=int, default=0, metavar="N",
                    help="frames of delay added to the run's trained delay (negative: fewer)")
     sampling = p.add_mutually_exclusive_group()
-    sampling.add_argument("--temperature", type=float, default=1.0)
+    sampling.add_argument("--temperature", type=float, default=1.0,
+                          help="sampling temperature (1.0); 0 is the same as --deterministic")
     sampling.add_argument("--deterministic", action="store_true", help="the most likely action every time")
     p.add_argument("--on-game-end", choices=["restart", "stop"], default="stop")
     p.add_argument("--provider", default="auto", help="auto, cpu, cuda, rocm or coreml")
@@ -3237,6 +3272,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ExphilError as e:
         print(f"exphil: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        out = getattr(args, "out", None)
+        print("exphil: interrupted" + (f"; continue the run with: exphil train --resume --out {out} (it restarts "
+                                       f"from its last checkpoint)" if args.command in ("train", "distill") else ""),
+              file=sys.stderr)
+        return 130
     except OSError as e:
         print(f"exphil: error: {e.filename or ''}: {e.strerror or e}", file=sys.stderr)
         return 2

@@ -1,0 +1,112 @@
+"""Bad settings, bad data and interruptions: refused or stopped with one clear line, nothing
+garbage exported (real processes and real files)."""
+
+import json
+import shutil
+import signal
+import struct
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+import exphil
+from conftest import REPLAYS, ROOT
+
+
+def cli(*args, **kw):
+    return subprocess.run([sys.executable, "-m", "exphil", *map(str, args)], capture_output=True, text=True,
+                          cwd=ROOT, **kw)
+
+
+@pytest.mark.parametrize("flags, expected", [
+    (["--lr", "1e3"], "lr must be in (0, 1], not 1000.0"),
+    (["--lr", "inf"], "lr must be a finite number"),
+    (["--weight-decay", "inf"], "weight-decay must be a finite number"),
+    (["--weight-decay", "5"], "weight-decay must be in [0, 1]"),
+    (["--change-weight", "nan"], "change-weight must be a finite number"),
+    (["--online-robust"], "online-robust needs a delay range"),
+    (["--frame-delay", "100000"], "no training frame has a target at frame delay 100000"),
+])
+def test_bad_settings_are_refused_before_training(tmp_path, flags, expected):
+    res = cli("train", "mlp", "--replays", REPLAYS, "--out", tmp_path / "run", *flags)
+    assert res.returncode == 2 and expected in res.stderr, res.stderr
+    errors = [l for l in res.stderr.splitlines() if l.startswith("exphil: error")]
+    assert len(errors) == 1 and expected in errors[0] and "Traceback" not in res.stderr
+    assert not (tmp_path / "run").exists()  # nothing written
+
+
+def _with_nan_position(src, dst, event=2000):
+    """A copy of a real replay with one post-frame x position overwritten by NaN."""
+    data = bytearray(src.read_bytes())
+    start = data.index(b"raw[$U#l") + 12
+    raw_len = struct.unpack(">I", data[start - 4:start])[0]
+    assert data[start] == 0x35  # Event Payloads: the size of every event kind
+    sizes = {data[start + 2 + 3 * k]: struct.unpack(">H", data[start + 3 + 3 * k:start + 5 + 3 * k])[0]
+             for k in range((data[start + 1] - 1) // 3)}
+    pos, seen = start, 0
+    while pos < start + raw_len:
+        kind = data[pos]
+        if kind == 0x38:  # Post-Frame Update: x position at offset 0x0A
+            if seen == event:
+                data[pos + 0x0A:pos + 0x0E] = struct.pack(">f", float("nan"))
+                break
+            seen += 1
+        pos += 1 + (data[start + 1] if kind == 0x35 else sizes[kind])
+    dst.write_bytes(bytes(data))
+
+
+def test_replay_with_nan_is_skipped_and_never_cached_as_good(tmp_path, monkeypatch):
+    folder = tmp_path / "replays"
+    folder.mkdir()
+    for f in REPLAYS.glob("*.slp"):
+        shutil.copy(f, folder)
+    bad = folder / "nan.slp"
+    _with_nan_position(REPLAYS / "hohav-py-slippi__nintendont.slp", bad)
+    monkeypatch.setenv("EXPHIL_CACHE", str(tmp_path / "cache"))
+    lines = []
+    for _ in range(2):  # the second time from the cache: still skipped
+        games, skipped = exphil.load_games(folder, log=lines.append)
+        assert len(games) == 3 and [s["path"] for s in skipped] == [str(bad)]
+        assert "non-finite x values" in skipped[0]["reason"]
+    assert sum(str(bad) in l for l in lines) == 2 and all("\n" not in l for l in lines)
+
+
+def test_nan_teacher_stops_the_run_without_export(tmp_path, mlp_run):
+    """A loss that is not finite stops training at once: exit non-zero with one line naming the
+    step, run.json marked diverged, no graph exported."""
+    teacher = tmp_path / "teacher"
+    shutil.copytree(mlp_run.path, teacher)
+    model, _ = exphil.load_run(teacher)
+    model.params["heads.out.bias"] = np.full_like(model.params["heads.out.bias"], np.nan)
+    model.save(teacher)
+    res = cli("distill", "--teacher", teacher, "--student", "mlp", "--replays", REPLAYS, "--out", tmp_path / "s")
+    assert res.returncode == 2 and "training diverged: the loss is nan at step 1" in res.stderr, res.stderr
+    assert "Traceback" not in res.stderr
+    info = json.loads((tmp_path / "s" / "run.json").read_text())
+    assert info["status"] == "diverged" and not (tmp_path / "s" / "step.onnx").exists()
+
+
+def test_temperature_zero_is_deterministic_and_bad_temperatures_are_refused(mlp_run):
+    assert exphil.Agent(mlp_run.path, temperature=0).deterministic
+    assert not exphil.Agent(mlp_run.path, temperature=0.5).deterministic
+    for t in (-1.0, float("nan"), float("inf")):
+        with pytest.raises(exphil.ExphilError, match="temperature must be"):
+            exphil.Agent(mlp_run.path, temperature=t)
+
+
+def test_ctrl_c_prints_one_line_and_exits_130(tmp_path):
+    proc = subprocess.Popen([sys.executable, "-m", "exphil", "train", "mlp", "--replays", REPLAYS, "--epochs", "500",
+                             "--out", tmp_path / "run"], cwd=ROOT, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not (tmp_path / "run" / "metrics.jsonl").exists() and time.time() < deadline:
+        time.sleep(0.2)
+    time.sleep(2)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    last = err.strip().splitlines()[-1]
+    assert "Traceback" not in err and last.startswith("exphil: interrupted; continue the run with: exphil train "
+                                                      "--resume --out")
