@@ -198,7 +198,7 @@ def architecture_table(paths: list[str], replays: str, budget_seconds: float, se
             best = run.info["exported_metrics"]
             frames_done = sum(r["frames_per_s"] * r["seconds"] for r in history)
             latency = exphil.step_latency(exphil.load_run(run.path)[0])
-            rows.append({"spec": spec.name, "val_loss": best["val_loss"], "val_stream_loss": best.get("val_stream_loss"),
+            rows.append({"spec": spec.name, "val_loss": best["val_loss"],
                          "markov_loss": best["val_markov"]["loss"],
                          "margin": 1 - best["val_loss"] / best["val_markov"]["loss"],
                          "button_f1": best["val_button_f1"], "copy_button_f1": best["val_copy"]["button_f1"],
@@ -212,14 +212,13 @@ def architecture_table(paths: list[str], replays: str, budget_seconds: float, se
 
 
 def print_architectures(rows: list[dict]) -> None:
-    print("| rank | spec | val loss | markov | margin | whole-game val loss | main_x (copy) | main_y (copy) | "
+    print("| rank | spec | val loss | markov | margin | main_x (copy) | main_y (copy) | "
           "button F1 (copy) | main_x on changes | steps | train frames/s | step p50 ms | 60 FPS |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for i, r in enumerate(rows, 1):
-        stream = f"{r['val_stream_loss']:.3f}" if r["val_stream_loss"] is not None else "-"
         acc, copy = r["accuracy"], r["copy_accuracy"]
         print(f"| {i} | {r['spec']} | {r['val_loss']:.3f} | {r['markov_loss']:.3f} | {100 * r['margin']:+.1f}% | "
-              f"{stream} | {acc['main_x']:.3f} ({copy['main_x']:.3f}) | {acc['main_y']:.3f} ({copy['main_y']:.3f}) | "
+              f"{acc['main_x']:.3f} ({copy['main_x']:.3f}) | {acc['main_y']:.3f} ({copy['main_y']:.3f}) | "
               f"{r['button_f1']:.3f} ({r['copy_button_f1']:.3f}) | {r['change_accuracy']['main_x']:.3f} | {r['steps']} | "
               f"{r['train_frames_per_s']:,.0f} | {r['step_p50_ms']:.3f} | {verdict(r['step_p99_ms'])} |")
 

@@ -1600,7 +1600,7 @@ class Metrics:
     run can choose its threshold on training frames (`best_button_threshold`).
     `baselines` = {"frequency": label_frequencies(...), "markov": markov_tables(...)}."""
 
-    def __init__(self, sums: dict | None = None, baselines: dict | None = None, button_threshold: float = 0.5):
+    def __init__(self, baselines: dict | None = None, button_threshold: float = 0.5, sums: dict | None = None):
         if button_threshold not in BUTTON_THRESHOLDS:
             raise ValueError(f"button threshold {button_threshold} is not one of {BUTTON_THRESHOLDS}")
         self.sums = sums or {}
@@ -1745,8 +1745,14 @@ def stream_batches(model: Model, episodes, length, delay, run, **batch_args):
         yield wins, batch, previous
 
 
-def evaluate_stream(run, model: Model, episodes, length, delay, metrics: Metrics | None = None,
-                    **batch_args) -> Metrics:
+def score_games(run, model: Model, episodes, length: int, delay: int, metrics: Metrics | None = None,
+                batch_size: int = 64, **batch_args) -> Metrics:
+    """Metrics over every frame of whole games. A model with state walks each game from its
+    start with the state carried from window to window (what its step graph sees in play);
+    a model without state scores independent windows."""
+    if not model.states:
+        return evaluate_batches(run, (make_batch(episodes, w, length, delay, **batch_args)
+                                      for w in chunks(windows(episodes, length, delay), batch_size)), metrics)
     metrics = metrics or Metrics()
     for _, batch, out in stream_batches(model, episodes, length, delay, run, **batch_args):
         metrics.add(out, batch)
@@ -2018,7 +2024,7 @@ def train(spec: Spec | str | os.PathLike | None = None, replays=None, out: str |
         + (f"; resuming at epoch {epoch}, step {step}" if progress else ""))
 
     while epoch <= config.epochs and not stopped:
-        batches, metrics = plan(epoch), Metrics(progress.get("sums") if start else None, baselines)
+        batches, metrics = plan(epoch), Metrics(baselines, sums=progress.get("sums") if start else None)
         bar, t0, frames = Progress(len(batches) - start, f"epoch {epoch}/{config.epochs}", quiet), time.perf_counter(), 0
         previous = None
         flipped = np.random.default_rng([config.seed, epoch, 1 << 30]).random(len(train_eps)) < config.mirror_prob
@@ -2062,13 +2068,8 @@ def train(spec: Spec | str | os.PathLike | None = None, replays=None, out: str |
                "frames_per_s": round(frames / max(seconds, 1e-9), 1), "lr": config.learning_rate(step, total_steps)}
         if val_eps:
             vt = teacher and {**teacher, "logits": teacher["val"]}
-            val_batches = (make_batch(val_eps, w, L, d_lo, teacher=vt)
-                           for w in chunks(windows(val_eps, L, d_lo), config.batch_size))
-            row.update(evaluate_batches(trainer.evaluate, val_batches,
-                                        Metrics(baselines=baselines, button_threshold=row["button_threshold"])).result("val"))
-            if model.states:
-                row["val_stream_loss"] = evaluate_stream(trainer.evaluate, model, val_eps, L, d_lo,
-                                                         teacher=vt).result("val")["val_loss"]
+            row.update(score_games(trainer.evaluate, model, val_eps, L, d_lo, Metrics(baselines, button_threshold=row[
+                "button_threshold"]), config.batch_size, teacher=vt).result("val"))
             if row["val_loss"] < best["val_loss"] - 1e-4:  # an improvement, not noise
                 best, stale = {"val_loss": row["val_loss"], "epoch": epoch}, 0
                 np.savez(out / "train" / "best.tmp.npz", **trainer.params())
@@ -2084,7 +2085,6 @@ def train(spec: Spec | str | os.PathLike | None = None, replays=None, out: str |
                                  "stopped": stopped})
         log(f"epoch {row['epoch']}/{config.epochs}: train loss {row['train_loss']:.4f}, "
             + (summary_line(row, "val") if val_eps else "no validation games")
-            + (f" | whole-game val loss {row['val_stream_loss']:.3f}" if "val_stream_loss" in row else "")
             + f" | {row['frames_per_s']:,.0f} frames/s" + (f" ({stopped})" if stopped else ""))
 
     checkpoint(None)
@@ -2155,12 +2155,7 @@ def evaluate(run: str | os.PathLike, replays, batch_size: int = 64, cache: Path 
     baselines = ({"frequency": info["label_frequencies"], "markov": info["markov_tables"]}
                  if "markov_tables" in info else None)
     metrics = Metrics(baselines=baselines, button_threshold=info.get("button_threshold", 0.5))
-    runner = _window_runner(model, add_loss)
-    if model.states:
-        evaluate_stream(runner, model, episodes, L, delay, metrics)
-    else:
-        evaluate_batches(runner, (make_batch(episodes, w, L, delay)
-                                  for w in chunks(windows(episodes, L, delay), batch_size)), metrics)
+    score_games(_window_runner(model, add_loss), model, episodes, L, delay, metrics, batch_size)
     res = {k.removeprefix("eval_"): v for k, v in metrics.result("eval").items()}
     return {**res, "frame_delay": delay, "target": f"frame t predicts the controller at frame t + {1 + delay}",
             "games": len(games), "game_frames": sum(e.frames for e in episodes), "skipped": skipped}
@@ -3105,7 +3100,7 @@ def plot(run: str | os.PathLike) -> Path:
     info = json.loads((run / "run.json").read_text()) if (run / "run.json").exists() else {}
     epochs = [r["epoch"] for r in rows]
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
-    for key, label in (("train_loss", "train"), ("val_loss", "validation"), ("val_stream_loss", "validation, whole games")):
+    for key, label in (("train_loss", "train"), ("val_loss", "validation")):
         if key in rows[0]:
             a.plot(epochs, [r[key] for r in rows], marker="o", label=label)
     if "val_markov" in rows[-1]:

@@ -87,12 +87,15 @@ def test_carried_state_resets_at_game_start():
     assert h[0].min() == 1 and h[1].max() == 0 and h[2].max() == 0
 
 
-def test_stateful_training_records_whole_game_loss(tmp_path):
+def test_recurrent_validation_plays_whole_games(tmp_path):
+    """A model with state is validated on whole games, each walked from its start with the
+    state carried (what play sees): the same numbers as `evaluate` gives for the exported run."""
     run = exphil.train(ROOT / "specs" / "gated_ssm.toml", REPLAYS, epochs=1, batch_size=8, stateful=True,
                        out=tmp_path / "run", quiet=True)
     final = run.info["final"]
-    assert run.info["config"]["stateful"] and np.isfinite(final["val_stream_loss"])
-    assert final["val_stream_loss"] < run.info["baseline_loss"]["total"]
+    assert run.info["config"]["stateful"] and final["val_loss"] < run.info["baseline_loss"]["total"]
+    again = exphil.evaluate(run.path, [run.info["replays"]["val"][0]])
+    assert again["loss"] == pytest.approx(final["val_loss"], rel=1e-4) and again["frames"] == final["val_frames"]
 
 
 def test_metrics_count_f1_and_accuracy_over_unmasked_frames():
