@@ -1899,13 +1899,57 @@ def _teacher_logits(teacher: str | os.PathLike, episodes: list[Episode]) -> tupl
     return out, model
 
 
+class RunLock:
+    """Exclusive use of a run folder while a training writes into it: a lock on `<run>/.lock`
+    that the operating system releases when the process ends, however it ends (so a killed
+    training never leaves it stuck). A folder this lock created and that holds nothing else
+    afterwards is removed again."""
+
+    def __init__(self, out: Path):
+        self.out, self.file, self.created = Path(out), None, False
+
+    def __enter__(self):
+        self.created = not self.out.exists()
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.file = open(self.out / ".lock", "a+")
+        try:
+            import fcntl
+            fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except ImportError:  # no fcntl (Windows): no lock
+            pass
+        except OSError:
+            self.file.seek(0)
+            holder = self.file.read().strip() or "unknown"
+            self.file.close()
+            raise ExphilError(f"{self.out} is in use by another training (process {holder}); wait for it to "
+                              "finish, or choose another --out") from None
+        self.file.seek(0)
+        self.file.truncate()
+        self.file.write(str(os.getpid()))
+        self.file.flush()
+        return self
+
+    def __exit__(self, *exc):
+        self.file.close()
+        if self.created and [p.name for p in self.out.iterdir()] == [".lock"]:
+            import shutil
+            shutil.rmtree(self.out, ignore_errors=True)
+
+
 def train(spec: Spec | str | os.PathLike | None = None, replays=None, out: str | os.PathLike = "runs/run",
           resume: bool = False, quiet: bool = False, cache: Path | None = None, **settings) -> RunResult:
     """Train a spec on replays into a run folder; see TrainConfig for the settings.
 
     resume=True continues the run in `out` from its last checkpoint with the same settings,
-    step, optimizer state and data order (spec and replays are then read from the run)."""
-    log, out = _log(quiet), Path(out)
+    step, optimizer state and data order (spec and replays are then read from the run).
+    The run folder is locked for the whole training (RunLock)."""
+    config = None if resume else TrainConfig(**settings)  # bad settings: refused before anything is written
+    with RunLock(Path(out)):
+        return _train(spec, replays, Path(out), resume, quiet, cache, config)
+
+
+def _train(spec, replays, out: Path, resume: bool, quiet: bool, cache, config) -> RunResult:
+    log = _log(quiet)
     if resume:
         if not (out / "run.json").exists() or not (out / "train" / "checkpoint").exists():
             raise ExphilError(f"{out}: nothing to resume (no run.json and checkpoint)")
@@ -1917,7 +1961,6 @@ def train(spec: Spec | str | os.PathLike | None = None, replays=None, out: str |
             raise ExphilError("train needs a spec and replays")
         if (out / "train" / "checkpoint").exists():
             raise ExphilError(f"{out} already holds a run: continue it with --resume, or choose another --out")
-        config = TrainConfig(**settings)
         spec = spec if isinstance(spec, Spec) else load_spec(spec)
     games, skipped = load_games(replays, cache, log, max_files=config.max_files)
     if not games:

@@ -110,3 +110,22 @@ def test_ctrl_c_prints_one_line_and_exits_130(tmp_path):
     last = err.strip().splitlines()[-1]
     assert "Traceback" not in err and last.startswith("exphil: interrupted; continue the run with: exphil train "
                                                       "--resume --out")
+
+
+def test_second_training_into_a_busy_folder_is_refused_and_a_killed_owner_leaves_no_lock(tmp_path):
+    out = tmp_path / "run"
+    first = subprocess.Popen([sys.executable, "-m", "exphil", "train", "mlp", "--replays", REPLAYS, "--epochs", "500",
+                              "--save-every", "5", "--out", out], cwd=ROOT, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 120
+        while not (out / "train" / "checkpoint").exists() and time.time() < deadline:
+            time.sleep(0.2)
+        spec_before = (out / "spec.toml").read_text()
+        res = cli("train", "gru", "--replays", REPLAYS, "--out", out)
+        assert res.returncode == 2 and f"is in use by another training (process {first.pid})" in res.stderr
+        assert (out / "spec.toml").read_text() == spec_before and first.poll() is None
+    finally:
+        first.kill()
+        first.wait()
+    with exphil.RunLock(out):  # the killed owner's lock is gone with its process
+        assert (out / ".lock").read_text() == str(__import__("os").getpid())
