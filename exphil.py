@@ -1943,19 +1943,66 @@ def train(spec: Spec | str | os.PathLike | None = None, replays=None, out: str |
     resume=True continues the run in `out` from its last checkpoint with the same settings,
     step, optimizer state and data order (spec and replays are then read from the run).
     The run folder is locked for the whole training (RunLock)."""
-    config = None if resume else TrainConfig(**settings)  # bad settings: refused before anything is written
+    config = settings if resume else TrainConfig(**settings)  # bad settings: refused before anything is written
     with RunLock(Path(out)):
         return _train(spec, replays, Path(out), resume, quiet, cache, config)
+
+
+def _flat(tree, prefix: str = "") -> dict:
+    """{"a.b[0].c": value} for a nested dict/list."""
+    if isinstance(tree, dict):
+        return {k: v for key, sub in tree.items() for k, v in _flat(sub, f"{prefix}.{key}" if prefix else key).items()}
+    if isinstance(tree, list):
+        return {k: v for i, sub in enumerate(tree) for k, v in _flat(sub, f"{prefix}[{i}]").items()}
+    return {prefix: tree}
+
+
+def _differences(before, after) -> list[str]:
+    a, b = _flat(before), _flat(after)
+    return [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+
+
+def _fingerprint(spec: Spec, config: TrainConfig) -> str:
+    """What a checkpoint was built from: the spec and every setting but the number of epochs."""
+    settings = {k: v for k, v in dataclasses.asdict(config).items() if k != "epochs"}
+    text = json.dumps({"spec": msgspec.to_builtins(spec), "config": settings}, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _resume_settings(out: Path, spec, replays, given: dict) -> tuple[dict, Spec, list]:
+    """The run's recorded settings, spec and replays for `--resume`. What the caller gives again
+    must match them (a re-run of the same command), except a larger `epochs`, which extends the
+    run; a spec.toml edited since the run started is refused. Every difference is named."""
+    if not (out / "run.json").exists() or not (out / "train" / "checkpoint").exists():
+        raise ExphilError(f"{out}: nothing to resume (no run.json and checkpoint)")
+    info = json.loads((out / "run.json").read_text())
+    recorded, run_spec = info["config"], load_spec(out / "spec.toml")
+    if "spec_settings" in info and info["spec_settings"] != msgspec.to_builtins(run_spec):
+        raise ExphilError(f"{out}/spec.toml was edited since the run started ("
+                          + "; ".join(_differences(info["spec_settings"], msgspec.to_builtins(run_spec)))
+                          + "); restore it, or train the new spec into another --out")
+    problems = [f"--{k.replace('_', '-')} {v} (the run has {recorded.get(k)})" for k, v in given.items()
+                if v != recorded.get(k) and not (k == "epochs" and v > recorded["epochs"])]
+    if spec is not None:
+        spec = spec if isinstance(spec, Spec) else load_spec(spec)
+        if spec != run_spec:
+            problems.append("the spec (" + "; ".join(_differences(msgspec.to_builtins(run_spec),
+                                                                msgspec.to_builtins(spec))) + ")")
+    sources = info["replays"]["source"]
+    if replays is not None and [str(r) for r in ([replays] if isinstance(replays, (str, os.PathLike)) else replays)] != sources:
+        problems.append(f"--replays {replays} (the run has {', '.join(sources)})")
+    if problems:
+        raise ExphilError(f"{out}: --resume continues the run with its own settings; these differ: "
+                          + ", ".join(problems))
+    return {**recorded, "epochs": max(recorded["epochs"], given.get("epochs", 0))}, run_spec, sources
 
 
 def _train(spec, replays, out: Path, resume: bool, quiet: bool, cache, config) -> RunResult:
     log = _log(quiet)
     if resume:
-        if not (out / "run.json").exists() or not (out / "train" / "checkpoint").exists():
-            raise ExphilError(f"{out}: nothing to resume (no run.json and checkpoint)")
+        settings, spec, replays = _resume_settings(out, spec, replays, config)
         info = json.loads((out / "run.json").read_text())
-        config = TrainConfig(**info["config"])
-        spec, replays = load_spec(out / "spec.toml"), info["replays"]["source"]
+        config = TrainConfig(**settings)
     else:
         if spec is None or replays is None:
             raise ExphilError("train needs a spec and replays")
@@ -1987,6 +2034,7 @@ def _train(spec, replays, out: Path, resume: bool, quiet: bool, cache, config) -
     baseline = frequency_loss(freqs, val_eps, d_lo) if val_eps else None
     info = {
         "exphil": __version__, "spec": spec.name, "feature_version": FEATURE_VERSION,
+        "spec_settings": msgspec.to_builtins(spec), "fingerprint": _fingerprint(spec, config),
         "config": dataclasses.asdict(config), "frame_delay": d_lo,
         "delay_range": [d_lo, d_hi], "target": "frame t predicts the controller at frame t + "
                                                + (f"{1 + d_lo}" if d_lo == d_hi else f"{1 + d_lo}..{1 + d_hi}"),
@@ -2017,6 +2065,9 @@ def _train(spec, replays, out: Path, resume: bool, quiet: bool, cache, config) -
     trainer = Trainer(model, out / "train", lr=config.lr, weight_decay=config.weight_decay,
                       max_grad_norm=config.max_grad_norm, distill=distill)
     progress = trainer.progress if resume else {}
+    if progress.get("fingerprint", info["fingerprint"]) != info["fingerprint"]:
+        raise ExphilError(f"{out}: the checkpoint was built from another spec or other settings than the run's "
+                          "spec.toml and run.json now hold; cannot resume")
     if resume:  # drop rows of epochs the checkpoint does not include (killed after writing them)
         rows = [l for l in (out / "metrics.jsonl").read_text().splitlines()
                 if l.strip() and json.loads(l)["epoch"] < progress.get("epoch", 1)]
@@ -2097,7 +2148,7 @@ def _train(spec, replays, out: Path, resume: bool, quiet: bool, cache, config) -
                     np.savez(carry(step).with_suffix(".tmp.npz"),
                              **{n: v for n, v in previous.items() if n.startswith("state_out.")})
                     os.replace(carry(step).with_suffix(".tmp.npz"), carry(step))
-                checkpoint({"step": step, "epoch": epoch, "batch": k + 1, "sums": metrics.sums,
+                checkpoint({"step": step, "epoch": epoch, "batch": k + 1, "sums": metrics.sums, "fingerprint": info["fingerprint"],
                                          "best": best, "stale": stale})
                 for old in (out / "train").glob("carry-*.npz"):
                     if old != carry(step):
@@ -2124,7 +2175,7 @@ def _train(spec, replays, out: Path, resume: bool, quiet: bool, cache, config) -
         with open(out / "metrics.jsonl", "a") as f:
             f.write(json.dumps(row) + "\n")
         epoch, start = epoch + 1, 0
-        checkpoint({"step": step, "epoch": epoch, "batch": 0, "best": best, "stale": stale,
+        checkpoint({"step": step, "epoch": epoch, "batch": 0, "best": best, "stale": stale, "fingerprint": info["fingerprint"],
                                  "stopped": stopped})
         log(f"epoch {row['epoch']}/{config.epochs}: train loss {row['train_loss']:.4f}, "
             + (summary_line(row, "val") if val_eps else "no validation games")
@@ -3106,16 +3157,14 @@ CONFIG_FIELDS = {f.name for f in dataclasses.fields(TrainConfig)}
 
 
 def _run_training(args, preset: dict, **extra) -> RunResult:
-    if args.resume:
-        given = [k for k, v in vars(args).items() if v not in (None, False) and k not in
-                 ("command", "out", "resume", "quiet", "distill_temperature", "distill_alpha")]
-        if given:
-            raise ExphilError("--resume continues a run with its own settings; drop "
-                              + ", ".join("--" + k.replace("_", "-") for k in given))
-        return train(out=args.out, resume=True, quiet=args.quiet)
     flags = {k: v for k, v in vars(args).items() if v is not None}
     settings = {**preset, **flags, **extra}
     spec_name = settings.pop("spec", None) or settings.pop("student", None)
+    if args.resume:  # the same command again, with --resume: what it repeats must match the run
+        spec = spec_name and override_spec(_spec_arg(spec_name), **{k: settings.get(k) for k in
+                                                                     ("window_size", "hidden", "num_layers", *SPEC_FLAGS)})
+        return train(spec, settings.get("replays"), out=args.out, resume=True, quiet=args.quiet,
+                     **{k: v for k, v in settings.items() if k in CONFIG_FIELDS})
     if not spec_name:
         raise ExphilError("give a spec file (or --preset)")
     if not settings.get("replays"):

@@ -129,3 +129,25 @@ def test_second_training_into_a_busy_folder_is_refused_and_a_killed_owner_leaves
         first.wait()
     with exphil.RunLock(out):  # the killed owner's lock is gone with its process
         assert (out / ".lock").read_text() == str(__import__("os").getpid())
+
+
+def test_resume_repeats_the_command_refuses_what_differs_and_extends(tmp_path):
+    out = tmp_path / "run"
+    cmd = ["train", "mlp", "--replays", REPLAYS, "--epochs", "1", "--batch-size", "512", "--out", out]
+    assert cli(*cmd).returncode == 0
+    info = lambda: json.loads((out / "run.json").read_text())
+    steps = info()["steps"]
+    res = cli(*cmd, "--resume")  # the same command again (as a job queue would): accepted
+    assert res.returncode == 0 and info()["steps"] == steps, res.stderr
+    res = cli(*cmd, "--lr", "0.01", "--resume")
+    assert res.returncode == 2 and "these differ: --lr 0.01 (the run has 0.001)" in res.stderr
+    res = cli("train", "gru", "--replays", REPLAYS, "--out", out, "--resume")
+    assert res.returncode == 2 and "the spec (" in res.stderr and "name: 'mlp' -> 'gru'" in res.stderr
+    res = cli(*[a if a != "1" else "2" for a in cmd], "--resume")  # more epochs: the finished run goes on
+    assert res.returncode == 0 and info()["steps"] == 2 * steps, res.stderr
+    rows = [json.loads(l)["epoch"] for l in (out / "metrics.jsonl").read_text().splitlines()]
+    assert rows == [1, 2]
+    spec = out / "spec.toml"
+    spec.write_text(spec.read_text().replace("hidden = 512", "hidden = 256"))
+    res = cli("train", "--resume", "--out", out)
+    assert res.returncode == 2 and "spec.toml was edited since the run started (hidden: 512 -> 256)" in res.stderr
