@@ -2189,6 +2189,7 @@ def _train(spec, replays, out: Path, resume: bool, quiet: bool, cache, config) -
     else:
         model.load(trainer.params())
     model.save(out)
+    info["graphs"] = {f: graph_digest(out / f) for f in ("window.onnx", "step.onnx")}
     history = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines() if l.strip()]
     exported = next((r for r in history if r["epoch"] == best["epoch"]), history[-1] if history else None)
     info.update({"status": "finished", "final": history[-1] if history else None, "best": best,
@@ -2442,6 +2443,46 @@ _CLASS_HEADS = [(h, slice(o, o + k)) for (h, k), o in
 PRECISIONS = {"fp32": "step.onnx", "int8": "step.int8.onnx", "fp16": "step.fp16.onnx"}
 
 
+def graph_digest(path: Path) -> str:
+    """The content hash of a graph file, recorded in run.json when the run writes it."""
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:24]
+
+
+def checked_step_graph(run: Path, path: Path, info: dict) -> bytes:
+    """A run's step graph, read once and checked before onnxruntime sees it: the file the run
+    recorded (hash in run.json), a valid ONNX model with all its weights inside, and the
+    interface of the run's spec (inputs, head widths, state names and shapes). One clear error
+    otherwise; graph files are untrusted input."""
+    import onnx
+
+    data = path.read_bytes()
+    recorded = info.get("graphs", {}).get(path.name)
+    if recorded and hashlib.sha256(data).hexdigest()[:24] != recorded:
+        raise ExphilError(f"{path}: not the graph this run wrote (its hash differs from run.json's); "
+                          "re-export it by training or quantizing again")
+    try:
+        proto = onnx.load_from_string(data)
+    except Exception as e:
+        raise ExphilError(f"{path}: not a valid ONNX model ({type(e).__name__})") from None
+    if any(t.data_location == onnx.TensorProto.EXTERNAL for t in proto.graph.initializer):
+        raise ExphilError(f"{path}: refers to external weight files; exphil graphs keep their weights inside")
+    dims = lambda v: [d.dim_value or d.dim_param for d in v.type.tensor_type.shape.dim][1:]  # without the batch
+    got = {v.name: dims(v) for v in [*proto.graph.input, *proto.graph.output]}
+    if (run / "spec.toml").exists():  # the states of the run's spec
+        model = Model(load_spec(run / "spec.toml"))
+        states, what = model.states, f"the run's spec {model.spec.name!r}"
+    else:  # at least a consistent interface
+        states, what = [(k[len("state_in."):], v) for k, v in got.items() if k.startswith("state_in.")], "a step graph"
+    want = {"cat": [len(CAT_FIELDS)], "num": [len(NUM_FIELDS)], **{h: [k] for h, k in HEADS.items()},
+            **{f"state_{io}.{n}": list(shape) for n, shape in states for io in ("in", "out")}}
+    if got != want:
+        wrong = sorted(f"{k} {got.get(k, 'missing')} (expected {want.get(k, 'none')})"
+                       for k in set(got) | set(want) if got.get(k) != want.get(k))
+        raise ExphilError(f"{path}: its inputs and outputs do not match {what}: " + ", ".join(wrong[:4])
+                          + (f" and {len(wrong) - 4} more" if len(wrong) > 4 else ""))
+    return data
+
+
 def step_path(run: str | os.PathLike, precision: str = "fp32") -> Path:
     """A run folder's step graph at a precision ("fp32", "int8" or "fp16")."""
     run = Path(run)
@@ -2477,12 +2518,13 @@ class Agent:
                               f"v{FEATURE_VERSION}. Retrain, or install the matching exphil.")
         if not (math.isfinite(temperature) and temperature >= 0):
             raise ExphilError(f"temperature must be a finite number >= 0 (0: deterministic), not {temperature}")
-        self.step = Stepper(path, provider, threads)
+        self.step = Stepper(checked_step_graph(run, path, self.info), provider, threads)
         self.precision = precision
         self.temperature, self.deterministic = temperature, deterministic or temperature == 0
         self.rng = np.random.default_rng(seed)
         self.frame_delay = int(self.info.get("frame_delay", 0))
         self._last_frame: int | None = None
+        self._warned = False
 
     def reset(self) -> None:
         """Forget the game so far (called automatically when a new game starts)."""
@@ -2490,6 +2532,10 @@ class Agent:
         self._last_frame = None
 
     def logits(self, gamestate, port: int, opponent_port: int | None = None) -> dict[str, np.ndarray]:
+        """One frame's head logits. Logits that are not finite (a NaN in the game state) leave
+        the carried state at zero, so the next frames recover by themselves (logged once)."""
+        if port not in gamestate.players:
+            raise ExphilError(f"port {port} is not in the game (ports present: {sorted(map(int, gamestate.players))})")
         if opponent_port is None:
             others = [p for p in gamestate.players if p != port]
             if not others:
@@ -2498,7 +2544,14 @@ class Agent:
         if self._last_frame is not None and gamestate.frame <= self._last_frame:
             self.reset()  # the frame counter went back: a new game
         self._last_frame = gamestate.frame
-        return self.step(*features_from_gamestate(gamestate, port, opponent_port))
+        logits = self.step(*features_from_gamestate(gamestate, port, opponent_port))
+        if not all(np.isfinite(v).all() for v in logits.values()):
+            self.step.reset()
+            if not self._warned:
+                logging.getLogger("exphil").warning("the model returned non-finite logits at frame %s (a NaN in "
+                                                    "the game state?); its state was reset", gamestate.frame)
+                self._warned = True
+        return logits
 
     def sample(self, logits: dict[str, np.ndarray]) -> dict:
         """An action from one frame's logits, at the agent's temperature. Logits that are NaN or
@@ -2708,6 +2761,9 @@ def quantize_run(run: str | os.PathLike, mode: str = "dynamic", calibration_repl
     tmp = path.with_suffix(".onnx.tmp")
     onnx.save(proto, tmp)
     os.replace(tmp, path)
+    if info:
+        info.setdefault("graphs", {})[path.name] = graph_digest(path)
+        _write_json(run / "run.json", info)
     report["path"] = str(path)
     return report
 

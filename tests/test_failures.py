@@ -151,3 +151,68 @@ def test_resume_repeats_the_command_refuses_what_differs_and_extends(tmp_path):
     spec.write_text(spec.read_text().replace("hidden = 512", "hidden = 256"))
     res = cli("train", "--resume", "--out", out)
     assert res.returncode == 2 and "spec.toml was edited since the run started (hidden: 512 -> 256)" in res.stderr
+
+
+def _run_copy(run, tmp_path):
+    out = tmp_path / "copy"
+    out.mkdir()
+    for f in ("step.onnx", "run.json", "spec.toml"):
+        shutil.copy(run / f, out / f)
+    return out
+
+
+def test_graph_files_are_checked_before_onnxruntime_reads_them(tmp_path, mlp_run):
+    """Random bytes, an empty or truncated file, another run's graph, a graph with other inputs,
+    and weights pointing outside the run: each refused with one line naming the file."""
+    import onnx
+
+    run = _run_copy(mlp_run.path, tmp_path)
+    good = (run / "step.onnx").read_bytes()
+    info = json.loads((run / "run.json").read_text())
+    for data, expected in [(np.random.default_rng(0).bytes(5000), "not the graph this run wrote"),
+                           (b"", "not the graph this run wrote"), (good[:len(good) // 2], "not the graph this run wrote")]:
+        (run / "step.onnx").write_bytes(data)
+        with pytest.raises(exphil.ExphilError, match=expected):
+            exphil.Agent(run)
+    del info["graphs"]  # without the recorded hash, the content itself is checked
+    (run / "run.json").write_text(json.dumps(info))
+    for data in (np.random.default_rng(0).bytes(5000), good[:len(good) // 2]):
+        (run / "step.onnx").write_bytes(data)
+        with pytest.raises(exphil.ExphilError, match="not a valid ONNX model"):
+            exphil.Agent(run)
+    gru = exphil.Model(exphil.load_spec(ROOT / "specs" / "gru.toml"))
+    (run / "step.onnx").write_bytes(gru.build(step=True).SerializeToString())
+    with pytest.raises(exphil.ExphilError, match="do not match the run's spec 'mlp': state_in.layers.0.mixer.h"):
+        exphil.Agent(run)
+    proto = onnx.load_from_string(good)
+    weight = proto.graph.initializer[0]
+    weight.ClearField("raw_data")
+    weight.data_location = onnx.TensorProto.EXTERNAL
+    weight.external_data.add(key="location", value="../../../etc/passwd")
+    (run / "step.onnx").write_bytes(proto.SerializeToString())
+    with pytest.raises(exphil.ExphilError, match="refers to external weight files"):
+        exphil.Agent(run)
+    (run / "step.onnx").write_bytes(good)
+    assert exphil.Agent(run).step.session is not None
+
+
+def test_agent_names_missing_ports_and_recovers_from_a_nan_frame(tmp_path, caplog):
+    """A recurrent agent fed one frame with a NaN returns non-finite logits for that frame only:
+    its state is reset and the next frames are finite again (logged once)."""
+    out = tmp_path / "gru"
+    exphil.Model(exphil.load_spec(ROOT / "specs" / "gru.toml")).save(out)
+    (out / "spec.toml").write_text((ROOT / "specs" / "gru.toml").read_text())
+    agent = exphil.Agent(out)
+    game = exphil.ReplayGame(REPLAYS / "hohav-py-slippi__netplay_name.slp", fps=None, frames=400)
+    finite = []
+    for i in range(300):
+        gs = game.step()
+        if i == 3:
+            with pytest.raises(exphil.ExphilError, match=r"port 3 is not in the game \(ports present: \[1, 2\]\)"):
+                agent.logits(gs, 3)
+        if i in (200, 250):
+            gs.players[1].percent = float("nan")
+        logits = agent.logits(gs, 1, 2)
+        finite.append(all(np.isfinite(v).all() for v in logits.values()))
+    assert [i for i, ok in enumerate(finite) if not ok] == [200, 250]
+    assert sum("non-finite logits" in r.message for r in caplog.records) == 1
