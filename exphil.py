@@ -181,6 +181,11 @@ def load_spec(path: str | os.PathLike) -> Spec:
 
 
 def parse_spec(text: str | bytes, source: str = "<spec>") -> Spec:
+    if isinstance(text, bytes):
+        try:
+            text = text.decode("utf-8")
+        except UnicodeDecodeError:
+            raise SpecError(f"{source}: not a spec (a TOML text file in UTF-8); is it the right file?") from None
     try:
         return msgspec.toml.decode(text, type=Spec)
     except msgspec.ValidationError as e:
@@ -857,6 +862,7 @@ class ReplayError(ExphilError):
     """A replay that cannot be read or is not a usable 1v1 game."""
 
     def __init__(self, path, reason):
+        reason = " ".join(str(reason).split())  # one line, whatever the parser said
         super().__init__(f"{path}: {reason}")
         self.path, self.reason = str(path), reason
 
@@ -1126,8 +1132,10 @@ def load_replay(path: Path, cache: Path | None = None, entry: Path | None = None
     if file.exists():
         try:
             with np.load(file) as z:
-                return [Episode(str(path), int(z[f"{i}.port"]), z[f"{i}.cat"], z[f"{i}.num"],
-                                {h: z[f"{i}.{h}"] for h in HEADS}) for i in range(2)]
+                episodes = [Episode(str(path), int(z[f"{i}.port"]), z[f"{i}.cat"], z[f"{i}.num"],
+                                    {h: z[f"{i}.{h}"] for h in HEADS}) for i in range(2)]
+                if str(z["source"]) == file.name.split("-")[0] and all(map(_valid_episode, episodes)):
+                    return episodes
         except Exception:  # a damaged cache entry is rebuilt, never trusted
             pass
     try:
@@ -1136,7 +1144,7 @@ def load_replay(path: Path, cache: Path | None = None, entry: Path | None = None
         file.parent.mkdir(parents=True, exist_ok=True)
         error.write_text(e.reason)
         raise
-    arrays = {}
+    arrays = {"source": file.name.split("-")[0]}  # the content hash of the replay it was parsed from
     for i, ep in enumerate(episodes):
         arrays.update({f"{i}.port": ep.port, f"{i}.cat": ep.cat, f"{i}.num": ep.num})
         arrays.update({f"{i}.{h}": v for h, v in ep.labels.items()})
@@ -1145,6 +1153,14 @@ def load_replay(path: Path, cache: Path | None = None, entry: Path | None = None
     np.savez(tmp, **arrays)
     os.replace(tmp, file)
     return episodes
+
+
+def _valid_episode(ep: Episode) -> bool:
+    """Arrays of the expected kinds and shapes, frame counts that agree, finite features."""
+    T = len(ep.cat)
+    return (ep.cat.shape == (T, len(CAT_FIELDS)) and ep.cat.dtype == np.int64 and ep.num.shape == (T, len(NUM_FIELDS))
+            and ep.num.dtype == np.float32 and bool(np.isfinite(ep.num).all())
+            and all(len(ep.labels[h]) == T for h in HEADS) and ep.labels["buttons"].shape == (T, 8))
 
 
 def _build_cache(args) -> tuple[str, str | None, int, float]:
@@ -1494,20 +1510,24 @@ def with_zero_state(batch: dict[str, np.ndarray], model: Model) -> dict[str, np.
     return {**{f"state_in.{n}": v for n, v in model.zero_state(len(batch["cat"])).items()}, **batch}
 
 
+def has_checkpoint(directory: Path) -> bool:
+    return any((Path(directory) / f).exists() for f in ("checkpoint", "checkpoint.prev"))
+
+
 class Trainer:
     """A model on onnxruntime-training: artifacts in `directory`, AdamW, checkpoint, export.
 
     An existing checkpoint in `directory` is loaded (parameters, optimizer state, progress)."""
 
     def __init__(self, model: Model, directory: Path, lr: float = 1e-3, weight_decay: float = 0.01,
-                 length: int | None = None, max_grad_norm: float = 0.0, distill: tuple | None = None):
+                 length: int | None = None, max_grad_norm: float = 0.0, distill: tuple | None = None, log=None):
         import onnx
         import shutil
 
         artifacts, api, onnxblock = _ort_training()
         self.model, self.dir = model, Path(directory)
         self.length = length or model.spec.window
-        if not (self.dir / "checkpoint").exists():  # build into a temporary folder, then rename
+        if not has_checkpoint(self.dir):  # build into a temporary folder, then rename
             tmp = self.dir.with_name(self.dir.name + ".tmp")
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
@@ -1523,13 +1543,29 @@ class Trainer:
             onnx.save(opt, str(tmp / "optimizer_model.onnx"))
             shutil.rmtree(self.dir, ignore_errors=True)
             os.replace(tmp, self.dir)
-        self.state = api.CheckpointState.load_checkpoint(str(self.dir / "checkpoint"))
+        self.state = self._load_checkpoint(api, log)
         self.module = api.Module(str(self.dir / "training_model.onnx"), self.state,
                                  str(self.dir / "eval_model.onnx"))
         self.optimizer = api.Optimizer(str(self.dir / "optimizer_model.onnx"), self.module)
         self.optimizer.set_learning_rate(lr)
         self.inputs = self.module.input_names()
         self.outputs = self.module.output_names()
+
+    def _load_checkpoint(self, api, log):
+        """The checkpoint, or the one saved before it when it is damaged (truncated, emptied)."""
+        problems = []
+        for name in ("checkpoint", "checkpoint.prev"):
+            path = self.dir / name
+            try:
+                with _quiet_fd2():
+                    state = api.CheckpointState.load_checkpoint(str(path))
+            except Exception as e:
+                problems.append(f"{path} is damaged ({type(e).__name__})" if path.exists() else f"{path} is missing")
+                continue
+            if problems and log:
+                log(f"{problems[0]}: continuing from the checkpoint saved before it")
+            return state
+        raise ExphilError("no usable checkpoint: " + "; ".join(problems))
 
     def _run(self, batch: dict[str, np.ndarray], training: bool) -> dict[str, np.ndarray]:
         batch = {**with_zero_state(batch, self.model), "training": np.array(training)}
@@ -1564,9 +1600,11 @@ class Trainer:
         """Parameters, optimizer state and progress, in one file written atomically."""
         _, api, _ = _ort_training()
         self.state.properties["progress"] = json.dumps(progress)
-        tmp = self.dir / "checkpoint.tmp"
+        tmp, path = self.dir / "checkpoint.tmp", self.dir / "checkpoint"
         api.CheckpointState.save_checkpoint(self.state, str(tmp), include_optimizer_state=True)
-        os.replace(tmp, self.dir / "checkpoint")
+        if path.exists():  # the one before stays, in case this one is damaged later
+            os.replace(path, self.dir / "checkpoint.prev")
+        os.replace(tmp, path)
 
 
 # decision thresholds of a button's probability among which a run picks its own (on training frames)
@@ -1973,7 +2011,7 @@ def _resume_settings(out: Path, spec, replays, given: dict) -> tuple[dict, Spec,
     """The run's recorded settings, spec and replays for `--resume`. What the caller gives again
     must match them (a re-run of the same command), except a larger `epochs`, which extends the
     run; a spec.toml edited since the run started is refused. Every difference is named."""
-    if not (out / "run.json").exists() or not (out / "train" / "checkpoint").exists():
+    if not (out / "run.json").exists() or not has_checkpoint(out / "train"):
         raise ExphilError(f"{out}: nothing to resume (no run.json and checkpoint)")
     info = json.loads((out / "run.json").read_text())
     recorded, run_spec = info["config"], load_spec(out / "spec.toml")
@@ -2006,7 +2044,7 @@ def _train(spec, replays, out: Path, resume: bool, quiet: bool, cache, config) -
     else:
         if spec is None or replays is None:
             raise ExphilError("train needs a spec and replays")
-        if (out / "train" / "checkpoint").exists():
+        if has_checkpoint(out / "train"):
             raise ExphilError(f"{out} already holds a run: continue it with --resume, or choose another --out")
         spec = spec if isinstance(spec, Spec) else load_spec(spec)
     games, skipped = load_games(replays, cache, log, max_files=config.max_files)
@@ -2062,7 +2100,7 @@ def _train(spec, replays, out: Path, resume: bool, quiet: bool, cache, config) -
     distill = (config.distill_temperature, config.distill_alpha) if teacher else None
     model = Model(spec, seed=config.seed)
     model.start_from_baselines(freqs, baselines["markov"])
-    trainer = Trainer(model, out / "train", lr=config.lr, weight_decay=config.weight_decay,
+    trainer = Trainer(model, out / "train", lr=config.lr, weight_decay=config.weight_decay, log=log,
                       max_grad_norm=config.max_grad_norm, distill=distill)
     progress = trainer.progress if resume else {}
     if progress.get("fingerprint", info["fingerprint"]) != info["fingerprint"]:
@@ -2150,9 +2188,9 @@ def _train(spec, replays, out: Path, resume: bool, quiet: bool, cache, config) -
                     os.replace(carry(step).with_suffix(".tmp.npz"), carry(step))
                 checkpoint({"step": step, "epoch": epoch, "batch": k + 1, "sums": metrics.sums, "fingerprint": info["fingerprint"],
                                          "best": best, "stale": stale})
-                for old in (out / "train").glob("carry-*.npz"):
-                    if old != carry(step):
-                        old.unlink()
+                carries = [f for f in (out / "train").glob("carry-*.npz") if f.stem[6:].isdigit()]
+                for old in sorted(carries, key=lambda f: int(f.stem[6:]))[:-2]:
+                    old.unlink()  # the carries of the last two checkpoints stay
             if over:
                 break
         bar.close()

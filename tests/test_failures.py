@@ -216,3 +216,36 @@ def test_agent_names_missing_ports_and_recovers_from_a_nan_frame(tmp_path, caplo
         finite.append(all(np.isfinite(v).all() for v in logits.values()))
     assert [i for i, ok in enumerate(finite) if not ok] == [200, 250]
     assert sum("non-finite logits" in r.message for r in caplog.records) == 1
+
+
+def test_damaged_or_swapped_cache_entries_are_rebuilt(tmp_path, monkeypatch):
+    monkeypatch.setenv("EXPHIL_CACHE", str(tmp_path / "cache"))
+    a, b = REPLAYS / "hohav-py-slippi__nintendont.slp", REPLAYS / "hohav-py-slippi__netplay_name.slp"
+    fresh = {p: exphil.load_replay(p) for p in (a, b)}
+    entry = {p: exphil._cache_entry(p, None) for p in (a, b)}
+    shutil.copy(entry[a], entry[b])  # b's entry now holds a's arrays
+    data = bytearray(entry[a].read_bytes())
+    header = data.index(b"'descr'")  # the first array's header: claim another dtype
+    data[header:header + 20] = data[header:header + 20].replace(b"<i8", b"<f2").replace(b"<f4", b"<f2")
+    entry[a].write_bytes(bytes(data))
+    for p in (a, b):
+        again = exphil.load_replay(p)
+        assert len(again) == 2 and all(np.array_equal(x.num, y.num) and x.port == y.port
+                                       for x, y in zip(again, fresh[p])), p
+
+
+def test_a_damaged_checkpoint_falls_back_to_the_one_before(tmp_path):
+    out = tmp_path / "run"
+    base = ["train", "mlp", "--replays", REPLAYS, "--epochs", "2", "--batch-size", "512", "--save-every", "10",
+            "--out", out]
+    assert cli(*base).returncode == 0
+    complete = json.loads((out / "run.json").read_text())["steps"]
+    (out / "train" / "checkpoint").write_bytes((out / "train" / "checkpoint").read_bytes()[:100])
+    res = cli(*[a if a != "2" else "3" for a in base], "--resume")
+    assert res.returncode == 0, res.stderr
+    assert "checkpoint is damaged (" in res.stderr and "continuing from the checkpoint saved before it" in res.stderr
+    assert json.loads((out / "run.json").read_text())["steps"] > complete
+    for f in ("checkpoint", "checkpoint.prev"):
+        (out / "train" / f).write_bytes(b"")
+    res = cli(*[a if a != "2" else "4" for a in base], "--resume")
+    assert res.returncode == 2 and "no usable checkpoint:" in res.stderr and "Traceback" not in res.stderr
