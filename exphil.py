@@ -1163,6 +1163,28 @@ def _valid_episode(ep: Episode) -> bool:
             and all(len(ep.labels[h]) == T for h in HEADS) and ep.labels["buttons"].shape == (T, 8))
 
 
+def _die_with_parent(parent: int) -> None:
+    """Worker initializer: exit as soon as the process that started the worker is gone (even
+    killed with SIGKILL, which gives it no chance to stop its workers)."""
+    def watch():
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        os._exit(1)
+    threading.Thread(target=watch, daemon=True).start()
+
+
+def _remove_stale_temporaries(cache: Path) -> None:
+    """Half-written cache files (`*.<pid>.tmp.npz`) whose writing process no longer exists."""
+    for tmp in cache.glob("*.tmp.npz") if cache.is_dir() else []:
+        pid = tmp.name.split(".")[-3]
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            tmp.unlink(missing_ok=True)
+        except (ValueError, PermissionError, OSError):
+            pass
+
+
 def _build_cache(args) -> tuple[str, str | None, int, float]:
     """Worker: parse one replay into the cache; (path, error or None, game frames, seconds)."""
     path, entry = args
@@ -1190,6 +1212,7 @@ def load_games(replays: str | os.PathLike | Sequence, cache: Path | None = None,
             entries[p] = _cache_entry(p, cache)
         except ReplayError as e:
             errors[p] = e.reason
+    _remove_stale_temporaries(cache or cache_dir())
     missing = [(p, f) for p, f in entries.items() if not f.exists() and not f.with_suffix(".error").exists()]
     workers = min(workers or os.cpu_count() or 1, len(missing))
     if missing:
@@ -1200,13 +1223,14 @@ def load_games(replays: str | os.PathLike | Sequence, cache: Path | None = None,
             from concurrent.futures.process import BrokenProcessPool
             import multiprocessing
 
-            try:  # a script without an `if __name__ == "__main__"` guard breaks spawned workers
-                with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+            try:
+                with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                                         initializer=_die_with_parent, initargs=(os.getpid(),)) as pool:
                     built = list(pool.map(_build_cache, missing))
             except BrokenProcessPool:
                 if log:
-                    log("parsing on one core: worker processes could not start (call exphil from a script "
-                        "with an `if __name__ == \"__main__\":` guard to use every core)")
+                    log("parsing on one core: the worker processes stopped (killed, or they could not start: a "
+                        "script that calls exphil needs an `if __name__ == \"__main__\":` guard to use every core)")
                 workers = 1
         if built is None:
             built = [_build_cache(m) for m in missing]

@@ -249,3 +249,49 @@ def test_a_damaged_checkpoint_falls_back_to_the_one_before(tmp_path):
         (out / "train" / f).write_bytes(b"")
     res = cli(*[a if a != "2" else "4" for a in base], "--resume")
     assert res.returncode == 2 and "no usable checkpoint:" in res.stderr and "Traceback" not in res.stderr
+
+
+def _children(pid):
+    import os
+    out = []
+    for d in os.listdir("/proc"):
+        try:
+            if d.isdigit() and int(open(f"/proc/{d}/stat").read().rsplit(")", 1)[1].split()[1]) == pid:
+                out.append(int(d))
+        except OSError:
+            pass
+    return out
+
+
+def _alive(pid):
+    try:
+        return open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def test_killing_the_main_process_while_parsing_stops_its_workers(tmp_path):
+    import os
+
+    folder = tmp_path / "many"
+    folder.mkdir()
+    for k in range(15):
+        for f in REPLAYS.glob("*.slp"):
+            shutil.copy(f, folder / f"{k}-{f.name}")
+    env = {**os.environ, "EXPHIL_CACHE": str(tmp_path / "cache")}
+    proc = subprocess.Popen([sys.executable, "-m", "exphil", "train", "mlp", "--replays", folder, "--out",
+                             tmp_path / "run"], cwd=ROOT, env=env, stderr=subprocess.DEVNULL)
+    deadline, workers = time.time() + 60, []
+    while len(workers) < 2 and time.time() < deadline and proc.poll() is None:
+        workers = _children(proc.pid)
+        time.sleep(0.05)
+    assert len(workers) >= 2, "the workers never started"
+    time.sleep(0.5)
+    proc.kill()
+    proc.wait()
+    deadline = time.time() + 10
+    while any(map(_alive, workers)) and time.time() < deadline:
+        time.sleep(0.1)
+    assert not any(map(_alive, workers))
+    exphil._remove_stale_temporaries(tmp_path / "cache")
+    assert not list((tmp_path / "cache").glob("*.tmp.npz"))
