@@ -581,10 +581,38 @@ MIXERS = {Dense: DenseLayer, LSTM: LSTMLayer, GRU: GRULayer, Mamba: MambaLayer, 
           GatedSSM: GatedSSMLayer}
 
 
+def estimate_params(spec: Spec) -> int:
+    """A spec's parameter count without allocating it: counts are a quadratic in the width, so
+    three small copies of the spec give it (exactly at widths that are multiples of 16)."""
+    base = math.lcm(16, *[b.mixer.heads for b in spec.blocks if isinstance(b.mixer, Attention)])
+    xs = [base, 2 * base, 3 * base]
+    ys = [sum(v.size for v in Model(msgspec.structs.replace(spec, hidden=x), check=False).params.values()) for x in xs]
+    h = spec.hidden  # Lagrange interpolation through the three points
+    return round(sum(y * math.prod((h - xj) / (xi - xj) for xj in xs if xj != xi) for xi, y in zip(xs, ys)))
+
+
+MAX_PARAMS = 400_000_000  # an ONNX file holds at most 2 GB of weights
+
+
+def check_size(spec: Spec) -> None:
+    """Refuse a spec too large to store or to train on this machine, with the numbers."""
+    if spec.hidden <= 2048:
+        return
+    n = estimate_params(spec)
+    need = 16 * n  # parameters, gradients and two AdamW moments, in float32
+    have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") if hasattr(os, "sysconf") else float("inf")
+    if n > MAX_PARAMS or need > have:
+        raise SpecError(f"spec {spec.name!r} is too large: about {n:,} parameters (hidden {spec.hidden}), which need "
+                        f"about {need / 2**30:,.1f} GiB to train (this machine has {have / 2**30:,.1f} GiB) and "
+                        f"{4 * n / 2**30:,.1f} GiB in a graph file (ONNX holds at most 2 GiB)")
+
+
 class Model:
     """A spec's parameters (name -> array) and the code that builds its graphs."""
 
-    def __init__(self, spec: Spec, params: dict[str, np.ndarray] | None = None, seed: int = 0):
+    def __init__(self, spec: Spec, params: dict[str, np.ndarray] | None = None, seed: int = 0, check: bool = True):
+        if check:
+            check_size(spec)
         self.spec = spec
         init = _Init({}, np.random.default_rng(seed))
         d = spec.hidden
@@ -2006,6 +2034,9 @@ def train(spec: Spec | str | os.PathLike | None = None, replays=None, out: str |
     step, optimizer state and data order (spec and replays are then read from the run).
     The run folder is locked for the whole training (RunLock)."""
     config = settings if resume else TrainConfig(**settings)  # bad settings: refused before anything is written
+    if not resume and spec is not None:
+        spec = spec if isinstance(spec, Spec) else load_spec(spec)
+        check_size(spec)
     with RunLock(Path(out)):
         return _train(spec, replays, Path(out), resume, quiet, cache, config)
 

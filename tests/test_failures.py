@@ -29,6 +29,8 @@ def cli(*args, **kw):
     (["--change-weight", "nan"], "change-weight must be a finite number"),
     (["--online-robust"], "online-robust needs a delay range"),
     (["--frame-delay", "100000"], "no training frame has a target at frame delay 100000"),
+    (["--hidden", "100000000"], "spec 'mlp' is too large: about 20,000,"),
+    (["--hidden", "20000"], "GiB in a graph file (ONNX holds at most 2 GiB)"),
 ])
 def test_bad_settings_are_refused_before_training(tmp_path, flags, expected):
     res = cli("train", "mlp", "--replays", REPLAYS, "--out", tmp_path / "run", *flags)
