@@ -1120,14 +1120,29 @@ class Episode:
         return len(self.cat)
 
 
-def find_replays(root: str | os.PathLike) -> list[Path]:
-    """A .slp file, or every .slp file under a directory (recursively), sorted."""
+def find_replays(root: str | os.PathLike, unreadable: list | None = None) -> list[Path]:
+    """A .slp file, or every .slp file under a directory (recursively, following symbolic links
+    to folders once each), sorted. Folders that cannot be read are appended to `unreadable` as
+    {"path", "reason"}."""
     root = Path(root)
     if root.is_file():
         return [root]
     if not root.is_dir():
         raise ExphilError(f"{root}: no such replay file or directory")
-    return sorted(p for p in root.rglob("*") if p.suffix.lower() == ".slp" and p.is_file())
+    found, seen = [], set()
+
+    def refused(e: OSError):
+        if unreadable is not None:
+            unreadable.append({"path": e.filename, "reason": f"cannot read folder: {e.strerror}"})
+
+    for folder, subfolders, files in os.walk(root, followlinks=True, onerror=refused):
+        real = os.path.realpath(folder)
+        if real in seen:  # a link back into a folder already walked: no loop
+            subfolders[:] = []
+            continue
+        seen.add(real)
+        found += [Path(folder) / f for f in files if f.lower().endswith(".slp") and os.path.isfile(os.path.join(folder, f))]
+    return sorted(found)
 
 
 def _episodes_from_replay(path: Path) -> list[Episode]:
@@ -1230,8 +1245,12 @@ def load_games(replays: str | os.PathLike | Sequence, cache: Path | None = None,
 
     Replays not yet in the cache are parsed on every core first. A replay that cannot be used is
     reported in one line and skipped; the rest go on."""
+    unreadable = []
     paths = [p for r in ([replays] if isinstance(replays, (str, os.PathLike)) else replays)
-             for p in find_replays(r)]
+             for p in find_replays(r, unreadable)]
+    for u in unreadable:
+        if log:
+            log(f"skipped {u['path']}: {u['reason']}")
     if max_files:
         paths = paths[:max_files]
     entries, errors = {}, {}
@@ -1268,7 +1287,7 @@ def load_games(replays: str | os.PathLike | Sequence, cache: Path | None = None,
         if log and frames:
             log(f"parsed {len(missing)} new replays ({frames:,} frames) in {seconds:.1f} s on {workers} core(s): "
                 f"{frames / seconds:,.0f} frames/s ({frames / busy:,.0f} per core once started)")
-    games, skipped = [], []
+    games, skipped = [], list(unreadable)
     for path in paths:
         try:
             if path in errors:

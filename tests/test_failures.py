@@ -297,3 +297,27 @@ def test_killing_the_main_process_while_parsing_stops_its_workers(tmp_path):
     assert not any(map(_alive, workers))
     exphil._remove_stale_temporaries(tmp_path / "cache")
     assert not list((tmp_path / "cache").glob("*.tmp.npz"))
+
+
+def test_symlinked_replay_folders_are_followed_once(tmp_path):
+    """A symbolic link to a folder of replays is followed; a link back up the tree does not loop."""
+    import os
+
+    real = tmp_path / "elsewhere"
+    real.mkdir()
+    shutil.copy(REPLAYS / "hohav-py-slippi__nintendont.slp", real)
+    top = tmp_path / "top"
+    top.mkdir()
+    shutil.copy(REPLAYS / "hohav-py-slippi__netplay_name.slp", top)
+    os.symlink(real, top / "linked")
+    os.symlink(top, real / "loop")
+    found = exphil.find_replays(top)
+    assert [str(p.relative_to(top)) for p in found] == ["hohav-py-slippi__netplay_name.slp",
+                                                        "linked/hohav-py-slippi__nintendont.slp"]
+
+
+def test_no_validation_set_is_said_plainly(tmp_path):
+    res = cli("train", "mlp", "--replays", REPLAYS, "--val-split", "0", "--max-steps", "3", "--out", tmp_path / "r")
+    assert res.returncode == 0, res.stderr
+    assert "no validation games" in res.stderr and "exported the last step (no validation games)" in res.stdout
+    assert "nan" not in res.stdout + res.stderr
