@@ -212,12 +212,12 @@ def architecture_table(paths: list[str], replays: str, budget_seconds: float, se
 
 
 def print_architectures(rows: list[dict]) -> None:
-    print("| rank | spec | val loss | markov | margin | main_x (copy) | main_y (copy) | "
+    print("| rank | spec | val loss | markov | vs markov | main_x (copy) | main_y (copy) | "
           "button F1 (copy) | main_x on changes | steps | train frames/s | step p50 ms | 60 FPS |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for i, r in enumerate(rows, 1):
         acc, copy = r["accuracy"], r["copy_accuracy"]
-        print(f"| {i} | {r['spec']} | {r['val_loss']:.3f} | {r['markov_loss']:.3f} | {100 * r['margin']:+.1f}% | "
+        print(f"| {i} | {r['spec']} | {r['val_loss']:.3f} | {r['markov_loss']:.3f} | {-100 * r['margin']:+.1f}% | "
               f"{acc['main_x']:.3f} ({copy['main_x']:.3f}) | {acc['main_y']:.3f} ({copy['main_y']:.3f}) | "
               f"{r['button_f1']:.3f} ({r['copy_button_f1']:.3f}) | {r['change_accuracy']['main_x']:.3f} | {r['steps']} | "
               f"{r['train_frames_per_s']:,.0f} | {r['step_p50_ms']:.3f} | {verdict(r['step_p99_ms'])} |")
