@@ -2038,8 +2038,12 @@ class RunLock:
         self.file.flush()
         return self
 
-    def __exit__(self, *exc):
+    def __exit__(self, kind, *exc):
         self.file.close()
+        if kind is not None:  # a failed training leaves no half-written file behind
+            import shutil
+            for tmp in sorted(self.out.rglob("*.tmp*"), reverse=True):
+                shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink(missing_ok=True)
         if self.created and [p.name for p in self.out.iterdir()] == [".lock"]:
             import shutil
             shutil.rmtree(self.out, ignore_errors=True)
@@ -2057,7 +2061,12 @@ def train(spec: Spec | str | os.PathLike | None = None, replays=None, out: str |
         spec = spec if isinstance(spec, Spec) else load_spec(spec)
         check_size(spec)
     with RunLock(Path(out)):
-        return _train(spec, replays, Path(out), resume, quiet, cache, config)
+        try:
+            return _train(spec, replays, Path(out), resume, quiet, cache, config)
+        except OSError as e:
+            if e.filename:
+                raise
+            raise ExphilError(f"{out}: {e.strerror or e} (while writing the run folder)") from None
 
 
 def _flat(tree, prefix: str = "") -> dict:

@@ -321,3 +321,23 @@ def test_no_validation_set_is_said_plainly(tmp_path):
     assert res.returncode == 0, res.stderr
     assert "no validation games" in res.stderr and "exported the last step (no validation games)" in res.stdout
     assert "nan" not in res.stdout + res.stderr
+
+
+def test_a_full_disk_is_one_line_naming_the_run_and_leaves_no_temporaries(tmp_path):
+    """The run folder on a 3 MB file system (mounted for the test; skipped where mounting is not
+    allowed)."""
+    import os
+
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", disk],
+                                           capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a small file system here")
+    try:
+        res = cli("train", "mlp", "--replays", REPLAYS, "--out", disk / "run")
+        assert res.returncode == 2 and "Traceback" not in res.stderr
+        assert res.stderr.strip().splitlines()[-1] == \
+            f"exphil: error: {disk / 'run'}: No space left on device (while writing the run folder)"
+        assert not [p for p in (disk / "run").rglob("*") if ".tmp" in p.name]
+    finally:
+        subprocess.run(["umount", disk])
