@@ -3275,11 +3275,18 @@ def override_spec(spec: Spec, window_size: int | None = None, hidden: int | None
     return parse_spec(msgspec.toml.encode(new), source=f"{spec.name} with overrides")
 
 
-def _spec_arg(name: str) -> Spec:
+def _spec_file(name: str) -> Path:
     path = Path(name)
     if not path.exists() and (SPECS_DIR / f"{name}.toml").exists():
         path = SPECS_DIR / f"{name}.toml"  # a shipped spec by name: "mamba"
-    return load_spec(path)
+    if not path.exists():
+        raise SpecError(f"{name}: no such spec file, and no built-in spec of that name (built-in: "
+                        + ", ".join(p.stem for p in sorted(SPECS_DIR.glob("*.toml"))) + ")")
+    return path
+
+
+def _spec_arg(name: str) -> Spec:
+    return load_spec(_spec_file(name))
 
 
 def _training_flags(p: argparse.ArgumentParser) -> None:
@@ -3470,6 +3477,7 @@ def _run_play_command(args) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="exphil", description="Melee bots from Slippi replays.")
+    parser.add_argument("--version", action="version", version=f"exphil {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train", help="train a spec on replays into a run folder",
@@ -3499,6 +3507,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     p = sub.add_parser("plot", help="write curves.png (loss and accuracy per epoch) into a run folder")
     p.add_argument("run")
+    p = sub.add_parser("specs", help="the built-in specs, one line each; `specs show NAME` prints one to edit")
+    p.add_argument("action", nargs="?", choices=["show"])
+    p.add_argument("name", nargs="?")
     _add_play_commands(sub)
 
     args = parser.parse_args(argv)
@@ -3531,6 +3542,15 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print(path)
         elif args.command == "plot":
             print(plot(args.run))
+        elif args.command == "specs":
+            if args.action == "show":
+                if not args.name:
+                    raise ExphilError("specs show needs a name: " + ", ".join(p.stem for p in sorted(SPECS_DIR.glob("*.toml"))))
+                print(_spec_file(args.name).read_text(), end="")
+            else:
+                for path in sorted(SPECS_DIR.glob("*.toml")):
+                    spec = load_spec(path)
+                    print(f"{spec.name:<12}{estimate_params(spec):>11,} params  {spec.description}")
         else:
             _run_play_command(args)
     except ExphilError as e:

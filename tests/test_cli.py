@@ -41,3 +41,14 @@ def test_eval_reports_loss_and_baseline(mlp_run):
     assert out["games"] == 3 and out["frames"] > 20000 and not out["skipped"]
     assert 0 < out["loss"] < out["frequency"]["loss"]
     assert set(out["heads"]) == set(exphil.HEADS)
+
+
+def test_specs_version_and_unknown_spec_names():
+    res = cli("specs")
+    names = [line.split()[0] for line in res.stdout.splitlines()]
+    assert res.returncode == 0 and names == sorted(p.stem for p in (ROOT / "specs").glob("*.toml"))
+    shown = cli("specs", "show", "gru").stdout
+    assert exphil.parse_spec(shown) == exphil.load_spec(ROOT / "specs" / "gru.toml") and shown.startswith("# GRU")
+    assert cli("--version").stdout.strip() == f"exphil {exphil.__version__}"
+    res = cli("train", "grue", "--replays", REPLAYS, "--out", "/tmp/never")
+    assert res.returncode == 2 and "grue: no such spec file, and no built-in spec of that name (built-in: attention" in res.stderr
