@@ -596,8 +596,6 @@ MAX_PARAMS = 400_000_000  # an ONNX file holds at most 2 GB of weights
 
 def check_size(spec: Spec) -> None:
     """Refuse a spec too large to store or to train on this machine, with the numbers."""
-    if spec.hidden <= 2048:
-        return
     n = estimate_params(spec)
     need = 16 * n  # parameters, gradients and two AdamW moments, in float32
     have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") if hasattr(os, "sysconf") else float("inf")
@@ -1154,6 +1152,9 @@ def _episodes_from_replay(path: Path) -> list[Episode]:
     return out
 
 
+CACHE_VERSION = 2  # the layout of a cache entry (2: records the hash of its replay)
+
+
 def _cache_entry(path: Path, cache: Path | None) -> Path:
     """The cache file of a replay: keyed by its content and the feature layout version, so a
     renamed copy is still a hit and an edited or re-laid-out one is a miss."""
@@ -1161,7 +1162,7 @@ def _cache_entry(path: Path, cache: Path | None) -> Path:
         data = path.read_bytes()
     except OSError as e:
         raise ReplayError(path, f"cannot read file: {e.strerror}") from None
-    return (cache or cache_dir()) / f"{hashlib.sha256(data).hexdigest()[:24]}-v{FEATURE_VERSION}.npz"
+    return (cache or cache_dir()) / f"{hashlib.sha256(data).hexdigest()[:24]}-v{FEATURE_VERSION}.{CACHE_VERSION}.npz"
 
 
 def load_replay(path: Path, cache: Path | None = None, entry: Path | None = None) -> list[Episode]:
@@ -1203,7 +1204,10 @@ def _valid_episode(ep: Episode) -> bool:
     T = len(ep.cat)
     return (ep.cat.shape == (T, len(CAT_FIELDS)) and ep.cat.dtype == np.int64 and ep.num.shape == (T, len(NUM_FIELDS))
             and ep.num.dtype == np.float32 and bool(np.isfinite(ep.num).all())
-            and all(len(ep.labels[h]) == T for h in HEADS) and ep.labels["buttons"].shape == (T, 8))
+            and all(len(ep.labels[h]) == T and 0 <= ep.labels[h].min(initial=0) and ep.labels[h].max(initial=0) < k
+                    for h, k in HEADS.items() if h != "buttons") and ep.labels["buttons"].shape == (T, 8)
+            and bool((ep.cat >= 0).all()) and all(int(ep.cat[:, i].max(initial=0)) < EMBED_TABLES[t]
+                                                  for i, (_, t) in enumerate(CAT_FIELDS)))
 
 
 def _die_with_parent(parent: int) -> None:
@@ -1632,6 +1636,8 @@ class Trainer:
                     state = api.CheckpointState.load_checkpoint(str(path))
             except Exception as e:
                 problems.append(f"{path} is damaged ({type(e).__name__})" if path.exists() else f"{path} is missing")
+                if path.exists():  # kept aside, so that the next save cannot push the good one out
+                    os.replace(path, path.with_name(path.name + ".damaged"))
                 continue
             if problems and log:
                 log(f"{problems[0]}: continuing from the checkpoint saved before it")
@@ -1755,15 +1761,18 @@ class Metrics:
             self._count(f"change.hit.{h}", ((pred == true) & changed).sum())
 
     def _baseline_losses(self, h, current, true) -> None:
-        freq, table = np.asarray(self.baselines["frequency"][h]), np.asarray(self.baselines["markov"][h])
+        freq, markov = np.asarray(self.baselines["frequency"][h]), self.baselines.get("markov")
+        table = markov and np.asarray(markov[h])  # (runs from before the Markov tables have none)
         if h == "buttons":
             y = true.astype(np.float64)
             self._count(f"frequency.loss.{h}", _bce(freq, y).sum())
-            self._count(f"markov.loss.{h}", _bce(table[current.astype(np.int64), np.arange(8)], y).sum())
+            if markov:
+                self._count(f"markov.loss.{h}", _bce(table[current.astype(np.int64), np.arange(8)], y).sum())
         else:
             self._count(f"frequency.loss.{h}", -np.log(freq[true]).sum())
             self._count(f"frequency.hit.{h}", (true == freq.argmax()).sum())
-            self._count(f"markov.loss.{h}", -np.log(table[current, true]).sum())
+            if markov:
+                self._count(f"markov.loss.{h}", -np.log(table[current, true]).sum())
 
     def best_button_threshold(self) -> float:
         """The threshold of BUTTON_THRESHOLDS with the highest button F1 on these frames."""
@@ -1952,7 +1961,7 @@ class TrainConfig:
                   (0 <= self.label_smoothing < 1, "label-smoothing must be in [0, 1)"),
                   (0 <= self.mirror_prob <= 1, "mirror-prob must be in [0, 1]"),
                   (0 <= self.controller_dropout <= 1, "controller-dropout must be in [0, 1]"),
-                  (0 < self.change_weight < 1e6, "change-weight must be > 0"),
+                  (0 < self.change_weight < 1e6, "change-weight must be in (0, 1e6)"),
                   (self.frame_delay >= 0 and 0 <= self.delay_min <= self.delay_max,
                    "delays must be >= 0 and delay-min <= delay-max"),
                   (not (self.online_robust and self.frame_delay), "with online-robust, set delay-min and "
@@ -2054,7 +2063,8 @@ def train(spec: Spec | str | os.PathLike | None = None, replays=None, out: str |
     """Train a spec on replays into a run folder; see TrainConfig for the settings.
 
     resume=True continues the run in `out` from its last checkpoint with the same settings,
-    step, optimizer state and data order (spec and replays are then read from the run).
+    step, optimizer state and data order. Spec, replays and settings come from the run; any that
+    are given must match it, except a larger `epochs`, which extends a finished run.
     The run folder is locked for the whole training (RunLock)."""
     config = settings if resume else TrainConfig(**settings)  # bad settings: refused before anything is written
     if not resume and spec is not None:
@@ -2123,6 +2133,7 @@ def _train(spec, replays, out: Path, resume: bool, quiet: bool, cache, config) -
     if resume:
         settings, spec, replays = _resume_settings(out, spec, replays, config)
         info = json.loads((out / "run.json").read_text())
+        extending = settings["epochs"] > info["config"]["epochs"]
         config = TrainConfig(**settings)
     else:
         if spec is None or replays is None:
@@ -2132,7 +2143,7 @@ def _train(spec, replays, out: Path, resume: bool, quiet: bool, cache, config) -
         spec = spec if isinstance(spec, Spec) else load_spec(spec)
     games, skipped = load_games(replays, cache, log, max_files=config.max_files)
     if not games:
-        raise ExphilError(f"{replays}: no usable replay ({len(skipped)} .slp files found, all skipped)")
+        raise ExphilError(f"{replays}: no usable replay (all {len(skipped)} skipped, see above)")
     games = filter_games(games, config.character, config.opponent_character, config.stage, config.min_frames)
     if not games:
         raise ExphilError(f"{replays}: no game matches the filters (character {config.character}, opponent "
@@ -2144,6 +2155,9 @@ def _train(spec, replays, out: Path, resume: bool, quiet: bool, cache, config) -
     lists = {"train": sorted({e.source for e in train_eps}), "val": sorted({e.source for e in val_eps})}
     if resume and {k: info["replays"][k] for k in lists} != lists:
         raise ExphilError(f"{out}: the replays found now differ from the run's; cannot resume exactly")
+    if config.controller_dropout and spec.heads.markov:
+        raise ExphilError(f"--controller-dropout hides the current controller that the Markov heads of spec "
+                          f"{spec.name!r} read; set `markov = false` under [heads] to use it")
     L, (d_lo, d_hi) = spec.window, config.delays
     train_wins = windows(train_eps, L, d_hi)
     if not train_wins or (val_eps and not windows(val_eps, L, d_lo)):
@@ -2226,6 +2240,9 @@ def _train(spec, replays, out: Path, resume: bool, quiet: bool, cache, config) -
     best = progress.get("best", {"val_loss": float("inf"), "epoch": 0})
     stale = progress.get("stale", 0)
     t_start, stopped = time.perf_counter(), progress.get("stopped")
+    if resume and stopped and extending:
+        raise ExphilError(f"{out}: the run stopped ({stopped}); more --epochs cannot continue it: "
+                          "train again into another --out")
     carry = lambda at: out / "train" / f"carry-{at}.npz"  # stateful: the state carried into step `at`
 
     def checkpoint(progress: dict | None) -> None:  # never a checkpoint (or an export) of non-finite weights
@@ -2239,7 +2256,7 @@ def _train(spec, replays, out: Path, resume: bool, quiet: bool, cache, config) -
         + (f"; resuming at epoch {epoch}, step {step}" if progress else ""))
 
     while epoch <= config.epochs and not stopped:
-        batches, metrics = plan(epoch), Metrics(baselines, sums=progress.get("sums") if start else None)
+        batches, metrics = plan(epoch), Metrics(sums=progress.get("sums") if start else None)
         bar, t0, frames = Progress(len(batches) - start, f"epoch {epoch}/{config.epochs}", quiet), time.perf_counter(), 0
         previous = None
         flipped = np.random.default_rng([config.seed, epoch, 1 << 30]).random(len(train_eps)) < config.mirror_prob
@@ -2310,6 +2327,8 @@ def _train(spec, replays, out: Path, resume: bool, quiet: bool, cache, config) -
     else:
         model.load(trainer.params())
     model.save(out)
+    for stale in (out / PRECISIONS[p] for p in ("int8", "fp16")):  # made from the weights before this export
+        stale.unlink(missing_ok=True)
     info["graphs"] = {f: graph_digest(out / f) for f in ("window.onnx", "step.onnx")}
     history = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines() if l.strip()]
     exported = next((r for r in history if r["epoch"] == best["epoch"]), history[-1] if history else None)
@@ -2329,7 +2348,8 @@ def _diverged(out: Path, info: dict, what: str, config: TrainConfig):
     the last good checkpoint kept."""
     _write_json(out / "run.json", {**info, "status": "diverged", "diverged": what})
     raise ExphilError(f"{out}: training diverged: {what} (likely a learning rate too high, --lr {config.lr}, or "
-                      f"non-finite values in the data); nothing was exported, the last good checkpoint is kept")
+                      f"non-finite values in the data); nothing was exported and the last good checkpoint is kept: "
+                      f"train again into another --out with other settings")
 
 
 def chunks(items: list, size: int) -> list[list]:
@@ -2368,8 +2388,8 @@ def evaluate(run: str | os.PathLike, replays, batch_size: int = 64, cache: Path 
         raise ExphilError(f"{replays}: no usable replay (skipped {len(skipped)})")
     episodes = [ep for g in games for ep in g]
     delay, L = int(info.get("frame_delay", 0)), model.spec.window
-    baselines = ({"frequency": info["label_frequencies"], "markov": info["markov_tables"]}
-                 if "markov_tables" in info else None)
+    baselines = ({"frequency": info["label_frequencies"], "markov": info.get("markov_tables")}
+                 if "label_frequencies" in info else None)
     metrics = Metrics(baselines=baselines, button_threshold=info.get("button_threshold", 0.5))
     score_games(_window_runner(model, add_loss), model, episodes, L, delay, metrics, batch_size)
     res = {k.removeprefix("eval_"): v for k, v in metrics.result("eval").items()}
@@ -3436,7 +3456,8 @@ def _add_play_commands(sub) -> None:
     sampling = p.add_mutually_exclusive_group()
     sampling.add_argument("--temperature", type=float, default=1.0,
                           help="sampling temperature (1.0); 0 is the same as --deterministic")
-    sampling.add_argument("--deterministic", action="store_true", help="the most likely action every time")
+    sampling.add_argument("--deterministic", action="store_true",
+                          help="the most likely stick and shoulder classes, and buttons above the run's threshold")
     p.add_argument("--on-game-end", choices=["restart", "stop"], default="stop")
     p.add_argument("--provider", default="auto", help="auto, cpu, cuda, rocm or coreml")
     p.add_argument("--precision", choices=list(PRECISIONS), default="fp32")
@@ -3558,9 +3579,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         out = getattr(args, "out", None)
+        resumable = out is not None and has_checkpoint(Path(out) / "train")
         print("exphil: interrupted" + (f"; continue the run with: exphil train --resume --out {out} (it restarts "
-                                       f"from its last checkpoint)" if args.command in ("train", "distill") else ""),
-              file=sys.stderr)
+                                       f"from its last checkpoint)" if resumable else ""), file=sys.stderr)
         return 130
     except OSError as e:
         print(f"exphil: error: {e.filename or ''}: {e.strerror or e}", file=sys.stderr)

@@ -30,6 +30,7 @@ def cli(*args, **kw):
     (["--online-robust"], "online-robust needs a delay range"),
     (["--frame-delay", "100000"], "no training frame has a target at frame delay 100000"),
     (["--hidden", "100000000"], "spec 'mlp' is too large: about 20,000,"),
+    (["--controller-dropout", "0.2"], "hides the current controller that the Markov heads of spec 'mlp' read"),
     (["--hidden", "20000"], "GiB in a graph file (ONNX holds at most 2 GiB)"),
 ])
 def test_bad_settings_are_refused_before_training(tmp_path, flags, expected):
