@@ -1838,8 +1838,9 @@ def scoreboard(res: dict) -> str:
         get = lambda who, key: (res.get(who) or {}).get(key, {}).get(h, float("nan"))
         top1 = res["button_f1"] if h == "buttons" else res["accuracy"][h]
         copy = (res.get("copy") or {}).get("button_f1", float("nan")) if h == "buttons" else get("copy", "accuracy")
+        common = "-" if h == "buttons" else f"{get('frequency', 'accuracy'):.3f}"
         rows.append(f"  {h:<9}{res['heads'][h]:>6.3f}{get('markov', 'heads'):>8.3f}{get('frequency', 'heads'):>11.3f}"
-                    f"{top1:>8.3f}{copy:>7.3f}{get('frequency', 'accuracy'):>13.3f}{get('change', 'accuracy'):>18.3f}")
+                    f"{top1:>8.3f}{copy:>7.3f}{common:>13}{get('change', 'accuracy'):>18.3f}")
     rows.append("  (buttons: F1 instead of top-1; on change frames, the share of changing button entries right)")
     return "\n".join(rows)
 
