@@ -2109,7 +2109,8 @@ def _resume_settings(out: Path, spec, replays, given: dict) -> tuple[dict, Spec,
         raise ExphilError(f"{out}: nothing to resume (no run.json and checkpoint)")
     info = json.loads((out / "run.json").read_text())
     recorded, run_spec = info["config"], load_spec(out / "spec.toml")
-    if "spec_settings" in info and info["spec_settings"] != msgspec.to_builtins(run_spec):
+    if "spec_settings" in info and msgspec.convert(info["spec_settings"], Spec) != run_spec:  # (fields added
+        # to the format since then take their defaults on both sides)
         raise ExphilError(f"{out}/spec.toml was edited since the run started ("
                           + "; ".join(_differences(info["spec_settings"], msgspec.to_builtins(run_spec)))
                           + "); restore it, or train the new spec into another --out")
@@ -2135,6 +2136,7 @@ def _train(spec, replays, out: Path, resume: bool, quiet: bool, cache, config) -
         settings, spec, replays = _resume_settings(out, spec, replays, config)
         info = json.loads((out / "run.json").read_text())
         extending = settings["epochs"] > info["config"]["epochs"]
+        recorded_fingerprint = info.get("fingerprint")
         config = TrainConfig(**settings)
     else:
         if spec is None or replays is None:
@@ -2201,6 +2203,8 @@ def _train(spec, replays, out: Path, resume: bool, quiet: bool, cache, config) -
     trainer = Trainer(model, out / "train", lr=config.lr, weight_decay=config.weight_decay, log=log,
                       max_grad_norm=config.max_grad_norm, distill=distill)
     progress = trainer.progress if resume else {}
+    if resume and recorded_fingerprint:  # as recorded when the run started (settings added later do not count)
+        info["fingerprint"] = recorded_fingerprint
     if progress.get("fingerprint", info["fingerprint"]) != info["fingerprint"]:
         raise ExphilError(f"{out}: the checkpoint was built from another spec or other settings than the run's "
                           "spec.toml and run.json now hold; cannot resume")
