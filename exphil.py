@@ -2130,6 +2130,20 @@ def _resume_settings(out: Path, spec, replays, given: dict) -> tuple[dict, Spec,
     return {**recorded, "epochs": max(recorded["epochs"], given.get("epochs", 0))}, run_spec, sources
 
 
+def _games(replays, cache, log, config: TrainConfig) -> tuple[list, list, list]:
+    """The run's training and validation games (filtered, split by game) and the skipped replays."""
+    games, skipped = load_games(replays, cache, log, max_files=config.max_files)
+    if not games:
+        raise ExphilError(f"{replays}: no usable replay (all {len(skipped)} skipped, see above)")
+    games = filter_games(games, config.character, config.opponent_character, config.stage, config.min_frames)
+    if not games:
+        raise ExphilError(f"{replays}: no game matches the filters (character {config.character}, opponent "
+                          f"{config.opponent_character}, stage {config.stage}, min frames {config.min_frames})")
+    if len(games) < 2 and config.val_split > 0:
+        raise ExphilError(f"{replays}: need at least 2 usable games to hold one out for validation")
+    return (*split_games(games, config.val_split, config.seed), skipped)
+
+
 def _train(spec, replays, out: Path, resume: bool, quiet: bool, cache, config) -> RunResult:
     log = _log(quiet)
     if resume:
@@ -2144,16 +2158,7 @@ def _train(spec, replays, out: Path, resume: bool, quiet: bool, cache, config) -
         if has_checkpoint(out / "train"):
             raise ExphilError(f"{out} already holds a run: continue it with --resume, or choose another --out")
         spec = spec if isinstance(spec, Spec) else load_spec(spec)
-    games, skipped = load_games(replays, cache, log, max_files=config.max_files)
-    if not games:
-        raise ExphilError(f"{replays}: no usable replay (all {len(skipped)} skipped, see above)")
-    games = filter_games(games, config.character, config.opponent_character, config.stage, config.min_frames)
-    if not games:
-        raise ExphilError(f"{replays}: no game matches the filters (character {config.character}, opponent "
-                          f"{config.opponent_character}, stage {config.stage}, min frames {config.min_frames})")
-    if len(games) < 2 and config.val_split > 0:
-        raise ExphilError(f"{replays}: need at least 2 usable games to hold one out for validation")
-    train_games, val_games = split_games(games, config.val_split, config.seed)
+    train_games, val_games, skipped = _games(replays, cache, log, config)
     train_eps, val_eps = [e for g in train_games for e in g], [e for g in val_games for e in g]
     lists = {"train": sorted({e.source for e in train_eps}), "val": sorted({e.source for e in val_eps})}
     if resume and {k: info["replays"][k] for k in lists} != lists:
