@@ -1926,6 +1926,7 @@ class TrainConfig:
     label_smoothing: float = 0.0
     val_split: float = 0.2
     seed: int = 0
+    split_seed: int | None = None  # the seed of the train/validation split (None: `seed`)
     frame_delay: int = 0  # frame t predicts the controller at frame t + 1 + frame_delay
     online_robust: bool = False  # a random delay in [delay_min, delay_max] per window instead
     delay_min: int = 0
@@ -2141,7 +2142,8 @@ def _games(replays, cache, log, config: TrainConfig) -> tuple[list, list, list]:
                           f"{config.opponent_character}, stage {config.stage}, min frames {config.min_frames})")
     if len(games) < 2 and config.val_split > 0:
         raise ExphilError(f"{replays}: need at least 2 usable games to hold one out for validation")
-    return (*split_games(games, config.val_split, config.seed), skipped)
+    split_seed = config.seed if config.split_seed is None else config.split_seed
+    return (*split_games(games, config.val_split, split_seed), skipped)
 
 
 def _train(spec, replays, out: Path, resume: bool, quiet: bool, cache, config) -> RunResult:
@@ -3330,6 +3332,7 @@ def _training_flags(p: argparse.ArgumentParser) -> None:
     d.add_argument("--min-frames", type=int, help="drop games shorter than this")
     d.add_argument("--val-split", type=float, help="fraction of games held out for validation (0.2)")
     d.add_argument("--seed", type=int, help="seed for the split, the data order and the initial weights (0)")
+    d.add_argument("--split-seed", type=int, help="seed for the split alone (default: --seed): other seeds, same games")
     m = p.add_argument_group("model overrides (written into the run's spec.toml)")
     for flag in ("window-size", "hidden", "num-layers", "state-size", "expand-factor", "conv-size", "num-heads"):
         m.add_argument(f"--{flag}", type=int)

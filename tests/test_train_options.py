@@ -243,3 +243,12 @@ def test_online_robust_training_records_its_delays(tmp_path):
                        out=tmp_path / "run", quiet=True)
     assert run.info["delay_range"] == [1, 3] and run.info["frame_delay"] == 1
     assert exphil.Agent(tmp_path / "run").frame_delay == 1
+
+
+def test_split_seed_keeps_the_games_while_the_seed_changes(tmp_path):
+    """--split-seed fixes the validation games; --seed alone also moves them."""
+    val = {}
+    for name, kw in (("s0", {"seed": 0}), ("s1", {"seed": 1}), ("s1_split0", {"seed": 1, "split_seed": 0})):
+        run = exphil.train(SPEC / "mlp.toml", REPLAYS, max_steps=1, out=tmp_path / name, quiet=True, **kw)
+        val[name] = run.info["replays"]["val"]
+    assert val["s1_split0"] == val["s0"] != val["s1"]
