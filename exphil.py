@@ -668,6 +668,15 @@ class Model:
             bias.append(np.log(p / (1 - p)) if h == "buttons" else np.log(p))
         self.params["heads.out.bias"] = np.concatenate(bias).astype(np.float32)
 
+    def metadata(self) -> dict[str, str]:
+        """What a program needs to use the graphs without exphil, stored in each ONNX file's
+        metadata_props: versions, the feature columns, the heads, the carried states, the spec."""
+        return {"exphil.version": __version__, "exphil.feature_version": str(FEATURE_VERSION),
+                "exphil.cat_fields": json.dumps([n for n, _ in CAT_FIELDS]),
+                "exphil.num_fields": json.dumps(NUM_FIELDS), "exphil.heads": json.dumps(HEADS),
+                "exphil.states": json.dumps({n: list(shape) for n, shape in self.states}),
+                "exphil.spec": msgspec.toml.encode(self.spec).decode()}
+
     @property
     def states(self) -> list[tuple[str, tuple[int, ...]]]:
         """Carried state tensors, named `<layer>.<state>`, shapes without the batch axis."""
@@ -763,10 +772,20 @@ class Model:
         out.mkdir(parents=True, exist_ok=True)
         paths = out / "window.onnx", out / "step.onnx"
         for path, proto in zip(paths, (self.build(length), self.build(step=True))):
+            for key, value in self.metadata().items():
+                proto.metadata_props.add(key=key, value=value)
             tmp = path.with_suffix(".onnx.tmp")
             onnx.save(proto, tmp)
             os.replace(tmp, path)
         return paths
+
+
+def graph_metadata(path: str | os.PathLike) -> dict[str, str]:
+    """The `exphil.*` facts a graph file carries (see Model.metadata)."""
+    import onnx
+
+    return {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props
+            if p.key.startswith("exphil.")}
 
 
 def load_params(path: str | os.PathLike) -> dict[str, np.ndarray]:

@@ -349,3 +349,24 @@ def test_cli(mlp_copy, capsys):
     assert re.search(r"step.int8.onnx: dynamic INT8, checked on 9\d\d validation frames", out) and "agreement with FP32" in out
     with pytest.raises(SystemExit):
         exphil.main(["play", str(mlp_copy), "--dolphin", "d", "--iso", "i", "--temperature", "0.5", "--deterministic"])
+
+
+def test_readme_onnx_example_reproduces_the_agent(tmp_path):
+    """The README's onnxruntime-only example (run as written, with the path replaced) gives the
+    Agent's logits on real replay frames, state carried; the graphs carry their metadata."""
+    readme = (ROOT / "README.md").read_text()
+    code = readme.split("<!-- onnx-example -->\n```python\n", 1)[1].split("```", 1)[0]
+    out = tmp_path / "gru"
+    exphil.Model(exphil.load_spec(ROOT / "specs" / "gru.toml"), seed=1).save(out)
+    (out / "spec.toml").write_text((ROOT / "specs" / "gru.toml").read_text())
+    scope = {}
+    exec(code.replace("runs/gru/step.onnx", str(out / "step.onnx")), scope)
+    meta = exphil.graph_metadata(out / "step.onnx")
+    assert json.loads(meta["exphil.num_fields"]) == exphil.NUM_FIELDS and meta["exphil.feature_version"] == "1"
+    assert exphil.parse_spec(meta["exphil.spec"]) == exphil.load_spec(ROOT / "specs" / "gru.toml")
+    agent, game = exphil.Agent(out), exphil.ReplayGame(REPLAY, fps=None, frames=300)
+    while (gs := game.step()) is not None:
+        want = agent.logits(gs, 1, 2)
+        got = scope["step"](*exphil.features_from_gamestate(gs, 1, 2))
+        for h in exphil.HEADS:
+            np.testing.assert_allclose(got[h], want[h], atol=1e-4, err_msg=h)
