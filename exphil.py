@@ -2857,13 +2857,15 @@ def quantize_step(model, mode: str = "dynamic", calibration=None):
     return out
 
 
-def agreement(reference: Stepper, other: Stepper, frames) -> tuple[dict[str, float], np.ndarray, int]:
+def agreement(reference: Stepper, other: Stepper, frames,
+              button_threshold: float = 0.5) -> tuple[dict[str, float], np.ndarray, int]:
     """Per-head top-1 agreement of two step graphs run side by side over frames in order (each
     carrying its own state) on the frames marked counted, their per-call times in seconds
     [frames, 2], and how many frames were counted.
 
-    Buttons agree when a logit has the same sign (pressed or not); the other heads when they
-    pick the same class."""
+    Buttons agree when both are pressed or both are not (probability above `button_threshold`,
+    the run's, as in deterministic play); the other heads when they pick the same class."""
+    cut = _logit(button_threshold)
     same = {h: [] for h in HEADS}
     times = []
     for t, cat, num, counted in frames:
@@ -2877,7 +2879,7 @@ def agreement(reference: Stepper, other: Stepper, frames) -> tuple[dict[str, flo
         times.append((t1 - t0, time.perf_counter() - t1))
         if counted:
             for h in HEADS:
-                same[h].append((a[h] > 0) == (b[h] > 0) if h == "buttons" else [a[h].argmax() == b[h].argmax()])
+                same[h].append((a[h] > cut) == (b[h] > cut) if h == "buttons" else [a[h].argmax() == b[h].argmax()])
     return {h: float(np.mean(np.concatenate(v))) for h, v in same.items()}, np.array(times), len(same["c_x"])
 
 
@@ -2913,7 +2915,7 @@ def quantize_run(run: str | os.PathLike, mode: str = "dynamic", calibration_repl
     precision = "fp16" if mode == "fp16" else "int8"
     fp32, low = Stepper(reference, provider), Stepper(proto.SerializeToString(), provider)
     log(f"comparing {precision} with fp32 on up to {max_frames} validation frames")
-    heads, times, counted = agreement(fp32, low, replay_frames(val, max_frames))
+    heads, times, counted = agreement(fp32, low, replay_frames(val, max_frames), info.get("button_threshold", 0.5))
     ms = times * 1e3
     report = {"mode": mode, "precision": precision, "frames": counted, "agreement": heads,
               "min_agreement": min_agreement,
