@@ -1698,8 +1698,14 @@ class Trainer:
         self.state.properties["progress"] = json.dumps(progress)
         tmp, path = self.dir / "checkpoint.tmp", self.dir / "checkpoint"
         api.CheckpointState.save_checkpoint(self.state, str(tmp), include_optimizer_state=True)
-        if path.exists():  # the one before stays, in case this one is damaged later
-            os.replace(path, self.dir / "checkpoint.prev")
+        if path.exists():  # the one before stays (a second name for it, so `checkpoint` is never missing)
+            previous = self.dir / "checkpoint.prev"
+            previous.unlink(missing_ok=True)
+            try:
+                os.link(path, previous)
+            except OSError:  # a file system without hard links
+                import shutil
+                shutil.copyfile(path, previous)
         os.replace(tmp, path)
 
 
@@ -2224,7 +2230,7 @@ def _train(spec, replays, out: Path, resume: bool, quiet: bool, cache, config) -
         teacher = {"temperature": config.distill_temperature, "train": logits[:len(train_eps)],
                    "val": logits[len(train_eps):], "model": teacher_model}
     distill = (config.distill_temperature, config.distill_alpha) if teacher else None
-    model = Model(spec, seed=config.seed)
+    model = Model(spec, seed=config.seed, check=False)  # checked in train() (or when the run began)
     model.start_from_baselines(freqs, baselines["markov"])
     trainer = Trainer(model, out / "train", lr=config.lr, weight_decay=config.weight_decay, log=log,
                       max_grad_norm=config.max_grad_norm, distill=distill)
@@ -2641,7 +2647,7 @@ def checked_step_graph(run: Path, path: Path, info: dict) -> bytes:
     dims = lambda v: [d.dim_value or d.dim_param for d in v.type.tensor_type.shape.dim][1:]  # without the batch
     got = {v.name: dims(v) for v in [*proto.graph.input, *proto.graph.output]}
     if (run / "spec.toml").exists():  # the states of the run's spec
-        model = Model(load_spec(run / "spec.toml"))
+        model = Model(load_spec(run / "spec.toml"), check=False)  # (its size was checked when it trained)
         states, what = model.states, f"the run's spec {model.spec.name!r}"
     else:  # at least a consistent interface
         states, what = [(k[len("state_in."):], v) for k, v in got.items() if k.startswith("state_in.")], "a step graph"
