@@ -342,3 +342,12 @@ def test_a_full_disk_is_one_line_naming_the_run_and_leaves_no_temporaries(tmp_pa
         assert not [p for p in (disk / "run").rglob("*") if ".tmp" in p.name]
     finally:
         subprocess.run(["umount", disk])
+
+
+def test_an_empty_batch_is_an_error_not_a_crash(tmp_path):
+    """onnxruntime-training dies with SIGFPE on a batch of zero windows; the Trainer refuses it."""
+    spec = exphil.override_spec(exphil.load_spec(ROOT / "specs" / "mlp.toml"), window_size=8, hidden=16)
+    trainer = exphil.Trainer(exphil.Model(spec), tmp_path / "t", length=8)
+    eps = exphil.load_replay(REPLAYS / "hohav-py-slippi__netplay_name.slp")
+    with pytest.raises(exphil.ExphilError, match="no windows"):
+        trainer.step(exphil.make_batch(eps, [], 8))

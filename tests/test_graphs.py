@@ -14,8 +14,8 @@ GRADIENT_OPS = {"Shape", "Sigmoid", "Tanh", "Relu", "Exp", "Log", "Erf", "Pow", 
                 "Squeeze", "Expand", "Tile", "Pad", "ReduceSum", "ReduceMean", "Cast", "Conv",
                 "LayerNormalization", "Identity", "Constant"}
 # ops without a gradient that only read the inputs (nothing to differentiate): Round, in the
-# Markov heads' lookup of the current controller class
-INPUT_OPS = {"Round"}
+# Markov heads' lookup of the current controller class; OneHot, the trained graph's table lookups
+INPUT_OPS = {"Round", "OneHot"}
 
 
 @pytest.fixture(scope="module")
@@ -67,15 +67,15 @@ def test_step_graph_reproduces_window_graph(path, real_frames):
 @pytest.mark.parametrize("path", SPECS, ids=lambda p: p.stem)
 def test_graph_format_limits(path):
     model = exphil.Model(exphil.load_spec(path))
-    window, step = model.build(), model.build(step=True)
-    for proto in (window, step):
+    window, step, trained = model.build(), model.build(step=True), model.build(training=True)
+    for proto in (window, step, trained):
         onnx.checker.check_model(proto)
         assert proto.ir_version <= 10
         assert all(o.version <= 21 for o in proto.opset_import if o.domain in ("", "ai.onnx"))
         # the same parameters, by name, in both graphs, and nothing else stored
         assert {t.name for t in proto.graph.initializer} == set(model.params)
         assert len({n.name for n in proto.graph.node}) == len(proto.graph.node)
-    assert {n.op_type for n in window.graph.node} <= GRADIENT_OPS | INPUT_OPS
+    assert {n.op_type for n in trained.graph.node} <= GRADIENT_OPS | INPUT_OPS
     assert [i.name for i in step.graph.input][:2] == ["cat", "num"]
     assert [o.name for o in step.graph.output][:6] == list(exphil.HEADS)
     assert ({i.name[9:] for i in step.graph.input if i.name.startswith("state_in.")}
@@ -223,3 +223,30 @@ def test_attention_matches_numpy_band_attention(alibi):
     o = (a / a.sum(-1, keepdims=True)) @ v
     ref = o.transpose(0, 2, 1, 3).reshape(B, L, d) @ p["m.out.weight"] + p["m.out.bias"]
     assert np.abs(y - ref).max() < 1e-4
+
+
+@pytest.mark.parametrize("path", SPECS, ids=lambda p: p.stem)
+def test_gradients_match_finite_differences(path, tmp_path):
+    """The training graph's gradient (onnxruntime-training's, through every op we emit, e.g. the
+    one-hot embeddings and the unrolled scans) equals central differences of the evaluated loss,
+    for the largest gradient entry of every parameter tensor of a tiny copy of each spec."""
+    spec = exphil.override_spec(exphil.load_spec(path), window_size=8, hidden=16)
+    model = exphil.Model(spec)
+    trainer = exphil.Trainer(model, tmp_path / "t", length=8)
+    eps = exphil.load_replay(REPLAYS / "hohav-py-slippi__netplay_name.slp")
+    batch = exphil.make_batch(eps, exphil.windows(eps, 8)[1000:1002], 8)
+    trainer.module.train()
+    trainer._run(batch, True)
+    for name in model.params:
+        param = trainer.state.parameters[name]
+        grad, base = param.grad.copy(), param.data.copy()
+        i = np.unravel_index(np.argmax(np.abs(grad)), grad.shape)
+        losses = []
+        for sign in (1, -1):
+            moved = base.copy()
+            moved[i] += sign * 1e-2
+            param.data = moved
+            losses.append(float(trainer.evaluate(batch)["loss"]))
+        param.data = base
+        numeric = (losses[0] - losses[1]) / 2e-2
+        assert abs(numeric - grad[i]) <= 0.05 * max(abs(grad[i]), 1e-2), (name, grad[i], numeric)
