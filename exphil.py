@@ -1187,14 +1187,69 @@ def _episodes_from_replay(path: Path) -> list[Episode]:
 CACHE_VERSION = 2  # the layout of a cache entry (2: records the hash of its replay)
 
 
-def _cache_entry(path: Path, cache: Path | None) -> Path:
+class Manifest:
+    """The cache's index (SQLite, `manifest.sqlite` in the cache folder).
+
+    `files`: the content hash of each replay file at a given size and modification time, so a
+    collection is read again only where files are new or changed. `games`: what each parsed
+    replay holds (frames, stage, the two players' ports and characters) or why it was skipped,
+    so a collection can be described (`exphil data`) without loading its arrays."""
+
+    def __init__(self, cache: Path | None = None):
+        import sqlite3
+
+        folder = cache or cache_dir()
+        folder.mkdir(parents=True, exist_ok=True)
+        self.db = sqlite3.connect(folder / "manifest.sqlite", timeout=60, isolation_level=None)
+        self.db.execute("PRAGMA journal_mode=WAL")  # readers never wait for a writer
+        self.db.execute("CREATE TABLE IF NOT EXISTS files (path TEXT PRIMARY KEY, size INT, mtime_ns INT, hash TEXT)")
+        self.db.execute("CREATE TABLE IF NOT EXISTS games (hash TEXT PRIMARY KEY, frames INT, stage INT, "
+                        "port_1 INT, character_1 INT, port_2 INT, character_2 INT, skipped TEXT)")
+
+    @contextlib.contextmanager
+    def batch(self):
+        """One transaction for many rows (a row per transaction would sync the disk each time)."""
+        self.db.execute("BEGIN")
+        try:
+            yield
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
+        self.db.execute("COMMIT")
+
+    def content_hash(self, path: Path) -> str:
+        """The replay's SHA-256 (24 hex digits): read and hashed only when its size or
+        modification time differ from what the manifest recorded for that path."""
+        try:
+            st = path.stat()
+            key = os.path.abspath(path)
+            row = self.db.execute("SELECT hash FROM files WHERE path = ? AND size = ? AND mtime_ns = ?",
+                                  (key, st.st_size, st.st_mtime_ns)).fetchone()
+            if row:
+                return row[0]
+            digest = hashlib.sha256(path.read_bytes()).hexdigest()[:24]
+        except OSError as e:
+            raise ReplayError(path, f"cannot read file: {e.strerror}") from None
+        self.db.execute("INSERT OR REPLACE INTO files VALUES (?, ?, ?, ?)", (key, st.st_size, st.st_mtime_ns, digest))
+        return digest
+
+    def game(self, digest: str) -> dict | None:
+        cur = self.db.execute("SELECT * FROM games WHERE hash = ?", (digest,))
+        row = cur.fetchone()
+        return row and dict(zip([c[0] for c in cur.description], row))
+
+    def record(self, digest: str, episodes: list[Episode] | None = None, skipped: str | None = None) -> None:
+        views = [(ep.port, int(ep.cat[0, 2])) for ep in episodes or []] or [(None, None)] * 2
+        self.db.execute("INSERT OR REPLACE INTO games VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                        (digest, episodes[0].frames if episodes else None, int(episodes[0].cat[0, 4]) if episodes
+                         else None, *views[0], *views[1], skipped))
+
+
+def _cache_entry(path: Path, cache: Path | None, manifest: Manifest | None = None) -> Path:
     """The cache file of a replay: keyed by its content and the feature layout version, so a
     renamed copy is still a hit and an edited or re-laid-out one is a miss."""
-    try:
-        data = path.read_bytes()
-    except OSError as e:
-        raise ReplayError(path, f"cannot read file: {e.strerror}") from None
-    return (cache or cache_dir()) / f"{hashlib.sha256(data).hexdigest()[:24]}-v{FEATURE_VERSION}.{CACHE_VERSION}.npz"
+    digest = (manifest or Manifest(cache)).content_hash(path)
+    return (cache or cache_dir()) / f"{digest}-v{FEATURE_VERSION}.{CACHE_VERSION}.npz"
 
 
 def load_replay(path: Path, cache: Path | None = None, entry: Path | None = None) -> list[Episode]:
@@ -1275,12 +1330,17 @@ def _build_cache(args) -> tuple[str, str | None, int, float]:
         return str(path), e.reason, 0, time.perf_counter() - t0
 
 
-def load_games(replays: str | os.PathLike | Sequence, cache: Path | None = None, log=None,
-               max_files: int = 0, workers: int | None = None) -> tuple[list[list[Episode]], list[dict]]:
-    """Episodes grouped by game, and the replays that were skipped (path and reason).
+class _Collection(NamedTuple):
+    paths: list[Path]  # every replay file found, in order
+    entries: dict  # path -> cache entry (files that could be read)
+    errors: dict  # path -> why it cannot be used
+    unreadable: list  # folders that could not be read: {"path", "reason"}
+    manifest: Manifest
 
-    Replays not yet in the cache are parsed on every core first. A replay that cannot be used is
-    reported in one line and skipped; the rest go on."""
+
+def _cache_collection(replays, cache: Path | None, log, max_files: int = 0, workers: int | None = None) -> _Collection:
+    """Find the replays, hash the new and changed ones (through the manifest), and parse those
+    not yet in the cache on every core."""
     unreadable = []
     paths = [p for r in ([replays] if isinstance(replays, (str, os.PathLike)) else replays)
              for p in find_replays(r, unreadable)]
@@ -1290,11 +1350,13 @@ def load_games(replays: str | os.PathLike | Sequence, cache: Path | None = None,
     if max_files:
         paths = paths[:max_files]
     entries, errors = {}, {}
-    for p in paths:
-        try:
-            entries[p] = _cache_entry(p, cache)
-        except ReplayError as e:
-            errors[p] = e.reason
+    manifest = Manifest(cache)
+    with manifest.batch():
+        for p in paths:
+            try:
+                entries[p] = _cache_entry(p, cache, manifest)
+            except ReplayError as e:
+                errors[p] = e.reason
     _remove_stale_temporaries(cache or cache_dir())
     missing = [(p, f) for p, f in entries.items() if not f.exists() and not f.with_suffix(".error").exists()]
     workers = min(workers or os.cpu_count() or 1, len(missing))
@@ -1323,17 +1385,71 @@ def load_games(replays: str | os.PathLike | Sequence, cache: Path | None = None,
         if log and frames:
             log(f"parsed {len(missing)} new replays ({frames:,} frames) in {seconds:.1f} s on {workers} core(s): "
                 f"{frames / seconds:,.0f} frames/s ({frames / busy:,.0f} per core once started)")
-    games, skipped = [], list(unreadable)
-    for path in paths:
-        try:
-            if path in errors:
-                raise ReplayError(path, errors[path])
-            games.append(load_replay(path, entry=entries[path]))
-        except ReplayError as e:
-            skipped.append({"path": str(path), "reason": e.reason})
-            if log:
-                log(f"skipped {path}: {e.reason}")
+    return _Collection(paths, entries, errors, unreadable, manifest)
+
+
+def _each_game(collection: _Collection, log, load: bool = True):
+    """(path, manifest row, episodes or None) per replay, in order; skipped replays are logged
+    and recorded with their reason. With load=False, games the manifest describes are not read."""
+    manifest = collection.manifest
+    with manifest.batch():
+        for path in collection.paths:
+            entry = collection.entries.get(path)
+            digest = entry and entry.name.split("-")[0]
+            row = digest and manifest.game(digest)
+            try:
+                if path in collection.errors:
+                    raise ReplayError(path, collection.errors[path])
+                if row and row["skipped"]:
+                    raise ReplayError(path, row["skipped"])
+                episodes = load_replay(path, entry=entry) if load or not row else None
+                if not row:
+                    manifest.record(digest, episodes)
+                    row = manifest.game(digest)
+                yield path, row, episodes
+            except ReplayError as e:
+                if digest and not row:
+                    manifest.record(digest, skipped=e.reason)
+                if log:
+                    log(f"skipped {path}: {e.reason}")
+                yield path, {"skipped": e.reason}, None
+
+
+def load_games(replays: str | os.PathLike | Sequence, cache: Path | None = None, log=None,
+               max_files: int = 0, workers: int | None = None) -> tuple[list[list[Episode]], list[dict]]:
+    """Episodes grouped by game, and the replays that were skipped (path and reason).
+
+    Replays not yet in the cache are parsed on every core first. A replay that cannot be used is
+    reported in one line and skipped; the rest go on."""
+    collection = _cache_collection(replays, cache, log, max_files, workers)
+    games, skipped = [], list(collection.unreadable)
+    for path, row, episodes in _each_game(collection, log):
+        if episodes is None:
+            skipped.append({"path": str(path), "reason": row["skipped"]})
+        else:
+            games.append(episodes)
     return games, skipped
+
+
+def describe(replays, cache: Path | None = None, log=None) -> dict:
+    """What a replay collection holds (`exphil data`): games, frames, hours of play, player
+    views per character, games per stage, skipped replays per reason. New and changed replays
+    are parsed into the cache first; the rest is read from the manifest, not from the arrays."""
+    collection = _cache_collection(replays, cache, log)
+    characters, stages, skipped = collections.Counter(), collections.Counter(), collections.Counter()
+    frames = 0
+    for u in collection.unreadable:
+        skipped[u["reason"].split(":")[0]] += 1
+    for _, row, _ in _each_game(collection, None, load=False):
+        if row["skipped"]:
+            skipped[row["skipped"].split(":")[0].split(" (")[0]] += 1
+            continue
+        frames += row["frames"]
+        characters.update(enums.Character(row[f"character_{i}"]).name.lower() for i in (1, 2))
+        stages[enums.Stage(row["stage"]).name.lower()] += 1
+    return {"replays": len(collection.paths), "games": sum(stages.values()), "frames": frames,
+            "hours": frames / 60 / 3600, "characters": dict(characters.most_common()),
+            "stages": dict(stages.most_common()), "skipped": dict(skipped.most_common())}
 
 
 def _enum_id(enum, name: str, what: str) -> int:
@@ -3581,6 +3697,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--out", required=True)
     p.add_argument("--window", type=int, help="frames in the window graph (default: the spec's)")
 
+    p = sub.add_parser("data", help="what a replay collection holds: games, frames, characters, stages, skipped")
+    p.add_argument("replays", help="a .slp file or a folder of them (searched recursively)")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+
     p = sub.add_parser("plot", help="write curves.png (loss and accuracy per epoch) into a run folder")
     p.add_argument("run")
     p = sub.add_parser("specs", help="the built-in specs, one line each; `specs show NAME` prints one to edit")
@@ -3616,6 +3736,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             model = Model(_spec_arg(args.spec))
             for path in model.save(args.out, args.window):
                 print(path)
+        elif args.command == "data":
+            res = describe(args.replays, log=_log(False))
+            if args.json:
+                print(json.dumps(res, indent=2))
+            else:
+                counts = lambda d: ", ".join(f"{k} {v}" for k, v in d.items()) or "none"
+                print(f"{args.replays}: {res['games']} games, {res['frames']:,} frames ({res['hours']:.1f} hours of "
+                      f"play), {sum(res['skipped'].values())} of {res['replays']} replays skipped")
+                print(f"  characters (player views): {counts(res['characters'])}")
+                print(f"  stages: {counts(res['stages'])}")
+                print(f"  skipped: {counts(res['skipped'])}")
         elif args.command == "plot":
             print(plot(args.run))
         elif args.command == "specs":

@@ -77,3 +77,54 @@ def test_split_is_by_game_and_reproducible():
     train, val = exphil.split_games(games, 0.2, seed=3)
     assert len(val) == 2 and len(train) == 8 and not {g[0] for g in train} & {g[0] for g in val}
     assert exphil.split_games(games, 0.2, seed=3) == (train, val)
+
+
+def test_only_new_and_changed_files_are_read_again(tmp_path, monkeypatch):
+    """The manifest remembers each file's content hash at its size and modification time: a
+    second load reads no replay; a touched file is hashed again (and is still a cache hit); a
+    renamed copy is hashed once and not parsed."""
+    folder = tmp_path / "replays"
+    shutil.copytree(REPLAYS, folder)
+    cache = tmp_path / "cache"
+    first, _ = exphil.load_games(folder, cache)
+    hashed = []
+    real_sha256 = exphil.hashlib.sha256
+    monkeypatch.setattr(exphil.hashlib, "sha256", lambda data: hashed.append(len(data)) or real_sha256(data))
+    monkeypatch.setattr(exphil, "read_replay", lambda *a, **k: pytest.fail("parsed again"))
+    again, _ = exphil.load_games(folder, cache)
+    assert hashed == [] and [[e.frames for e in g] for g in again] == [[e.frames for e in g] for g in first]
+    touched = folder / "hohav-py-slippi__nintendont.slp"
+    os_stat = touched.stat()
+    exphil.os.utime(touched, ns=(os_stat.st_atime_ns, os_stat.st_mtime_ns + 10**9))
+    shutil.copy(GOOD, folder / "copy.slp")
+    exphil.load_games(folder, cache)
+    assert sorted(hashed) == sorted([os_stat.st_size, GOOD.stat().st_size])
+
+
+def test_data_describes_a_collection_from_the_manifest(tmp_path, monkeypatch):
+    """`exphil data`: the shipped replays are (per their README) Falco vs Falco, Sheik vs Marth
+    and Falco vs Falco, 6,233 + 12,036 + 5,023 frames; the corrupt one is skipped. A second
+    description comes from the manifest: no replay array is loaded."""
+    folder = tmp_path / "replays"
+    shutil.copytree(REPLAYS, folder)
+    shutil.copy(BROKEN / "hohav-peppi__corrupt.slp", folder)
+    monkeypatch.setenv("EXPHIL_CACHE", str(tmp_path / "cache"))
+    res = exphil.describe(folder)
+    assert res["replays"] == 4 and res["games"] == 3 and res["frames"] == 6233 + 12036 + 5023
+    assert res["characters"] == {"falco": 4, "sheik": 1, "marth": 1}
+    assert sum(res["skipped"].values()) == 1 and list(res["skipped"]) == ["unreadable"]
+    monkeypatch.setattr(exphil, "load_replay", lambda *a, **k: pytest.fail("arrays loaded"))
+    assert exphil.describe(folder) == res
+
+
+def test_data_command_prints_the_summary(tmp_path):
+    import subprocess
+    import sys
+
+    env = {**exphil.os.environ, "EXPHIL_CACHE": str(tmp_path / "cache")}
+    out = subprocess.run([sys.executable, "-m", "exphil", "data", str(REPLAYS)], capture_output=True, text=True,
+                         env=env, timeout=120)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert lines[0] == f"{REPLAYS}: 3 games, 23,292 frames (0.1 hours of play), 0 of 3 replays skipped"
+    assert lines[1] == "  characters (player views): falco 4, sheik 1, marth 1"
