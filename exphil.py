@@ -1388,9 +1388,10 @@ def _cache_collection(replays, cache: Path | None, log, max_files: int = 0, work
     return _Collection(paths, entries, errors, unreadable, manifest)
 
 
-def _each_game(collection: _Collection, log, load: bool = True):
+def _each_game(collection: _Collection, log, load: bool = True, keep: Callable[[dict], bool] | None = None):
     """(path, manifest row, episodes or None) per replay, in order; skipped replays are logged
-    and recorded with their reason. With load=False, games the manifest describes are not read."""
+    and recorded with their reason. Games the manifest describes are not read with load=False,
+    nor when `keep(row)` is false."""
     manifest = collection.manifest
     with manifest.batch():
         for path in collection.paths:
@@ -1402,11 +1403,12 @@ def _each_game(collection: _Collection, log, load: bool = True):
                     raise ReplayError(path, collection.errors[path])
                 if row and row["skipped"]:
                     raise ReplayError(path, row["skipped"])
-                episodes = load_replay(path, entry=entry) if load or not row else None
+                wanted = load and (keep is None or not row or keep(row))
+                episodes = load_replay(path, entry=entry) if wanted or not row else None
                 if not row:
                     manifest.record(digest, episodes)
                     row = manifest.game(digest)
-                yield path, row, episodes
+                yield path, row, episodes if load and (keep is None or keep(row)) else None
             except ReplayError as e:
                 if digest and not row:
                     manifest.record(digest, skipped=e.reason)
@@ -1416,18 +1418,24 @@ def _each_game(collection: _Collection, log, load: bool = True):
 
 
 def load_games(replays: str | os.PathLike | Sequence, cache: Path | None = None, log=None,
-               max_files: int = 0, workers: int | None = None) -> tuple[list[list[Episode]], list[dict]]:
+               max_files: int = 0, workers: int | None = None,
+               keep: Callable[[dict], bool] | None = None, left_out: list | None = None,
+               ) -> tuple[list[list[Episode]], list[dict]]:
     """Episodes grouped by game, and the replays that were skipped (path and reason).
 
     Replays not yet in the cache are parsed on every core first. A replay that cannot be used is
-    reported in one line and skipped; the rest go on."""
+    reported in one line and skipped; the rest go on. `keep(manifest row)` selects games before
+    their arrays are loaded (see `_game_filter`); the paths of those it leaves out are appended
+    to `left_out`."""
     collection = _cache_collection(replays, cache, log, max_files, workers)
     games, skipped = [], list(collection.unreadable)
-    for path, row, episodes in _each_game(collection, log):
-        if episodes is None:
+    for path, row, episodes in _each_game(collection, log, keep=keep):
+        if row["skipped"]:
             skipped.append({"path": str(path), "reason": row["skipped"]})
-        else:
+        elif episodes is not None:
             games.append(episodes)
+        elif left_out is not None:
+            left_out.append(str(path))
     return games, skipped
 
 
@@ -1460,20 +1468,33 @@ def _enum_id(enum, name: str, what: str) -> int:
                           + ", ".join(sorted(e.name.lower() for e in enum))) from None
 
 
+def _view_filter(character: str | None = None, opponent: str | None = None, stage: str | None = None,
+                 min_frames: int = 0) -> Callable[[int, int, int, int], bool]:
+    """keep(own character, opponent character, stage, frames) for a player view of a game."""
+    want = [v and _enum_id(enum, v, what) for enum, v, what in ((enums.Character, character, "character"),
+                                                                 (enums.Character, opponent, "character"),
+                                                                 (enums.Stage, stage, "stage"))]
+    return lambda *view: view[3] >= min_frames and all(w is None or w == "" or w == v for w, v in zip(want, view))
+
+
 def filter_games(games: list[list[Episode]], character: str | None = None, opponent: str | None = None,
                  stage: str | None = None, min_frames: int = 0) -> list[list[Episode]]:
     """Keep games of at least `min_frames` on `stage`, and the player views whose own and
     opponent characters match (names as in libmelee, e.g. fox, falco, final_destination)."""
-    want = {2: character and _enum_id(enums.Character, character, "character"),
-            3: opponent and _enum_id(enums.Character, opponent, "character"),
-            4: stage and _enum_id(enums.Stage, stage, "stage")}
+    keep = _view_filter(character, opponent, stage, min_frames)
     out = []
     for game in games:
-        kept = [ep for ep in game if ep.frames >= min_frames
-                and all(v is None or v == "" or ep.cat[0, col] == v for col, v in want.items())]
+        kept = [ep for ep in game if keep(*map(int, ep.cat[0, 2:5]), ep.frames)]
         if kept:
             out.append(kept)
     return out
+
+
+def _game_filter(character=None, opponent=None, stage=None, min_frames: int = 0) -> Callable[[dict], bool]:
+    """keep(manifest row): whether any player view of the game passes `filter_games`."""
+    keep = _view_filter(character, opponent, stage, min_frames)
+    return lambda row: any(keep(row[f"character_{i}"], row[f"character_{3 - i}"], row["stage"], row["frames"])
+                           for i in (1, 2))
 
 
 def split_games(games: list, val_split: float, seed: int) -> tuple[list, list]:
@@ -2289,10 +2310,13 @@ def _resume_settings(out: Path, spec, replays, given: dict) -> tuple[dict, Spec,
 
 def _games(replays, cache, log, config: TrainConfig) -> tuple[list, list, list]:
     """The run's training and validation games (filtered, split by game) and the skipped replays."""
-    games, skipped = load_games(replays, cache, log, max_files=config.max_files)
-    if not games:
+    chosen = (config.character, config.opponent_character, config.stage, config.min_frames)
+    left_out = []
+    games, skipped = load_games(replays, cache, log, max_files=config.max_files, keep=_game_filter(*chosen),
+                                left_out=left_out)
+    if not games and not left_out:
         raise ExphilError(f"{replays}: no usable replay (all {len(skipped)} skipped, see above)")
-    games = filter_games(games, config.character, config.opponent_character, config.stage, config.min_frames)
+    games = filter_games(games, *chosen)
     if not games:
         raise ExphilError(f"{replays}: no game matches the filters (character {config.character}, opponent "
                           f"{config.opponent_character}, stage {config.stage}, min frames {config.min_frames})")

@@ -165,6 +165,17 @@ def test_character_and_stage_filters():
         exphil.filter_games(games, character="fax")
 
 
+def test_filters_select_games_from_the_manifest_before_loading_them(monkeypatch):
+    everything, _ = exphil.load_games(REPLAYS)  # the manifest now describes every game
+    loaded, real_load = [], exphil.load_replay
+    monkeypatch.setattr(exphil, "load_replay", lambda path, **kw: loaded.append(path) or real_load(path, **kw))
+    left_out = []
+    games, _ = exphil.load_games(REPLAYS, keep=exphil._game_filter(opponent="marth"), left_out=left_out)
+    assert [p.name for p in loaded] == ["hohav-py-slippi__nintendont.slp"] and len(left_out) == 2
+    views = lambda gs: [(ep.source, ep.port, ep.frames) for g in exphil.filter_games(gs, opponent="marth") for ep in g]
+    assert views(games) == views(everything) and len(views(games)) == 1
+
+
 def test_plot_writes_curves(mlp_run):
     path = exphil.plot(mlp_run.path)
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 10_000
