@@ -61,6 +61,12 @@ def test_no_usable_replay_is_one_clear_error(tmp_path):
         exphil.train(REPLAYS.parent.parent / "specs" / "mlp.toml", tmp_path, out=tmp_path / "run", quiet=True)
 
 
+def test_filters_that_match_no_game_say_so(tmp_path):
+    with pytest.raises(exphil.ExphilError, match="no game matches the filters .character peach"):
+        exphil.train(REPLAYS.parent.parent / "specs" / "mlp.toml", REPLAYS, out=tmp_path / "run", quiet=True,
+                     character="peach")
+
+
 def test_second_load_comes_from_the_cache(tmp_path, monkeypatch):
     first = exphil.load_replay(GOOD)
     monkeypatch.setattr(exphil, "read_replay", lambda *a, **k: pytest.fail("parsed again"))
