@@ -122,7 +122,18 @@ class GatedSSM(_Strict, tag="gated_ssm", tag_field="kind"):
     conv: Annotated[int, msgspec.Meta(ge=0)] = 4  # causal depthwise conv taps before the gate (0 = none)
 
 
-Mixer = Union[Dense, LSTM, GRU, Mamba, Attention, GatedSSM]
+class Mamba2(_Strict, tag="mamba2", tag_field="kind"):
+    """Mamba-2 (SSD): one scalar decay per head over a [head_dim, state] matrix state; the
+    window is computed in chunks as masked MatMuls, the step as the recurrence."""
+
+    state: Pos = 64  # N, the state width shared by the heads (B and C)
+    expand: Pos = 2  # inner width = expand * hidden = heads * head_dim
+    head_dim: Pos = 64  # P
+    conv: Pos = 4  # causal depthwise conv taps over x, B and C
+    chunk: Annotated[int, msgspec.Meta(ge=0)] = 64  # frames per chunk of the window form (0 = the whole window)
+
+
+Mixer = Union[Dense, LSTM, GRU, Mamba, Attention, GatedSSM, Mamba2]
 
 
 class Block(_Strict):
@@ -338,6 +349,37 @@ class Graph:
             tap = op.Slice(seq, self.const([k], np.int64), self.const([k + L], np.int64), self.const([1], np.int64))
             y = op.Add(y, op.Mul(tap, op.Gather(w, self.const(k, np.int64), axis=0)))
         return y, carry
+
+    def decayed_attention(self, q, k, v, log_decay, h0, chunk: int):
+        """The linear recurrence h_t = exp(a_t) h_{t-1} + v_t k_t^T, y_t = h_t q_t, per head, for a
+        scalar log-decay a_t <= 0 per head and frame (Mamba-2's SSD, RetNet's retention).
+
+        q, k [B, H or 1, L, N]; v [B, H, L, P]; log_decay [B, H, L]; h0 [B, H, P, N]. Returns y
+        [B, H, L, P] and the last state. Computed in chunks of `chunk` frames (the last may be
+        shorter): inside a chunk, y = ((q k^T) * exp(c_t - c_s) masked to s <= t) v plus the
+        carried state's share exp(c_t) q h0^T, where c is the chunk's cumulative log-decay (a
+        MatMul with a triangular matrix: CumSum has no gradient in onnxruntime-training). Only
+        differences c_t - c_s <= 0 are exponentiated: stable for any decay. The step graph is
+        the same code over one frame."""
+        op, L = self.op, self.length
+        chunk = min(chunk or L, L)
+        i64, last, ys = (lambda v: self.const(v, np.int64)), self.const([-1], np.int64), []
+        for start in range(0, L, chunk):
+            n = min(chunk, L - start)
+            cut = lambda x, axis: x if n == L else op.Slice(x, i64([start]), i64([start + n]), i64([axis]))
+            qc, kc, vc, ac = cut(q, 2), cut(k, 2), cut(v, 2), cut(log_decay, 2)
+            c = op.MatMul(ac, self.const(np.triu(np.ones((n, n)))))  # [B, H, n]: c_t = sum of a_s, s <= t
+            mask = self.const(np.where(np.tril(np.ones((n, n))) > 0, 0.0, -1e9))  # s <= t only
+            decay = op.Exp(op.Add(op.Sub(op.Unsqueeze(c, last), op.Unsqueeze(c, self.const([-2], np.int64))), mask))
+            kt = op.Transpose(kc, perm=[0, 1, 3, 2])
+            y = op.MatMul(op.Mul(op.MatMul(qc, kt), decay), vc)  # within the chunk
+            y = op.Add(y, op.Mul(op.Unsqueeze(op.Exp(c), last), op.MatMul(qc, op.Transpose(h0, perm=[0, 1, 3, 2]))))
+            ys.append(y)
+            total = op.Slice(c, i64([n - 1]), i64([n]), i64([2]))  # [B, H, 1]: the chunk's whole decay
+            weights = op.Unsqueeze(op.Exp(op.Sub(total, c)), last)  # exp(c_n - c_s), [B, H, n, 1]
+            h0 = op.Add(op.Mul(op.Unsqueeze(op.Exp(total), last), h0),
+                        op.MatMul(op.Transpose(op.Mul(vc, weights), perm=[0, 1, 3, 2]), kc))
+        return (ys[0] if len(ys) == 1 else op.Concat(*ys, axis=2)), h0
 
     def scan(self, fn, sequences: Sequence, state: dict):
         """Unroll ``y_t, state = fn(frames_t, state)`` over the time axis (axis 1) of each sequence.
@@ -589,14 +631,55 @@ class GatedSSMLayer:
         return g.linear(op.Mul(h, g.silu(z)), f"{n}.out_proj", bias=False), out
 
 
+class Mamba2Layer:
+    """Mamba-2: in_proj -> [z, xBC, dt]; xBC through a causal depthwise conv and SiLU; per head
+    a scalar decay exp(dt A) over a [P, N] state driven by (dt x) B^T and read by C
+    (`Graph.decayed_attention`); plus D x; gated RMSNorm of y * SiLU(z); out_proj.
+    States: the last K-1 conv inputs and h [H, P, N]."""
+
+    def __init__(self, name: str, cfg: Mamba2, width: int, init: _Init, n_layers: int):
+        D = cfg.expand * width
+        if D % cfg.head_dim:
+            raise SpecError(f"mamba2: expand x hidden = {D} is not divisible by head_dim = {cfg.head_dim}")
+        self.name, self.cfg, self.D, self.N, self.H, self.P = name, cfg, D, cfg.state, D // cfg.head_dim, cfg.head_dim
+        conv = D + 2 * self.N
+        init.linear(f"{name}.in_proj", width, D + conv + self.H, bias=False)
+        init.uniform(f"{name}.conv.weight", (cfg.conv, conv), 1 / math.sqrt(cfg.conv))
+        init.uniform(f"{name}.conv.bias", (conv,), 1 / math.sqrt(cfg.conv))
+        dt = np.exp(init.rng.uniform(math.log(1e-3), math.log(1e-1), self.H)).clip(min=1e-4)
+        init(f"{name}.dt_bias", dt + np.log(-np.expm1(-dt)))  # inverse softplus
+        init(f"{name}.A_log", np.log(init.rng.uniform(1, 16, self.H)))
+        init(f"{name}.D", np.ones(self.H))
+        init.norm("rms", f"{name}.norm", D)
+        init.linear(f"{name}.out_proj", D, width, bias=False, scale=1 / math.sqrt(n_layers))
+        self.states = [("conv", (cfg.conv - 1, conv)), ("ssm", (self.H, self.P, self.N))]
+
+    def __call__(self, g: Graph, x, state: dict):
+        op, n, H, P = g.op, self.name, self.H, self.P
+        z, xbc, dt = g.split(g.linear(x, f"{n}.in_proj", bias=False), [self.D, self.D + 2 * self.N, H])
+        xbc, conv_state = g.causal_conv(f"{n}.conv", xbc, state["conv"], self.cfg.conv)
+        u, b, c = g.split(g.silu(xbc), [self.D, self.N, self.N])
+        dt = op.Transpose(g.softplus(op.Add(dt, g.param(f"{n}.dt_bias"))), perm=[0, 2, 1])  # [B, H, L]
+        heads = op.Transpose(op.Reshape(u, g.const([0, 0, H, P], np.int64)), perm=[0, 2, 1, 3])  # [B, H, L, P]
+        last, one = g.const([-1], np.int64), g.const([1], np.int64)
+        y, h = g.decayed_attention(op.Unsqueeze(c, one), op.Unsqueeze(b, one), op.Mul(heads, op.Unsqueeze(dt, last)),
+                                   op.Mul(dt, op.Neg(op.Unsqueeze(op.Exp(g.param(f"{n}.A_log")), last))),
+                                   state["ssm"], self.cfg.chunk)
+        y = op.Add(y, op.Mul(heads, op.Reshape(g.param(f"{n}.D"), g.const([H, 1, 1], np.int64))))
+        y = op.Reshape(op.Transpose(y, perm=[0, 2, 1, 3]), g.const([0, 0, self.D], np.int64))
+        y = g.norm("rms", op.Mul(y, g.silu(z)), f"{n}.norm")
+        return g.linear(y, f"{n}.out_proj", bias=False), {"conv": conv_state, "ssm": h}
+
+
 MIXERS = {Dense: DenseLayer, LSTM: LSTMLayer, GRU: GRULayer, Mamba: MambaLayer, Attention: AttentionLayer,
-          GatedSSM: GatedSSMLayer}
+          GatedSSM: GatedSSMLayer, Mamba2: Mamba2Layer}
 
 
 def estimate_params(spec: Spec) -> int:
     """A spec's parameter count without allocating it: counts are a quadratic in the width, so
     three small copies of the spec give it (exactly at widths that are multiples of 16)."""
-    base = math.lcm(16, *[b.mixer.heads for b in spec.blocks if isinstance(b.mixer, Attention)])
+    base = math.lcm(16, *[b.mixer.heads for b in spec.blocks if isinstance(b.mixer, Attention)],
+                    *[b.mixer.head_dim for b in spec.blocks if isinstance(b.mixer, Mamba2)])
     xs = [base, 2 * base, 3 * base]
     ys = [sum(v.size for v in Model(msgspec.structs.replace(spec, hidden=x), check=False).params.values()) for x in xs]
     h = spec.hidden  # Lagrange interpolation through the three points
@@ -3460,8 +3543,9 @@ PRESETS = {
 }
 
 SPEC_FLAGS = {  # flag -> (mixer kinds it applies to, field), for overriding a spec without editing it
-    "state_size": ((Mamba,), "state"), "expand_factor": ((Mamba, GatedSSM), "expand"),
-    "conv_size": ((Mamba, GatedSSM), "conv"), "num_heads": ((Attention,), "heads"),
+    "state_size": ((Mamba, Mamba2), "state"), "expand_factor": ((Mamba, GatedSSM, Mamba2), "expand"),
+    "conv_size": ((Mamba, GatedSSM, Mamba2), "conv"), "num_heads": ((Attention,), "heads"),
+    "head_dim": ((Mamba2,), "head_dim"), "chunk_size": ((Mamba2,), "chunk"),
 }
 
 
@@ -3516,7 +3600,7 @@ def _training_flags(p: argparse.ArgumentParser) -> None:
     d.add_argument("--seed", type=int, help="seed for the split, the data order and the initial weights (0)")
     d.add_argument("--split-seed", type=int, help="seed for the split alone (default: --seed): other seeds, same games")
     m = p.add_argument_group("model overrides (written into the run's spec.toml)")
-    for flag in ("window-size", "hidden", "num-layers", "state-size", "expand-factor", "conv-size", "num-heads"):
+    for flag in ("window-size", "hidden", "num-layers", *(f.replace("_", "-") for f in SPEC_FLAGS)):
         m.add_argument(f"--{flag}", type=int)
     o = p.add_argument_group("optimisation")
     o.add_argument("--epochs", type=int, help="(1)")

@@ -159,6 +159,42 @@ def test_mamba_matches_sequential_recurrence():
         assert np.abs(np.stack(hist[-(cfg.conv - 1):]) - conv_out[b]).max() < 1e-5
 
 
+@pytest.mark.parametrize("chunk", [0, 20, 16, 1], ids=["whole", "divides", "does-not-divide", "one"])
+def test_mamba2_matches_the_ssd_recurrence(chunk):
+    """Our Mamba-2 layer == its recurrence written out in float64 NumPy, frame by frame, from a
+    carried state: conv over the last K inputs of [x, B, C], SiLU, per head dt = softplus(. + b),
+    h = exp(dt A) h + (dt x) B^T, y = h C + D x, out = RMSNorm(y SiLU(z)) W, for chunked windows
+    whose chunk size divides the window, does not, is 1 frame, or is the whole window."""
+    d, L, B = 16, 60, 2
+    cfg = exphil.Mamba2(state=8, expand=2, head_dim=8, conv=4, chunk=chunk)
+    sess, p, layer = mixer_graph(exphil.Mamba2Layer, cfg, d, L, seed=3)
+    H, P, N, D = layer.H, layer.P, layer.N, layer.D
+    rng = np.random.default_rng(7)
+    x = rng.normal(size=(B, L, d)).astype(np.float32)
+    conv0 = rng.normal(size=(B, cfg.conv - 1, D + 2 * N)).astype(np.float32)
+    ssm0 = rng.normal(size=(B, H, P, N)).astype(np.float32) * 0.1
+    y, conv_out, ssm_out = sess.run(None, {"x": x, "state_in.conv": conv0, "state_in.ssm": ssm0})
+
+    q = {k: v.astype(np.float64) for k, v in p.items()}
+    silu = lambda v: v / (1 + np.exp(-v))
+    A = -np.exp(q["m.A_log"])                                    # [H]
+    for b in range(B):
+        hist, h = list(conv0[b].astype(np.float64)), ssm0[b].astype(np.float64)
+        for t in range(L):
+            proj = x[b, t] @ q["m.in_proj.weight"]
+            z, xbc, dt = proj[:D], proj[D:2 * D + 2 * N], proj[2 * D + 2 * N:]
+            hist.append(xbc)
+            xbc = silu((np.stack(hist[-cfg.conv:]) * q["m.conv.weight"]).sum(0) + q["m.conv.bias"])
+            u, Bt, Ct = xbc[:D].reshape(H, P), xbc[D:D + N], xbc[D + N:]
+            dt = np.log1p(np.exp(dt + q["m.dt_bias"]))            # [H]
+            h = np.exp(dt * A)[:, None, None] * h + (dt[:, None] * u)[:, :, None] * Bt[None, None, :]
+            out = ((h @ Ct) + q["m.D"][:, None] * u).reshape(D) * silu(z)
+            out = out / np.sqrt((out ** 2).mean() + 1e-5) * q["m.norm.weight"]
+            assert np.abs(out @ q["m.out_proj.weight"] - y[b, t]).max() < 1e-4, (b, t)
+        assert np.abs(h - ssm_out[b]).max() < 1e-4
+        assert np.abs(np.stack(hist[-(cfg.conv - 1):]) - conv_out[b]).max() < 1e-5
+
+
 def test_stepper_carries_state_like_the_window_graph(real_frames):
     """The Agent's Stepper (IO binding, alternating state buffers) == the window graph."""
     model = exphil.Model(exphil.load_spec(SPECS[[p.stem for p in SPECS].index("mamba")]), seed=2)
@@ -230,8 +266,9 @@ def test_gradients_match_finite_differences(path, tmp_path):
     """The training graph's gradient (onnxruntime-training's, through every op we emit, e.g. the
     one-hot embeddings and the unrolled scans) equals central differences of the evaluated loss,
     for the largest gradient entry of every parameter tensor of a tiny copy of each spec."""
-    spec = exphil.override_spec(exphil.load_spec(path), window_size=8, hidden=16)
-    model = exphil.Model(spec)
+    spec = exphil.load_spec(path)
+    heads = {"head_dim": 8, "chunk_size": 3} if any(isinstance(b.mixer, exphil.Mamba2) for b in spec.blocks) else {}
+    model = exphil.Model(exphil.override_spec(spec, window_size=8, hidden=16, **heads))
     trainer = exphil.Trainer(model, tmp_path / "t", length=8)
     eps = exphil.load_replay(REPLAYS / "hohav-py-slippi__netplay_name.slp")
     batch = exphil.make_batch(eps, exphil.windows(eps, 8)[1000:1002], 8)
