@@ -3705,6 +3705,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("exphil: interrupted" + (f"; continue the run with: exphil train --resume --out {out} (it restarts "
                                        f"from its last checkpoint)" if resumable else ""), file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader stopped reading (`exphil specs | head -3`): nothing to report
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
     except OSError as e:
         print(f"exphil: error: {e.filename or ''}: {e.strerror or e}", file=sys.stderr)
         return 1
