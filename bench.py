@@ -46,7 +46,12 @@ def verdict(p99_ms: float) -> str:
 
 
 def frames(n: int = 512):
-    """Real inputs: frames of a shipped replay."""
+    """Real inputs: frames of a shipped replay (installed, without the clone's tests/replays:
+    random inputs in range, as latency does not depend on the values)."""
+    if not REPLAY.exists():
+        rng = np.random.default_rng(0)
+        cat = np.stack([rng.integers(0, exphil.EMBED_TABLES[t], n) for _, t in exphil.CAT_FIELDS], -1)
+        return cat, rng.normal(size=(n, len(exphil.NUM_FIELDS))).astype(np.float32)
     ep = exphil.load_replay(REPLAY)[0]
     return ep.cat[1000:1000 + n], ep.num[1000:1000 + n]
 
@@ -239,9 +244,10 @@ def machine() -> dict:
 
 
 def main(argv=None) -> int:
+    global REPLAY
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    parser.add_argument("--specs", nargs="*", help="spec files (default: specs/*.toml)")
+    parser.add_argument("--specs", nargs="*", help="spec files (default: every built-in spec)")
     parser.add_argument("--runs", nargs="*", help="trained run folders instead of specs")
     parser.add_argument("--providers", nargs="*", default=["cpu", *GPU_PROVIDERS],
                         help="providers to try; those not installed are reported as absent")
@@ -257,9 +263,14 @@ def main(argv=None) -> int:
     parser.add_argument("--frame-delay", type=int, default=0, help="--train: frame t predicts frame t + 1 + D")
     parser.add_argument("--batch-size", type=int, default=32, help="batch size for --train")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--replay", type=Path, default=REPLAY, help="the replay whose frames --loop, --throughput "
+                        "and the latency table use (latency alone runs without one, on random inputs)")
     parser.add_argument("--json", help="also write every number to this file")
     args = parser.parse_args(argv)
-    specs = args.specs or sorted(str(p) for p in (ROOT / "specs").glob("*.toml"))
+    REPLAY = args.replay
+    if (args.loop or args.throughput) and not REPLAY.is_file():
+        parser.error(f"--loop and --throughput need a replay: {REPLAY} is not a file (give --replay FILE)")
+    specs = args.specs or sorted(str(p) for p in exphil.SPECS_DIR.glob("*.toml"))
     info = machine()
     print(f"{info['cpu']} ({info['cores']} cores), {info['os']}, Python {info['python']}, "
           f"onnxruntime {info['onnxruntime']}, providers: {', '.join(info['providers'])}")
@@ -278,7 +289,7 @@ def main(argv=None) -> int:
         print_architectures(rows)
         result["architectures"] = rows
     elif args.loop:
-        sources = args.runs or (args.specs or [str(ROOT / "specs" / f"{n}.toml") for n in ("lstm", "mamba")])
+        sources = args.runs or (args.specs or [str(exphil.SPECS_DIR / f"{n}.toml") for n in ("lstm", "mamba")])
         print("\nfull decision loop: GameState -> features -> step -> sample -> commands flushed to a FIFO "
               "(p50/p99 ms per frame, 1800 frames)\n")
         rows = {}

@@ -34,6 +34,7 @@ import logging
 import math
 import os
 import queue
+import shutil
 import sys
 import tempfile
 import threading
@@ -50,8 +51,15 @@ OPSET = 21  # onnxruntime-training 1.19 reads up to opset 21 ...
 IR_VERSION = 10  # ... and IR version 10.
 
 
+logger = logging.getLogger("exphil")  # the library's messages; the command line prints them on stderr
+
+
 class ExphilError(Exception):
-    """Base class for errors that carry a message meant for the user."""
+    """Base class for errors that carry a message meant for the user (exit code 1)."""
+
+
+class UsageError(ExphilError):
+    """The command or call asks for something invalid: fix the arguments (exit code 2)."""
 
 
 class _quiet_fd2:
@@ -1215,7 +1223,17 @@ def features_from_gamestate(gamestate, port: int, opponent_port: int):
 # =================================================================================================
 
 def cache_dir() -> Path:
-    return Path(os.environ.get("EXPHIL_CACHE") or Path.home() / ".cache" / "exphil")
+    """Where parsed replays are kept: $EXPHIL_CACHE, else the platform's cache folder:
+    %LOCALAPPDATA% on Windows, ~/Library/Caches on macOS, $XDG_CACHE_HOME (or ~/.cache) elsewhere."""
+    if os.environ.get("EXPHIL_CACHE"):
+        return Path(os.environ["EXPHIL_CACHE"])
+    if sys.platform == "win32":
+        base = os.environ.get("LOCALAPPDATA") or Path.home() / "AppData" / "Local"
+    elif sys.platform == "darwin":
+        base = Path.home() / "Library" / "Caches"
+    else:
+        base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "exphil"
 
 
 @dataclasses.dataclass
@@ -1413,6 +1431,15 @@ def _build_cache(args) -> tuple[str, str | None, int, float]:
         return str(path), e.reason, 0, time.perf_counter() - t0
 
 
+def _parsing(results, total: int, log):
+    """The workers' results as they come, with a progress bar (unless the caller is quiet)."""
+    bar = Progress(total, "parsing replays", quiet=log in (None, _silent))
+    for r in results:
+        bar.update(r[2])
+        yield r
+    bar.close()
+
+
 class _Collection(NamedTuple):
     paths: list[Path]  # every replay file found, in order
     entries: dict  # path -> cache entry (files that could be read)
@@ -1454,14 +1481,14 @@ def _cache_collection(replays, cache: Path | None, log, max_files: int = 0, work
             try:
                 with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
                                          initializer=_die_with_parent, initargs=(os.getpid(),)) as pool:
-                    built = list(pool.map(_build_cache, missing))
+                    built = list(_parsing(pool.map(_build_cache, missing), len(missing), log))
             except BrokenProcessPool:
                 if log:
                     log("parsing on one core: the worker processes stopped (killed, or they could not start: a "
                         "script that calls exphil needs an `if __name__ == \"__main__\":` guard to use every core)")
                 workers = 1
         if built is None:
-            built = [_build_cache(m) for m in missing]
+            built = list(_parsing(map(_build_cache, missing), len(missing), log))
         errors.update({Path(p): reason for p, reason, _, _ in built if reason})
         frames, seconds = sum(b[2] for b in built), time.perf_counter() - t0
         busy = sum(b[3] for b in built)
@@ -1547,7 +1574,7 @@ def _enum_id(enum, name: str, what: str) -> int:
     try:
         return enum[name.upper().replace("-", "_").replace(" ", "_")].value
     except KeyError:
-        raise ExphilError(f"unknown {what} {name!r}; known: "
+        raise UsageError(f"unknown {what} {name!r}; known: "
                           + ", ".join(sorted(e.name.lower() for e in enum))) from None
 
 
@@ -1763,14 +1790,19 @@ def _ort_training():
     The package's own __init__ (1.19) imports `optim`, which needs PyTorch; these submodules do
     not. Registering the package folder as an empty module lets them import without it."""
     import types
-    import onnxruntime
 
-    name = "onnxruntime.training"
-    if name not in sys.modules:
-        pkg = types.ModuleType(name)
-        pkg.__path__ = [os.path.join(os.path.dirname(onnxruntime.__file__), "training")]
-        sys.modules[name] = pkg
-    from onnxruntime.training import api, artifacts, onnxblock
+    try:
+        import onnxruntime
+
+        name = "onnxruntime.training"
+        if name not in sys.modules:
+            pkg = types.ModuleType(name)
+            pkg.__path__ = [os.path.join(os.path.dirname(onnxruntime.__file__), "training")]
+            sys.modules[name] = pkg
+        from onnxruntime.training import api, artifacts, onnxblock
+    except ImportError:
+        raise ExphilError("training needs onnxruntime-training, which this environment lacks: pip install "
+                          "'exphil[train]' (Python 3.10-3.12, in an environment without another onnxruntime)") from None
     return artifacts, api, onnxblock
 
 
@@ -2144,12 +2176,25 @@ def _write_json(path: Path, data) -> None:
     os.replace(tmp, path)
 
 
+def _silent(*args) -> None:
+    pass
+
+
 def _log(quiet: bool):
-    return (lambda *a: None) if quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
+    return _silent if quiet else logger.info
+
+
+def _columns() -> int:
+    """The width of the terminal that stderr writes to (COLUMNS, or 80, when it has none)."""
+    try:
+        return os.get_terminal_size(sys.stderr.fileno()).columns or shutil.get_terminal_size().columns
+    except (OSError, ValueError):
+        return shutil.get_terminal_size().columns
 
 
 class Progress:
-    """A one-line progress bar on stderr (frames/s and ETA), shown only on a terminal."""
+    """A one-line progress bar on stderr (frames/s and ETA) that fits the terminal's width,
+    shown only on a terminal."""
 
     def __init__(self, total: int, label: str, quiet: bool = False):
         self.total, self.label, self.done, self.frames = total, label, 0, 0
@@ -2163,13 +2208,15 @@ class Progress:
         if self.on and (now - self.last > 0.1 or self.done == self.total):
             self.last, rate = now, self.done / max(now - self.t0, 1e-9)
             eta = (self.total - self.done) / rate
-            bar = "#" * int(30 * self.done / max(self.total, 1))
-            print(f"\r{self.label} [{bar:<30}] {self.done}/{self.total} "
-                  f"{self.frames / (now - self.t0):,.0f} frames/s ETA {eta:.0f}s ", end="", file=sys.stderr, flush=True)
+            width = _columns() - 1  # the last column would wrap on some terminals
+            text = f" {self.done}/{self.total} {self.frames / (now - self.t0):,.0f} frames/s ETA {eta:.0f}s"
+            room = min(width - len(self.label) - len(text) - 3, 30)
+            bar = f" [{'#' * int(room * self.done / max(self.total, 1)):<{room}}]" if room >= 5 else ""
+            print(f"\r{(self.label + bar + text)[:width]}", end="", file=sys.stderr, flush=True)
 
     def close(self) -> None:
         if self.on:
-            print("\r" + " " * 100 + "\r", end="", file=sys.stderr, flush=True)
+            print("\r" + " " * (_columns() - 1) + "\r", end="", file=sys.stderr, flush=True)
 
 
 @dataclasses.dataclass
@@ -2213,7 +2260,7 @@ class TrainConfig:
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
             if isinstance(value, float) and not math.isfinite(value):
-                raise ExphilError(f"invalid training setting: {f.name.replace('_', '-')} must be a finite number, "
+                raise UsageError(f"invalid training setting: {f.name.replace('_', '-')} must be a finite number, "
                                   f"not {value}")
         checks = [(self.epochs >= 1, "epochs must be >= 1"), (self.batch_size >= 1, "batch-size must be >= 1"),
                   (0 < self.lr <= 1, f"lr must be in (0, 1], not {self.lr} (typical: 1e-4 to 3e-3)"),
@@ -2242,7 +2289,7 @@ class TrainConfig:
                   (not (self.early_stopping and self.val_split == 0), "early stopping needs a validation split")]
         for ok, message in checks:
             if not ok:
-                raise ExphilError(f"invalid training setting: {message}")
+                raise UsageError(f"invalid training setting: {message}")
 
     @property
     def delays(self) -> tuple[int, int]:
@@ -2386,7 +2433,7 @@ def _resume_settings(out: Path, spec, replays, given: dict) -> tuple[dict, Spec,
     if replays is not None and [str(r) for r in ([replays] if isinstance(replays, (str, os.PathLike)) else replays)] != sources:
         problems.append(f"--replays {replays} (the run has {', '.join(sources)})")
     if problems:
-        raise ExphilError(f"{out}: --resume continues the run with its own settings; these differ: "
+        raise UsageError(f"{out}: --resume continues the run with its own settings; these differ: "
                           + ", ".join(problems))
     return {**recorded, "epochs": max(recorded["epochs"], given.get("epochs", 0))}, run_spec, sources
 
@@ -2419,9 +2466,9 @@ def _train(spec, replays, out: Path, resume: bool, quiet: bool, cache, config) -
         config = TrainConfig(**settings)
     else:
         if spec is None or replays is None:
-            raise ExphilError("train needs a spec and replays")
+            raise UsageError("train needs a spec and replays")
         if has_checkpoint(out / "train"):
-            raise ExphilError(f"{out} already holds a run: continue it with --resume, or choose another --out")
+            raise UsageError(f"{out} already holds a run: continue it with --resume, or choose another --out")
         spec = spec if isinstance(spec, Spec) else load_spec(spec)
     train_games, val_games, skipped = _games(replays, cache, log, config)
     train_eps, val_eps = [e for g in train_games for e in g], [e for g in val_games for e in g]
@@ -2429,7 +2476,7 @@ def _train(spec, replays, out: Path, resume: bool, quiet: bool, cache, config) -
     if resume and {k: info["replays"][k] for k in lists} != lists:
         raise ExphilError(f"{out}: the replays found now differ from the run's; cannot resume exactly")
     if config.controller_dropout and spec.heads.markov:
-        raise ExphilError(f"--controller-dropout hides the current controller that the Markov heads of spec "
+        raise UsageError(f"--controller-dropout hides the current controller that the Markov heads of spec "
                           f"{spec.name!r} read; set `markov = false` under [heads] to use it")
     L, (d_lo, d_hi) = spec.window, config.delays
     train_wins = windows(train_eps, L, d_hi)
@@ -2532,7 +2579,8 @@ def _train(spec, replays, out: Path, resume: bool, quiet: bool, cache, config) -
 
     while epoch <= config.epochs and not stopped:
         batches, metrics = plan(epoch), Metrics(sums=progress.get("sums") if start else None)
-        bar, t0, frames = Progress(len(batches) - start, f"epoch {epoch}/{config.epochs}", quiet), time.perf_counter(), 0
+        steps = min(len(batches) - start, config.max_steps - step) if config.max_steps else len(batches) - start
+        bar, t0, frames = Progress(steps, f"epoch {epoch}/{config.epochs}", quiet), time.perf_counter(), 0
         previous = None
         flipped = np.random.default_rng([config.seed, epoch, 1 << 30]).random(len(train_eps)) < config.mirror_prob
         if stateful and start:
@@ -2903,7 +2951,7 @@ def step_path(run: str | os.PathLike, precision: str = "fp32") -> Path:
     """A run folder's step graph at a precision ("fp32", "int8" or "fp16")."""
     run = Path(run)
     if precision not in PRECISIONS:
-        raise ExphilError(f"precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
+        raise UsageError(f"precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
     path = run / PRECISIONS[precision]
     if not path.exists():
         have = [p for p, f in PRECISIONS.items() if (run / f).exists()]
@@ -2933,7 +2981,7 @@ class Agent:
             raise ExphilError(f"{run}: trained with feature layout v{version}; this exphil reads "
                               f"v{FEATURE_VERSION}. Retrain, or install the matching exphil.")
         if not (math.isfinite(temperature) and temperature >= 0):
-            raise ExphilError(f"temperature must be a finite number >= 0 (0: deterministic), not {temperature}")
+            raise UsageError(f"temperature must be a finite number >= 0 (0: deterministic), not {temperature}")
         self.step = Stepper(checked_step_graph(run, path, self.info), provider, threads)
         self.precision = precision
         self.temperature, self.deterministic = temperature, deterministic or temperature == 0
@@ -2964,7 +3012,7 @@ class Agent:
         if not all(np.isfinite(v).all() for v in logits.values()):
             self.step.reset()
             if not self._warned:
-                logging.getLogger("exphil").warning("the model returned non-finite logits at frame %s (a NaN in "
+                logger.warning("the model returned non-finite logits at frame %s (a NaN in "
                                                     "the game state?); its state was reset", gamestate.frame)
                 self._warned = True
         return logits
@@ -3069,9 +3117,9 @@ def quantize_step(model, mode: str = "dynamic", calibration=None):
     from onnxruntime.quantization import QuantFormat, quantize_dynamic, quantize_static
 
     if mode not in ("dynamic", "static", "fp16"):
-        raise ExphilError(f"quantization mode {mode!r}: choose dynamic, static or fp16")
+        raise UsageError(f"quantization mode {mode!r}: choose dynamic, static or fp16")
     if mode == "static" and calibration is None:
-        raise ExphilError("static quantization needs calibration frames")
+        raise UsageError("static quantization needs calibration frames")
     model = onnx.load(str(model)) if isinstance(model, (str, os.PathLike)) else onnx.ModelProto.FromString(
         model.SerializeToString())  # a copy: the conversions below edit the proto they are given
     if mode == "fp16":
@@ -3263,16 +3311,16 @@ class Runner:
                  on_game_end: str = "stop", stats_every: float = 10.0, log: Callable[[str], None] | None = None):
         self.delay = agent.frame_delay + frame_delay
         if action_repeat < 1:
-            raise ExphilError(f"action repeat {action_repeat}: must be 1 or more")
+            raise UsageError(f"action repeat {action_repeat}: must be 1 or more")
         if self.delay < 0:
             raise ExphilError(f"frame delay {frame_delay} plus the run's trained delay {agent.frame_delay} "
                               "is negative")
         if on_game_end not in ("stop", "restart"):
-            raise ExphilError(f"on game end {on_game_end!r}: choose stop or restart")
+            raise UsageError(f"on game end {on_game_end!r}: choose stop or restart")
         self.agent, self.console, self.controller = agent, console, controller
         self.port, self.opponent_port, self.menus = port, opponent_port, menus
         self.action_repeat, self.on_game_end, self.stats_every = action_repeat, on_game_end, stats_every
-        self.log = log or (lambda msg: print(msg, flush=True))
+        self.log = log or logger.info
         self.flush = controller not in getattr(console, "controllers", ())
 
     def run(self) -> dict:
@@ -3500,7 +3548,7 @@ def play(run: str | os.PathLike, dolphin: str | os.PathLike, iso: str | os.PathL
     import melee
 
     if connect_code and cpu_level:
-        raise ExphilError("--cpu-level and --connect-code exclude each other: a CPU or an online opponent")
+        raise UsageError("--cpu-level and --connect-code exclude each other: a CPU or an online opponent")
     if not Path(iso).is_file():
         raise ExphilError(f"{iso}: no such ISO file")
     agent = Agent(run, provider=provider, precision=precision, temperature=temperature, deterministic=deterministic)
@@ -3531,7 +3579,10 @@ def play(run: str | os.PathLike, dolphin: str | os.PathLike, iso: str | os.PathL
 # Command line
 # =================================================================================================
 
-SPECS_DIR = Path(__file__).resolve().parent / "specs"
+# The built-in specs: `specs/` in a clone; installed, the same files are the data package
+# `exphil_specs` beside this module (pyproject.toml maps one onto the other).
+_HERE = Path(__file__).resolve().parent
+SPECS_DIR = _HERE / "exphil_specs" if (_HERE / "exphil_specs").is_dir() else _HERE / "specs"
 
 # Presets fill in settings; flags given on the command line win.
 PRESETS = {
@@ -3578,7 +3629,7 @@ def _spec_file(name: str) -> Path:
     if not path.exists() and (SPECS_DIR / f"{name}.toml").exists():
         path = SPECS_DIR / f"{name}.toml"  # a shipped spec by name: "mamba"
     if not path.exists():
-        raise SpecError(f"{name}: no such spec file, and no built-in spec of that name (built-in: "
+        raise UsageError(f"{name}: no such spec file, and no built-in spec of that name (built-in: "
                         + ", ".join(p.stem for p in sorted(SPECS_DIR.glob("*.toml"))) + ")")
     return path
 
@@ -3591,52 +3642,82 @@ def _training_flags(p: argparse.ArgumentParser) -> None:
     """Flags shared by train and distill. Defaults are None so presets can fill them in."""
     d = p.add_argument_group("data")
     d.add_argument("--replays", help="a .slp file or a directory (searched recursively)")
-    d.add_argument("--max-files", type=int, help="use at most this many replays (sorted by path)")
+    d.add_argument("--max-files", type=int, help="use at most this many replays, sorted by path (0: all)")
     d.add_argument("--character", help="keep the player views of this character (e.g. fox)")
     d.add_argument("--opponent-character", help="... against this character")
     d.add_argument("--stage", help="keep games on this stage (e.g. final_destination)")
-    d.add_argument("--min-frames", type=int, help="drop games shorter than this")
-    d.add_argument("--val-split", type=float, help="fraction of games held out for validation (0.2)")
-    d.add_argument("--seed", type=int, help="seed for the split, the data order and the initial weights (0)")
+    d.add_argument("--min-frames", type=int, help="drop games shorter than this many frames")
+    d.add_argument("--val-split", type=float, help="fraction of games held out for validation")
+    d.add_argument("--seed", type=int, help="seed for the split, the data order and the initial weights")
     d.add_argument("--split-seed", type=int, help="seed for the split alone (default: --seed): other seeds, same games")
     m = p.add_argument_group("model overrides (written into the run's spec.toml)")
     for flag in ("window-size", "hidden", "num-layers", *(f.replace("_", "-") for f in SPEC_FLAGS)):
-        m.add_argument(f"--{flag}", type=int)
+        m.add_argument(f"--{flag}", type=int, help="(default: the spec's)")
     o = p.add_argument_group("optimisation")
-    o.add_argument("--epochs", type=int, help="(1)")
-    o.add_argument("--batch-size", type=int, help="windows per step (64)")
-    o.add_argument("--lr", type=float, help="peak learning rate (1e-3)")
-    o.add_argument("--lr-schedule", choices=["constant", "cosine"])
-    o.add_argument("--warmup-steps", type=int, help="linear warm-up of the learning rate (0)")
-    o.add_argument("--weight-decay", type=float, help="AdamW decoupled weight decay (0.01)")
+    o.add_argument("--epochs", type=int, help="passes over the training windows")
+    o.add_argument("--batch-size", type=int, help="windows per step")
+    o.add_argument("--lr", type=float, help="peak learning rate")
+    o.add_argument("--lr-schedule", choices=["constant", "cosine"], help="after the warm-up")
+    o.add_argument("--warmup-steps", type=int, help="steps of linear warm-up of the learning rate")
+    o.add_argument("--weight-decay", type=float, help="AdamW decoupled weight decay")
     o.add_argument("--max-grad-norm", type=float,
                    help="clip the global gradient norm, inside the optimizer graph (0 = off)")
-    o.add_argument("--label-smoothing", type=float, help="(0)")
+    o.add_argument("--label-smoothing", type=float, help="share of each target spread over the other classes")
     o.add_argument("--frame-delay", type=int, metavar="D",
                    help="frame t predicts the controller at frame t + 1 + D (0: the next frame)")
     o.add_argument("--online-robust", action="store_true", default=None,
                    help="a random delay in [--delay-min, --delay-max] per window")
-    o.add_argument("--delay-min", type=int)
-    o.add_argument("--delay-max", type=int)
-    o.add_argument("--mirror-prob", type=float, help="probability of a left/right mirrored window (0)")
+    o.add_argument("--delay-min", type=int, help="--online-robust: the smallest delay")
+    o.add_argument("--delay-max", type=int, help="--online-robust: the largest delay")
+    o.add_argument("--mirror-prob", type=float, help="probability of a left/right mirrored window")
     o.add_argument("--change-weight", type=float,
-                   help="loss weight of frames whose target differs from the current input (1)")
+                   help="loss weight of frames whose target differs from the current input")
     o.add_argument("--controller-dropout", type=float,
-                   help="share of training frames whose current-controller inputs are zeroed (0)")
+                   help="share of training frames whose current-controller inputs are zeroed")
     o.add_argument("--stateful", action="store_true", default=None,
                    help="carry recurrent state across consecutive windows of each game (truncated BPTT)")
-    o.add_argument("--max-steps", type=int, help="stop after this many steps")
-    o.add_argument("--budget-seconds", type=float, help="stop training after this many seconds")
+    o.add_argument("--max-steps", type=int, help="stop after this many steps (0: no limit)")
+    o.add_argument("--budget-seconds", type=float, help="stop training after this many seconds (0: no limit)")
     r = p.add_argument_group("run")
     r.add_argument("--out", required=True, help="run folder")
     r.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     r.add_argument("--save-every", type=int, help="also checkpoint every N steps (default: each epoch)")
-    r.add_argument("--early-stopping", action="store_true", default=None)
-    r.add_argument("--patience", type=int, help="epochs without validation improvement (3)")
+    r.add_argument("--early-stopping", action="store_true", default=None,
+                   help="stop when the validation loss has not improved for --patience epochs")
+    r.add_argument("--patience", type=int, help="epochs without validation improvement")
     r.add_argument("--quiet", action="store_true", help="no progress bar or log lines")
 
 
 CONFIG_FIELDS = {f.name for f in dataclasses.fields(TrainConfig)}
+
+EXAMPLES = {
+    "train": ["exphil train mamba --replays ~/Slippi --epochs 5 --out runs/mamba",
+              "exphil train --preset quick --replays tests/replays --out runs/quick",
+              "exphil train my.toml --replays ~/Slippi --character fox --frame-delay 2 --out runs/fox",
+              "exphil train --resume --out runs/mamba --epochs 10"],
+    "distill": ["exphil distill --teacher runs/mamba --student mlp --replays ~/Slippi --out runs/mlp-student"],
+    "eval": ["exphil eval runs/mamba --replays ~/Slippi/held-out", "exphil eval runs/mamba --replays game.slp --json"],
+    "compile": ["exphil compile mamba --out build/mamba", "exphil compile my.toml --out build/my --window 30"],
+    "data": ["exphil data ~/Slippi", "exphil data ~/Slippi --json"],
+    "plot": ["exphil plot runs/mamba"],
+    "specs": ["exphil specs", "exphil specs show mamba > my.toml"],
+    "quantize": ["exphil quantize runs/mamba", "exphil quantize runs/mamba --static", "exphil quantize runs/mamba --fp16"],
+    "play": ["exphil play runs/mamba --dolphin ~/Slippi/netplay --iso melee.iso --cpu-level 9",
+             "EXPHIL_DOLPHIN=~/Slippi/netplay EXPHIL_ISO=melee.iso exphil play runs/mamba --connect-code ABCD#123"],
+    "bench": ["exphil bench", "exphil bench --markdown", "exphil bench --runs runs/mamba --providers cpu cuda"],
+}
+
+
+def _finish_help(parser: argparse.ArgumentParser, command: str) -> None:
+    """Every flag's help ends with its default (TrainConfig's for the training flags, whose
+    argparse default is None so that presets can fill them in); the help ends with examples."""
+    for a in parser._actions:
+        default = getattr(TrainConfig, a.dest, None) if a.default is None else a.default
+        shown = default is not None and default is not False and "default" not in (a.help or "")
+        if a.option_strings and argparse.SUPPRESS not in (a.help, a.default) and shown:
+            a.help = f"{a.help or ''} (default: {default})".strip()
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.epilog = "examples:\n" + "\n".join(f"  {e}" for e in EXAMPLES[command])
 
 
 def _run_training(args, preset: dict, **extra) -> RunResult:
@@ -3649,9 +3730,9 @@ def _run_training(args, preset: dict, **extra) -> RunResult:
         return train(spec, settings.get("replays"), out=args.out, resume=True, quiet=args.quiet,
                      **{k: v for k, v in settings.items() if k in CONFIG_FIELDS})
     if not spec_name:
-        raise ExphilError("give a spec file (or --preset)")
+        raise UsageError("give a spec file (or --preset)")
     if not settings.get("replays"):
-        raise ExphilError("--replays is required")
+        raise UsageError("--replays is required")
     spec = override_spec(_spec_arg(spec_name), **{k: settings.get(k) for k in
                                                   ("window_size", "hidden", "num_layers", *SPEC_FLAGS)})
     return train(spec, settings["replays"], out=args.out, quiet=args.quiet,
@@ -3718,12 +3799,14 @@ def _add_play_commands(sub) -> None:
 
     p = sub.add_parser("play", help="play a run in Slippi Dolphin")
     p.add_argument("run")
-    p.add_argument("--dolphin", required=True, help="Slippi Dolphin executable (or its folder)")
-    p.add_argument("--iso", required=True, help="Melee NTSC 1.02 ISO")
+    for flag, what in (("dolphin", "Slippi Dolphin executable (or its folder)"), ("iso", "Melee NTSC 1.02 ISO")):
+        env = f"EXPHIL_{flag.upper()}"
+        p.add_argument(f"--{flag}", default=os.environ.get(env) or None, required=not os.environ.get(env),
+                       help=f"{what} (default: ${env}, required when it is not set)")
     p.add_argument("--port", type=int, default=1, help="the bot's controller port")
-    p.add_argument("--opponent-port", type=int, default=2)
-    p.add_argument("--character", default="fox")
-    p.add_argument("--stage", default="final_destination")
+    p.add_argument("--opponent-port", type=int, default=2, help="the opponent's port (a CPU's with --cpu-level)")
+    p.add_argument("--character", default="fox", help="the bot's character (libmelee names)")
+    p.add_argument("--stage", default="final_destination", help="the stage (libmelee names)")
     p.add_argument("--connect-code", help="play a Slippi online direct match with this code")
     p.add_argument("--cpu-level", type=int, default=0,
                    help="1-9: a CPU (same character) on the opponent port; 0: a human there")
@@ -3734,12 +3817,13 @@ def _add_play_commands(sub) -> None:
                    help="frames of delay added to the run's trained delay (negative: fewer)")
     sampling = p.add_mutually_exclusive_group()
     sampling.add_argument("--temperature", type=float, default=1.0,
-                          help="sampling temperature (1.0); 0 is the same as --deterministic")
+                          help="sampling temperature; 0 is the same as --deterministic")
     sampling.add_argument("--deterministic", action="store_true",
                           help="the most likely stick and shoulder classes, and buttons above the run's threshold")
-    p.add_argument("--on-game-end", choices=["restart", "stop"], default="stop")
+    p.add_argument("--on-game-end", choices=["restart", "stop"], default="stop", help="after a game: another one, or stop")
     p.add_argument("--provider", default="auto", help="auto, cpu, cuda, rocm or coreml")
-    p.add_argument("--precision", choices=list(PRECISIONS), default="fp32")
+    p.add_argument("--precision", choices=list(PRECISIONS), default="fp32",
+                   help="which step graph: int8 and fp16 ones are written by `exphil quantize`")
     p.add_argument("--stats-every", type=float, default=10.0, metavar="SECONDS", help="0: no stats lines")
 
 
@@ -3747,7 +3831,7 @@ def _run_play_command(args) -> None:
     if args.command == "quantize":
         mode = "fp16" if args.fp16 else "static" if args.static else "dynamic"
         if args.calibration_replays and mode != "static":
-            raise ExphilError("--calibration-replays only applies to --static")
+            raise UsageError("--calibration-replays only applies to --static")
         report = quantize_run(args.run, mode, calibration_replays=args.calibration_replays,
                               min_agreement=args.min_agreement, replays=args.replays, max_frames=args.max_frames)
         if args.json:
@@ -3768,15 +3852,30 @@ def _run_play_command(args) -> None:
                        cpu_level=args.cpu_level, asynchronous=args.asynchronous, provider=args.provider,
                        precision=args.precision, temperature=args.temperature, deterministic=args.deterministic,
                        action_repeat=args.action_repeat, frame_delay=args.frame_delay,
-                       on_game_end=args.on_game_end, stats_every=args.stats_every)
+                       on_game_end=args.on_game_end, stats_every=args.stats_every,
+                       log=lambda line: print(line, flush=True))  # the game's events on stdout
         inf = summary["inference_ms"]
         print(f"played {summary['games']} game(s), {summary['frames']} frames at {summary['fps']:.1f} fps; "
               f"{summary['inferences']} inferences"
               + (f", p50 {inf['p50']:.2f} ms, p99 {inf['p99']:.2f} ms" if summary["inferences"] else ""))
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="exphil", description="Melee bots from Slippi replays.")
+def _bench():
+    """bench.py, which lies beside this module (in a clone, and installed as a module too)."""
+    import importlib.util
+
+    path = _HERE / "bench.py"
+    if not path.is_file():
+        raise ExphilError(f"{path}: not found; `exphil bench` runs the bench.py installed beside exphil.py")
+    module_spec = importlib.util.spec_from_file_location("bench", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="exphil", description="Melee bots from Slippi replays.",
+                                     epilog="`exphil COMMAND --help` shows each command's flags and examples.")
     parser.add_argument("--version", action="version", version=f"exphil {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -3791,18 +3890,19 @@ def main(argv: Sequence[str] | None = None) -> int:
                        description="loss = alpha * T^2 * KL(teacher/T || student/T) + (1 - alpha) * hard loss")
     p.add_argument("--teacher", required=True, help="run folder of the teacher")
     p.add_argument("--student", required=True, help="spec of the student (e.g. specs/mlp.toml)")
-    p.add_argument("--temperature", type=float, default=2.0, dest="distill_temperature")
-    p.add_argument("--alpha", type=float, default=0.7, dest="distill_alpha")
+    p.add_argument("--temperature", type=float, default=2.0, dest="distill_temperature",
+                   help="softens both distributions (T)")
+    p.add_argument("--alpha", type=float, default=0.7, dest="distill_alpha", help="weight of the teacher's term")
     _training_flags(p)
 
     p = sub.add_parser("eval", help="loss and accuracy of a trained run on replays")
     p.add_argument("run")
-    p.add_argument("--replays", required=True)
+    p.add_argument("--replays", required=True, help="a .slp file or a directory (searched recursively)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
 
     p = sub.add_parser("compile", help="write a spec's untrained window and step graphs")
-    p.add_argument("spec")
-    p.add_argument("--out", required=True)
+    p.add_argument("spec", help="spec file or built-in spec name")
+    p.add_argument("--out", required=True, help="folder for window.onnx and step.onnx")
     p.add_argument("--window", type=int, help="frames in the window graph (default: the spec's)")
 
     p = sub.add_parser("data", help="what a replay collection holds: games, frames, characters, stages, skipped")
@@ -3815,71 +3915,103 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("action", nargs="?", choices=["show"])
     p.add_argument("name", nargs="?")
     _add_play_commands(sub)
+    sub.add_parser("bench", help="can this machine run each spec? (bench.py; `exphil bench --help`)", add_help=False)
+    for command, p in sub.choices.items():
+        _finish_help(p, command)
+    return parser
 
-    args = parser.parse_args(argv)
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """The command line: exit code 0 ok, 1 runtime error, 2 usage error, 130 interrupted."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    bench = argv[:1] == ["bench"]  # bench.py parses its own flags
+    args = None if bench else _parser().parse_args(argv)
+    handler = logging.StreamHandler()  # the library's messages, one per line on stderr
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    logger.addHandler(handler)
+    level, propagate = logger.level, logger.propagate
+    logger.setLevel(logging.INFO)
+    logger.propagate = False  # not twice where a dependency configured the root logger
     try:
-        if args.command in ("train", "distill"):
-            if args.command == "train":
-                preset = dict(PRESETS[args.preset]) if args.preset else {}
-                res = _run_training(args, preset)
-            else:
-                res = _run_training(args, {}, teacher=args.teacher)
-            row, best = res.info["exported_metrics"] or {}, res.info["best"]
-            print(f"{res.path}: exported " + (f"epoch {best['epoch']} (best validation loss): "
-                                              + summary_line(row, "val") if "val_loss" in row and best["epoch"]
-                                              else "the last step (no validation games)"))
-            if "distillation" in res.info:
-                rep = res.info["distillation"]
-                print("agreement with the teacher: " + ", ".join(f"{h} {v:.3f}" for h, v in rep["agreement"].items()))
-                print("step latency p50: " + ", ".join(f"{k} {v['p50_ms']:.3f} ms" for k, v in rep["step_latency_ms"].items()))
-        elif args.command == "eval":
-            res = evaluate(args.run, args.replays)
-            if args.json:
-                print(json.dumps(res, indent=2))
-            else:
-                print(f"{args.run}: {res['games']} games, {res['frames']:,} scored frames, {res['target']}")
-                print("  " + summary_line({f"eval_{k}": v for k, v in res.items()}, "eval"))
-                print(scoreboard(res))
-        elif args.command == "compile":
-            model = Model(_spec_arg(args.spec))
-            for path in model.save(args.out, args.window):
-                print(path)
-        elif args.command == "data":
-            res = describe(args.replays, log=_log(False))
-            if args.json:
-                print(json.dumps(res, indent=2))
-            else:
-                counts = lambda d: ", ".join(f"{k} {v}" for k, v in d.items()) or "none"
-                print(f"{args.replays}: {res['games']} games, {res['frames']:,} frames ({res['hours']:.1f} hours of "
-                      f"play), {sum(res['skipped'].values())} of {res['replays']} replays skipped")
-                print(f"  characters (player views): {counts(res['characters'])}")
-                print(f"  stages: {counts(res['stages'])}")
-                print(f"  skipped: {counts(res['skipped'])}")
-        elif args.command == "plot":
-            print(plot(args.run))
-        elif args.command == "specs":
-            if args.action == "show":
-                if not args.name:
-                    raise ExphilError("specs show needs a name: " + ", ".join(p.stem for p in sorted(SPECS_DIR.glob("*.toml"))))
-                print(_spec_file(args.name).read_text(), end="")
-            else:
-                for path in sorted(SPECS_DIR.glob("*.toml")):
-                    spec = load_spec(path)
-                    print(f"{spec.name:<12}{estimate_params(spec):>11,} params  {spec.description}")
-        else:
-            _run_play_command(args)
+        return _bench().main(argv[1:]) if bench else _command(args)
     except ExphilError as e:
         print(f"exphil: error: {e}", file=sys.stderr)
-        return 2
+        return 2 if isinstance(e, UsageError) else 1
+    except ModuleNotFoundError as e:
+        if not (e.name or "").startswith("onnxruntime"):
+            raise
+        print("exphil: error: no onnxruntime in this environment: pip install 'exphil[cpu]' (or 'exphil[gpu]'; "
+              "'exphil[train]' for training too)", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         out = getattr(args, "out", None)
         resumable = out is not None and has_checkpoint(Path(out) / "train")
         print("exphil: interrupted" + (f"; continue the run with: exphil train --resume --out {out} (it restarts "
                                        f"from its last checkpoint)" if resumable else ""), file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader stopped reading (`exphil specs | head -3`): nothing to report
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
     except OSError as e:
         print(f"exphil: error: {e.filename or ''}: {e.strerror or e}", file=sys.stderr)
-        return 2
+        return 1
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+        logger.propagate = propagate
+
+
+def _command(args) -> int:
+    if args.command in ("train", "distill"):
+        if args.command == "train":
+            preset = dict(PRESETS[args.preset]) if args.preset else {}
+            res = _run_training(args, preset)
+        else:
+            res = _run_training(args, {}, teacher=args.teacher)
+        row, best = res.info["exported_metrics"] or {}, res.info["best"]
+        print(f"{res.path}: exported " + (f"epoch {best['epoch']} (best validation loss): "
+                                          + summary_line(row, "val") if "val_loss" in row and best["epoch"]
+                                          else "the last step (no validation games)"))
+        if "distillation" in res.info:
+            rep = res.info["distillation"]
+            print("agreement with the teacher: " + ", ".join(f"{h} {v:.3f}" for h, v in rep["agreement"].items()))
+            print("step latency p50: " + ", ".join(f"{k} {v['p50_ms']:.3f} ms" for k, v in rep["step_latency_ms"].items()))
+    elif args.command == "eval":
+        res = evaluate(args.run, args.replays)
+        if args.json:
+            print(json.dumps(res, indent=2))
+        else:
+            print(f"{args.run}: {res['games']} games, {res['frames']:,} scored frames, {res['target']}")
+            print("  " + summary_line({f"eval_{k}": v for k, v in res.items()}, "eval"))
+            print(scoreboard(res))
+    elif args.command == "compile":
+        model = Model(_spec_arg(args.spec))
+        for path in model.save(args.out, args.window):
+            print(path)
+    elif args.command == "data":
+        res = describe(args.replays, log=_log(False))
+        if args.json:
+            print(json.dumps(res, indent=2))
+        else:
+            counts = lambda d: ", ".join(f"{k} {v}" for k, v in d.items()) or "none"
+            print(f"{args.replays}: {res['games']} games, {res['frames']:,} frames ({res['hours']:.1f} hours of "
+                  f"play), {sum(res['skipped'].values())} of {res['replays']} replays skipped")
+            print(f"  characters (player views): {counts(res['characters'])}")
+            print(f"  stages: {counts(res['stages'])}")
+            print(f"  skipped: {counts(res['skipped'])}")
+    elif args.command == "plot":
+        print(plot(args.run))
+    elif args.command == "specs":
+        if args.action == "show":
+            if not args.name:
+                raise UsageError("specs show needs a name: " + ", ".join(p.stem for p in sorted(SPECS_DIR.glob("*.toml"))))
+            print(_spec_file(args.name).read_text(), end="")
+        else:
+            for path in sorted(SPECS_DIR.glob("*.toml")):
+                spec = load_spec(path)
+                print(f"{spec.name:<12}{estimate_params(spec):>11,} params  {spec.description}")
+    else:
+        _run_play_command(args)
     return 0
 
 

@@ -14,6 +14,19 @@ SHARED = ROOT.parent / "shared" / "replays"
 SPECS = sorted((ROOT / "specs").glob("*.toml"))
 
 
+def _gpu_providers() -> list[str]:
+    import onnxruntime
+
+    import exphil
+
+    gpus = set(exphil.PROVIDERS.values()) - {"CPUExecutionProvider"}
+    return sorted(gpus & set(onnxruntime.get_available_providers()))
+
+
+GPU_PROVIDERS = _gpu_providers()  # GPU execution providers of the onnxruntime installed here
+cpu_only = pytest.mark.skipif(bool(GPU_PROVIDERS), reason=f"expects no GPU provider; here: {GPU_PROVIDERS}")
+
+
 @pytest.fixture(autouse=True, scope="session")
 def _private_cache(tmp_path_factory):
     """Each test session builds its own replay cache (never the user's ~/.cache/exphil)."""

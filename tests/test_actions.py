@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import exphil
-from conftest import REPLAYS, stand_in_dolphin
+from conftest import REPLAYS, cpu_only, stand_in_dolphin
 
 BUTTON_NAMES = dict(zip(exphil.BUTTONS, ["A", "B", "X", "Y", "Z", "L", "R", "D_UP"]))
 
@@ -151,7 +151,11 @@ def test_provider_selection():
     assert exphil.select_providers("cpu", [cpu]) == [cpu]
     with pytest.raises(exphil.ExphilError, match="'cuda' is not available here; available: cpu"):
         exphil.select_providers("cuda", [cpu])
-    assert exphil.select_providers("auto") == [cpu]  # this machine has no GPU
+
+
+@cpu_only
+def test_auto_provider_is_the_cpu_without_a_gpu_provider():
+    assert exphil.select_providers("auto") == ["CPUExecutionProvider"]
 
 
 def test_sampling_follows_the_model_distribution():

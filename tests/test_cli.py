@@ -24,13 +24,17 @@ def test_compile_writes_both_graphs(tmp_path):
 def test_errors_are_one_clear_line(tmp_path):
     bad = tmp_path / "bad.toml"
     bad.write_text((ROOT / "specs" / "mlp.toml").read_text().replace("hidden = 512", "hidden = -1"))
-    for args, expected in [(("compile", bad, "--out", tmp_path / "x"), "field `hidden`"),
-                           (("compile", "specs/mlp.toml", "--out", "/dev/null/x"), "/dev/null/x"),
-                           (("train", "specs/mlp.toml", "--replays", tmp_path / "none", "--out", tmp_path / "r"),
-                            "no such replay file or directory"),
-                           (("eval", tmp_path, "--replays", REPLAYS), "not a finished run folder")]:
+    for args, expected, code in [(("compile", bad, "--out", tmp_path / "x"), "field `hidden`", 1),
+                                 (("compile", "specs/mlp.toml", "--out", "/dev/null/x"), "/dev/null/x", 1),
+                                 (("train", "specs/mlp.toml", "--replays", tmp_path / "none", "--out", tmp_path / "r"),
+                                  "no such replay file or directory", 1),
+                                 (("eval", tmp_path, "--replays", REPLAYS), "not a finished run folder", 1),
+                                 (("train", "--replays", REPLAYS, "--out", tmp_path / "r"), "give a spec file", 2),
+                                 (("compile", "mlp"), "the following arguments are required: --out", 2),
+                                 (("play", tmp_path, "--dolphin", "d", "--iso", "i", "--cpu-level", "3",
+                                   "--connect-code", "AB#1"), "exclude each other", 2)]:
         res = cli(*args)
-        assert res.returncode == 2, (args, res.stderr)
+        assert res.returncode == code, (args, res.stderr)
         assert "Traceback" not in res.stderr and expected in res.stderr, res.stderr
 
 

@@ -21,21 +21,21 @@ def cli(*args, **kw):
                           cwd=ROOT, **kw)
 
 
-@pytest.mark.parametrize("flags, expected", [
-    (["--lr", "1e3"], "lr must be in (0, 1], not 1000.0"),
-    (["--lr", "inf"], "lr must be a finite number"),
-    (["--weight-decay", "inf"], "weight-decay must be a finite number"),
-    (["--weight-decay", "5"], "weight-decay must be in [0, 1]"),
-    (["--change-weight", "nan"], "change-weight must be a finite number"),
-    (["--online-robust"], "online-robust needs a delay range"),
-    (["--frame-delay", "100000"], "no training frame has a target at frame delay 100000"),
-    (["--hidden", "100000000"], "spec 'mlp' is too large: about 20,000,"),
-    (["--controller-dropout", "0.2"], "hides the current controller that the Markov heads of spec 'mlp' read"),
-    (["--hidden", "20000"], "GiB in a graph file (ONNX holds at most 2 GiB)"),
+@pytest.mark.parametrize("flags, expected, code", [  # 2: invalid settings; 1: settings that do not fit the data
+    (["--lr", "1e3"], "lr must be in (0, 1], not 1000.0", 2),
+    (["--lr", "inf"], "lr must be a finite number", 2),
+    (["--weight-decay", "inf"], "weight-decay must be a finite number", 2),
+    (["--weight-decay", "5"], "weight-decay must be in [0, 1]", 2),
+    (["--change-weight", "nan"], "change-weight must be a finite number", 2),
+    (["--online-robust"], "online-robust needs a delay range", 2),
+    (["--frame-delay", "100000"], "no training frame has a target at frame delay 100000", 1),
+    (["--hidden", "100000000"], "spec 'mlp' is too large: about 20,000,", 1),
+    (["--controller-dropout", "0.2"], "hides the current controller that the Markov heads of spec 'mlp' read", 2),
+    (["--hidden", "20000"], "GiB in a graph file (ONNX holds at most 2 GiB)", 1),
 ])
-def test_bad_settings_are_refused_before_training(tmp_path, flags, expected):
+def test_bad_settings_are_refused_before_training(tmp_path, flags, expected, code):
     res = cli("train", "mlp", "--replays", REPLAYS, "--out", tmp_path / "run", *flags)
-    assert res.returncode == 2 and expected in res.stderr, res.stderr
+    assert res.returncode == code and expected in res.stderr, res.stderr
     errors = [l for l in res.stderr.splitlines() if l.startswith("exphil: error")]
     assert len(errors) == 1 and expected in errors[0] and "Traceback" not in res.stderr
     assert not (tmp_path / "run").exists()  # nothing written
@@ -86,7 +86,7 @@ def test_nan_teacher_stops_the_run_without_export(tmp_path, mlp_run):
     model.params["heads.out.bias"] = np.full_like(model.params["heads.out.bias"], np.nan)
     model.save(teacher)
     res = cli("distill", "--teacher", teacher, "--student", "mlp", "--replays", REPLAYS, "--out", tmp_path / "s")
-    assert res.returncode == 2 and "training diverged: the loss is nan at step 1" in res.stderr, res.stderr
+    assert res.returncode == 1 and "training diverged: the loss is nan at step 1" in res.stderr, res.stderr
     assert "Traceback" not in res.stderr
     info = json.loads((tmp_path / "s" / "run.json").read_text())
     assert info["status"] == "diverged" and not (tmp_path / "s" / "step.onnx").exists()
@@ -125,7 +125,7 @@ def test_second_training_into_a_busy_folder_is_refused_and_a_killed_owner_leaves
             time.sleep(0.2)
         spec_before = (out / "spec.toml").read_text()
         res = cli("train", "gru", "--replays", REPLAYS, "--out", out)
-        assert res.returncode == 2 and f"is in use by another training (process {first.pid})" in res.stderr
+        assert res.returncode == 1 and f"is in use by another training (process {first.pid})" in res.stderr
         assert (out / "spec.toml").read_text() == spec_before and first.poll() is None
     finally:
         first.kill()
@@ -153,7 +153,7 @@ def test_resume_repeats_the_command_refuses_what_differs_and_extends(tmp_path):
     spec = out / "spec.toml"
     spec.write_text(spec.read_text().replace("hidden = 512", "hidden = 256"))
     res = cli("train", "--resume", "--out", out)
-    assert res.returncode == 2 and "spec.toml was edited since the run started (hidden: 512 -> 256)" in res.stderr
+    assert res.returncode == 1 and "spec.toml was edited since the run started (hidden: 512 -> 256)" in res.stderr
 
 
 def _run_copy(run, tmp_path):
@@ -251,7 +251,7 @@ def test_a_damaged_checkpoint_falls_back_to_the_one_before(tmp_path):
     for f in ("checkpoint", "checkpoint.prev"):
         (out / "train" / f).write_bytes(b"")
     res = cli(*[a if a != "2" else "4" for a in base], "--resume")
-    assert res.returncode == 2 and "no usable checkpoint:" in res.stderr and "Traceback" not in res.stderr
+    assert res.returncode == 1 and "no usable checkpoint:" in res.stderr and "Traceback" not in res.stderr
 
 
 def _children(pid):
@@ -336,7 +336,7 @@ def test_a_full_disk_is_one_line_naming_the_run_and_leaves_no_temporaries(tmp_pa
         pytest.skip("cannot mount a small file system here")
     try:
         res = cli("train", "mlp", "--replays", REPLAYS, "--out", disk / "run")
-        assert res.returncode == 2 and "Traceback" not in res.stderr
+        assert res.returncode == 1 and "Traceback" not in res.stderr
         assert res.stderr.strip().splitlines()[-1] == \
             f"exphil: error: {disk / 'run'}: No space left on device (while writing the run folder)"
         assert not [p for p in (disk / "run").rglob("*") if ".tmp" in p.name]

@@ -182,11 +182,19 @@ def test_plot_writes_curves(mlp_run):
 
 
 def test_progress_bar_only_on_a_terminal(tmp_path):
+    """On a 70-column terminal every bar line fits (no wrapped lines), the bar's total is the
+    --max-steps limit, and replay parsing (into an empty cache) shows a bar too."""
+    import fcntl
+    import struct
+    import termios
+
     master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 70, 0, 0))
     args = cli_train(tmp_path / "run")
     args.remove("--quiet")
-    proc = subprocess.Popen(args[:args.index("--epochs")] + ["--epochs", "1", "--batch-size", "4", "--hidden", "64"],
-                            stderr=slave, stdout=subprocess.DEVNULL)
+    proc = subprocess.Popen(args[:args.index("--epochs")] + ["--epochs", "1", "--batch-size", "4", "--hidden", "64",
+                                                             "--max-steps", "7"],
+                            stderr=slave, stdout=subprocess.DEVNULL, env={**os.environ, "EXPHIL_CACHE": str(tmp_path / "c")})
     os.close(slave)
     seen = b""
     while True:
@@ -198,7 +206,12 @@ def test_progress_bar_only_on_a_terminal(tmp_path):
             break
         seen += chunk
     assert proc.wait() == 0
-    assert b"frames/s ETA" in seen and b"epoch 1/1 [" in seen
+    lines = seen.decode().replace("\r\n", "\n").replace("\r", "\n").splitlines()
+    assert not [l for l in lines if "frames/s ETA" in l and len(l) >= 70]
+    assert not [l for l in lines if " - " in l and "[INFO]" in l]  # each message once, as printed
+    bars = [l for l in lines if l.startswith("epoch 1/1 [")]
+    assert bars and "frames/s ETA" in bars[-1] and " 7/7 " in bars[-1] and all("/7 " in l for l in bars)
+    assert any(l.startswith("parsing replays [") and " 3/3 " in l for l in lines)
     quiet = subprocess.run(cli_train(tmp_path / "q", "--max-steps", "3"), capture_output=True, text=True)
     assert quiet.returncode == 0 and quiet.stderr == ""
 
