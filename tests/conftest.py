@@ -27,6 +27,19 @@ GPU_PROVIDERS = _gpu_providers()  # GPU execution providers of the onnxruntime i
 cpu_only = pytest.mark.skipif(bool(GPU_PROVIDERS), reason=f"expects no GPU provider; here: {GPU_PROVIDERS}")
 
 
+def _can_train() -> bool:
+    import exphil
+
+    try:
+        exphil._ort_training()
+        return True
+    except exphil.ExphilError:
+        return False
+
+
+needs_training = pytest.mark.skipif(not _can_train(), reason="needs onnxruntime-training (pip install 'exphil[train]')")
+
+
 @pytest.fixture(autouse=True, scope="session")
 def _private_cache(tmp_path_factory):
     """Each test session builds its own replay cache (never the user's ~/.cache/exphil)."""

@@ -5,7 +5,7 @@ import onnx
 import pytest
 
 import exphil
-from conftest import REPLAYS, SPECS
+from conftest import REPLAYS, SPECS, needs_training
 
 # ops that have gradients in onnxruntime-training 1.19 (measured; see the project notes)
 GRADIENT_OPS = {"Shape", "Sigmoid", "Tanh", "Relu", "Exp", "Log", "Erf", "Pow", "Sqrt", "Reciprocal", "Neg", "Abs",
@@ -261,6 +261,7 @@ def test_attention_matches_numpy_band_attention(alibi):
     assert np.abs(y - ref).max() < 1e-4
 
 
+@needs_training
 @pytest.mark.parametrize("path", SPECS, ids=lambda p: p.stem)
 def test_gradients_match_finite_differences(path, tmp_path):
     """The training graph's gradient (onnxruntime-training's, through every op we emit, e.g. the
