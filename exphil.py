@@ -141,7 +141,28 @@ class Mamba2(_Strict, tag="mamba2", tag_field="kind"):
     chunk: Annotated[int, msgspec.Meta(ge=0)] = 64  # frames per chunk of the window form (0 = the whole window)
 
 
-Mixer = Union[Dense, LSTM, GRU, Mamba, Attention, GatedSSM, Mamba2]
+class GLA(_Strict, tag="gla", tag_field="kind"):
+    """Gated linear attention: a [key, value] matrix state per head whose key channels decay by
+    data-dependent gates; chunked in the window, the recurrence in the step."""
+
+    heads: Pos = 4
+    expand_k: Annotated[float, msgspec.Meta(gt=0)] = 0.5  # key width = expand_k * hidden
+    expand_v: Annotated[float, msgspec.Meta(gt=0)] = 1.0  # value width = expand_v * hidden
+    gate_rank: Pos = 16  # the decay gate's low-rank projection
+    normalizer: Annotated[float, msgspec.Meta(gt=0)] = 16.0  # log decay = logsigmoid(.) / normalizer
+    chunk: Annotated[int, msgspec.Meta(ge=0)] = 16  # frames per chunk of the window form (0 = the whole window)
+
+
+class HGRN2(_Strict, tag="hgrn2", tag_field="kind"):
+    """HGRN-2: a gated linear RNN whose forget gate f >= lower_bound decays the key channels of a
+    [key, value] state per head, with input key 1 - f (state expansion by outer products)."""
+
+    expand: Pos = 128  # key width per head (the state expansion); heads = hidden / expand
+    lower_bound: Annotated[float, msgspec.Meta(ge=0, lt=1)] = 0.0  # forget gates stay above it
+    chunk: Annotated[int, msgspec.Meta(ge=0)] = 16  # frames per chunk of the window form (0 = the whole window)
+
+
+Mixer = Union[Dense, LSTM, GRU, Mamba, Attention, GatedSSM, Mamba2, GLA, HGRN2]
 
 
 class Block(_Strict):
@@ -358,35 +379,37 @@ class Graph:
             y = op.Add(y, op.Mul(tap, op.Gather(w, self.const(k, np.int64), axis=0)))
         return y, carry
 
-    def decayed_attention(self, q, k, v, log_decay, h0, chunk: int):
-        """The linear recurrence h_t = exp(a_t) h_{t-1} + v_t k_t^T, y_t = h_t q_t, per head, for a
-        scalar log-decay a_t <= 0 per head and frame (Mamba-2's SSD, RetNet's retention).
+    def decayed_attention(self, q, k, v, log_decay, h0, chunk: int, per_key: bool = False):
+        """The linear recurrence h_t = diag(exp(a_t)) h_{t-1} + v_t k_t^T (decaying the key
+        axis), y_t = h_t q_t, per head: log_decay a_t <= 0 is [B, H, L, 1] for one decay per head
+        (Mamba-2, RetNet) or, with per_key, [B, H, L, N] for one per key channel (GLA, HGRN-2).
 
-        q, k [B, H or 1, L, N]; v [B, H, L, P]; log_decay [B, H, L]; h0 [B, H, P, N]. Returns y
-        [B, H, L, P] and the last state. Computed in chunks of `chunk` frames (the last may be
-        shorter): inside a chunk, y = ((q k^T) * exp(c_t - c_s) masked to s <= t) v plus the
-        carried state's share exp(c_t) q h0^T, where c is the chunk's cumulative log-decay (a
-        MatMul with a triangular matrix: CumSum has no gradient in onnxruntime-training). Only
+        q, k [B, H or 1, L, N]; v [B, H, L, P]; h0 [B, H, P, N]. Returns y [B, H, L, P] and the
+        last state. Computed in chunks of `chunk` frames (the last may be shorter): inside a
+        chunk, y_t = sum over s <= t of (q_t . (k_s * exp(c_t - c_s))) v_s, plus the carried
+        state's share (q_t * exp(c_t)) h0^T, where c is the chunk's cumulative log-decay (a MatMul
+        with a triangular matrix: CumSum has no gradient in onnxruntime-training). Only
         differences c_t - c_s <= 0 are exponentiated: stable for any decay. The step graph is
         the same code over one frame."""
         op, L = self.op, self.length
         chunk = min(chunk or L, L)
-        i64, last, ys = (lambda v: self.const(v, np.int64)), self.const([-1], np.int64), []
+        i64, T = (lambda v: self.const(v, np.int64)), (lambda x: op.Transpose(x, perm=[0, 1, 3, 2]))
+        ys = []
         for start in range(0, L, chunk):
             n = min(chunk, L - start)
-            cut = lambda x, axis: x if n == L else op.Slice(x, i64([start]), i64([start + n]), i64([axis]))
-            qc, kc, vc, ac = cut(q, 2), cut(k, 2), cut(v, 2), cut(log_decay, 2)
-            c = op.MatMul(ac, self.const(np.triu(np.ones((n, n)))))  # [B, H, n]: c_t = sum of a_s, s <= t
-            mask = self.const(np.where(np.tril(np.ones((n, n))) > 0, 0.0, -1e9))  # s <= t only
-            decay = op.Exp(op.Add(op.Sub(op.Unsqueeze(c, last), op.Unsqueeze(c, self.const([-2], np.int64))), mask))
-            kt = op.Transpose(kc, perm=[0, 1, 3, 2])
-            y = op.MatMul(op.Mul(op.MatMul(qc, kt), decay), vc)  # within the chunk
-            y = op.Add(y, op.Mul(op.Unsqueeze(op.Exp(c), last), op.MatMul(qc, op.Transpose(h0, perm=[0, 1, 3, 2]))))
-            ys.append(y)
-            total = op.Slice(c, i64([n - 1]), i64([n]), i64([2]))  # [B, H, 1]: the chunk's whole decay
-            weights = op.Unsqueeze(op.Exp(op.Sub(total, c)), last)  # exp(c_n - c_s), [B, H, n, 1]
-            h0 = op.Add(op.Mul(op.Unsqueeze(op.Exp(total), last), h0),
-                        op.MatMul(op.Transpose(op.Mul(vc, weights), perm=[0, 1, 3, 2]), kc))
+            cut = lambda x: x if n == L else op.Slice(x, i64([start]), i64([start + n]), i64([2]))
+            qc, kc, vc = cut(q), cut(k), cut(v)
+            c = T(op.MatMul(T(cut(log_decay)), self.const(np.triu(np.ones((n, n))))))  # [B, H, n, K]
+            mask = self.const(np.where(np.tril(np.ones((n, n))) > 0, 0.0, -1e9)[:, :, None])  # s <= t only
+            decay = op.Exp(op.Add(op.Sub(op.Unsqueeze(c, i64([3])), op.Unsqueeze(c, i64([2]))), mask))  # [B, H, t, s, K]
+            if per_key:  # [B, H, t, s, N] products, summed over the keys
+                scores = op.ReduceSum(op.Mul(op.Mul(op.Unsqueeze(qc, i64([3])), op.Unsqueeze(kc, i64([2]))), decay),
+                                      i64([-1]), keepdims=0)
+            else:  # one decay per head: (q k^T) * decay
+                scores = op.Mul(op.MatMul(qc, T(kc)), op.Squeeze(decay, i64([-1])))
+            ys.append(op.Add(op.MatMul(scores, vc), op.MatMul(op.Mul(qc, op.Exp(c)), T(h0))))
+            total = op.Slice(c, i64([n - 1]), i64([n]), i64([2]))  # [B, H, 1, K]: the chunk's whole decay
+            h0 = op.Add(op.Mul(op.Exp(total), h0), op.MatMul(T(vc), op.Mul(kc, op.Exp(op.Sub(total, c)))))
         return (ys[0] if len(ys) == 1 else op.Concat(*ys, axis=2)), h0
 
     def scan(self, fn, sequences: Sequence, state: dict):
@@ -671,7 +694,7 @@ class Mamba2Layer:
         heads = op.Transpose(op.Reshape(u, g.const([0, 0, H, P], np.int64)), perm=[0, 2, 1, 3])  # [B, H, L, P]
         last, one = g.const([-1], np.int64), g.const([1], np.int64)
         y, h = g.decayed_attention(op.Unsqueeze(c, one), op.Unsqueeze(b, one), op.Mul(heads, op.Unsqueeze(dt, last)),
-                                   op.Mul(dt, op.Neg(op.Unsqueeze(op.Exp(g.param(f"{n}.A_log")), last))),
+                                   op.Unsqueeze(op.Mul(dt, op.Neg(op.Unsqueeze(op.Exp(g.param(f"{n}.A_log")), last))), last),
                                    state["ssm"], self.cfg.chunk)
         y = op.Add(y, op.Mul(heads, op.Reshape(g.param(f"{n}.D"), g.const([H, 1, 1], np.int64))))
         y = op.Reshape(op.Transpose(y, perm=[0, 2, 1, 3]), g.const([0, 0, self.D], np.int64))
@@ -679,15 +702,90 @@ class Mamba2Layer:
         return g.linear(y, f"{n}.out_proj", bias=False), {"conv": conv_state, "ssm": h}
 
 
+def _heads(g: Graph, x, heads: int):
+    """[B, L, H * w] -> [B, H, L, w]."""
+    return g.op.Transpose(g.op.Reshape(x, g.const([0, 0, heads, -1], np.int64)), perm=[0, 2, 1, 3])
+
+
+def _merge_heads(g: Graph, y):
+    """[B, H, L, w] -> [B, L, H * w]."""
+    return g.op.Reshape(g.op.Transpose(y, perm=[0, 2, 1, 3]), g.const([0, 0, -1], np.int64))
+
+
+class GLALayer:
+    """GLA: q, k, v, output gate g; per key channel log decay logsigmoid(x W_a W_b + b) / norm;
+    h = diag(decay) h + v k^T per head (`Graph.decayed_attention`), y = h q / sqrt(key width);
+    RMSNorm per head, times SiLU(g); out projection. State: h [H, value, key] per head."""
+
+    def __init__(self, name: str, cfg: GLA, width: int, init: _Init, n_layers: int):
+        K, V, H = round(cfg.expand_k * width), round(cfg.expand_v * width), cfg.heads
+        if K % H or V % H:
+            raise SpecError(f"gla: key width {K} and value width {V} must both be divisible by heads = {H}")
+        self.name, self.cfg, self.K, self.V, self.H = name, cfg, K, V, H
+        normal = lambda n, shape: init(n, init.rng.normal(0, 0.02, shape))
+        for proj, out in (("q", K), ("k", K), ("v", V), ("g", V)):
+            normal(f"{name}.{proj}_proj.weight", (width, out))
+        normal(f"{name}.gk_a.weight", (width, cfg.gate_rank))
+        normal(f"{name}.gk_b.weight", (cfg.gate_rank, K))
+        init(f"{name}.gk_b.bias", np.zeros(K))
+        init.norm("rms", f"{name}.norm", V // H)
+        normal(f"{name}.o_proj.weight", (V, width))
+        self.states = [("ssm", (H, V // H, K // H))]
+
+    def __call__(self, g: Graph, x, state: dict):
+        op, n, H = g.op, self.name, self.H
+        proj = lambda p: g.linear(x, f"{n}.{p}_proj", bias=False)
+        gate = g.linear(g.linear(x, f"{n}.gk_a", bias=False), f"{n}.gk_b")
+        log_decay = op.Div(op.Neg(g.softplus(op.Neg(gate))), self.cfg.normalizer)  # logsigmoid / normalizer
+        q = op.Mul(_heads(g, proj("q"), H), (self.K // H) ** -0.5)
+        y, h = g.decayed_attention(q, _heads(g, proj("k"), H), _heads(g, proj("v"), H), _heads(g, log_decay, H),
+                                   state["ssm"], self.cfg.chunk, per_key=True)
+        y = _merge_heads(g, g.norm("rms", y, f"{n}.norm"))
+        return g.linear(op.Mul(y, g.silu(proj("g"))), f"{n}.o_proj", bias=False), {"ssm": h}
+
+
+class HGRN2Layer:
+    """HGRN-2: q = SiLU(x W_q), forget gate f = lb + (1 - lb) sigmoid(x W_f) per key channel,
+    key 1 - f, value x W_i; h = diag(f) h + v (1 - f)^T per head, y = h q / sqrt(expand);
+    RMSNorm; out projection. State: h [H, value, key] per head."""
+
+    def __init__(self, name: str, cfg: HGRN2, width: int, init: _Init, n_layers: int):
+        if width % cfg.expand:
+            raise SpecError(f"hgrn2: hidden size {width} is not divisible by expand = {cfg.expand}")
+        self.name, self.cfg, self.H = name, cfg, width // cfg.expand
+        for proj in ("q", "f", "i"):
+            init.linear(f"{name}.{proj}_proj", width, width, bias=False)
+        init.norm("rms", f"{name}.norm", width)
+        init.linear(f"{name}.o_proj", width, width, bias=False, scale=1 / math.sqrt(n_layers))
+        self.states = [("ssm", (self.H, width // self.H, cfg.expand))]
+
+    def __call__(self, g: Graph, x, state: dict):
+        op, n, H, lb = g.op, self.name, self.H, self.cfg.lower_bound
+        proj = lambda p: g.linear(x, f"{n}.{p}_proj", bias=False)
+        f = proj("f")
+        if lb:  # log(lb + (1 - lb) sigmoid(f)): bounded away from log 0
+            log_f = op.Log(op.Add(op.Mul(op.Sigmoid(f), 1 - lb), lb))
+        else:
+            log_f = op.Neg(g.softplus(op.Neg(f)))  # logsigmoid
+        key = op.Mul(op.Sigmoid(op.Neg(f)), 1 - lb)  # 1 - f
+        q = op.Mul(_heads(g, g.silu(proj("q")), H), self.cfg.expand ** -0.5)
+        y, h = g.decayed_attention(q, _heads(g, key, H), _heads(g, proj("i"), H), _heads(g, log_f, H),
+                                   state["ssm"], self.cfg.chunk, per_key=True)
+        y = g.norm("rms", _merge_heads(g, y), f"{n}.norm")
+        return g.linear(y, f"{n}.o_proj", bias=False), {"ssm": h}
+
+
 MIXERS = {Dense: DenseLayer, LSTM: LSTMLayer, GRU: GRULayer, Mamba: MambaLayer, Attention: AttentionLayer,
-          GatedSSM: GatedSSMLayer, Mamba2: Mamba2Layer}
+          GatedSSM: GatedSSMLayer, Mamba2: Mamba2Layer, GLA: GLALayer, HGRN2: HGRN2Layer}
 
 
 def estimate_params(spec: Spec) -> int:
     """A spec's parameter count without allocating it: counts are a quadratic in the width, so
     three small copies of the spec give it (exactly at widths that are multiples of 16)."""
     base = math.lcm(16, *[b.mixer.heads for b in spec.blocks if isinstance(b.mixer, Attention)],
-                    *[b.mixer.head_dim for b in spec.blocks if isinstance(b.mixer, Mamba2)])
+                    *[b.mixer.head_dim for b in spec.blocks if isinstance(b.mixer, Mamba2)],
+                    *[b.mixer.expand for b in spec.blocks if isinstance(b.mixer, HGRN2)],
+                    *[2 * b.mixer.heads for b in spec.blocks if isinstance(b.mixer, GLA)])
     xs = [base, 2 * base, 3 * base]
     ys = [sum(v.size for v in Model(msgspec.structs.replace(spec, hidden=x), check=False).params.values()) for x in xs]
     h = spec.hidden  # Lagrange interpolation through the three points
@@ -3594,9 +3692,9 @@ PRESETS = {
 }
 
 SPEC_FLAGS = {  # flag -> (mixer kinds it applies to, field), for overriding a spec without editing it
-    "state_size": ((Mamba, Mamba2), "state"), "expand_factor": ((Mamba, GatedSSM, Mamba2), "expand"),
-    "conv_size": ((Mamba, GatedSSM, Mamba2), "conv"), "num_heads": ((Attention,), "heads"),
-    "head_dim": ((Mamba2,), "head_dim"), "chunk_size": ((Mamba2,), "chunk"),
+    "state_size": ((Mamba, Mamba2), "state"), "expand_factor": ((Mamba, GatedSSM, Mamba2, HGRN2), "expand"),
+    "conv_size": ((Mamba, GatedSSM, Mamba2), "conv"), "num_heads": ((Attention, GLA), "heads"),
+    "head_dim": ((Mamba2,), "head_dim"), "chunk_size": ((Mamba2, GLA, HGRN2), "chunk"),
 }
 
 

@@ -83,10 +83,12 @@ def test_graph_format_limits(path):
             == {n for n, _ in model.states})
 
 
-def mixer_graph(layer_cls, cfg, width, length, seed=0, **kw):
-    """One mixer layer alone as a window graph: x [B, L, width] -> y, with its states."""
-    params = {}
-    layer = layer_cls("m", cfg, width, exphil._Init(params, np.random.default_rng(seed)), 1, **kw)
+def mixer_graph(layer_cls, cfg, width, length, seed=0, params=None, **kw):
+    """One mixer layer alone as a window graph: x [B, L, width] -> y, with its states (and
+    `params` instead of the initial weights when given)."""
+    init = {}
+    layer = layer_cls("m", cfg, width, exphil._Init(init, np.random.default_rng(seed)), 1, **kw)
+    params = init if params is None else params
     g = exphil.Graph(params, length, "mixer")
     x = g.input("x", "FLOAT", ["B", length, width])
     state = {s: g.input(f"state_in.{s}", "FLOAT", ["B", *shape]) for s, shape in layer.states}
@@ -195,6 +197,76 @@ def test_mamba2_matches_the_ssd_recurrence(chunk):
         assert np.abs(np.stack(hist[-(cfg.conv - 1):]) - conv_out[b]).max() < 1e-5
 
 
+def _rms(v, w):
+    return v / np.sqrt((v ** 2).mean(-1, keepdims=True) + 1e-5) * w
+
+
+@pytest.mark.parametrize("chunk", [0, 20, 16, 1], ids=["whole", "divides", "does-not-divide", "one"])
+def test_gla_matches_its_recurrence(chunk):
+    """GLA == its recurrence in float64 NumPy from a carried state: per head, log a =
+    logsigmoid(x W_a W_b + b) / 16 per key channel, S = diag(a) S + k^T v, o = (q / sqrt(d_k)) S,
+    RMSNorm per head, times SiLU(x W_g), out projection."""
+    d, L, B = 16, 60, 2
+    cfg = exphil.GLA(heads=2, expand_k=0.5, expand_v=1.0, gate_rank=4, chunk=chunk)
+    _, p, layer = mixer_graph(exphil.GLALayer, cfg, d, L, seed=3)
+    H, dk, dv = layer.H, layer.K // layer.H, layer.V // layer.H
+    rng = np.random.default_rng(7)
+    x = rng.normal(size=(B, L, d)).astype(np.float32)
+    for k in p:  # larger weights than the initialisation, so that decays and products matter
+        p[k] *= 5 if k.endswith("weight") and "norm" not in k else 1
+    sess, _, _ = mixer_graph(exphil.GLALayer, cfg, d, L, seed=3, params=p)
+    ssm0 = rng.normal(size=(B, H, dv, dk)).astype(np.float32) * 0.3
+    y, ssm_out = sess.run(None, {"x": x, "state_in.ssm": ssm0})
+    q = {k: v.astype(np.float64) for k, v in p.items()}
+    silu = lambda v: v / (1 + np.exp(-v))
+    for b in range(B):
+        S = ssm0[b].astype(np.float64).transpose(0, 2, 1)  # [H, d_k, d_v], the paper's layout
+        for t in range(L):
+            xt = x[b, t].astype(np.float64)
+            qt, kt, vt = (xt @ q[f"m.{n}_proj.weight"] for n in "qkv")
+            log_a = -np.log1p(np.exp(-(xt @ q["m.gk_a.weight"] @ q["m.gk_b.weight"] + q["m.gk_b.bias"]))) / 16
+            o = []
+            for h in range(H):
+                ks, vs = slice(h * dk, (h + 1) * dk), slice(h * dv, (h + 1) * dv)
+                S[h] = np.exp(log_a[ks])[:, None] * S[h] + np.outer(kt[ks], vt[vs])
+                o.append(_rms(qt[ks] / np.sqrt(dk) @ S[h], q["m.norm.weight"]))
+            out = np.concatenate(o) * silu(xt @ q["m.g_proj.weight"])
+            assert np.abs(out @ q["m.o_proj.weight"] - y[b, t]).max() < 1e-4, (b, t)
+        assert np.abs(S.transpose(0, 2, 1) - ssm_out[b]).max() < 1e-4
+
+
+@pytest.mark.parametrize("chunk", [0, 20, 16, 1], ids=["whole", "divides", "does-not-divide", "one"])
+@pytest.mark.parametrize("lower_bound", [0.0, 0.5])
+def test_hgrn2_matches_its_recurrence(chunk, lower_bound):
+    """HGRN-2 == its recurrence in float64 NumPy from a carried state: per head, forget gate
+    f = lb + (1 - lb) sigmoid(x W_f), S = diag(f) S + (1 - f)^T (x W_i), o = (SiLU(x W_q) /
+    sqrt(expand)) S; RMSNorm; out projection."""
+    d, L, B = 16, 60, 2
+    cfg = exphil.HGRN2(expand=8, lower_bound=lower_bound, chunk=chunk)
+    sess, p, layer = mixer_graph(exphil.HGRN2Layer, cfg, d, L, seed=3)
+    H, e, dv = layer.H, cfg.expand, d // layer.H
+    rng = np.random.default_rng(7)
+    x = rng.normal(size=(B, L, d)).astype(np.float32)
+    ssm0 = rng.normal(size=(B, H, dv, e)).astype(np.float32) * 0.3
+    y, ssm_out = sess.run(None, {"x": x, "state_in.ssm": ssm0})
+    q = {k: v.astype(np.float64) for k, v in p.items()}
+    silu, sigmoid = (lambda v: v / (1 + np.exp(-v))), (lambda v: 1 / (1 + np.exp(-v)))
+    for b in range(B):
+        S = ssm0[b].astype(np.float64).transpose(0, 2, 1)  # [H, key, value]
+        for t in range(L):
+            xt = x[b, t].astype(np.float64)
+            f = lower_bound + (1 - lower_bound) * sigmoid(xt @ q["m.f_proj.weight"])
+            qt, vt = silu(xt @ q["m.q_proj.weight"]), xt @ q["m.i_proj.weight"]
+            o = []
+            for h in range(H):
+                ks, vs = slice(h * e, (h + 1) * e), slice(h * dv, (h + 1) * dv)
+                S[h] = f[ks][:, None] * S[h] + np.outer(1 - f[ks], vt[vs])
+                o.append(qt[ks] / np.sqrt(e) @ S[h])
+            out = _rms(np.concatenate(o), q["m.norm.weight"]) @ q["m.o_proj.weight"]
+            assert np.abs(out - y[b, t]).max() < 1e-4, (b, t)
+        assert np.abs(S.transpose(0, 2, 1) - ssm_out[b]).max() < 1e-4
+
+
 def test_stepper_carries_state_like_the_window_graph(real_frames):
     """The Agent's Stepper (IO binding, alternating state buffers) == the window graph."""
     model = exphil.Model(exphil.load_spec(SPECS[[p.stem for p in SPECS].index("mamba")]), seed=2)
@@ -268,8 +340,11 @@ def test_gradients_match_finite_differences(path, tmp_path):
     one-hot embeddings and the unrolled scans) equals central differences of the evaluated loss,
     for the largest gradient entry of every parameter tensor of a tiny copy of each spec."""
     spec = exphil.load_spec(path)
-    heads = {"head_dim": 8, "chunk_size": 3} if any(isinstance(b.mixer, exphil.Mamba2) for b in spec.blocks) else {}
-    model = exphil.Model(exphil.override_spec(spec, window_size=8, hidden=16, **heads))
+    kinds = {type(b.mixer) for b in spec.blocks}  # sizes that fit a width of 16, chunks shorter than the window
+    tiny = {"head_dim": 8} if exphil.Mamba2 in kinds else {"expand_factor": 8} if exphil.HGRN2 in kinds else {}
+    if kinds & {exphil.Mamba2, exphil.GLA, exphil.HGRN2}:
+        tiny["chunk_size"] = 3
+    model = exphil.Model(exphil.override_spec(spec, window_size=8, hidden=16, **tiny))
     trainer = exphil.Trainer(model, tmp_path / "t", length=8)
     eps = exphil.load_replay(REPLAYS / "hohav-py-slippi__netplay_name.slp")
     batch = exphil.make_batch(eps, exphil.windows(eps, 8)[1000:1002], 8)
