@@ -157,7 +157,7 @@ class HGRN2(_Strict, tag="hgrn2", tag_field="kind"):
     """HGRN-2: a gated linear RNN whose forget gate f >= lower_bound decays the key channels of a
     [key, value] state per head, with input key 1 - f (state expansion by outer products)."""
 
-    expand: Pos = 128  # key width per head (the state expansion); heads = hidden / expand
+    heads: Pos = 2  # each head's state is [hidden / heads, hidden / heads] (the state expansion)
     lower_bound: Annotated[float, msgspec.Meta(ge=0, lt=1)] = 0.0  # forget gates stay above it
     chunk: Annotated[int, msgspec.Meta(ge=0)] = 16  # frames per chunk of the window form (0 = the whole window)
 
@@ -746,18 +746,18 @@ class GLALayer:
 
 class HGRN2Layer:
     """HGRN-2: q = SiLU(x W_q), forget gate f = lb + (1 - lb) sigmoid(x W_f) per key channel,
-    key 1 - f, value x W_i; h = diag(f) h + v (1 - f)^T per head, y = h q / sqrt(expand);
+    key 1 - f, value x W_i; h = diag(f) h + v (1 - f)^T per head, y = h q / sqrt(key width);
     RMSNorm; out projection. State: h [H, value, key] per head."""
 
     def __init__(self, name: str, cfg: HGRN2, width: int, init: _Init, n_layers: int):
-        if width % cfg.expand:
-            raise SpecError(f"hgrn2: hidden size {width} is not divisible by expand = {cfg.expand}")
-        self.name, self.cfg, self.H = name, cfg, width // cfg.expand
+        if width % cfg.heads:
+            raise SpecError(f"hgrn2: hidden size {width} is not divisible by heads = {cfg.heads}")
+        self.name, self.cfg, self.H, self.E = name, cfg, cfg.heads, width // cfg.heads
         for proj in ("q", "f", "i"):
             init.linear(f"{name}.{proj}_proj", width, width, bias=False)
         init.norm("rms", f"{name}.norm", width)
         init.linear(f"{name}.o_proj", width, width, bias=False, scale=1 / math.sqrt(n_layers))
-        self.states = [("ssm", (self.H, width // self.H, cfg.expand))]
+        self.states = [("ssm", (self.H, self.E, self.E))]
 
     def __call__(self, g: Graph, x, state: dict):
         op, n, H, lb = g.op, self.name, self.H, self.cfg.lower_bound
@@ -768,7 +768,7 @@ class HGRN2Layer:
         else:
             log_f = op.Neg(g.softplus(op.Neg(f)))  # logsigmoid
         key = op.Mul(op.Sigmoid(op.Neg(f)), 1 - lb)  # 1 - f
-        q = op.Mul(_heads(g, g.silu(proj("q")), H), self.cfg.expand ** -0.5)
+        q = op.Mul(_heads(g, g.silu(proj("q")), H), self.E ** -0.5)
         y, h = g.decayed_attention(q, _heads(g, key, H), _heads(g, proj("i"), H), _heads(g, log_f, H),
                                    state["ssm"], self.cfg.chunk, per_key=True)
         y = g.norm("rms", _merge_heads(g, y), f"{n}.norm")
@@ -784,7 +784,7 @@ def estimate_params(spec: Spec) -> int:
     three small copies of the spec give it (exactly at widths that are multiples of 16)."""
     base = math.lcm(16, *[b.mixer.heads for b in spec.blocks if isinstance(b.mixer, Attention)],
                     *[b.mixer.head_dim for b in spec.blocks if isinstance(b.mixer, Mamba2)],
-                    *[b.mixer.expand for b in spec.blocks if isinstance(b.mixer, HGRN2)],
+                    *[b.mixer.heads for b in spec.blocks if isinstance(b.mixer, HGRN2)],
                     *[2 * b.mixer.heads for b in spec.blocks if isinstance(b.mixer, GLA)])
     xs = [base, 2 * base, 3 * base]
     ys = [sum(v.size for v in Model(msgspec.structs.replace(spec, hidden=x), check=False).params.values()) for x in xs]
@@ -3692,8 +3692,8 @@ PRESETS = {
 }
 
 SPEC_FLAGS = {  # flag -> (mixer kinds it applies to, field), for overriding a spec without editing it
-    "state_size": ((Mamba, Mamba2), "state"), "expand_factor": ((Mamba, GatedSSM, Mamba2, HGRN2), "expand"),
-    "conv_size": ((Mamba, GatedSSM, Mamba2), "conv"), "num_heads": ((Attention, GLA), "heads"),
+    "state_size": ((Mamba, Mamba2), "state"), "expand_factor": ((Mamba, GatedSSM, Mamba2), "expand"),
+    "conv_size": ((Mamba, GatedSSM, Mamba2), "conv"), "num_heads": ((Attention, GLA, HGRN2), "heads"),
     "head_dim": ((Mamba2,), "head_dim"), "chunk_size": ((Mamba2, GLA, HGRN2), "chunk"),
 }
 

@@ -240,11 +240,11 @@ def test_gla_matches_its_recurrence(chunk):
 def test_hgrn2_matches_its_recurrence(chunk, lower_bound):
     """HGRN-2 == its recurrence in float64 NumPy from a carried state: per head, forget gate
     f = lb + (1 - lb) sigmoid(x W_f), S = diag(f) S + (1 - f)^T (x W_i), o = (SiLU(x W_q) /
-    sqrt(expand)) S; RMSNorm; out projection."""
+    sqrt(key width)) S; RMSNorm; out projection."""
     d, L, B = 16, 60, 2
-    cfg = exphil.HGRN2(expand=8, lower_bound=lower_bound, chunk=chunk)
+    cfg = exphil.HGRN2(heads=2, lower_bound=lower_bound, chunk=chunk)
     sess, p, layer = mixer_graph(exphil.HGRN2Layer, cfg, d, L, seed=3)
-    H, e, dv = layer.H, cfg.expand, d // layer.H
+    H, e, dv = layer.H, layer.E, layer.E
     rng = np.random.default_rng(7)
     x = rng.normal(size=(B, L, d)).astype(np.float32)
     ssm0 = rng.normal(size=(B, H, dv, e)).astype(np.float32) * 0.3
@@ -341,7 +341,7 @@ def test_gradients_match_finite_differences(path, tmp_path):
     for the largest gradient entry of every parameter tensor of a tiny copy of each spec."""
     spec = exphil.load_spec(path)
     kinds = {type(b.mixer) for b in spec.blocks}  # sizes that fit a width of 16, chunks shorter than the window
-    tiny = {"head_dim": 8} if exphil.Mamba2 in kinds else {"expand_factor": 8} if exphil.HGRN2 in kinds else {}
+    tiny = {"head_dim": 8} if exphil.Mamba2 in kinds else {}
     if kinds & {exphil.Mamba2, exphil.GLA, exphil.HGRN2}:
         tiny["chunk_size"] = 3
     model = exphil.Model(exphil.override_spec(spec, window_size=8, hidden=16, **tiny))
