@@ -162,7 +162,17 @@ class HGRN2(_Strict, tag="hgrn2", tag_field="kind"):
     chunk: Annotated[int, msgspec.Meta(ge=0)] = 16  # frames per chunk of the window form (0 = the whole window)
 
 
-Mixer = Union[Dense, LSTM, GRU, Mamba, Attention, GatedSSM, Mamba2, GLA, HGRN2]
+class RetNet(_Strict, tag="retnet", tag_field="kind"):
+    """RetNet's multi-scale retention: per head a fixed decay gamma_h = 1 - 2^(-5-h) over a
+    [key, value] state, keys and queries rotated by their position (folded into the state in
+    the step form); chunked in the window."""
+
+    heads: Pos = 4
+    value_factor: Pos = 2  # value width = value_factor * hidden
+    chunk: Annotated[int, msgspec.Meta(ge=0)] = 64  # frames per chunk of the window form (0 = the whole window)
+
+
+Mixer = Union[Dense, LSTM, GRU, Mamba, Attention, GatedSSM, Mamba2, GLA, HGRN2, RetNet]
 
 
 class Block(_Strict):
@@ -348,7 +358,9 @@ class Graph:
             return op.Mul(op.Mul(x, 0.5), op.Add(op.Erf(op.Mul(x, 1 / math.sqrt(2))), 1.0))
         raise ValueError(kind)
 
-    def norm(self, kind: str, x, name: str):
+    def norm(self, kind: str, x, name: str | None):
+        """LayerNorm or RMSNorm over the last axis with the weights (and bias) under `name`;
+        an RMSNorm without weights when name is None."""
         op = self.op
         if kind == "layer":  # bias input and all three outputs declared: needed for its gradient
             y, _, _ = op.LayerNormalization(x, self.param(f"{name}.weight"), self.param(f"{name}.bias"),
@@ -356,7 +368,8 @@ class Graph:
             return y
         if kind == "rms":  # written in the pattern onnxruntime fuses into one kernel
             ms = op.ReduceMean(op.Pow(x, 2.0), self.const([-1], np.int64), keepdims=1)
-            return op.Mul(op.Div(x, op.Sqrt(op.Add(ms, 1e-5))), self.param(f"{name}.weight"))
+            y = op.Div(x, op.Sqrt(op.Add(ms, 1e-5)))
+            return y if name is None else op.Mul(y, self.param(f"{name}.weight"))
         return x
 
     def history(self, carried, x, keep: int, axis: int = 1):
@@ -775,8 +788,50 @@ class HGRN2Layer:
         return g.linear(y, f"{n}.o_proj", bias=False), {"ssm": h}
 
 
+class RetNetLayer:
+    """Retention: q, k (scaled by 1/sqrt(key width)) rotated by angle t theta_j on pairs of key
+    channels at window position t = 1..L, v, gate g; per head S_t = gamma R^T S_{t-1} + k_t v_t^T,
+    o_t = q_t S_t: with the rotations written into q and k, that is a fixed-decay
+    `Graph.decayed_attention`, and the state leaves the window rotated back by L theta (so the
+    step needs no position). RMSNorm per head (no weights), times SiLU(g), out projection."""
+
+    def __init__(self, name: str, cfg: RetNet, width: int, init: _Init, n_layers: int):
+        V, H = cfg.value_factor * width, cfg.heads
+        if width % (2 * H):
+            raise SpecError(f"retnet: hidden size {width} is not divisible by 2 x heads = {2 * H}")
+        self.name, self.cfg, self.V, self.H, self.dk = name, cfg, V, H, width // H
+        for proj, out in (("q", width), ("k", width), ("v", V), ("g", V)):
+            init.linear(f"{name}.{proj}_proj", width, out, bias=False)
+        init.linear(f"{name}.out_proj", V, width, bias=False, scale=1 / math.sqrt(n_layers))
+        self.log_gamma = np.log(1 - 2.0 ** (-5 - np.arange(H)))
+        half = self.dk // 2
+        self.theta = np.repeat(10000.0 ** (-np.arange(half) / max(half - 1, 1)), 2)  # per key channel
+        swap = np.zeros((self.dk, self.dk))  # x @ swap: (x0, x1) -> (-x1, x0) on each pair
+        swap[1::2, 0::2], swap[0::2, 1::2] = -np.eye(half), np.eye(half)
+        self.swap = swap
+        self.states = [("ssm", (H, V // H, self.dk))]
+
+    def rotate(self, g: Graph, x, angle: np.ndarray):
+        """x [..., n, dk] rotated by `angle` [n, dk] on each pair of key channels."""
+        op = g.op
+        return op.Add(op.Mul(x, g.const(np.cos(angle))), op.Mul(op.MatMul(x, g.const(self.swap)), g.const(np.sin(angle))))
+
+    def __call__(self, g: Graph, x, state: dict):
+        op, n, H, L = g.op, self.name, self.H, g.length
+        proj = lambda p: g.linear(x, f"{n}.{p}_proj", bias=False)
+        at = np.arange(1, L + 1)[:, None] * self.theta  # [L, dk]
+        q = self.rotate(g, _heads(g, proj("q"), H), at)
+        k = self.rotate(g, op.Mul(_heads(g, proj("k"), H), self.dk ** -0.5), at)
+        log_gamma = g.const(np.broadcast_to(self.log_gamma[None, :, None, None], (1, H, L, 1)))
+        y, h = g.decayed_attention(q, k, _heads(g, proj("v"), H), log_gamma, state["ssm"], self.cfg.chunk)
+        h = self.rotate(g, h, -L * self.theta[None, :])
+        y = _merge_heads(g, g.norm("rms", y, None))
+        return g.linear(op.Mul(y, g.silu(proj("g"))), f"{n}.out_proj", bias=False), {"ssm": h}
+
+
 MIXERS = {Dense: DenseLayer, LSTM: LSTMLayer, GRU: GRULayer, Mamba: MambaLayer, Attention: AttentionLayer,
-          GatedSSM: GatedSSMLayer, Mamba2: Mamba2Layer, GLA: GLALayer, HGRN2: HGRN2Layer}
+          GatedSSM: GatedSSMLayer, Mamba2: Mamba2Layer, GLA: GLALayer, HGRN2: HGRN2Layer,
+          RetNet: RetNetLayer}
 
 
 def estimate_params(spec: Spec) -> int:
@@ -785,7 +840,7 @@ def estimate_params(spec: Spec) -> int:
     base = math.lcm(16, *[b.mixer.heads for b in spec.blocks if isinstance(b.mixer, Attention)],
                     *[b.mixer.head_dim for b in spec.blocks if isinstance(b.mixer, Mamba2)],
                     *[b.mixer.heads for b in spec.blocks if isinstance(b.mixer, HGRN2)],
-                    *[2 * b.mixer.heads for b in spec.blocks if isinstance(b.mixer, GLA)])
+                    *[2 * b.mixer.heads for b in spec.blocks if isinstance(b.mixer, (GLA, RetNet))])
     xs = [base, 2 * base, 3 * base]
     ys = [sum(v.size for v in Model(msgspec.structs.replace(spec, hidden=x), check=False).params.values()) for x in xs]
     h = spec.hidden  # Lagrange interpolation through the three points
@@ -3693,8 +3748,8 @@ PRESETS = {
 
 SPEC_FLAGS = {  # flag -> (mixer kinds it applies to, field), for overriding a spec without editing it
     "state_size": ((Mamba, Mamba2), "state"), "expand_factor": ((Mamba, GatedSSM, Mamba2), "expand"),
-    "conv_size": ((Mamba, GatedSSM, Mamba2), "conv"), "num_heads": ((Attention, GLA, HGRN2), "heads"),
-    "head_dim": ((Mamba2,), "head_dim"), "chunk_size": ((Mamba2, GLA, HGRN2), "chunk"),
+    "conv_size": ((Mamba, GatedSSM, Mamba2), "conv"), "num_heads": ((Attention, GLA, HGRN2, RetNet), "heads"),
+    "head_dim": ((Mamba2,), "head_dim"), "chunk_size": ((Mamba2, GLA, HGRN2, RetNet), "chunk"),
 }
 
 

@@ -267,6 +267,42 @@ def test_hgrn2_matches_its_recurrence(chunk, lower_bound):
         assert np.abs(S.transpose(0, 2, 1) - ssm_out[b]).max() < 1e-4
 
 
+@pytest.mark.parametrize("chunk", [0, 20, 16, 1], ids=["whole", "divides", "does-not-divide", "one"])
+def test_retnet_matches_its_recurrence(chunk):
+    """Retention == the recurrent form in float64 NumPy from a carried state: per head,
+    S = gamma_h R^T S + k v^T (R rotating each pair of key channels by theta_j, gamma_h =
+    1 - 2^(-5-h)), o = q S, with k scaled by 1/sqrt(key width); RMSNorm per head without
+    weights, times SiLU(x W_g), out projection. No position counter anywhere."""
+    d, L, B = 16, 60, 2
+    cfg = exphil.RetNet(heads=2, value_factor=2, chunk=chunk)
+    sess, p, layer = mixer_graph(exphil.RetNetLayer, cfg, d, L, seed=3)
+    H, dk, dv = layer.H, layer.dk, layer.V // layer.H
+    rng = np.random.default_rng(7)
+    x = rng.normal(size=(B, L, d)).astype(np.float32)
+    ssm0 = rng.normal(size=(B, H, dv, dk)).astype(np.float32) * 0.3
+    y, ssm_out = sess.run(None, {"x": x, "state_in.ssm": ssm0})
+    q = {k: v.astype(np.float64) for k, v in p.items()}
+    silu = lambda v: v / (1 + np.exp(-v))
+    theta = 10000.0 ** (-np.arange(dk // 2) / (dk // 2 - 1))
+    c, s_ = np.cos(theta)[:, None], np.sin(theta)[:, None]
+    for b in range(B):
+        S = ssm0[b].astype(np.float64).transpose(0, 2, 1)  # [H, key, value]
+        for t in range(L):
+            xt = x[b, t].astype(np.float64)
+            qt, kt, vt = (xt @ q[f"m.{n}_proj.weight"] for n in "qkv")
+            o = []
+            for h in range(H):
+                ks, vs = slice(h * dk, (h + 1) * dk), slice(h * dv, (h + 1) * dv)
+                even, odd = S[h, 0::2].copy(), S[h, 1::2].copy()  # R^T: each key pair by -theta_j
+                S[h, 0::2], S[h, 1::2] = even * c + odd * s_, odd * c - even * s_
+                S[h] = (1 - 2.0 ** (-5 - h)) * S[h] + np.outer(kt[ks] / np.sqrt(dk), vt[vs])
+                r = qt[ks] @ S[h]
+                o.append(r / np.sqrt((r ** 2).mean() + 1e-5))
+            out = np.concatenate(o) * silu(xt @ q["m.g_proj.weight"])
+            assert np.abs(out @ q["m.out_proj.weight"] - y[b, t]).max() < 1e-4, (b, t)
+        assert np.abs(S.transpose(0, 2, 1) - ssm_out[b]).max() < 1e-4
+
+
 def test_stepper_carries_state_like_the_window_graph(real_frames):
     """The Agent's Stepper (IO binding, alternating state buffers) == the window graph."""
     model = exphil.Model(exphil.load_spec(SPECS[[p.stem for p in SPECS].index("mamba")]), seed=2)
@@ -354,12 +390,17 @@ def test_gradients_match_finite_differences(path, tmp_path):
         param = trainer.state.parameters[name]
         grad, base = param.grad.copy(), param.data.copy()
         i = np.unravel_index(np.argmax(np.abs(grad)), grad.shape)
-        losses = []
-        for sign in (1, -1):
-            moved = base.copy()
-            moved[i] += sign * 1e-2
-            param.data = moved
-            losses.append(float(trainer.evaluate(batch)["loss"]))
-        param.data = base
-        numeric = (losses[0] - losses[1]) / 2e-2
-        assert abs(numeric - grad[i]) <= 0.05 * max(abs(grad[i]), 1e-2), (name, grad[i], numeric)
+        def central_difference(step):
+            losses = []
+            for sign in (1, -1):
+                moved = base.copy()
+                moved[i] += sign * step
+                param.data = moved
+                losses.append(float(trainer.evaluate(batch)["loss"]))
+            param.data = base
+            return (losses[0] - losses[1]) / (2 * step)
+
+        # a smaller step where the loss curves too much for the first; float32 losses (about
+        # 18, resolution 2e-6) leave differences over a 2e-3 step uncertain by about 1e-3
+        close = lambda numeric: abs(numeric - grad[i]) <= 0.05 * abs(grad[i]) + 1e-3
+        assert close(central_difference(1e-2)) or close(central_difference(2e-3)), name
