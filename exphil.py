@@ -172,7 +172,23 @@ class RetNet(_Strict, tag="retnet", tag_field="kind"):
     chunk: Annotated[int, msgspec.Meta(ge=0)] = 64  # frames per chunk of the window form (0 = the whole window)
 
 
-Mixer = Union[Dense, LSTM, GRU, Mamba, Attention, GatedSSM, Mamba2, GLA, HGRN2, RetNet]
+class RWKV7(_Strict, tag="rwkv7", tag_field="kind"):
+    """RWKV-7 "Goose" time mixing: token shift, a [head, head] state per head updated by the
+    generalized delta rule with data-dependent decays and in-context learning rates. The window
+    unrolls the recurrence frame by frame (its transition is not diagonal)."""
+
+    head_size: Pos = 64
+    lora: Pos = 32  # rank of the low-rank decay, in-context-rate and value-mix projections
+    gate_lora: Pos = 64  # rank of the output gate's
+
+
+class RWKV7FFN(_Strict, tag="rwkv7_ffn", tag_field="kind"):
+    """RWKV-7 channel mixing: token shift, then ReLU(. W_key)^2 W_value."""
+
+    expand: Pos = 4
+
+
+Mixer = Union[Dense, LSTM, GRU, Mamba, Attention, GatedSSM, Mamba2, GLA, HGRN2, RetNet, RWKV7, RWKV7FFN]
 
 
 class Block(_Strict):
@@ -275,6 +291,7 @@ class Graph:
         self.params = params
         self.length = length  # frames per window (1 in the step graph)
         self.trained = False  # built for onnxruntime-training (gradients will be taken)
+        self.shared: dict[str, Any] = {}  # values layers pass on within one frame (RWKV-7's first value)
         self.training = None  # the training graph's boolean input "training" (dropout on or off)
         self._values: dict[str, Any] = {}
 
@@ -321,6 +338,12 @@ class Graph:
 
     def split(self, x, sizes: Sequence[int], axis: int = -1):
         return self.op.Split(x, self.const(list(sizes), np.int64), axis=axis, _outputs=len(sizes))
+
+    def token_shift(self, x, carried):
+        """The previous frame's x at every frame ([B, L, D]), and the last frame (the next carry)."""
+        seq, carry = self.history(carried, x, 1)
+        return self.op.Slice(seq, self.const([0], np.int64), self.const([self.length], np.int64),
+                             self.const([1], np.int64)), carry
 
     def dropout(self, x, rate: float):
         """Dropout in the training graph (on in train steps, off in evaluation); elsewhere x."""
@@ -829,9 +852,114 @@ class RetNetLayer:
         return g.linear(op.Mul(y, g.silu(proj("g"))), f"{n}.out_proj", bias=False), {"ssm": h}
 
 
+def _layer_index(name: str) -> int:
+    return int(name.split(".")[1]) if name.startswith("layers.") else 0
+
+
+class RWKV7Layer:
+    """RWKV-7 time mixing (x070). Per frame, with x_* = x + (x_prev - x) mu_*: r, k, v
+    projections; decay w = exp(-e^-0.5 sigmoid(w0 + tanh(x_w W1) W2)); in-context rate a =
+    sigmoid(a0 + x_a A1 A2); gate g = sigmoid(x_g G1) G2; the first layer's v is mixed into
+    later layers' v (value residual); kk = L2-normalised k k_k per head, k <- k (1 + (a - 1) k_a);
+    per head S <- S diag(w) - (S kk)(a kk)^T + v k^T, y = S r; per-head LayerNorm plus
+    (sum r k r_k) v; out = (y g) W_o. States: x_prev [1, C] and S [H, N, N]."""
+
+    def __init__(self, name: str, cfg: RWKV7, width: int, init: _Init, n_layers: int):
+        C, N = width, cfg.head_size
+        if C % N:
+            raise SpecError(f"rwkv7: hidden size {C} is not divisible by head_size = {N}")
+        self.name, self.C, self.N, self.H = name, C, N, C // N
+        self.first = not any(k.endswith(".w0") for k in init.params)  # layers are made in order
+        self.ranks = {"w": cfg.lora, "a": cfg.lora, "g": cfg.gate_lora, **({} if self.first else {"v": cfg.lora})}
+        depth = _layer_index(name) / max(n_layers - 1, 1)
+        i = np.arange(C) / C
+        for mix, power in (("r", 0.2), ("w", 0.9), ("k", 0.7), ("v", 0.7), ("a", 0.9), ("g", 0.2)):
+            init(f"{name}.mu_{mix}", 1 - i ** (power * (1 - depth)))
+        lin = np.arange(C) / max(C - 1, 1) - 0.5
+        z = ((np.arange(C) % N) - (N - 1) / 2) / max((N - 1) / 2, 1)
+        zigzag = np.sign(z) * z ** 2
+        init(f"{name}.w0", -6 + 6 * (np.arange(C) / max(C - 1, 1)) ** (1 + depth ** 0.3) + 0.5 + 2.5 * zigzag)
+        init(f"{name}.a0", -0.19 + 0.3 * zigzag + 0.4 * lin)
+        if not self.first:
+            init(f"{name}.v0", 0.73 - 0.4 * lin)
+        for lora, r in self.ranks.items():  # first factor zero, second small: starts at the biases
+            init(f"{name}.{lora}1", np.zeros((C, r)))
+            init(f"{name}.{lora}2", init.rng.normal(0, 0.1 / math.sqrt(r), (r, C)))
+        init(f"{name}.k_k", 0.71 - 0.1 * lin)
+        init(f"{name}.k_a", np.full(C, 1.02))
+        init(f"{name}.r_k", np.full((self.H, N), -0.04))
+        for proj, bound in (("r", 0.5), ("k", 0.05), ("v", 0.5)):
+            init.uniform(f"{name}.{proj}_proj.weight", (C, C), bound / math.sqrt(C))
+        init(f"{name}.o_proj.weight", np.zeros((C, C)))
+        init.norm("layer", f"{name}.ln_x", C)
+        self.states = [("shift", (1, C)), ("wkv", (self.H, N, N))]
+
+    def __call__(self, g: Graph, x, state: dict):
+        op, n, H, N = g.op, self.name, self.H, self.N
+        prev, shift = g.token_shift(x, state["shift"])
+        delta = op.Sub(prev, x)
+        xs = {m: op.Add(x, op.Mul(delta, g.param(f"{n}.mu_{m}"))) for m in "rwkvag"}
+        lora = lambda m, inner: op.MatMul(inner(op.MatMul(xs[m], g.param(f"{n}.{m}1"))), g.param(f"{n}.{m}2"))
+        r = g.linear(xs["r"], f"{n}.r_proj", bias=False)
+        k = g.linear(xs["k"], f"{n}.k_proj", bias=False)
+        v = g.linear(xs["v"], f"{n}.v_proj", bias=False)
+        w = op.Exp(op.Mul(op.Sigmoid(op.Add(g.param(f"{n}.w0"), lora("w", op.Tanh))), -math.exp(-0.5)))
+        if self.first:  # its values are passed on to the later RWKV-7 layers
+            g.shared["rwkv7.v_first"] = v
+        else:
+            mixv = op.Sigmoid(op.Add(g.param(f"{n}.v0"), lora("v", lambda t: t)))
+            v = op.Add(v, op.Mul(op.Sub(g.shared["rwkv7.v_first"], v), mixv))
+        a = op.Sigmoid(op.Add(g.param(f"{n}.a0"), lora("a", lambda t: t)))
+        gate = lora("g", op.Sigmoid)
+        heads = g.const([0, 0, H, N], np.int64)
+        kk = op.Reshape(op.Mul(k, g.param(f"{n}.k_k")), heads)
+        kk = op.Div(kk, op.Sqrt(op.Add(op.ReduceSum(op.Mul(kk, kk), g.const([-1], np.int64), keepdims=1), 1e-12)))
+        k = op.Mul(k, op.Add(op.Mul(op.Sub(a, 1.0), g.param(f"{n}.k_a")), 1.0))
+        rh, kh, vh, wh, ah = (op.Reshape(t, heads) for t in (r, k, v, w, a))
+        col, row = g.const([-1], np.int64), g.const([-2], np.int64)
+
+        def wkv(frame, s):  # S [B, 1, H, N(v), N(k)], all per head
+            rt, kt, vt, wt, at, kkt = frame
+            S = s["wkv"]
+            S = op.Add(op.Sub(op.Mul(S, op.Unsqueeze(wt, row)),
+                              op.MatMul(op.MatMul(S, op.Unsqueeze(kkt, col)), op.Unsqueeze(op.Mul(at, kkt), row))),
+                       op.MatMul(op.Unsqueeze(vt, col), op.Unsqueeze(kt, row)))
+            return op.Squeeze(op.MatMul(S, op.Unsqueeze(rt, col)), col), {"wkv": S}
+
+        state_in = op.Unsqueeze(state["wkv"], g.const([1], np.int64))
+        y, s = g.scan(wkv, [rh, kh, vh, wh, ah, kk], {"wkv": state_in})  # y [B, L, H, N]
+        y = op.Sub(y, op.ReduceMean(y, col, keepdims=1))  # GroupNorm over each head, eps 64e-5
+        y = op.Div(y, op.Sqrt(op.Add(op.ReduceMean(op.Mul(y, y), col, keepdims=1), 64e-5)))
+        y = op.Reshape(y, g.const([0, 0, self.C], np.int64))
+        y = op.Add(op.Mul(y, g.param(f"{n}.ln_x.weight")), g.param(f"{n}.ln_x.bias"))
+        bonus = op.ReduceSum(op.Mul(op.Mul(rh, kh), g.param(f"{n}.r_k")), col, keepdims=1)  # [B, L, H, 1]
+        y = op.Add(y, op.Reshape(op.Mul(bonus, vh), g.const([0, 0, self.C], np.int64)))
+        out = g.linear(op.Mul(y, gate), f"{n}.o_proj", bias=False)
+        return out, {"shift": shift, "wkv": op.Squeeze(s["wkv"], g.const([1], np.int64))}
+
+
+class RWKV7FFNLayer:
+    """RWKV-7 channel mixing: k = ReLU((x + (x_prev - x) mu_k) W_key)^2, out = k W_value.
+    State: x_prev [1, C]."""
+
+    def __init__(self, name: str, cfg: RWKV7FFN, width: int, init: _Init, n_layers: int):
+        self.name = name
+        depth = _layer_index(name) / max(n_layers - 1, 1)
+        init(f"{name}.mu_k", 1 - (np.arange(width) / width) ** ((1 - depth) ** 4))
+        init.uniform(f"{name}.key.weight", (width, cfg.expand * width), 0.5 / math.sqrt(width))
+        init(f"{name}.value.weight", np.zeros((cfg.expand * width, width)))
+        self.states = [("shift", (1, width))]
+
+    def __call__(self, g: Graph, x, state: dict):
+        op, n = g.op, self.name
+        prev, shift = g.token_shift(x, state["shift"])
+        k = op.Relu(g.linear(op.Add(x, op.Mul(op.Sub(prev, x), g.param(f"{n}.mu_k"))), f"{n}.key", bias=False))
+        return g.linear(op.Mul(k, k), f"{n}.value", bias=False), {"shift": shift}
+
+
 MIXERS = {Dense: DenseLayer, LSTM: LSTMLayer, GRU: GRULayer, Mamba: MambaLayer, Attention: AttentionLayer,
           GatedSSM: GatedSSMLayer, Mamba2: Mamba2Layer, GLA: GLALayer, HGRN2: HGRN2Layer,
-          RetNet: RetNetLayer}
+          RetNet: RetNetLayer, RWKV7: RWKV7Layer, RWKV7FFN: RWKV7FFNLayer}
 
 
 def estimate_params(spec: Spec) -> int:
@@ -840,7 +968,8 @@ def estimate_params(spec: Spec) -> int:
     base = math.lcm(16, *[b.mixer.heads for b in spec.blocks if isinstance(b.mixer, Attention)],
                     *[b.mixer.head_dim for b in spec.blocks if isinstance(b.mixer, Mamba2)],
                     *[b.mixer.heads for b in spec.blocks if isinstance(b.mixer, HGRN2)],
-                    *[2 * b.mixer.heads for b in spec.blocks if isinstance(b.mixer, (GLA, RetNet))])
+                    *[2 * b.mixer.heads for b in spec.blocks if isinstance(b.mixer, (GLA, RetNet))],
+                    *[b.mixer.head_size for b in spec.blocks if isinstance(b.mixer, RWKV7)])
     xs = [base, 2 * base, 3 * base]
     ys = [sum(v.size for v in Model(msgspec.structs.replace(spec, hidden=x), check=False).params.values()) for x in xs]
     h = spec.hidden  # Lagrange interpolation through the three points
@@ -3749,7 +3878,7 @@ PRESETS = {
 SPEC_FLAGS = {  # flag -> (mixer kinds it applies to, field), for overriding a spec without editing it
     "state_size": ((Mamba, Mamba2), "state"), "expand_factor": ((Mamba, GatedSSM, Mamba2), "expand"),
     "conv_size": ((Mamba, GatedSSM, Mamba2), "conv"), "num_heads": ((Attention, GLA, HGRN2, RetNet), "heads"),
-    "head_dim": ((Mamba2,), "head_dim"), "chunk_size": ((Mamba2, GLA, HGRN2, RetNet), "chunk"),
+    "head_dim": ((Mamba2,), "head_dim"), "head_size": ((RWKV7,), "head_size"), "chunk_size": ((Mamba2, GLA, HGRN2, RetNet), "chunk"),
 }
 
 

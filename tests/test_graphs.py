@@ -303,6 +303,77 @@ def test_retnet_matches_its_recurrence(chunk):
         assert np.abs(S.transpose(0, 2, 1) - ssm_out[b]).max() < 1e-4
 
 
+def test_rwkv7_matches_its_recurrence():
+    """Two RWKV-7 time-mixing layers (the second mixes in the first's values) == the x070
+    equations in float64 NumPy, frame by frame from carried states: token shift, decay w =
+    exp(-e^-0.5 sigmoid(w0 + tanh(x_w W1) W2)), a = sigmoid(a0 + x_a A1 A2), kk = L2-normalised
+    k k_k per head, k (1 + (a - 1) k_a), S = S diag(w) - (S kk)(a kk)^T + v k^T, y = S r,
+    GroupNorm per head, + (r k r_k) v, times the gate, out projection."""
+    d, L, B, N = 16, 30, 2, 8
+    cfg = exphil.RWKV7(head_size=N, lora=4, gate_lora=6)
+    params, rng = {}, np.random.default_rng(3)
+    init = exphil._Init(params, rng)
+    layers = [exphil.RWKV7Layer(f"m{i}", cfg, d, init, 2) for i in range(2)]
+    for k in params:  # away from the initialisation's zeros, so that every term matters
+        params[k] = params[k] + rng.normal(0, 0.3, params[k].shape).astype(np.float32)
+    g = exphil.Graph(params, L, "rwkv7")
+    x = g.input("x", "FLOAT", ["B", L, d])
+    states = {(i, s): g.input(f"state_in.{i}.{s}", "FLOAT", ["B", *shape])
+              for i, layer in enumerate(layers) for s, shape in layer.states}
+    y = x
+    for i, layer in enumerate(layers):
+        y, new = layer(g, y, {s: states[i, s] for s, _ in layer.states})
+        for s, shape in layer.states:
+            g.output(new[s], f"state_out.{i}.{s}", ["B", *shape])
+    g.output(y, "y", ["B", L, d])
+    sess = exphil.session(g.to_proto().SerializeToString())
+    feeds = {"x": rng.normal(size=(B, L, d)).astype(np.float32)}
+    for (i, s), _ in states.items():
+        shape = dict(layers[i].states)[s]
+        feeds[f"state_in.{i}.{s}"] = (rng.normal(size=(B, *shape)) * 0.3).astype(np.float32)
+    out = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, feeds)))
+
+    q = {k: v.astype(np.float64) for k, v in params.items()}
+    sig = lambda v: 1 / (1 + np.exp(-v))
+    H = d // N
+    for b in range(B):
+        xs, v_first = feeds["x"][b].astype(np.float64), {}  # the first layer's values, per frame
+        for i in range(2):
+            p = lambda name: q[f"m{i}.{name}"]
+            prev = feeds[f"state_in.{i}.shift"][b, 0].astype(np.float64)
+            S = feeds[f"state_in.{i}.wkv"][b].astype(np.float64)  # [H, N(v), N(k)]
+            ys = []
+            for t in range(L):
+                xt = xs[t]
+                mix = {m: xt + (prev - xt) * p(f"mu_{m}") for m in "rwkvag"}
+                prev = xt
+                r, k, v = (mix[m] @ p(f"{m}_proj.weight") for m in "rkv")
+                w = np.exp(-np.exp(-0.5) * sig(p("w0") + np.tanh(mix["w"] @ p("w1")) @ p("w2")))
+                if i == 0:
+                    v_first[t] = v
+                else:
+                    v = v + (v_first[t] - v) * sig(p("v0") + mix["v"] @ p("v1") @ p("v2"))
+                a = sig(p("a0") + mix["a"] @ p("a1") @ p("a2"))
+                gate = sig(mix["g"] @ p("g1")) @ p("g2")
+                kk = (k * p("k_k")).reshape(H, N)
+                kk = kk / np.sqrt((kk ** 2).sum(-1, keepdims=True) + 1e-12)
+                k = k * (1 + (a - 1) * p("k_a"))
+                rh, kh, vh, ah = (z.reshape(H, N) for z in (r, k, v, a))
+                y = np.empty((H, N))
+                for h in range(H):
+                    S[h] = S[h] * w.reshape(H, N)[h][None, :] - np.outer(S[h] @ kk[h], ah[h] * kk[h]) \
+                        + np.outer(vh[h], kh[h])
+                    y[h] = S[h] @ rh[h]
+                y = (y - y.mean(-1, keepdims=True)) / np.sqrt(y.var(-1, keepdims=True) + 64e-5)
+                y = y.reshape(d) * p("ln_x.weight") + p("ln_x.bias")
+                y = y + (((rh * kh * p("r_k")).sum(-1, keepdims=True)) * vh).reshape(d)
+                ys.append((y * gate) @ p("o_proj.weight"))
+            xs = np.stack(ys)
+            assert np.abs(S - out[f"state_out.{i}.wkv"][b]).max() < 1e-4, (b, i)
+        assert np.abs(xs - out["y"][b]).max() < 1e-4, b
+
+
+
 def test_stepper_carries_state_like_the_window_graph(real_frames):
     """The Agent's Stepper (IO binding, alternating state buffers) == the window graph."""
     model = exphil.Model(exphil.load_spec(SPECS[[p.stem for p in SPECS].index("mamba")]), seed=2)
@@ -377,7 +448,7 @@ def test_gradients_match_finite_differences(path, tmp_path):
     for the largest gradient entry of every parameter tensor of a tiny copy of each spec."""
     spec = exphil.load_spec(path)
     kinds = {type(b.mixer) for b in spec.blocks}  # sizes that fit a width of 16, chunks shorter than the window
-    tiny = {"head_dim": 8} if exphil.Mamba2 in kinds else {}
+    tiny = {"head_dim": 8} if exphil.Mamba2 in kinds else {"head_size": 8} if exphil.RWKV7 in kinds else {}
     if kinds & {exphil.Mamba2, exphil.GLA, exphil.HGRN2}:
         tiny["chunk_size"] = 3
     model = exphil.Model(exphil.override_spec(spec, window_size=8, hidden=16, **tiny))
