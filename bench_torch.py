@@ -136,9 +136,11 @@ class Mamba(nn.Module):
         decay = torch.exp(dt[..., None] * -torch.exp(self.A_log))  # [B, L, D, N]
         drive = (dt * u)[..., None] * b[:, :, None, :]
         h, ys = torch.zeros_like(decay[:, 0]), []
-        for t in range(x.shape[1]):
-            h = decay[:, t] * h + drive[:, t]
-            ys.append(h @ c[:, t, :, None])  # [B, D, 1]
+        # unbind: one view per frame with one backward node (indexing frame t instead would
+        # make autograd write a full-size gradient per frame)
+        for dA, dBu, ct in zip(decay.unbind(1), drive.unbind(1), c.unbind(1)):
+            h = dA * h + dBu
+            ys.append(h @ ct[..., None])  # [B, D, 1]
         y = torch.cat(ys, dim=-1).transpose(1, 2)  # [B, L, D]
         return self.out_proj((y + u * self.skip) * F.silu(z))
 
@@ -161,8 +163,8 @@ class GatedSSM(nn.Module):
         a = torch.sigmoid(self.gate(u))
         drive = (1 - a) * u
         h, hs = torch.zeros_like(u[:, 0]), []
-        for t in range(x.shape[1]):
-            h = a[:, t] * h + drive[:, t]
+        for a_t, drive_t in zip(a.unbind(1), drive.unbind(1)):  # unbind: see Mamba
+            h = a_t * h + drive_t
             hs.append(h)
         return self.out_proj(torch.stack(hs, dim=1) * F.silu(z))
 
