@@ -166,12 +166,16 @@ def loop_latency(source: str, frames_: int = 1800, fps: float | None = None, pre
     return {"p50_ms": summary["frame_ms"]["p50"], "p99_ms": summary["frame_ms"]["p99"], "frames": summary["frames"]}
 
 
-def throughput_batch(batch_size: int, window: int) -> dict[str, np.ndarray]:
-    """`batch_size` real replay windows of `window` frames (the last window of a game is
-    partly padding, so the frame mask is exercised)."""
+def throughput_setup(spec: exphil.Spec, batch_size: int, window: int) -> tuple[exphil.Model, dict[str, np.ndarray]]:
+    """The model, started as training starts it (at the Markov baseline, so a first-loss check
+    covers the tables), and a batch of `batch_size` real replay windows of `window` frames,
+    spread from the replay's first window to its last (which may be partly padding)."""
     episodes = exphil.load_replay(REPLAY)
+    model = exphil.Model(spec)
+    model.start_from_baselines(exphil.label_frequencies(episodes), exphil.markov_tables(episodes))
     wins = exphil.windows(episodes, window)
-    return exphil.make_batch(episodes, [wins[i % len(wins)] for i in range(batch_size)], window)
+    picks = np.linspace(0, len(wins) - 1, batch_size).round().astype(int)
+    return model, exphil.make_batch(episodes, [wins[i] for i in picks], window)
 
 
 def matmul_peak(n: int = 1024, calls: int = 8) -> dict:
@@ -246,24 +250,29 @@ def torch_reference():
     return bench_torch
 
 
+def first_losses(trainer: exphil.Trainer, torch_trainer, batch: dict[str, np.ndarray], rtol: float = 1e-4) -> dict:
+    """The loss of both models on `batch` as they stand (no step), and whether they agree."""
+    first = {"exphil": float(trainer.evaluate(dict(batch))["loss"]),
+             "torch": torch_trainer.evaluate(torch_trainer.tensors(batch))}
+    return {**first, "agree": abs(first["exphil"] - first["torch"]) <= rtol * abs(first["exphil"])}
+
+
 def train_throughput(spec: exphil.Spec, peak: dict, batch_size: int = 64, window: int = 60, min_steps: int = 5,
                      seconds: float = 4.0, reference=None) -> dict:
     """Training frames per second on onnxruntime-training: AdamW steps on real replay windows.
     With `reference` (bench_torch), the same model written in PyTorch from the same weights is
     checked to give the same first loss, then timed in turn with exphil on the same batch."""
-    model = exphil.Model(spec)
-    batch = throughput_batch(batch_size, window)
+    model, batch = throughput_setup(spec, batch_size, window)
     flops = train_flops_per_frame(model)
     row = {"batch_size": batch_size, "window": window, "train_flops_per_frame": flops}
     with tempfile.TemporaryDirectory() as tmp:
         trainer = exphil.Trainer(model, Path(tmp) / "t", length=window)
         steps = {"exphil": lambda: trainer.step(dict(batch))}
         if reference is not None:
-            torch_trainer, tensors = reference.Trainer(model), reference.tensors(batch)
-            row["first_loss"] = first = {"exphil": float(trainer.evaluate(dict(batch))["loss"]),
-                                         "torch": torch_trainer.evaluate(tensors)}
-            first["agree"] = abs(first["exphil"] - first["torch"]) <= 1e-4 * abs(first["exphil"])
-            if first["agree"]:  # timing a different model would compare nothing
+            torch_trainer = reference.Trainer(model)
+            tensors = torch_trainer.tensors(batch)
+            row["first_loss"] = first_losses(trainer, torch_trainer, batch)
+            if row["first_loss"]["agree"]:  # timing a different model would compare nothing
                 steps["torch"] = lambda: torch_trainer.step(tensors)
         for step in [*steps.values()] * 2:  # warm-up: first-call allocations, thread pools
             step()

@@ -5,7 +5,8 @@ CPU), started from the same weights as an `exphil.Model` and trained on the same
 torch.optim.AdamW. Only bench.py imports this file, and only when asked to: exphil itself never
 needs PyTorch.
 
-exphil stores Linear weights [in, out]; nn.Linear keeps them [out, in], so they load transposed.
+exphil stores Linear weights [in, out]; nn.Linear keeps them [out, in], so they load transposed
+(`Weights` keeps each parameter's layout, to read gradients back under exphil's names).
 """
 
 from __future__ import annotations
@@ -20,43 +21,64 @@ from torch import nn
 import exphil
 
 
-def _tensor(array: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))
+# (to torch's layout, back to exphil's) for the parameters stored differently
+SAME = (lambda a: a, lambda t: t)
+TRANSPOSED = (lambda a: a.T, lambda t: t.T)
+CONV = (lambda a: a.T[:, None, :], lambda t: t[:, 0, :].T)  # exphil [K, D], Conv1d [D, 1, K]
 
 
-def _set(param: torch.Tensor, array: np.ndarray) -> None:
-    with torch.no_grad():
-        param.copy_(_tensor(array))
+class Weights:
+    """An exphil.Model's parameters, copied into torch tensors; remembers which tensor (and in
+    which layout) each name went to."""
+
+    def __init__(self, params: dict[str, np.ndarray]):
+        self.params, self.placed = params, {}
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        return self.params[name]
+
+    def put(self, name: str, param: torch.Tensor, layout=SAME) -> None:
+        with torch.no_grad():
+            param.copy_(torch.from_numpy(np.ascontiguousarray(layout[0](self.params[name]))))
+        self.placed[name] = (param, layout[1])
+
+    def parameter(self, name: str) -> nn.Parameter:
+        param = nn.Parameter(torch.empty(self.params[name].shape))
+        self.put(name, param)
+        return param
+
+    def gradients(self) -> dict[str, np.ndarray]:
+        """The last backward pass's gradients, by exphil name and in exphil's layout."""
+        return {name: back(param.grad).numpy() for name, (param, back) in self.placed.items()}
 
 
-def linear(params: dict, name: str, bias: bool = True) -> nn.Linear:
-    w = params[f"{name}.weight"]
-    layer = nn.Linear(*w.shape, bias=bias)
-    _set(layer.weight, w.T)
+def linear(p: Weights, name: str, bias: bool = True) -> nn.Linear:
+    layer = nn.Linear(*p[f"{name}.weight"].shape, bias=bias)
+    p.put(f"{name}.weight", layer.weight, TRANSPOSED)
     if bias:
-        _set(layer.bias, params[f"{name}.bias"])
+        p.put(f"{name}.bias", layer.bias)
     return layer
 
 
-def norm(kind: str, params: dict, name: str, width: int) -> nn.Module:
+def norm(kind: str, p: Weights, name: str, width: int) -> nn.Module:
     if kind == "layer":
         layer = nn.LayerNorm(width, eps=1e-5)
-        _set(layer.bias, params[f"{name}.bias"])
+        p.put(f"{name}.bias", layer.bias)
     elif kind == "rms":
         layer = nn.RMSNorm(width, eps=1e-5)
     else:
         return nn.Identity()
-    _set(layer.weight, params[f"{name}.weight"])
+    p.put(f"{name}.weight", layer.weight)
     return layer
 
 
-def causal_conv(params: dict, name: str, width: int, taps: int) -> nn.Conv1d:
+def causal_conv(p: Weights, name: str, width: int, taps: int) -> nn.Conv1d:
     """Depthwise causal conv over time (padded with K-1 zeros, the zero initial state; the
     caller keeps the first L outputs). exphil's weight is [K, D] with tap K-1 the current frame,
     which is Conv1d's cross-correlation order."""
     conv = nn.Conv1d(width, width, taps, groups=width, padding=taps - 1)
-    _set(conv.weight, params[f"{name}.weight"].T[:, None, :])
-    _set(conv.bias, params[f"{name}.bias"])
+    p.put(f"{name}.weight", conv.weight, CONV)
+    p.put(f"{name}.bias", conv.bias)
     return conv
 
 
@@ -71,7 +93,7 @@ ACTIVATIONS = {"relu": F.relu, "tanh": torch.tanh, "silu": F.silu, "gelu": F.gel
 # ---- mixers: [B, L, d] -> [B, L, d] from a zero initial state --------------------------------------
 
 class Dense(nn.Module):
-    def __init__(self, p: dict, name: str, cfg: exphil.Dense):
+    def __init__(self, p: Weights, name: str, cfg: exphil.Dense):
         super().__init__()
         self.linear, self.act = linear(p, f"{name}.linear"), ACTIVATIONS[cfg.activation]
 
@@ -83,15 +105,14 @@ class LSTM(nn.Module):
     """nn.LSTM (same gate order i, f, g, o). exphil has one bias; nn.LSTM has two, so the
     hidden-side bias stays frozen at zero (training it too would double the bias's step)."""
 
-    def __init__(self, p: dict, name: str, cfg: exphil.LSTM):
+    def __init__(self, p: Weights, name: str, cfg: exphil.LSTM):
         super().__init__()
         w_ih, w_hh = p[f"{name}.w_ih"], p[f"{name}.w_hh"]
         self.rnn = nn.LSTM(w_ih.shape[0], w_hh.shape[0], batch_first=True)
-        _set(self.rnn.weight_ih_l0, w_ih.T)
-        _set(self.rnn.weight_hh_l0, w_hh.T)
-        _set(self.rnn.bias_ih_l0, p[f"{name}.bias"])
-        _set(self.rnn.bias_hh_l0, np.zeros(4 * w_hh.shape[0]))
-        self.rnn.bias_hh_l0.requires_grad_(False)
+        p.put(f"{name}.w_ih", self.rnn.weight_ih_l0, TRANSPOSED)
+        p.put(f"{name}.w_hh", self.rnn.weight_hh_l0, TRANSPOSED)
+        p.put(f"{name}.bias", self.rnn.bias_ih_l0)
+        nn.init.zeros_(self.rnn.bias_hh_l0).requires_grad_(False)
 
     def forward(self, x):
         return self.rnn(x)[0]
@@ -100,14 +121,13 @@ class LSTM(nn.Module):
 class GRU(nn.Module):
     """nn.GRU: the same cell (gates r, z, n; the reset gate scales the hidden product and its bias)."""
 
-    def __init__(self, p: dict, name: str, cfg: exphil.GRU):
+    def __init__(self, p: Weights, name: str, cfg: exphil.GRU):
         super().__init__()
         w_ih, w_hh = p[f"{name}.w_ih"], p[f"{name}.w_hh"]
         self.rnn = nn.GRU(w_ih.shape[0], w_hh.shape[0], batch_first=True)
-        for ours, theirs in (("w_ih", "weight_ih_l0"), ("w_hh", "weight_hh_l0")):
-            _set(getattr(self.rnn, theirs), p[f"{name}.{ours}"].T)
-        for ours, theirs in (("b_ih", "bias_ih_l0"), ("b_hh", "bias_hh_l0")):
-            _set(getattr(self.rnn, theirs), p[f"{name}.{ours}"])
+        for ours, theirs, layout in (("w_ih", "weight_ih_l0", TRANSPOSED), ("w_hh", "weight_hh_l0", TRANSPOSED),
+                                     ("b_ih", "bias_ih_l0", SAME), ("b_hh", "bias_hh_l0", SAME)):
+            p.put(f"{name}.{ours}", getattr(self.rnn, theirs), layout)
 
     def forward(self, x):
         return self.rnn(x)[0]
@@ -117,7 +137,7 @@ class Mamba(nn.Module):
     """Mamba-1 with the sequential selective scan of the reference implementation:
     h_t = exp(dt_t A) h_{t-1} + dt_t u_t B_t, y_t = C_t h_t + D u_t, gated by SiLU(z)."""
 
-    def __init__(self, p: dict, name: str, cfg: exphil.Mamba):
+    def __init__(self, p: Weights, name: str, cfg: exphil.Mamba):
         super().__init__()
         self.D, self.N = p[f"{name}.D"].shape[0], cfg.state
         self.R = p[f"{name}.dt_proj.weight"].shape[0]
@@ -125,7 +145,7 @@ class Mamba(nn.Module):
         self.conv = causal_conv(p, f"{name}.conv", self.D, cfg.conv)
         self.x_proj = linear(p, f"{name}.x_proj", bias=False)
         self.dt_proj = linear(p, f"{name}.dt_proj")
-        self.A_log, self.skip = nn.Parameter(_tensor(p[f"{name}.A_log"])), nn.Parameter(_tensor(p[f"{name}.D"]))
+        self.A_log, self.skip = p.parameter(f"{name}.A_log"), p.parameter(f"{name}.D")
         self.out_proj = linear(p, f"{name}.out_proj", bias=False)
 
     def forward(self, x):
@@ -149,7 +169,7 @@ class GatedSSM(nn.Module):
     """[u, z] = x W_in; u = SiLU(conv(u)); a = sigmoid(u W_a + b_a); h_t = a_t h_{t-1} + (1 - a_t) u_t;
     y = (h * SiLU(z)) W_out."""
 
-    def __init__(self, p: dict, name: str, cfg: exphil.GatedSSM):
+    def __init__(self, p: Weights, name: str, cfg: exphil.GatedSSM):
         super().__init__()
         self.in_proj = linear(p, f"{name}.in_proj", bias=False)
         width = self.in_proj.out_features // 2
@@ -174,7 +194,7 @@ class Attention(nn.Module):
     i - W < j <= i) with per-head ALiBi slopes and optional per-head LayerNorm on q and k.
     From a zero state the carried keys are all invalid, so only the window's own keys count."""
 
-    def __init__(self, p: dict, name: str, cfg: exphil.Attention, window: int):
+    def __init__(self, p: Weights, name: str, cfg: exphil.Attention, window: int):
         super().__init__()
         self.qkv, self.out = linear(p, f"{name}.qkv"), linear(p, f"{name}.out")
         self.d, self.H, self.W = self.out.in_features, cfg.heads, cfg.window or window
@@ -207,7 +227,7 @@ class Block(nn.Module):
     """x + mixer(norm(x)) (or mixer(norm(x)) without the residual), then an optional pre-norm
     GELU feed-forward with its own residual."""
 
-    def __init__(self, p: dict, i: int, block: exphil.Block, width: int, window: int, dropout: float):
+    def __init__(self, p: Weights, i: int, block: exphil.Block, width: int, window: int, dropout: float):
         super().__init__()
         name, extra = f"layers.{i}", ({"window": window} if isinstance(block.mixer, exphil.Attention) else {})
         self.norm = norm(block.norm, p, f"{name}.norm", width)
@@ -226,9 +246,9 @@ class MarkovHeads(nn.Module):
     """Per head, the row of a learned table picked by the current controller's class, which is
     recovered from the controller features the way the labels encode it."""
 
-    def __init__(self, p: dict):
+    def __init__(self, p: Weights):
         super().__init__()
-        self.tables = nn.ParameterDict({h: nn.Parameter(_tensor(p[f"heads.markov.{h}"])) for h in exphil.HEADS})
+        self.tables = nn.ParameterDict({h: p.parameter(f"heads.markov.{h}") for h in exphil.HEADS})
 
     def forward(self, num):
         ctrl = num[..., exphil._CTRL:exphil._CTRL + 13]
@@ -248,8 +268,9 @@ class Model(nn.Module):
 
     def __init__(self, model: exphil.Model):
         super().__init__()
-        spec, p = model.spec, model.params
-        self.embed = nn.ParameterDict({t: nn.Parameter(_tensor(p[f"embed.{t}"])) for t in exphil.EMBED_TABLES})
+        spec, p = model.spec, Weights(model.params)
+        self.weights = p
+        self.embed = nn.ParameterDict({t: p.parameter(f"embed.{t}") for t in exphil.EMBED_TABLES})
         self.in_proj, self.drop = linear(p, "in_proj"), nn.Dropout(spec.dropout)
         self.blocks = nn.ModuleList(Block(p, i, b, spec.hidden, spec.window, spec.dropout)
                                     for i, b in enumerate(spec.layers))
@@ -286,11 +307,6 @@ def loss(heads: dict, batch: dict) -> torch.Tensor:
     return total
 
 
-def tensors(batch: dict) -> dict:
-    """The batch arrays as tensors (sharing memory)."""
-    return {k: torch.from_numpy(v) for k, v in batch.items()}
-
-
 class Trainer:
     """A hand-written PyTorch training step for an exphil.Model: same weights, loss and AdamW
     hyper-parameters as exphil.Trainer (onnxruntime-training's AdamW defaults: betas
@@ -304,6 +320,11 @@ class Trainer:
         self.optimizer = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.999), eps=1e-6, weight_decay=weight_decay,
                                            fused=True)
 
+    @staticmethod
+    def tensors(batch: dict) -> dict:
+        """An exphil batch (arrays) as tensors, sharing memory: converted once, as a data loader would."""
+        return {k: torch.from_numpy(v) for k, v in batch.items()}
+
     def step(self, batch: dict) -> float:
         """One AdamW step on a batch of tensors; returns the loss before the update."""
         self.model.train()
@@ -312,6 +333,10 @@ class Trainer:
         value.backward()
         self.optimizer.step()
         return float(value.detach())
+
+    def gradients(self) -> dict[str, np.ndarray]:
+        """The last step's gradients by exphil parameter name, in exphil's layout."""
+        return self.model.weights.gradients()
 
     def evaluate(self, batch: dict) -> float:
         self.model.eval()
