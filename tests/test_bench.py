@@ -100,3 +100,27 @@ def test_torch_reference_same_model(spec, bench_module, tmp_path):
     for name, grad in ours.items():
         theirs = trainer.state.parameters[name].grad
         assert np.abs(grad - theirs).max() <= 1e-4 * np.abs(theirs).max() + 1e-7, name
+
+
+def test_vs_torch_refuses_different_models(bench_module, capsys):
+    """A reference model whose first loss is not exphil's is not timed: no ratio, and the row
+    prints both losses and says the models differ."""
+    import exphil
+
+    class Different:  # stands in for bench_torch
+        class Trainer:
+            def __init__(self, model):
+                pass
+
+            tensors = staticmethod(dict)
+
+            def evaluate(self, batch):
+                return 123.0
+
+    small = exphil.override_spec(exphil.load_spec(ROOT / "specs" / "mlp.toml"), hidden=32)
+    row = bench_module.train_throughput(small, batch_size=2, window=4, min_steps=1, seconds=0, reference=Different)
+    assert not row["first_loss"]["agree"] and row["first_loss"]["torch"] == 123.0
+    assert "torch" not in row and "exphil_over_torch" not in row and row["frames_per_s"] > 0
+    bench_module.add_percent_of_peak(row, {"gflops": 100.0})
+    bench_module.print_throughput_row("mlp", row, header=False)
+    assert "models differ: exphil " in capsys.readouterr().out
