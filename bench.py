@@ -336,8 +336,8 @@ def print_throughput_row(name: str, row: dict, header: bool) -> None:
         p99 = f"{1e3 * r['step_p99_s']:.0f}" if r["step_p99_s"] is not None else "-"
         return [f"{r['frames_per_s']:,.0f}", f"{1e3 * r['step_s']:.0f}", p99, f"{r['percent_of_peak']:.1f}"]
 
-    head = ["spec", "GFLOP/frame", "frames/s", "p50 ms", "p99 ms", "% peak"]
-    line = [name, f"{row['train_flops_per_frame'] / 1e9:.4f}", *cells(row)]
+    head = ["spec", "MFLOP/frame", "frames/s", "p50 ms", "p99 ms", "% peak"]
+    line = [name, f"{row['train_flops_per_frame'] / 1e6:.1f}", *cells(row)]
     first = row.get("first_loss")
     if first is not None:
         head += ["torch frames/s", "p50 ms", "p99 ms", "% peak", "exphil/torch", "(best steps)", "first loss"]
