@@ -4,7 +4,11 @@
     python bench.py --markdown           # the same table in Markdown (for a README)
     python bench.py --runs runs/lstm     # trained runs instead of random weights
     python bench.py --loop               # the full decision loop through libmelee (replay + FIFO)
-    python bench.py --throughput         # training frames/s per spec (batch 64, window 60)
+    python bench.py --throughput         # training frames/s per spec (batch 64, window 60) and
+                                         # % of this machine's MatMul peak
+    python bench.py --throughput --vs-torch
+                                         # the same, beside the same models written in PyTorch
+                                         # (same weights, loss, optimizer; first loss checked)
     python bench.py --train --replays DIR --max-steps 600
                                          # train every spec on the same games for the same number
                                          # of steps (or --budget-seconds), then rank them by their
@@ -167,22 +171,190 @@ def loop_latency(source: str, frames_: int = 1800, fps: float | None = None, pre
     return {"p50_ms": summary["frame_ms"]["p50"], "p99_ms": summary["frame_ms"]["p99"], "frames": summary["frames"]}
 
 
-def train_throughput(spec: exphil.Spec, batch_size: int = 64, window: int = 60, steps: int = 5) -> dict:
-    """Training frames per second on onnxruntime-training: AdamW steps on real replay windows."""
-    model = exphil.Model(spec)
+def throughput_setup(spec: exphil.Spec, batch_size: int, window: int) -> tuple[exphil.Model, dict[str, np.ndarray]]:
+    """The model, started as training starts it (at the Markov baseline, so a first-loss check
+    covers the tables), and a batch of `batch_size` real replay windows of `window` frames,
+    spread from the replay's first window to its last (which may be partly padding)."""
     episodes = exphil.load_replay(REPLAY)
+    model = exphil.Model(spec)
+    model.start_from_baselines(exphil.label_frequencies(episodes), exphil.markov_tables(episodes))
     wins = exphil.windows(episodes, window)
-    batch = exphil.make_batch(episodes, [wins[i % len(wins)] for i in range(batch_size)], window)
+    picks = np.linspace(0, len(wins) - 1, batch_size).round().astype(int)
+    return model, exphil.make_batch(episodes, [wins[i] for i in picks], window)
+
+
+def matmul_peak(n: int = 1024, calls: int = 8) -> dict:
+    """This machine's float32 MatMul rate on onnxruntime with every core: the ceiling a
+    training step could approach. Best of `calls` [n, n] x [n, n] products, after a warm-up
+    (measured more than once in a run: see `best_peak`)."""
+    from onnx import TensorProto, helper
+
+    io = [helper.make_tensor_value_info(name, TensorProto.FLOAT, [n, n]) for name in "abc"]
+    graph = helper.make_graph([helper.make_node("MatMul", ["a", "b"], ["c"])], "matmul", io[:2], io[2:])
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", exphil.OPSET)],
+                              ir_version=exphil.IR_VERSION)
+    threads = os.cpu_count() or 1
+    sess = exphil.session(proto.SerializeToString(), "cpu", threads=threads)
+    feed = {name: np.random.default_rng(0).standard_normal((n, n), np.float32) for name in "ab"}
+    sess.run(None, feed)
+    best = min(timed_call(lambda: sess.run(None, feed)) for _ in range(calls))
+    return {"gflops": 2 * n ** 3 / best / 1e9, "n": n, "threads": threads}
+
+
+def train_flops_per_frame(model: exphil.Model) -> int:
+    """Training FLOPs per frame, counted from the parameter shapes the usual way: every 2-D
+    weight applied to each frame (projections, recurrent weights, feed-forward, heads) costs 2
+    FLOPs per element in the forward pass; each attention layer adds its score and value
+    products, 2 x 2 x width FLOPs per key for the W keys of its band (the steady state); the
+    backward pass costs about twice the forward, so training = 3 x forward. Table lookups
+    (embeddings, Markov heads), depthwise convs, norms and elementwise recurrences are left
+    out: they are few FLOPs, not MatMuls, so the count (and the % of peak) is a lower bound."""
+    not_matmul = ("embed.", "heads.markov.", ".conv.", ".A_log")
+    forward = sum(2 * v.size for k, v in model.params.items() if v.ndim == 2 and not any(s in k for s in not_matmul))
+    spec = model.spec
+    forward += sum(2 * 2 * spec.hidden * (b.mixer.window or spec.window)
+                   for b in spec.layers if isinstance(b.mixer, exphil.Attention))
+    return 3 * forward
+
+
+def timed_call(call) -> float:
+    t0 = time.perf_counter()
+    call()
+    return time.perf_counter() - t0
+
+
+def interleaved(steps: dict, min_steps: int, seconds: float) -> dict[str, list[float]]:
+    """Wall times of each step function, run in turn (the order flipped every round, so neither
+    always follows the other) until each has run `min_steps` times and `seconds` have passed:
+    load from other processes on a shared machine falls on all of them alike."""
+    times = {name: [] for name in steps}
+    order, t0 = list(steps), time.perf_counter()
+    while len(times[order[0]]) < min_steps or time.perf_counter() - t0 < seconds:
+        for name in order:
+            times[name].append(timed_call(steps[name]))
+        order.reverse()
+    return times
+
+
+def best_peak(peak: dict | None) -> dict:
+    """The better of `peak` and a new measurement: on a shared machine one measurement can fall
+    in a busy moment, and a peak is what the machine does at best."""
+    new = matmul_peak()
+    return new if peak is None or new["gflops"] > peak["gflops"] else peak
+
+
+def step_stats(times: list[float], frames: int) -> dict:
+    """Median step -> frames/s; p99 once there are 20 steps or more; the best step (what a
+    quiet machine gives, when other processes load this one)."""
+    step = float(np.median(times))
+    return {"step_s": step, "step_p99_s": float(np.percentile(times, 99)) if len(times) >= 20 else None,
+            "best_step_s": min(times), "steps": len(times), "frames_per_s": frames / step}
+
+
+def add_percent_of_peak(row: dict, peak: dict) -> None:
+    """The MatMul FLOP rate of each timed framework in `row`, as a share of the peak."""
+    for r in (row, row.get("torch")):
+        if r is not None:
+            r["percent_of_peak"] = 100 * row["train_flops_per_frame"] * r["frames_per_s"] / (peak["gflops"] * 1e9)
+
+
+def torch_reference():
+    """The PyTorch reference models (bench_torch.py), or None when PyTorch is not installed."""
+    try:
+        import torch
+    except ImportError:
+        return None
+    import bench_torch
+
+    torch.set_num_threads(os.cpu_count() or 1)  # as many as onnxruntime-training uses here (one per core)
+    return bench_torch
+
+
+def first_losses(trainer: exphil.Trainer, torch_trainer, batch: dict[str, np.ndarray], rtol: float = 1e-4) -> dict:
+    """The loss of both models on `batch` as they stand (no step), and whether they agree."""
+    first = {"exphil": float(trainer.evaluate(dict(batch))["loss"]),
+             "torch": torch_trainer.evaluate(torch_trainer.tensors(batch))}
+    return {**first, "agree": abs(first["exphil"] - first["torch"]) <= rtol * abs(first["exphil"])}
+
+
+def train_throughput(spec: exphil.Spec, batch_size: int = 64, window: int = 60, min_steps: int = 5,
+                     seconds: float = 4.0, reference=None) -> dict:
+    """Training frames per second on onnxruntime-training: AdamW steps on real replay windows.
+    With `reference` (bench_torch), the same model written in PyTorch from the same weights is
+    checked to give the same first loss, then timed in turn with exphil on the same batch."""
+    model, batch = throughput_setup(spec, batch_size, window)
+    flops = train_flops_per_frame(model)
+    row = {"batch_size": batch_size, "window": window, "train_flops_per_frame": flops}
     with tempfile.TemporaryDirectory() as tmp:
         trainer = exphil.Trainer(model, Path(tmp) / "t", length=window)
-        trainer.step(dict(batch))  # warm-up
-        times = []
-        for _ in range(steps):
-            t0 = time.perf_counter()
-            trainer.step(dict(batch))
-            times.append(time.perf_counter() - t0)
-    step = float(np.median(times))
-    return {"step_s": step, "frames_per_s": batch_size * window / step, "batch_size": batch_size, "window": window}
+        steps = {"exphil": lambda: trainer.step(dict(batch))}
+        if reference is not None:
+            torch_trainer = reference.Trainer(model)
+            tensors = torch_trainer.tensors(batch)
+            row["first_loss"] = first_losses(trainer, torch_trainer, batch)
+            if row["first_loss"]["agree"]:  # timing a different model would compare nothing
+                steps["torch"] = lambda: torch_trainer.step(tensors)
+        for step in steps.values():  # warm-up: first-call allocations, thread pools
+            step()
+        times = interleaved(steps, min_steps, seconds * len(steps))
+    row.update(step_stats(times["exphil"], batch_size * window))
+    if "torch" in times:
+        row["torch"] = step_stats(times["torch"], batch_size * window)
+        row["exphil_over_torch"] = row["frames_per_s"] / row["torch"]["frames_per_s"]
+        row["exphil_over_torch_best"] = row["torch"]["best_step_s"] / row["best_step_s"]
+    return row
+
+
+def throughput_table(specs: list[str], reference, min_steps: int, seconds: float) -> dict:
+    """Every spec's training throughput (beside PyTorch's, with `reference`), as a share of
+    the run's best MatMul peak, and the load average around the measurements."""
+    load, rows, peak = os.getloadavg()[0], {}, best_peak(None)
+    for path in specs:
+        spec = exphil.load_spec(path)
+        rows[spec.name] = train_throughput(spec, min_steps=min_steps, seconds=seconds, reference=reference)
+        peak = best_peak(peak)
+        print(f"  measured {spec.name}", file=sys.stderr, flush=True)
+    for row in rows.values():
+        add_percent_of_peak(row, peak)
+    return {"matmul_peak": peak, "load_average": {"before": load, "after": os.getloadavg()[0]}, "throughput": rows}
+
+
+def print_throughput(result: dict, reference) -> None:
+    peak, load = result["matmul_peak"], result["load_average"]
+    print(f"\ntraining frames/s, batch 64 x window 60, AdamW; median (p50) and p99 step times; % of this machine's "
+          f"MatMul peak, {peak['gflops']:,.0f} GFLOP/s (onnxruntime, {peak['n']}^3, {peak['threads']} threads, best of "
+          "the run)")
+    if reference:
+        torch = reference.torch
+        print(f"PyTorch {torch.__version__} eager: same weights, loss, AdamW and threads ({torch.get_num_threads()}), "
+              "its steps interleaved with exphil's; other processes' load slows its many small parallel regions "
+              "the most")
+    print(f"load average {load['before']:.1f} before, {load['after']:.1f} after (other processes on these "
+          f"{os.cpu_count()} cores slow every number)\n")
+    for i, (name, row) in enumerate(result["throughput"].items()):
+        print_throughput_row(name, row, header=i == 0)
+
+
+def print_throughput_row(name: str, row: dict, header: bool) -> None:
+    """One spec's line of the --throughput table (with the PyTorch columns when measured)."""
+    def cells(r):
+        p99 = f"{1e3 * r['step_p99_s']:.0f}" if r["step_p99_s"] is not None else "-"
+        return [f"{r['frames_per_s']:,.0f}", f"{1e3 * r['step_s']:.0f}", p99, f"{r['percent_of_peak']:.1f}"]
+
+    head = ["spec", "MFLOP/frame", "frames/s", "p50 ms", "p99 ms", "% peak"]
+    line = [name, f"{row['train_flops_per_frame'] / 1e6:.1f}", *cells(row)]
+    first = row.get("first_loss")
+    if first is not None:
+        head += ["torch frames/s", "p50 ms", "p99 ms", "% peak", "exphil/torch", "(best steps)", "first loss"]
+        if first["agree"]:
+            line += [*cells(row["torch"]), f"{row['exphil_over_torch']:.2f}x", f"({row['exphil_over_torch_best']:.2f}x)",
+                     f"{first['exphil']:.5f} (same)"]
+        else:
+            line += ["-"] * 6 + [f"models differ: exphil {first['exphil']:.6f}, torch {first['torch']:.6f}"]
+    widths = [12, 12, 9, 7, 7, 7, 15, 7, 7, 7, 13, 12, 0]
+    if header:
+        print("  ".join(h.rjust(w) if i else h.ljust(w) for i, (h, w) in enumerate(zip(head, widths))))
+    print("  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(line, widths))), flush=True)
 
 
 def architecture_table(paths: list[str], replays: str, budget_seconds: float, seed: int, batch_size: int,
@@ -254,6 +426,11 @@ def main(argv=None) -> int:
     parser.add_argument("--markdown", action="store_true", help="print the table in Markdown")
     parser.add_argument("--loop", action="store_true", help="the full decision loop (lstm and mamba by default)")
     parser.add_argument("--throughput", action="store_true", help="training frames/s (batch 64, window 60)")
+    parser.add_argument("--vs-torch", action="store_true",
+                        help="--throughput: also the same models in PyTorch (when installed), checked and timed")
+    parser.add_argument("--steps", type=int, default=5, help="--throughput: timed steps per spec, at least")
+    parser.add_argument("--seconds", type=float, default=4.0,
+                        help="--throughput: timing per spec and framework, at least (more steps when fast)")
     parser.add_argument("--train", action="store_true", help="the architecture table (needs --replays)")
     parser.add_argument("--replays", help="replays for --train")
     parser.add_argument("--max-steps", type=int, default=0,
@@ -301,12 +478,11 @@ def main(argv=None) -> int:
                                                          for k, v in cells.items()), flush=True)
         result["loop"] = rows
     elif args.throughput:
-        rows = {}
-        for path in specs:
-            spec = exphil.load_spec(path)
-            rows[spec.name] = train_throughput(spec)
-            print(f"{spec.name:<12}{rows[spec.name]['frames_per_s']:>10,.0f} training frames/s", flush=True)
-        result["throughput"] = rows
+        reference = torch_reference() if args.vs_torch else None
+        if args.vs_torch and reference is None:
+            print("--vs-torch: PyTorch is not installed here (pip install torch); measuring exphil alone")
+        result.update(throughput_table(specs, reference, args.steps, args.seconds))
+        print_throughput(result, reference)
     else:
         rows = latency_table(args.runs or specs, [p.lower() for p in args.providers])
         print("\nstep latency, batch 1, one intra-op thread; cells: p50 ms and verdict from p99\n")

@@ -4,8 +4,11 @@ import json
 import subprocess
 import sys
 
+import numpy as np
+import pytest
+
 import exphil
-from conftest import REPLAYS, ROOT
+from conftest import REPLAYS, ROOT, SPECS
 
 
 def bench(*args):
@@ -48,3 +51,79 @@ def test_architecture_table(tmp_path):
         assert abs(r["margin"] - (1 - r["val_loss"] / r["markov_loss"])) < 1e-9
         assert 0.5 < r["copy_accuracy"]["main_x"] < 1 and 0.5 < r["copy_button_f1"] < 1
     assert "| rank | spec | val loss | markov | vs markov |" in out and "3 optimizer steps" in out
+
+
+def test_throughput_without_torch(tmp_path):
+    """--throughput --vs-torch where PyTorch cannot be imported: one line says so, and exphil's
+    frames/s and % of the MatMul peak are still measured."""
+    code = ("import runpy, sys; sys.modules['torch'] = None; sys.argv = sys.argv[1:]; "
+            "runpy.run_path(sys.argv[0], run_name='__main__')")
+    res = subprocess.run([sys.executable, "-c", code, str(ROOT / "bench.py"), "--throughput", "--vs-torch",
+                          "--specs", "specs/mlp.toml", "--steps", "1", "--seconds", "0", "--json", tmp_path / "t.json"],
+                         capture_output=True, text=True, cwd=ROOT)
+    assert res.returncode == 0, res.stderr
+    assert [l for l in res.stdout.splitlines() if "PyTorch" in l] == [
+        "--vs-torch: PyTorch is not installed here (pip install torch); measuring exphil alone"]
+    data = json.loads((tmp_path / "t.json").read_text())
+    row = data["throughput"]["mlp"]
+    assert "torch" not in row and "first_loss" not in row and row["frames_per_s"] > 0
+    assert data["matmul_peak"]["gflops"] > 0 and 0 < row["percent_of_peak"] < 100
+    assert row["train_flops_per_frame"] > 0
+
+
+@pytest.fixture
+def bench_module(monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT))
+    import bench
+    return bench
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=lambda p: p.stem)
+def test_torch_reference_same_model(spec, bench_module, tmp_path):
+    """The PyTorch models are exphil's models, for every shipped spec (small: hidden 32, window
+    7, batch 4, the last window partly padding), with every parameter moved off its initial
+    value so that each one's mapping counts: the same loss, and the same gradient for every
+    exphil parameter."""
+    pytest.importorskip("torch")
+    import exphil
+    import bench_torch
+
+    small = exphil.override_spec(exphil.load_spec(spec), window_size=7, hidden=32)
+    model, batch = bench_module.throughput_setup(small, batch_size=4, window=7)
+    assert 0 < batch["mask"].mean() < 1
+    rng = np.random.default_rng(0)
+    model.load({k: v + rng.normal(0, 0.1, v.shape) for k, v in model.params.items()})
+    trainer, reference = exphil.Trainer(model, tmp_path / "t"), bench_torch.Trainer(model)
+    first = bench_module.first_losses(trainer, reference, batch)
+    assert first["agree"], first
+    trainer.step(dict(batch))  # onnxruntime keeps the step's gradients until the next one
+    reference.step(reference.tensors(batch))
+    ours = reference.gradients()
+    assert set(ours) == set(model.params)
+    for name, grad in ours.items():
+        theirs = trainer.state.parameters[name].grad
+        assert np.abs(grad - theirs).max() <= 1e-4 * np.abs(theirs).max() + 1e-7, name
+
+
+def test_vs_torch_refuses_different_models(bench_module, capsys):
+    """A reference model whose first loss is not exphil's is not timed: no ratio, and the row
+    prints both losses and says the models differ."""
+    import exphil
+
+    class Different:  # stands in for bench_torch
+        class Trainer:
+            def __init__(self, model):
+                pass
+
+            tensors = staticmethod(dict)
+
+            def evaluate(self, batch):
+                return 123.0
+
+    small = exphil.override_spec(exphil.load_spec(ROOT / "specs" / "mlp.toml"), hidden=32)
+    row = bench_module.train_throughput(small, batch_size=2, window=4, min_steps=1, seconds=0, reference=Different)
+    assert not row["first_loss"]["agree"] and row["first_loss"]["torch"] == 123.0
+    assert "torch" not in row and "exphil_over_torch" not in row and row["frames_per_s"] > 0
+    bench_module.add_percent_of_peak(row, {"gflops": 100.0})
+    bench_module.print_throughput_row("mlp", row, header=False)
+    assert "models differ: exphil " in capsys.readouterr().out
