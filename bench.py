@@ -288,7 +288,9 @@ def train_throughput(spec: exphil.Spec, batch_size: int = 64, window: int = 60, 
     with tempfile.TemporaryDirectory() as tmp:
         trainer = exphil.Trainer(model, Path(tmp) / "t", length=window)
         steps = {"exphil": lambda: trainer.step(dict(batch))}
-        if reference is not None:
+        if reference is not None and not reference.supports(spec):
+            row["first_loss"] = None  # no PyTorch counterpart for one of its mixers
+        elif reference is not None:
             torch_trainer = reference.Trainer(model)
             tensors = torch_trainer.tensors(batch)
             row["first_loss"] = first_losses(trainer, torch_trainer, batch)
@@ -332,10 +334,10 @@ def print_throughput(result: dict, reference) -> None:
     print(f"load average {load['before']:.1f} before, {load['after']:.1f} after (other processes on these "
           f"{os.cpu_count()} cores slow every number)\n")
     for i, (name, row) in enumerate(result["throughput"].items()):
-        print_throughput_row(name, row, header=i == 0)
+        print_throughput_row(name, row, header=i == 0, compared=bool(reference))
 
 
-def print_throughput_row(name: str, row: dict, header: bool) -> None:
+def print_throughput_row(name: str, row: dict, header: bool, compared: bool = False) -> None:
     """One spec's line of the --throughput table (with the PyTorch columns when measured)."""
     def cells(r):
         p99 = f"{1e3 * r['step_p99_s']:.0f}" if r["step_p99_s"] is not None else "-"
@@ -344,9 +346,11 @@ def print_throughput_row(name: str, row: dict, header: bool) -> None:
     head = ["spec", "MFLOP/frame", "frames/s", "p50 ms", "p99 ms", "% peak"]
     line = [name, f"{row['train_flops_per_frame'] / 1e6:.1f}", *cells(row)]
     first = row.get("first_loss")
-    if first is not None:
+    if compared:
         head += ["torch frames/s", "p50 ms", "p99 ms", "% peak", "exphil/torch", "(best steps)", "first loss"]
-        if first["agree"]:
+        if first is None:
+            line += ["-"] * 6 + ["no PyTorch reference for this spec"]
+        elif first["agree"]:
             line += [*cells(row["torch"]), f"{row['exphil_over_torch']:.2f}x", f"({row['exphil_over_torch_best']:.2f}x)",
                      f"{first['exphil']:.5f} (same)"]
         else:

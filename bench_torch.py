@@ -221,6 +221,11 @@ MIXERS = {exphil.Dense: Dense, exphil.LSTM: LSTM, exphil.GRU: GRU, exphil.Mamba:
           exphil.Attention: Attention}
 
 
+def supports(spec: exphil.Spec) -> bool:
+    """Whether every mixer of the spec has a PyTorch counterpart here (the original seven)."""
+    return all(type(b.mixer) in MIXERS for b in spec.blocks)
+
+
 # ---- the model ---------------------------------------------------------------------------------------
 
 class Block(nn.Module):
