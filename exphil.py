@@ -435,14 +435,17 @@ class Graph:
             n = min(chunk, L - start)
             cut = lambda x: x if n == L else op.Slice(x, i64([start]), i64([start + n]), i64([2]))
             qc, kc, vc = cut(q), cut(k), cut(v)
-            c = T(op.MatMul(T(cut(log_decay)), self.const(np.triu(np.ones((n, n))))))  # [B, H, n, K]
-            mask = self.const(np.where(np.tril(np.ones((n, n))) > 0, 0.0, -1e9)[:, :, None])  # s <= t only
-            decay = op.Exp(op.Add(op.Sub(op.Unsqueeze(c, i64([3])), op.Unsqueeze(c, i64([2]))), mask))  # [B, H, t, s, K]
-            if per_key:  # [B, H, t, s, N] products, summed over the keys
-                scores = op.ReduceSum(op.Mul(op.Mul(op.Unsqueeze(qc, i64([3])), op.Unsqueeze(kc, i64([2]))), decay),
-                                      i64([-1]), keepdims=0)
+            ct = op.MatMul(T(cut(log_decay)), self.const(np.triu(np.ones((n, n)))))  # [B, H, K, n]: c_t = sum a_s, s <= t
+            c = T(ct)
+            mask = np.where(np.tril(np.ones((n, n))) > 0, 0.0, -1e9)  # [t, s]: s <= t only
+            if per_key:  # decay [B, H, t, N, s]; each frame's row of scores is a MatMul over the keys
+                decay = op.Exp(op.Add(op.Sub(op.Unsqueeze(c, i64([-1])), op.Unsqueeze(ct, i64([2]))),
+                                      self.const(mask[:, None, :])))
+                keys = op.Mul(op.Unsqueeze(T(kc), i64([2])), decay)  # k_s[j] exp(c_t[j] - c_s[j])
+                scores = op.Squeeze(op.MatMul(op.Unsqueeze(qc, i64([-2])), keys), i64([-2]))
             else:  # one decay per head: (q k^T) * decay
-                scores = op.Mul(op.MatMul(qc, T(kc)), op.Squeeze(decay, i64([-1])))
+                decay = op.Exp(op.Add(op.Sub(c, ct), self.const(mask)))  # [B, H, t, s]
+                scores = op.Mul(op.MatMul(qc, T(kc)), decay)
             ys.append(op.Add(op.MatMul(scores, vc), op.MatMul(op.Mul(qc, op.Exp(c)), T(h0))))
             total = op.Slice(c, i64([n - 1]), i64([n]), i64([2]))  # [B, H, 1, K]: the chunk's whole decay
             h0 = op.Add(op.Mul(op.Exp(total), h0), op.MatMul(T(vc), op.Mul(kc, op.Exp(op.Sub(total, c)))))
