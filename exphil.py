@@ -188,7 +188,14 @@ class RWKV7FFN(_Strict, tag="rwkv7_ffn", tag_field="kind"):
     expand: Pos = 4
 
 
-Mixer = Union[Dense, LSTM, GRU, Mamba, Attention, GatedSSM, Mamba2, GLA, HGRN2, RetNet, RWKV7, RWKV7FFN]
+class CfC(_Strict, tag="cfc", tag_field="kind"):
+    """Closed-form continuous-time cell (liquid network, CfC "default" mode): a gated interpolation
+    between two heads by a time-constant gate, with a time step of one frame."""
+
+    backbone: Pos = 128  # units of the backbone layer shared by the heads
+
+
+Mixer = Union[Dense, LSTM, GRU, Mamba, Attention, GatedSSM, Mamba2, GLA, HGRN2, RetNet, RWKV7, RWKV7FFN, CfC]
 
 
 class Block(_Strict):
@@ -960,9 +967,42 @@ class RWKV7FFNLayer:
         return g.linear(op.Mul(k, k), f"{n}.value", bias=False), {"shift": shift}
 
 
+class CfCLayer:
+    """CfC: z = lecun_tanh([x, h] W_bb + b) (1.7159 tanh(0.666 .)); f1 = tanh(z W_1 + b_1),
+    f2 = tanh(z W_2 + b_2); tau = sigmoid(z W_t + b_t) (its time_a * t + time_b with the time
+    step t = 1 frame: one head); h = f1 (1 - tau) + tau f2. The input part of the backbone runs
+    on the whole window; the rest is unrolled. State: h."""
+
+    def __init__(self, name: str, cfg: CfC, width: int, init: _Init, n_layers: int):
+        U = cfg.backbone
+        xavier = lambda n, shape: init.uniform(n, shape, math.sqrt(6 / sum(shape)))
+        xavier(f"{name}.backbone_x.weight", (width, U))
+        xavier(f"{name}.backbone_h.weight", (width, U))
+        init.uniform(f"{name}.backbone.bias", (U,), 1 / math.sqrt(2 * width))
+        for head in ("ff1", "ff2", "time"):
+            xavier(f"{name}.{head}.weight", (U, width))
+            init.uniform(f"{name}.{head}.bias", (width,), 1 / math.sqrt(U))
+        self.name, self.states = name, [("h", (1, width))]
+
+    def __call__(self, g: Graph, x, state: dict):
+        op, n = g.op, self.name
+        xb = op.Add(op.MatMul(x, g.param(f"{n}.backbone_x.weight")), g.param(f"{n}.backbone.bias"))
+        w_h = g.param(f"{n}.backbone_h.weight")
+
+        def cell(frame, s):
+            z = op.Mul(op.Tanh(op.Mul(op.Add(frame[0], op.MatMul(s["h"], w_h)), 0.666)), 1.7159)
+            f1, f2 = (op.Tanh(g.linear(z, f"{n}.{head}")) for head in ("ff1", "ff2"))
+            tau = op.Sigmoid(g.linear(z, f"{n}.time"))
+            h = op.Add(f1, op.Mul(tau, op.Sub(f2, f1)))  # f1 (1 - tau) + tau f2
+            return h, {"h": h}
+
+        return g.scan(cell, [xb], state)
+
+
 MIXERS = {Dense: DenseLayer, LSTM: LSTMLayer, GRU: GRULayer, Mamba: MambaLayer, Attention: AttentionLayer,
           GatedSSM: GatedSSMLayer, Mamba2: Mamba2Layer, GLA: GLALayer, HGRN2: HGRN2Layer,
-          RetNet: RetNetLayer, RWKV7: RWKV7Layer, RWKV7FFN: RWKV7FFNLayer}
+          RetNet: RetNetLayer, RWKV7: RWKV7Layer, RWKV7FFN: RWKV7FFNLayer,
+          CfC: CfCLayer}
 
 
 def estimate_params(spec: Spec) -> int:

@@ -374,6 +374,29 @@ def test_rwkv7_matches_its_recurrence():
 
 
 
+def test_cfc_matches_the_closed_form_cell():
+    """CfC == the cell in float64 NumPy from a carried state, frame by frame: z = 1.7159
+    tanh(0.666 ([x, h] W_bb + b)), f1 = tanh(ff1(z)), f2 = tanh(ff2(z)), tau = sigmoid(time(z)),
+    h = f1 (1 - tau) + tau f2 (the "default" mode with a time step of one frame)."""
+    d, L, B = 16, 40, 2
+    sess, p, layer = mixer_graph(exphil.CfCLayer, exphil.CfC(backbone=12), d, L, seed=3)
+    rng = np.random.default_rng(7)
+    x = rng.normal(size=(B, L, d)).astype(np.float32)
+    h0 = rng.normal(size=(B, 1, d)).astype(np.float32) * 0.5
+    y, h_out = sess.run(None, {"x": x, "state_in.h": h0})
+    q = {k: v.astype(np.float64) for k, v in p.items()}
+    head = lambda z, n: z @ q[f"m.{n}.weight"] + q[f"m.{n}.bias"]
+    w_bb = np.concatenate([q["m.backbone_x.weight"], q["m.backbone_h.weight"]])  # [x, h] W_bb
+    for b in range(B):
+        h = h0[b, 0].astype(np.float64)
+        for t in range(L):
+            z = 1.7159 * np.tanh(0.666 * (np.concatenate([x[b, t], h]) @ w_bb + q["m.backbone.bias"]))
+            f1, f2, tau = np.tanh(head(z, "ff1")), np.tanh(head(z, "ff2")), 1 / (1 + np.exp(-head(z, "time")))
+            h = f1 * (1 - tau) + tau * f2
+            assert np.abs(h - y[b, t]).max() < 1e-5, (b, t)
+        assert np.abs(h - h_out[b, 0]).max() < 1e-5
+
+
 def test_stepper_carries_state_like_the_window_graph(real_frames):
     """The Agent's Stepper (IO binding, alternating state buffers) == the window graph."""
     model = exphil.Model(exphil.load_spec(SPECS[[p.stem for p in SPECS].index("mamba")]), seed=2)
