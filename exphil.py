@@ -195,7 +195,14 @@ class CfC(_Strict, tag="cfc", tag_field="kind"):
     backbone: Pos = 128  # units of the backbone layer shared by the heads
 
 
-Mixer = Union[Dense, LSTM, GRU, Mamba, Attention, GatedSSM, Mamba2, GLA, HGRN2, RetNet, RWKV7, RWKV7FFN, CfC]
+class S5(_Strict, tag="s5", tag_field="kind"):
+    """S5: a MIMO diagonal linear state-space layer with complex states (kept as real and
+    imaginary parts), started from S5's HiPPO-N spectrum; the window is one Toeplitz product."""
+
+    state: Pos = 128  # P, complex states
+
+
+Mixer = Union[Dense, LSTM, GRU, Mamba, Attention, GatedSSM, Mamba2, GLA, HGRN2, RetNet, RWKV7, RWKV7FFN, CfC, S5]
 
 
 class Block(_Strict):
@@ -999,10 +1006,75 @@ class CfCLayer:
         return g.scan(cell, [xb], state)
 
 
+def _hippo_n(states: int) -> np.ndarray:
+    """The eigenvalues of S5's HiPPO-N matrix (the normal part of HiPPO-LegS) for 2 x states
+    real states, one of each conjugate pair: real parts -1/2, imaginary parts > 0."""
+    n = np.arange(2 * states)
+    legs = -np.sqrt(np.outer(2 * n + 1, 2 * n + 1)) * (n[:, None] > n[None, :]) - np.diag(n + 1)
+    root = np.sqrt(n + 0.5)
+    eig = np.linalg.eigvals(legs + np.outer(root, root))
+    return eig[np.argsort(-eig.imag)][:states]
+
+
+class S5Layer:
+    """S5 in real arithmetic: the discrete eigenvalue lambda = r (cos, sin) per state, with
+    r = exp(-exp(nu)) and the angle a learned unit vector rho / |rho| (LRU-style; started from the
+    zero-order hold of HiPPO-N with steps log-uniform in [1e-3, 1e-1]); x_t = lambda x_{t-1} +
+    u_t B; y = 2 Re(x C) + D u, then S5's GLU: g = GELU(y), out = g sigmoid(g W + b). The window
+    is x = T u with the Toeplitz powers of lambda (made by L complex products per window) plus
+    lambda^(t+1) x_0. States: the real and imaginary parts of x."""
+
+    def __init__(self, name: str, cfg: S5, width: int, init: _Init, n_layers: int):
+        P = cfg.state
+        lam = _hippo_n(P)
+        step = np.exp(init.rng.uniform(math.log(1e-3), math.log(1e-1), P))
+        angle = lam.imag * step
+        init(f"{name}.nu", np.log(-lam.real * step))
+        init(f"{name}.rho", np.stack([np.cos(angle), np.sin(angle)], -1))
+        for part in ("re", "im"):
+            init(f"{name}.B_{part}", init.rng.normal(0, 1 / math.sqrt(width), (width, P)) * step)
+            init(f"{name}.C_{part}", init.rng.normal(0, 0.5 / math.sqrt(P), (P, width)))
+        init(f"{name}.D", init.rng.normal(0, 1, width))
+        init.linear(f"{name}.glu", width, width)
+        self.name, self.P, self.states = name, P, [("re", (1, P)), ("im", (1, P))]
+
+    def __call__(self, g: Graph, x, state: dict):
+        op, n, L, P = g.op, self.name, g.length, self.P
+        i64 = lambda v: g.const(v, np.int64)
+        rho = g.param(f"{n}.rho")
+        unit = op.Div(rho, op.Sqrt(op.ReduceSum(op.Mul(rho, rho), i64([-1]), keepdims=1)))
+        cos, sin = g.split(op.Mul(unit, op.Unsqueeze(op.Exp(op.Neg(op.Exp(g.param(f"{n}.nu")))), i64([-1]))), [1, 1])
+        a, b = op.Squeeze(cos, i64([-1])), op.Squeeze(sin, i64([-1]))  # lambda = a + i b, [P]
+        powers = [(g.const(np.ones(P)), g.const(np.zeros(P)))]  # lambda^0 .. lambda^L
+        for _ in range(L):
+            re, im = powers[-1]
+            powers.append((op.Sub(op.Mul(re, a), op.Mul(im, b)), op.Add(op.Mul(re, b), op.Mul(im, a))))
+        stacked = [op.Concat(*[op.Unsqueeze(p[j], i64([0])) for p in powers], axis=0) for j in (0, 1)]  # [L+1, P]
+        t, s = np.arange(L)[:, None], np.arange(L)[None, :]
+        toeplitz = [op.Transpose(op.Mul(op.Gather(w, g.const(np.clip(t - s, 0, L), np.int64), axis=0),
+                                        g.const((t >= s)[:, :, None].astype(np.float32))), perm=[2, 0, 1])
+                    for w in stacked]  # [P, t, s]: lambda^(t - s) below the diagonal
+        col = lambda v: op.Unsqueeze(op.Transpose(v, perm=[0, 2, 1]), i64([-1]))  # [B, L, P] -> [B, P, L, 1]
+        u_re, u_im = (col(op.MatMul(x, g.param(f"{n}.B_{part}"))) for part in ("re", "im"))
+        T_re, T_im = toeplitz
+        x_re = op.Sub(op.MatMul(T_re, u_re), op.MatMul(T_im, u_im))
+        x_im = op.Add(op.MatMul(T_re, u_im), op.MatMul(T_im, u_re))
+        back = lambda v: op.Transpose(op.Squeeze(v, i64([-1])), perm=[0, 2, 1])  # -> [B, L, P]
+        later = [op.Slice(w, i64([1]), i64([L + 1]), i64([0])) for w in stacked]  # lambda^(t+1), [L, P]
+        x0_re, x0_im = state["re"], state["im"]
+        x_re = op.Add(back(x_re), op.Sub(op.Mul(later[0], x0_re), op.Mul(later[1], x0_im)))
+        x_im = op.Add(back(x_im), op.Add(op.Mul(later[0], x0_im), op.Mul(later[1], x0_re)))
+        y = op.Mul(op.Sub(op.MatMul(x_re, g.param(f"{n}.C_re")), op.MatMul(x_im, g.param(f"{n}.C_im"))), 2.0)
+        y = g.activation("gelu", op.Add(y, op.Mul(x, g.param(f"{n}.D"))))
+        out = op.Mul(y, op.Sigmoid(g.linear(y, f"{n}.glu")))
+        last = lambda v: op.Slice(v, i64([L - 1]), i64([L]), i64([1]))
+        return out, {"re": last(x_re), "im": last(x_im)}
+
+
 MIXERS = {Dense: DenseLayer, LSTM: LSTMLayer, GRU: GRULayer, Mamba: MambaLayer, Attention: AttentionLayer,
           GatedSSM: GatedSSMLayer, Mamba2: Mamba2Layer, GLA: GLALayer, HGRN2: HGRN2Layer,
           RetNet: RetNetLayer, RWKV7: RWKV7Layer, RWKV7FFN: RWKV7FFNLayer,
-          CfC: CfCLayer}
+          CfC: CfCLayer, S5: S5Layer}
 
 
 def estimate_params(spec: Spec) -> int:
@@ -3919,7 +3991,7 @@ PRESETS = {
 }
 
 SPEC_FLAGS = {  # flag -> (mixer kinds it applies to, field), for overriding a spec without editing it
-    "state_size": ((Mamba, Mamba2), "state"), "expand_factor": ((Mamba, GatedSSM, Mamba2), "expand"),
+    "state_size": ((Mamba, Mamba2, S5), "state"), "expand_factor": ((Mamba, GatedSSM, Mamba2), "expand"),
     "conv_size": ((Mamba, GatedSSM, Mamba2), "conv"), "num_heads": ((Attention, GLA, HGRN2, RetNet), "heads"),
     "head_dim": ((Mamba2,), "head_dim"), "head_size": ((RWKV7,), "head_size"), "chunk_size": ((Mamba2, GLA, HGRN2, RetNet), "chunk"),
 }

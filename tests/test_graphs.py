@@ -397,6 +397,35 @@ def test_cfc_matches_the_closed_form_cell():
         assert np.abs(h - h_out[b, 0]).max() < 1e-5
 
 
+def test_s5_matches_the_complex_recurrence():
+    """S5 == its recurrence in complex float64 NumPy from a carried state: lambda = exp(-exp(nu))
+    e^(i angle(rho)), x = lambda x + u (B_re + i B_im), y = 2 Re(x (C_re + i C_im)) + D u, then
+    g = GELU(y), out = g sigmoid(g W + b); and the initial eigenvalues are HiPPO-N's (real part
+    -1/2 before discretisation)."""
+    from math import erf
+
+    d, L, B = 16, 40, 2
+    sess, p, layer = mixer_graph(exphil.S5Layer, exphil.S5(state=6), d, L, seed=3)
+    rng = np.random.default_rng(7)
+    x = rng.normal(size=(B, L, d)).astype(np.float32)
+    x0 = (rng.normal(size=(B, 1, 6)) + 1j * rng.normal(size=(B, 1, 6))) * 0.5
+    y, re, im = sess.run(None, {"x": x, "state_in.re": x0.real.astype(np.float32),
+                                "state_in.im": x0.imag.astype(np.float32)})
+    q = {k: v.astype(np.float64) for k, v in p.items()}
+    lam = np.exp(-np.exp(q["m.nu"])) * (q["m.rho"][:, 0] + 1j * q["m.rho"][:, 1]) / np.linalg.norm(q["m.rho"], axis=-1)
+    Bc, Cc = q["m.B_re"] + 1j * q["m.B_im"], q["m.C_re"] + 1j * q["m.C_im"]
+    gelu = np.vectorize(lambda v: 0.5 * v * (1 + erf(v / np.sqrt(2))))
+    for b in range(B):
+        state = x0[b, 0].astype(np.complex128)
+        for t in range(L):
+            state = lam * state + x[b, t] @ Bc
+            gy = gelu(2 * (state @ Cc).real + q["m.D"] * x[b, t])
+            out = gy / (1 + np.exp(-(gy @ q["m.glu.weight"] + q["m.glu.bias"])))
+            assert np.abs(out - y[b, t]).max() < 1e-4, (b, t)
+        assert np.abs(state.real - re[b, 0]).max() < 1e-4 and np.abs(state.imag - im[b, 0]).max() < 1e-4
+    assert np.allclose(exphil._hippo_n(6).real, -0.5) and (exphil._hippo_n(6).imag > 0).all()
+
+
 def test_stepper_carries_state_like_the_window_graph(real_frames):
     """The Agent's Stepper (IO binding, alternating state buffers) == the window graph."""
     model = exphil.Model(exphil.load_spec(SPECS[[p.stem for p in SPECS].index("mamba")]), seed=2)
