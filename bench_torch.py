@@ -222,8 +222,9 @@ MIXERS = {exphil.Dense: Dense, exphil.LSTM: LSTM, exphil.GRU: GRU, exphil.Mamba:
 
 
 def supports(spec: exphil.Spec) -> bool:
-    """Whether every mixer of the spec has a PyTorch counterpart here (the original seven)."""
-    return all(type(b.mixer) in MIXERS for b in spec.blocks)
+    """Whether every mixer of the spec has a PyTorch counterpart here (the original seven,
+    without shared blocks)."""
+    return all(type(b.mixer) in MIXERS and not b.share for b in spec.blocks)
 
 
 # ---- the model ---------------------------------------------------------------------------------------

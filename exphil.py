@@ -208,6 +208,9 @@ Mixer = Union[Dense, LSTM, GRU, Mamba, Attention, GatedSSM, Mamba2, GLA, HGRN2, 
 class Block(_Strict):
     mixer: Mixer
     repeat: Pos = 1  # number of identical layers this entry stands for
+    # a name: every block with this name is one set of weights (norm, mixer, feed-forward)
+    # applied at each of its positions, each position with its own input projection and state
+    share: str = ""
     norm: Norm = "none"  # normalisation before the mixer
     residual: bool = False  # x + mixer(norm(x))
     ffn: Annotated[int, msgspec.Meta(ge=0)] = 0  # feed-forward expansion after the mixer (0 = none)
@@ -267,7 +270,14 @@ def parse_spec(text: str | bytes, source: str = "<spec>") -> Spec:
         except UnicodeDecodeError:
             raise SpecError(f"{source}: not a spec (a TOML text file in UTF-8); is it the right file?") from None
     try:
-        return msgspec.toml.decode(text, type=Spec)
+        spec = msgspec.toml.decode(text, type=Spec)
+        first = {}
+        for j, block in enumerate(spec.blocks):
+            i = first.setdefault(block.share, j) if block.share else j
+            if msgspec.structs.replace(block, repeat=1) != msgspec.structs.replace(spec.blocks[i], repeat=1):
+                raise SpecError(f"{source}: field `blocks[{j}].share`: {block.share!r} names blocks[{i}], whose "
+                                "settings differ (a shared block's mixer, norm, residual and ffn are one)")
+        return spec
     except msgspec.ValidationError as e:
         msg = str(e)
         if " - at `$." in msg:  # "Expected `int`, got `str` - at `$.blocks[0].repeat`"
@@ -1119,14 +1129,22 @@ class Model:
             init(f"embed.{table}", init.rng.normal(0, 1, (vocab, widths[table])))
         d_in = sum(widths[table] for _, table in CAT_FIELDS) + len(NUM_FIELDS)
         init.linear("in_proj", d_in, d)
-        self.layers = []
-        layers = spec.layers
+        self.layers = []  # (block, mixer, prefix of the block's weights) per position
+        layers, shared = spec.layers, {}
         for i, block in enumerate(layers):
-            name = f"layers.{i}"
+            name = f"shared.{block.share}" if block.share else f"layers.{i}"
+            if block.share:  # each position's own input projection, started at the identity
+                init(f"layers.{i}.site.weight", np.eye(d))
+                init(f"layers.{i}.site.bias", np.zeros(d))
+            if block.share in shared:
+                self.layers.append((block, shared[block.share], name))
+                continue
             init.norm(block.norm, f"{name}.norm", d)
             cls = MIXERS[type(block.mixer)]
             extra = {"window": spec.window} if cls is AttentionLayer else {}
-            self.layers.append((block, cls(f"{name}.mixer", block.mixer, d, init, len(layers), **extra)))
+            self.layers.append((block, cls(f"{name}.mixer", block.mixer, d, init, len(layers), **extra), name))
+            if block.share:
+                shared[block.share] = self.layers[-1][1]
             if block.ffn:
                 init.norm("layer", f"{name}.ffn_norm", d)
                 init.linear(f"{name}.ffn.up", d, block.ffn * d)
@@ -1179,8 +1197,10 @@ class Model:
 
     @property
     def states(self) -> list[tuple[str, tuple[int, ...]]]:
-        """Carried state tensors, named `<layer>.<state>`, shapes without the batch axis."""
-        return [(f"{mixer.name}.{s}", shape) for _, mixer in self.layers for s, shape in mixer.states]
+        """Carried state tensors, named `layers.<position>.mixer.<state>`, shapes without the
+        batch axis (a shared block has a state at each of its positions)."""
+        return [(f"layers.{i}.mixer.{s}", shape) for i, (_, mixer, _) in enumerate(self.layers)
+                for s, shape in mixer.states]
 
     def zero_state(self, batch: int = 1) -> dict[str, np.ndarray]:
         return {n: np.zeros((batch, *shape), np.float32) for n, shape in self.states}
@@ -1194,15 +1214,16 @@ class Model:
             feats.append(g.lookup(f"embed.{table}", ids))
         x = g.dropout(g.linear(op.Concat(*feats, num, axis=-1), "in_proj"), spec.dropout)
         new_state = {}
-        for i, (block, mixer) in enumerate(self.layers):
-            own = {s: state[f"{mixer.name}.{s}"] for s, _ in mixer.states}
-            y, out = mixer(g, g.norm(block.norm, x, f"layers.{i}.norm"), own)
+        for i, (block, mixer, name) in enumerate(self.layers):
+            own = {s: state[f"layers.{i}.mixer.{s}"] for s, _ in mixer.states}
+            h = g.linear(x, f"layers.{i}.site") if block.share else x
+            y, out = mixer(g, g.norm(block.norm, h, f"{name}.norm"), own)
             y = g.dropout(y, spec.dropout)
-            new_state.update({f"{mixer.name}.{s}": v for s, v in out.items()})
+            new_state.update({f"layers.{i}.mixer.{s}": v for s, v in out.items()})
             x = op.Add(x, y) if block.residual else y
             if block.ffn:
-                h = g.norm("layer", x, f"layers.{i}.ffn_norm")
-                h = g.linear(g.activation("gelu", g.linear(h, f"layers.{i}.ffn.up")), f"layers.{i}.ffn.down")
+                h = g.norm("layer", x, f"{name}.ffn_norm")
+                h = g.linear(g.activation("gelu", g.linear(h, f"{name}.ffn.up")), f"{name}.ffn.down")
                 x = op.Add(x, g.dropout(h, spec.dropout))
         x = g.norm(spec.final_norm, x, "final_norm")
         if spec.heads.hidden:

@@ -77,3 +77,27 @@ def test_edited_spec_compiles_and_runs(tmp_path, path):
     step = exphil.Stepper(model.build(step=True).SerializeToString())
     got = np.stack([step(cat[0, t], num[0, t])["main_x"].copy() for t in range(12)])
     assert np.abs(got - expected).max() <= 1e-4
+
+
+def test_a_shared_block_is_one_set_of_weights_with_a_state_per_position():
+    """zamba.toml applies one attention block at two positions: its weights are one tensor each
+    in the model and in the training graph (whose gradient check, in test_graphs, perturbs that
+    one tensor: the gradients of both positions summed), each position has its own input
+    projection and key/value cache."""
+    model = exphil.Model(exphil.load_spec(ROOT / "specs" / "zamba.toml"))
+    shared = sorted(k for k in model.params if k.startswith("shared.attention."))
+    assert shared and not [k for k in model.params if ".mixer.qkv" in k and not k.startswith("shared.")]
+    trained = model.build(training=True)
+    names = [t.name for t in trained.graph.initializer]
+    assert all(names.count(k) == 1 for k in shared)
+    assert {"layers.2.site.weight", "layers.5.site.weight"} <= set(model.params)
+    assert {"layers.2.mixer.k", "layers.5.mixer.k"} <= {n for n, _ in model.states}
+
+
+def test_blocks_sharing_a_name_must_agree(tmp_path):
+    text = (ROOT / "specs" / "zamba.toml").read_text()
+    last = text.rindex("heads = 4")
+    path = tmp_path / "zamba.toml"
+    path.write_text(text[:last] + "heads = 8" + text[last + len("heads = 4"):])
+    with pytest.raises(exphil.SpecError, match=r"field `blocks\[3\].share`: 'attention' names blocks\[1\]"):
+        exphil.load_spec(path)
