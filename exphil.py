@@ -459,7 +459,8 @@ class Graph:
             n = min(chunk, L - start)
             cut = lambda x: x if n == L else op.Slice(x, i64([start]), i64([start + n]), i64([2]))
             qc, kc, vc = cut(q), cut(k), cut(v)
-            ct = op.MatMul(T(cut(log_decay)), self.const(np.triu(np.ones((n, n)))))  # [B, H, K, n]: c_t = sum a_s, s <= t
+            # cumulative log-decay c_t = sum of a_s for s <= t, keys first: [B, H, K, n]
+            ct = op.MatMul(T(cut(log_decay)), self.const(np.triu(np.ones((n, n)))))
             c = T(ct)
             mask = np.where(np.tril(np.ones((n, n))) > 0, 0.0, -1e9)  # [t, s]: s <= t only
             if per_key:  # decay [B, H, t, N, s]; each frame's row of scores is a MatMul over the keys
@@ -756,9 +757,9 @@ class Mamba2Layer:
         dt = op.Transpose(g.softplus(op.Add(dt, g.param(f"{n}.dt_bias"))), perm=[0, 2, 1])  # [B, H, L]
         heads = op.Transpose(op.Reshape(u, g.const([0, 0, H, P], np.int64)), perm=[0, 2, 1, 3])  # [B, H, L, P]
         last, one = g.const([-1], np.int64), g.const([1], np.int64)
+        log_decay = op.Unsqueeze(op.Mul(dt, op.Neg(op.Unsqueeze(op.Exp(g.param(f"{n}.A_log")), last))), last)
         y, h = g.decayed_attention(op.Unsqueeze(c, one), op.Unsqueeze(b, one), op.Mul(heads, op.Unsqueeze(dt, last)),
-                                   op.Unsqueeze(op.Mul(dt, op.Neg(op.Unsqueeze(op.Exp(g.param(f"{n}.A_log")), last))), last),
-                                   state["ssm"], self.cfg.chunk)
+                                   log_decay, state["ssm"], self.cfg.chunk)  # decay exp(dt A) per head
         y = op.Add(y, op.Mul(heads, op.Reshape(g.param(f"{n}.D"), g.const([H, 1, 1], np.int64))))
         y = op.Reshape(op.Transpose(y, perm=[0, 2, 1, 3]), g.const([0, 0, self.D], np.int64))
         y = g.norm("rms", op.Mul(y, g.silu(z)), f"{n}.norm")
@@ -864,7 +865,8 @@ class RetNetLayer:
     def rotate(self, g: Graph, x, angle: np.ndarray):
         """x [..., n, dk] rotated by `angle` [n, dk] on each pair of key channels."""
         op = g.op
-        return op.Add(op.Mul(x, g.const(np.cos(angle))), op.Mul(op.MatMul(x, g.const(self.swap)), g.const(np.sin(angle))))
+        swapped = op.MatMul(x, g.const(self.swap))
+        return op.Add(op.Mul(x, g.const(np.cos(angle))), op.Mul(swapped, g.const(np.sin(angle))))
 
     def __call__(self, g: Graph, x, state: dict):
         op, n, H, L = g.op, self.name, self.H, g.length
@@ -4014,7 +4016,8 @@ PRESETS = {
 SPEC_FLAGS = {  # flag -> (mixer kinds it applies to, field), for overriding a spec without editing it
     "state_size": ((Mamba, Mamba2, S5), "state"), "expand_factor": ((Mamba, GatedSSM, Mamba2), "expand"),
     "conv_size": ((Mamba, GatedSSM, Mamba2), "conv"), "num_heads": ((Attention, GLA, HGRN2, RetNet), "heads"),
-    "head_dim": ((Mamba2,), "head_dim"), "head_size": ((RWKV7,), "head_size"), "chunk_size": ((Mamba2, GLA, HGRN2, RetNet), "chunk"),
+    "head_dim": ((Mamba2,), "head_dim"), "head_size": ((RWKV7,), "head_size"),
+    "chunk_size": ((Mamba2, GLA, HGRN2, RetNet), "chunk"),
 }
 
 
