@@ -3,9 +3,10 @@
 One module, in the order data flows; each section starts with a banner line of "=":
 
     Specs              the TOML spec format (msgspec Structs) and its loader
-    Compiler           spec -> ONNX window graph and step graph (onnxscript), one class per layer kind
+    Compiler           spec -> ONNX window graph and step graph (onnxscript): Graph and its helpers
+                       (the unrolled scan, the chunked decayed attention), one class per layer kind
     Features/actions   game state -> model inputs, controller <-> action classes (peppi-py and libmelee)
-    Data               replays -> cached per-game arrays -> training windows and batches
+    Data               replays -> cached per-game arrays (and the manifest) -> training windows and batches
     Training           onnxruntime-training: loss graph, Trainer, metrics, train(), evaluate(), distillation
     Inference          onnxruntime sessions, providers, the Stepper, sampling
     Agent              a trained run playing one frame at a time
