@@ -512,6 +512,11 @@ class _Init:
         if bias:
             self.uniform(f"{name}.bias", (n_out,), bound)
 
+    def step_bias(self, name: str, n: int) -> None:
+        """Mamba's time-step bias: softplus(bias) log-uniform in [1e-3, 1e-1] (at least 1e-4)."""
+        dt = np.exp(self.rng.uniform(math.log(1e-3), math.log(1e-1), n)).clip(min=1e-4)
+        self(name, dt + np.log(-np.expm1(-dt)))  # inverse softplus
+
     def norm(self, kind: str, name: str, width: int) -> None:
         if kind in ("layer", "rms"):
             self(f"{name}.weight", np.ones(width))
@@ -576,8 +581,7 @@ class MambaLayer:
         init.uniform(f"{name}.conv.bias", (D,), 1 / math.sqrt(K))
         init.linear(f"{name}.x_proj", D, R + 2 * N, bias=False)
         init.uniform(f"{name}.dt_proj.weight", (R, D), R ** -0.5)
-        dt = np.exp(init.rng.uniform(math.log(1e-3), math.log(1e-1), D)).clip(min=1e-4)
-        init(f"{name}.dt_proj.bias", dt + np.log(-np.expm1(-dt)))  # inverse softplus
+        init.step_bias(f"{name}.dt_proj.bias", D)
         init(f"{name}.A_log", np.log(np.tile(np.arange(1, N + 1, dtype=np.float64), (D, 1))))
         init(f"{name}.D", np.ones(D))
         init.linear(f"{name}.out_proj", D, width, bias=False, scale=1 / math.sqrt(n_layers))
@@ -742,8 +746,7 @@ class Mamba2Layer:
         init.linear(f"{name}.in_proj", width, D + conv + self.H, bias=False)
         init.uniform(f"{name}.conv.weight", (cfg.conv, conv), 1 / math.sqrt(cfg.conv))
         init.uniform(f"{name}.conv.bias", (conv,), 1 / math.sqrt(cfg.conv))
-        dt = np.exp(init.rng.uniform(math.log(1e-3), math.log(1e-1), self.H)).clip(min=1e-4)
-        init(f"{name}.dt_bias", dt + np.log(-np.expm1(-dt)))  # inverse softplus
+        init.step_bias(f"{name}.dt_bias", self.H)
         init(f"{name}.A_log", np.log(init.rng.uniform(1, 16, self.H)))
         init(f"{name}.D", np.ones(self.H))
         init.norm("rms", f"{name}.norm", D)
