@@ -731,6 +731,16 @@ class GatedSSMLayer:
         return g.linear(op.Mul(h, g.silu(z)), f"{n}.out_proj", bias=False), out
 
 
+def _heads(g: Graph, x, heads: int):
+    """[B, L, H * w] -> [B, H, L, w]."""
+    return g.op.Transpose(g.op.Reshape(x, g.const([0, 0, heads, -1], np.int64)), perm=[0, 2, 1, 3])
+
+
+def _merge_heads(g: Graph, y):
+    """[B, H, L, w] -> [B, L, H * w]."""
+    return g.op.Reshape(g.op.Transpose(y, perm=[0, 2, 1, 3]), g.const([0, 0, -1], np.int64))
+
+
 class Mamba2Layer:
     """Mamba-2: in_proj -> [z, xBC, dt]; xBC through a causal depthwise conv and SiLU; per head
     a scalar decay exp(dt A) over a [P, N] state driven by (dt x) B^T and read by C
@@ -754,30 +764,20 @@ class Mamba2Layer:
         self.states = [("conv", (cfg.conv - 1, conv)), ("ssm", (self.H, self.P, self.N))]
 
     def __call__(self, g: Graph, x, state: dict):
-        op, n, H, P = g.op, self.name, self.H, self.P
+        op, n, H = g.op, self.name, self.H
         z, xbc, dt = g.split(g.linear(x, f"{n}.in_proj", bias=False), [self.D, self.D + 2 * self.N, H])
         xbc, conv_state = g.causal_conv(f"{n}.conv", xbc, state["conv"], self.cfg.conv)
         u, b, c = g.split(g.silu(xbc), [self.D, self.N, self.N])
         dt = op.Transpose(g.softplus(op.Add(dt, g.param(f"{n}.dt_bias"))), perm=[0, 2, 1])  # [B, H, L]
-        heads = op.Transpose(op.Reshape(u, g.const([0, 0, H, P], np.int64)), perm=[0, 2, 1, 3])  # [B, H, L, P]
+        heads = _heads(g, u, H)  # [B, H, L, P]
         last, one = g.const([-1], np.int64), g.const([1], np.int64)
         log_decay = op.Unsqueeze(op.Mul(dt, op.Neg(op.Unsqueeze(op.Exp(g.param(f"{n}.A_log")), last))), last)
         y, h = g.decayed_attention(op.Unsqueeze(c, one), op.Unsqueeze(b, one), op.Mul(heads, op.Unsqueeze(dt, last)),
                                    log_decay, state["ssm"], self.cfg.chunk)  # decay exp(dt A) per head
         y = op.Add(y, op.Mul(heads, op.Reshape(g.param(f"{n}.D"), g.const([H, 1, 1], np.int64))))
-        y = op.Reshape(op.Transpose(y, perm=[0, 2, 1, 3]), g.const([0, 0, self.D], np.int64))
+        y = _merge_heads(g, y)
         y = g.norm("rms", op.Mul(y, g.silu(z)), f"{n}.norm")
         return g.linear(y, f"{n}.out_proj", bias=False), {"conv": conv_state, "ssm": h}
-
-
-def _heads(g: Graph, x, heads: int):
-    """[B, L, H * w] -> [B, H, L, w]."""
-    return g.op.Transpose(g.op.Reshape(x, g.const([0, 0, heads, -1], np.int64)), perm=[0, 2, 1, 3])
-
-
-def _merge_heads(g: Graph, y):
-    """[B, H, L, w] -> [B, L, H * w]."""
-    return g.op.Reshape(g.op.Transpose(y, perm=[0, 2, 1, 3]), g.const([0, 0, -1], np.int64))
 
 
 class GLALayer:
