@@ -1726,21 +1726,14 @@ class Manifest:
         folder = cache or cache_dir()
         folder.mkdir(parents=True, exist_ok=True)
         self.db = sqlite3.connect(folder / "manifest.sqlite", timeout=60, isolation_level=None)
-        self.db.execute("PRAGMA journal_mode=WAL")  # readers never wait for a writer
+        # Every row is its own short transaction, so runs sharing the cache never hold the lock
+        # for long (a write lock wanted inside a longer read fails at once in SQLite); with the
+        # write-ahead log, readers never wait and a commit does not sync the disk.
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("PRAGMA synchronous=NORMAL")
         self.db.execute("CREATE TABLE IF NOT EXISTS files (path TEXT PRIMARY KEY, size INT, mtime_ns INT, hash TEXT)")
         self.db.execute("CREATE TABLE IF NOT EXISTS games (hash TEXT PRIMARY KEY, frames INT, stage INT, "
                         "port_1 INT, character_1 INT, port_2 INT, character_2 INT, skipped TEXT)")
-
-    @contextlib.contextmanager
-    def batch(self):
-        """One transaction for many rows (a row per transaction would sync the disk each time)."""
-        self.db.execute("BEGIN")
-        try:
-            yield
-        except BaseException:
-            self.db.execute("ROLLBACK")
-            raise
-        self.db.execute("COMMIT")
 
     def content_hash(self, path: Path) -> str:
         """The replay's SHA-256 (24 hex digits): read and hashed only when its size or
@@ -1885,12 +1878,11 @@ def _cache_collection(replays, cache: Path | None, log, max_files: int = 0, work
         paths = paths[:max_files]
     entries, errors = {}, {}
     manifest = Manifest(cache)
-    with manifest.batch():
-        for p in paths:
-            try:
-                entries[p] = _cache_entry(p, cache, manifest)
-            except ReplayError as e:
-                errors[p] = e.reason
+    for p in paths:
+        try:
+            entries[p] = _cache_entry(p, cache, manifest)
+        except ReplayError as e:
+            errors[p] = e.reason
     _remove_stale_temporaries(cache or cache_dir())
     missing = [(p, f) for p, f in entries.items() if not f.exists() and not f.with_suffix(".error").exists()]
     workers = min(workers or os.cpu_count() or 1, len(missing))
@@ -1927,28 +1919,27 @@ def _each_game(collection: _Collection, log, load: bool = True, keep: Callable[[
     and recorded with their reason. Games the manifest describes are not read with load=False,
     nor when `keep(row)` is false."""
     manifest = collection.manifest
-    with manifest.batch():
-        for path in collection.paths:
-            entry = collection.entries.get(path)
-            digest = entry and entry.name.split("-")[0]
-            row = digest and manifest.game(digest)
-            try:
-                if path in collection.errors:
-                    raise ReplayError(path, collection.errors[path])
-                if row and row["skipped"]:
-                    raise ReplayError(path, row["skipped"])
-                wanted = load and (keep is None or not row or keep(row))
-                episodes = load_replay(path, entry=entry) if wanted or not row else None
-                if not row:
-                    manifest.record(digest, episodes)
-                    row = manifest.game(digest)
-                yield path, row, episodes if load and (keep is None or keep(row)) else None
-            except ReplayError as e:
-                if digest and not row:
-                    manifest.record(digest, skipped=e.reason)
-                if log:
-                    log(f"skipped {path}: {e.reason}")
-                yield path, {"skipped": e.reason}, None
+    for path in collection.paths:
+        entry = collection.entries.get(path)
+        digest = entry and entry.name.split("-")[0]
+        row = digest and manifest.game(digest)
+        try:
+            if path in collection.errors:
+                raise ReplayError(path, collection.errors[path])
+            if row and row["skipped"]:
+                raise ReplayError(path, row["skipped"])
+            wanted = load and (keep is None or not row or keep(row))
+            episodes = load_replay(path, entry=entry) if wanted or not row else None
+            if not row:
+                manifest.record(digest, episodes)
+                row = manifest.game(digest)
+            yield path, row, episodes if load and (keep is None or keep(row)) else None
+        except ReplayError as e:
+            if digest and not row:
+                manifest.record(digest, skipped=e.reason)
+            if log:
+                log(f"skipped {path}: {e.reason}")
+            yield path, {"skipped": e.reason}, None
 
 
 def load_games(replays: str | os.PathLike | Sequence, cache: Path | None = None, log=None,

@@ -134,3 +134,22 @@ def test_data_command_prints_the_summary(tmp_path):
     lines = out.stdout.splitlines()
     assert lines[0] == f"{REPLAYS}: 3 games, 23,292 frames (0.1 hours of play), 0 of 3 replays skipped"
     assert lines[1] == "  characters (player views): falco 4, sheik 1, marth 1"
+
+
+def test_runs_sharing_a_cache_can_load_at_once(tmp_path):
+    """Three processes load the same new collection into one cache at the same time (as runs
+    started together do): each one gets every game, none fails on the manifest's lock."""
+    import subprocess
+    import sys
+
+    source = SHARED if SHARED.is_dir() else REPLAYS
+    code = ("import sys, exphil\n"
+            "if __name__ == '__main__':\n"
+            "    games, skipped = exphil.load_games(sys.argv[1], workers=1)\n"
+            "    print(len(games), len(skipped))\n")
+    env = {**exphil.os.environ, "EXPHIL_CACHE": str(tmp_path / "cache")}
+    runs = [subprocess.Popen([sys.executable, "-c", code, str(source)], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True, env=env) for _ in range(3)]
+    results = [run.communicate(timeout=300) for run in runs]
+    assert [run.returncode for run in runs] == [0, 0, 0], [err[-300:] for _, err in results]
+    assert len({out for out, _ in results}) == 1
