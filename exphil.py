@@ -648,6 +648,8 @@ class AttentionLayer:
     The window graph attends over [carried W-1 frames, L new frames] with a constant band mask,
     so stepping frame by frame (L = 1, O(W) per step) reproduces it exactly, at any depth."""
 
+    width_unit = staticmethod(lambda cfg: cfg.heads)  # widths it accepts are multiples of this
+
     def __init__(self, name: str, cfg: Attention, width: int, init: _Init, n_layers: int, window: int = 1):
         if width % cfg.heads:
             raise SpecError(f"attention: hidden size {width} is not divisible by heads = {cfg.heads}")
@@ -747,6 +749,8 @@ class Mamba2Layer:
     (`Graph.decayed_attention`); plus D x; gated RMSNorm of y * SiLU(z); out_proj.
     States: the last K-1 conv inputs and h [H, P, N]."""
 
+    width_unit = staticmethod(lambda cfg: cfg.head_dim)
+
     def __init__(self, name: str, cfg: Mamba2, width: int, init: _Init, n_layers: int):
         D = cfg.expand * width
         if D % cfg.head_dim:
@@ -785,6 +789,8 @@ class GLALayer:
     h = diag(decay) h + v k^T per head (`Graph.decayed_attention`), y = h q / sqrt(key width);
     RMSNorm per head, times SiLU(g); out projection. State: h [H, value, key] per head."""
 
+    width_unit = staticmethod(lambda cfg: 2 * cfg.heads)
+
     def __init__(self, name: str, cfg: GLA, width: int, init: _Init, n_layers: int):
         K, V, H = round(cfg.expand_k * width), round(cfg.expand_v * width), cfg.heads
         if K % H or V % H:
@@ -816,6 +822,8 @@ class HGRN2Layer:
     """HGRN-2: q = SiLU(x W_q), forget gate f = lb + (1 - lb) sigmoid(x W_f) per key channel,
     key 1 - f, value x W_i; h = diag(f) h + v (1 - f)^T per head, y = h q / sqrt(key width);
     RMSNorm; out projection. State: h [H, value, key] per head."""
+
+    width_unit = staticmethod(lambda cfg: cfg.heads)
 
     def __init__(self, name: str, cfg: HGRN2, width: int, init: _Init, n_layers: int):
         if width % cfg.heads:
@@ -849,6 +857,8 @@ class RetNetLayer:
     o_t = q_t S_t: with the rotations written into q and k, that is a fixed-decay
     `Graph.decayed_attention`, and the state leaves the window rotated back by L theta (so the
     step needs no position). RMSNorm per head (no weights), times SiLU(g), out projection."""
+
+    width_unit = staticmethod(lambda cfg: 2 * cfg.heads)
 
     def __init__(self, name: str, cfg: RetNet, width: int, init: _Init, n_layers: int):
         V, H = cfg.value_factor * width, cfg.heads
@@ -896,6 +906,8 @@ class RWKV7Layer:
     later layers' v (value residual); kk = L2-normalised k k_k per head, k <- k (1 + (a - 1) k_a);
     per head S <- S diag(w) - (S kk)(a kk)^T + v k^T, y = S r; per-head LayerNorm plus
     (sum r k r_k) v; out = (y g) W_o. States: x_prev [1, C] and S [H, N, N]."""
+
+    width_unit = staticmethod(lambda cfg: cfg.head_size)
 
     def __init__(self, name: str, cfg: RWKV7, width: int, init: _Init, n_layers: int):
         C, N = width, cfg.head_size
@@ -1096,11 +1108,8 @@ MIXERS = {Dense: DenseLayer, LSTM: LSTMLayer, GRU: GRULayer, Mamba: MambaLayer, 
 def estimate_params(spec: Spec) -> int:
     """A spec's parameter count without allocating it: counts are a quadratic in the width, so
     three small copies of the spec give it (exactly at widths that are multiples of 16)."""
-    base = math.lcm(16, *[b.mixer.heads for b in spec.blocks if isinstance(b.mixer, Attention)],
-                    *[b.mixer.head_dim for b in spec.blocks if isinstance(b.mixer, Mamba2)],
-                    *[b.mixer.heads for b in spec.blocks if isinstance(b.mixer, HGRN2)],
-                    *[2 * b.mixer.heads for b in spec.blocks if isinstance(b.mixer, (GLA, RetNet))],
-                    *[b.mixer.head_size for b in spec.blocks if isinstance(b.mixer, RWKV7)])
+    # a mixer with heads needs a width its `width_unit` divides
+    base = math.lcm(16, *[getattr(MIXERS[type(b.mixer)], "width_unit", lambda cfg: 1)(b.mixer) for b in spec.blocks])
     xs = [base, 2 * base, 3 * base]
     ys = [sum(v.size for v in Model(msgspec.structs.replace(spec, hidden=x), check=False).params.values()) for x in xs]
     h = spec.hidden  # Lagrange interpolation through the three points
