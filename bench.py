@@ -35,6 +35,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import msgspec
 import numpy as np
 
 import exphil
@@ -64,7 +65,8 @@ def rerun_cell(model: exphil.Model, provider: str, cats, nums) -> dict:
     """The window graph over the last `window` frames, re-run for every frame."""
     L = model.spec.window
     sess = exphil.session(model.build().SerializeToString(), provider)
-    feed = {"cat": cats[None, :L], "num": nums[None, :L], **{f"state_in.{k}": v for k, v in model.zero_state(1).items()}}
+    feed = {"cat": cats[None, :L], "num": nums[None, :L], **{f"state_in.{k}": v for k, v in model.zero_state(1).items()},
+            **({"rtg": np.zeros((1, L), np.float32)} if model.spec.returns.input else {})}
     return exphil.timed(lambda: sess.run(None, feed), seconds=0.4)
 
 
@@ -152,8 +154,10 @@ def loop_latency(source: str, frames_: int = 1800, fps: float | None = None, pre
         tmp = Path(tmp)
         name, model, graphs = graphs_for(source)
         model.save(tmp / "run")
+        (tmp / "run" / "spec.toml").write_bytes(msgspec.toml.encode(model.spec))
         onnx.save(onnx.ModelProto.FromString(graphs["int8"]), tmp / "run" / "step.int8.onnx")
-        agent = exphil.Agent(tmp / "run", provider="cpu", precision=precision, seed=0)
+        agent = exphil.Agent(tmp / "run", provider="cpu", precision=precision, seed=0,
+                             target_return=0.0 if model.spec.returns.input else None)
         exe = tmp / "dolphin"  # Dolphin cannot run here; libmelee only asks this stand-in for a version
         exe.write_text("#!/bin/sh\necho 'Slippi Dolphin mainline (stand-in)'\n")
         exe.chmod(0o755)
@@ -180,7 +184,7 @@ def throughput_setup(spec: exphil.Spec, batch_size: int, window: int) -> tuple[e
     model.start_from_baselines(exphil.label_frequencies(episodes), exphil.markov_tables(episodes))
     wins = exphil.windows(episodes, window)
     picks = np.linspace(0, len(wins) - 1, batch_size).round().astype(int)
-    return model, exphil.make_batch(episodes, [wins[i] for i in picks], window)
+    return model, exphil.make_batch(episodes, [wins[i] for i in picks], window, returns=spec.returns_used)
 
 
 def matmul_peak(n: int = 1024, calls: int = 8) -> dict:

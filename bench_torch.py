@@ -223,8 +223,8 @@ MIXERS = {exphil.Dense: Dense, exphil.LSTM: LSTM, exphil.GRU: GRU, exphil.Mamba:
 
 def supports(spec: exphil.Spec) -> bool:
     """Whether every mixer of the spec has a PyTorch counterpart here (the original seven,
-    without shared blocks)."""
-    return all(type(b.mixer) in MIXERS and not b.share for b in spec.blocks)
+    without shared blocks or a return-to-go input or value head)."""
+    return all(type(b.mixer) in MIXERS and not b.share for b in spec.blocks) and not spec.returns_used
 
 
 # ---- the model ---------------------------------------------------------------------------------------

@@ -231,6 +231,20 @@ class Heads(_Strict):
     markov: bool = False
 
 
+class Returns(_Strict):
+    """Rewards and the return-to-go (per player view), for return-conditioned policies and a
+    value head. The reward of frame t (what follows from frame t to t + 1): `damage` per percent
+    of damage dealt minus damage taken, plus `stock` per stock the opponent loses minus per stock
+    the player loses. The return-to-go at frame t: the rewards from t to the end of the game,
+    the reward k frames ahead weighted by discount^k."""
+    damage: float = 0.01
+    stock: float = 1.0
+    discount: Annotated[float, msgspec.Meta(gt=0, le=1)] = 1.0
+    input: bool = False  # the return-to-go is an input (play sets a target return)
+    value: bool = False  # a value head predicts the return-to-go (trained with the policy)
+    value_weight: Annotated[float, msgspec.Meta(ge=0)] = 0.5  # its squared error's weight in the loss
+
+
 class Spec(_Strict):
     name: str
     window: Pos  # frames per training window
@@ -243,11 +257,17 @@ class Spec(_Strict):
     # in training only: zero this share of the input projection's and every block's outputs
     # (scaled up to keep the mean); play and evaluation use the whole model
     dropout: Annotated[float, msgspec.Meta(ge=0, lt=1)] = 0.0
+    returns: Returns = Returns()
 
     @property
     def layers(self) -> list[Block]:
         """Blocks with ``repeat`` expanded: one entry per layer."""
         return [b for b in self.blocks for _ in range(b.repeat)]
+
+    @property
+    def returns_used(self) -> Returns | None:
+        """The reward settings when the graphs read or predict the return-to-go, else None."""
+        return self.returns if self.returns.input or self.returns.value else None
 
 
 class SpecError(ExphilError):
@@ -278,6 +298,9 @@ def parse_spec(text: str | bytes, source: str = "<spec>") -> Spec:
             if msgspec.structs.replace(block, repeat=1) != msgspec.structs.replace(spec.blocks[i], repeat=1):
                 raise SpecError(f"{source}: field `blocks[{j}].share`: {block.share!r} names blocks[{i}], whose "
                                 "settings differ (a shared block's mixer, norm, residual and ffn are one)")
+        if spec.returns.input and spec.returns.value:
+            raise SpecError(f"{source}: field `returns.value`: a value head beside `returns.input` would read its "
+                            "target, the return-to-go, from its input; choose one")
         return spec
     except msgspec.ValidationError as e:
         msg = str(e)
@@ -1142,7 +1165,7 @@ class Model:
         widths = {"action": spec.embed.action, "character": spec.embed.character, "stage": spec.embed.stage}
         for table, vocab in EMBED_TABLES.items():
             init(f"embed.{table}", init.rng.normal(0, 1, (vocab, widths[table])))
-        d_in = sum(widths[table] for _, table in CAT_FIELDS) + len(NUM_FIELDS)
+        d_in = sum(widths[table] for _, table in CAT_FIELDS) + len(NUM_FIELDS) + spec.returns.input
         init.linear("in_proj", d_in, d)
         self.layers = []  # (block, mixer, prefix of the block's weights) per position
         layers, shared = spec.layers, {}
@@ -1168,6 +1191,8 @@ class Model:
         if spec.heads.hidden:
             init.linear("heads.hidden", d, spec.heads.hidden)
         init.linear("heads.out", spec.heads.hidden or d, sum(HEADS.values()), scale=0.1)
+        if spec.returns.value:
+            init.linear("heads.value", spec.heads.hidden or d, 1, scale=0.1)
         if spec.heads.markov:
             for h, k in HEADS.items():
                 init(f"heads.markov.{h}", np.zeros((2, 8) if h == "buttons" else (k, k)))
@@ -1185,10 +1210,14 @@ class Model:
                                   f"{params[k].shape}, spec needs {v.shape}")
             self.params[k] = np.asarray(params[k], dtype=np.float32)
 
-    def start_from_baselines(self, freqs: dict[str, list[float]], markov: dict[str, list] | None = None) -> None:
+    def start_from_baselines(self, freqs: dict[str, list[float]], markov: dict[str, list] | None = None,
+                             mean_return: float | None = None) -> None:
         """Set the output biases so that an untrained model predicts the label frequencies (its
         loss starts at the frequency baseline instead of far above it); with the spec's Markov
-        table heads, set those to the counted table instead (it starts at the Markov baseline)."""
+        table heads, set those to the counted table instead (it starts at the Markov baseline).
+        A value head starts at `mean_return` (the training frames' mean return-to-go)."""
+        if self.spec.returns.value and mean_return is not None:
+            self.params["heads.value.bias"] = np.array([mean_return], np.float32)
         if self.spec.heads.markov and markov is not None:
             for h in HEADS:
                 p = np.asarray(markov[h], np.float64)  # smoothed counts: strictly inside (0, 1)
@@ -1220,14 +1249,16 @@ class Model:
     def zero_state(self, batch: int = 1) -> dict[str, np.ndarray]:
         return {n: np.zeros((batch, *shape), np.float32) for n, shape in self.states}
 
-    def forward(self, g: Graph, cat, num, state: dict):
-        """cat [B, L, C] int64, num [B, L, F] -> head logits [B, L, sum(HEADS)], new state."""
+    def forward(self, g: Graph, cat, num, state: dict, rtg=None):
+        """cat [B, L, C] int64, num [B, L, F] (and the return-to-go [B, L] of return-conditioned
+        specs) -> head logits [B, L, sum(HEADS)], new state, value [B, L] (or None)."""
         op, spec = g.op, self.spec
         feats = []
         for i, (_, table) in enumerate(CAT_FIELDS):
             ids = op.Gather(cat, g.const(i, np.int64), axis=2)
             feats.append(g.lookup(f"embed.{table}", ids))
-        x = g.dropout(g.linear(op.Concat(*feats, num, axis=-1), "in_proj"), spec.dropout)
+        extra = [op.Unsqueeze(rtg, g.const([-1], np.int64))] if rtg is not None else []
+        x = g.dropout(g.linear(op.Concat(*feats, num, *extra, axis=-1), "in_proj"), spec.dropout)
         new_state = {}
         for i, (block, mixer, name) in enumerate(self.layers):
             own = {s: state[f"layers.{i}.mixer.{s}"] for s, _ in mixer.states}
@@ -1246,7 +1277,8 @@ class Model:
         logits = g.linear(x, "heads.out")
         if spec.heads.markov:
             logits = op.Add(logits, self.markov_logits(g, num))
-        return logits, new_state
+        value = op.Squeeze(g.linear(x, "heads.value"), g.const([-1], np.int64)) if spec.returns.value else None
+        return logits, new_state, value
 
     def markov_logits(self, g: Graph, num):
         """[B, L, sum(HEADS)]: per head, the row of its table picked by the current controller's
@@ -1288,15 +1320,22 @@ class Model:
             cat = g.input("cat", "INT64", ["B", length, C])
             num = g.input("num", "FLOAT", ["B", length, F])
         state = {n: g.input(f"state_in.{n}", "FLOAT", ["B", *shape]) for n, shape in self.states}
-        logits, new_state = self.forward(g, cat, num, state)
+        rtg = None
+        if self.spec.returns.input:
+            rtg = g.input("rtg", "FLOAT", ["B"] if step else ["B", length])
+            rtg = op.Unsqueeze(rtg, axis1) if step else rtg
+        logits, new_state, value = self.forward(g, cat, num, state, rtg)
         if step:
             logits = op.Squeeze(logits, axis1)
+            value = None if value is None else op.Squeeze(value, axis1)
         heads = dict(zip(HEADS, g.split(logits, list(HEADS.values()))))
+        if value is not None:
+            heads["value"] = value
         if extra is not None:
             extra(g, heads, new_state)
         lead = ["B"] if step else ["B", length]
         for name, value in heads.items():
-            g.output(value, name, lead + [HEADS[name]])
+            g.output(value, name, lead + ([HEADS[name]] if name in HEADS else []))
         for n, shape in self.states:
             g.output(new_state[n], f"state_out.{n}", ["B", *shape])
         return g.to_proto()
@@ -1597,6 +1636,31 @@ def game_labels(game: Game, port: int):
                 shoulder=_shoulder_class(p["trigger"]))
 
 
+def frame_rewards(num: np.ndarray, returns: Returns) -> np.ndarray:
+    """[T] float64: the reward of each frame of one player view's features `num` [T, F]: what
+    follows from frame t to t + 1 (see `Returns`); the last frame's is 0. Percent only rises
+    with damage (it drops back to 0 with a lost stock, which is not counted as healing)."""
+    col = {n: NUM_FIELDS.index(n) for n in ("self_percent", "opp_percent", "self_stock", "opp_stock")}
+    raw = lambda n: num[:, col[n]].astype(np.float64) / _SCALE[col[n]]
+    rise = lambda n: np.maximum(np.diff(raw(n)), 0)
+    lost = lambda n: np.maximum(-np.diff(np.rint(raw(n))), 0)
+    r = returns.damage * (rise("opp_percent") - rise("self_percent")) + returns.stock * (lost("opp_stock") - lost("self_stock"))
+    return np.append(r, 0.0)
+
+
+def returns_to_go(num: np.ndarray, returns: Returns) -> np.ndarray:
+    """[T] float32: at each frame, the sum of the rewards from it to the end of the game, the
+    reward k frames ahead weighted by returns.discount^k."""
+    r, g = frame_rewards(num, returns), returns.discount
+    if g == 1:
+        return np.cumsum(r[::-1])[::-1].astype(np.float32)
+    out, acc = np.empty_like(r), 0.0
+    for t in range(len(r) - 1, -1, -1):
+        acc = r[t] + g * acc
+        out[t] = acc
+    return out.astype(np.float32)
+
+
 def encode_controller(cs):
     """libmelee ControllerState -> action dict (sticks 17 classes, shoulder 5 classes).
 
@@ -1678,10 +1742,17 @@ class Episode:
     cat: np.ndarray  # [T, C] int64 categorical ids
     num: np.ndarray  # [T, F] float32 numeric features
     labels: dict[str, np.ndarray]  # controller per frame: buttons [T, 8] uint8, sticks/shoulder [T]
+    _rtg: dict = dataclasses.field(default_factory=dict, repr=False, compare=False)
 
     @property
     def frames(self) -> int:
         return len(self.cat)
+
+    def rtg(self, returns: Returns) -> np.ndarray:
+        """[T] the return-to-go at every frame (`returns_to_go`, computed once per settings)."""
+        if returns not in self._rtg:
+            self._rtg[returns] = returns_to_go(self.num, returns)
+        return self._rtg[returns]
 
 
 def find_replays(root: str | os.PathLike, unreadable: list | None = None) -> list[Path]:
@@ -2056,7 +2127,8 @@ MIRROR_HEADS = ("main_x", "c_x")
 def make_batch(episodes: list[Episode], wins: Sequence[tuple[int, int] | None], length: int,
                delay: int | Sequence[int] = 0, mirror: Sequence[bool] | None = None, smoothing: float = 0.0,
                teacher: dict | None = None, change_weight: float = 1.0,
-               controller_dropout: tuple[float, int] | None = None) -> dict[str, np.ndarray]:
+               controller_dropout: tuple[float, int] | None = None, returns: Returns | None = None,
+               ) -> dict[str, np.ndarray]:
     """Inputs, targets (probabilities), a frame mask (0 for padding past an episode's end) and
     each frame's current controller classes `current.<head>` (what "repeat the current input"
     predicts) for windows; a window given as None is all padding.
@@ -2067,7 +2139,8 @@ def make_batch(episodes: list[Episode], wins: Sequence[tuple[int, int] | None], 
     controller in any head. controller_dropout (p, seed): zero the current-controller inputs of
     a random share p of the frames.
     teacher: {"logits": per-episode [T, sum(HEADS)] arrays, "temperature": T} adds the
-    teacher's soft targets `soft.<head>` (distillation)."""
+    teacher's soft targets `soft.<head>` (distillation). returns: add each frame's return-to-go
+    (`rtg`, the input of return-conditioned specs, and `target.value`, the same array)."""
     B, C, F = len(wins), len(CAT_FIELDS), len(NUM_FIELDS)
     delays = np.broadcast_to(np.asarray(delay), (B,))
     batch = {"cat": np.zeros((B, length, C), np.int64), "num": np.zeros((B, length, F), np.float32),
@@ -2075,6 +2148,8 @@ def make_batch(episodes: list[Episode], wins: Sequence[tuple[int, int] | None], 
     labels = {h: np.zeros((B, length) + ((8,) if h == "buttons" else ()), np.int64) for h in HEADS}
     current = {h: np.zeros_like(v) for h, v in labels.items()}
     soft = teacher and np.zeros((B, length, sum(HEADS.values())), np.float32)
+    if returns is not None:
+        batch["rtg"] = batch["target.value"] = np.zeros((B, length), np.float32)
     for b, win in enumerate(wins):
         if win is None:  # padding: an idle stream in stateful training
             continue
@@ -2091,6 +2166,8 @@ def make_batch(episodes: list[Episode], wins: Sequence[tuple[int, int] | None], 
             current[h][b, :n] = ep.labels[h][s:s + n]
         if teacher:
             soft[b, :n] = teacher["logits"][i][s:s + n]
+        if returns is not None:
+            batch["rtg"][b, :n] = ep.rtg(returns)[s:s + n]
     if mirror is not None and np.any(mirror):
         flip = np.asarray(mirror, bool)
         batch["num"][flip] *= MIRROR_SIGN
@@ -2190,6 +2267,14 @@ def markov_tables(episodes: list[Episode], delay: int = 0) -> dict[str, list]:
     return tables
 
 
+def return_stats(episodes: list[Episode], returns: Returns) -> dict:
+    """The return-to-go at the first frame of each episode (what a game's whole play earned):
+    quantiles over the episodes, from which a target return for play can be chosen."""
+    start = np.array([e.rtg(returns)[0] for e in episodes], np.float64)
+    q = lambda p: round(float(np.quantile(start, p)), 4)
+    return {"start": {"min": q(0), "p10": q(0.1), "p50": q(0.5), "p90": q(0.9), "max": q(1)}}
+
+
 def frequency_loss(freqs: dict[str, list[float]], episodes: list[Episode], delay: int = 0) -> dict[str, float]:
     """The loss of always predicting `freqs` on these episodes."""
     out = {}
@@ -2230,15 +2315,17 @@ def _ort_training():
     return artifacts, api, onnxblock
 
 
-def loss_graph(distill: tuple[float, float] | None = None):
+def loss_graph(distill: tuple[float, float] | None = None, value_weight: float = 0.5):
     """The training loss, built inside the graph (`Model.build(extra=loss_graph())`).
 
     Hard loss: BCE summed over the 8 buttons plus the cross-entropy of each stick axis and the
     shoulder, each averaged over unmasked frames, summed over heads. Targets are probabilities.
     With distill = (T, alpha), each head's loss becomes
     alpha * T^2 * KL(teacher_T || student_T) + (1 - alpha) * hard, with the teacher's tempered
-    probabilities fed as `soft.<head>`. Outputs: `loss`, `loss.<head>` (hard, per head) and,
-    when distilling, `kl` (summed over heads)."""
+    probabilities fed as `soft.<head>`. A model with a value head adds value_weight times the
+    squared error of its `value` against `target.value` (the return-to-go), averaged over
+    unmasked frames. Outputs: `loss`, `loss.<head>` (hard, per head), `loss.value` with a value
+    head and, when distilling, `kl` (summed over heads)."""
 
     def add(g: Graph, heads: dict, new_state: dict) -> None:
         op = g.op
@@ -2272,6 +2359,10 @@ def loss_graph(distill: tuple[float, float] | None = None):
                 kl_total = kl if kl_total is None else op.Add(kl_total, kl)
                 loss = op.Add(op.Mul(kl, alpha * T * T), op.Mul(loss, 1 - alpha))
             total = loss if total is None else op.Add(total, loss)
+        if "value" in heads:
+            error = op.Sub(heads["value"], g.input("target.value", "FLOAT", ["B", g.length]))
+            hard["value"] = op.Div(op.ReduceSum(op.Mul(op.Mul(error, error), mask), keepdims=0), count)
+            total = op.Add(total, op.Mul(hard["value"], value_weight))
         # Every state output joins the loss with weight 0: onnxruntime-training 1.19 fails on a
         # Split (or fused Slices) whose outputs do not all reach the loss.
         for v in new_state.values():
@@ -2316,7 +2407,8 @@ class Trainer:
             tmp.mkdir(parents=True)
             clip = onnxblock.optim.ClipGradNorm(max_grad_norm) if max_grad_norm else None
             with _quiet_fd2():
-                artifacts.generate_artifacts(model.build(self.length, extra=loss_graph(distill), training=True),
+                loss = loss_graph(distill, model.spec.returns.value_weight)
+                artifacts.generate_artifacts(model.build(self.length, extra=loss, training=True),
                                              requires_grad=sorted(model.params), loss=None,
                                              optimizer=onnxblock.optim.AdamW(weight_decay=weight_decay,
                                                                              clip_grad=clip),
@@ -2424,7 +2516,9 @@ class Metrics:
     * frequency: always the training games' label frequencies: loss, and the top-1 of always
       the most common class;
     * change frames: the model's top-1 per head on the frames whose target differs from the
-      current input, and its accuracy on the button entries that change.
+      current input, and its accuracy on the button entries that change;
+    * a value head's squared error beside that of always the training frames' mean return
+      (`baselines["mean_return"]`).
 
     A button counts as pressed when its probability is above `button_threshold` (one of
     BUTTON_THRESHOLDS); button F1 is also counted at every one of those thresholds, so that a
@@ -2445,8 +2539,11 @@ class Metrics:
         mask = batch["mask"] > 0
         frames = float(mask.sum())
         self._count("frames", frames)
-        for name in ["loss", *(f"loss.{h}" for h in HEADS), *(["kl"] if "kl" in out else [])]:
+        for name in ["loss", *(f"loss.{h}" for h in HEADS), *(n for n in ("kl", "loss.value") if n in out)]:
             self._count(name, float(out[name]) * frames)
+        if "loss.value" in out and self.baselines and "mean_return" in self.baselines:
+            error = batch["target.value"][mask] - self.baselines["mean_return"]
+            self._count("mean_return.loss.value", (error.astype(np.float64) ** 2).sum())
         for h in HEADS:
             true = batch[f"target.{h}"][mask]
             true = true > 0.5 if h == "buttons" else true.argmax(-1)
@@ -2523,6 +2620,10 @@ class Metrics:
                 out[f"{prefix}_{who}"] = {"loss": round(sum(heads.values()), 5), "heads": heads}
         if "frequency.hit.main_x" in acc:
             out[f"{prefix}_frequency"]["accuracy"] = top1("frequency.")  # always the most common class
+        if "loss.value" in acc:  # the value head's squared error, beside always the mean training return's
+            out[f"{prefix}_value_mse"] = round(acc["loss.value"] / n, 5)
+            if "mean_return.loss.value" in acc:
+                out[f"{prefix}_value_mse_mean_return"] = round(acc["mean_return.loss.value"] / n, 5)
         if "kl" in acc:
             out[f"{prefix}_kl"] = acc["kl"] / n
             out[f"{prefix}_distill_loss"] = acc["loss"] / n
@@ -2543,6 +2644,9 @@ def summary_line(result: dict, prefix: str) -> str:
                  + (f" (copy {copy['button_f1']:.3f})" if copy else ""))
     if change:
         parts.append("change frames: " + " ".join(f"{h} {change['accuracy'][h]:.2f}" for h in ("main_x", "main_y", "buttons")))
+    if r("value_mse") is not None:
+        mean = r("value_mse_mean_return")
+        parts.append(f"value mse {r('value_mse'):.3f}" + (f" (mean return {mean:.3f})" if mean is not None else ""))
     return " | ".join(parts)
 
 
@@ -2573,7 +2677,7 @@ def evaluate_batches(run, batches, metrics: Metrics | None = None) -> Metrics:
 def stream_batches(model: Model, episodes, length, delay, run, **batch_args):
     """Batches walking each game from its start in consecutive windows, the state carried
     from one to the next (what the step graph sees playing the games frame by frame)."""
-    previous = None
+    previous, batch_args = None, {"returns": model.spec.returns_used, **batch_args}
     for wins in streams(episodes, length, len(episodes), delay):
         batch = carry_state(make_batch(episodes, wins, length, delay, **batch_args), previous, wins, model)
         previous = run(batch)
@@ -2586,6 +2690,7 @@ def score_games(run, model: Model, episodes, length: int, delay: int, metrics: M
     start with the state carried from window to window (what its step graph sees in play);
     a model without state scores independent windows."""
     if not model.states:
+        batch_args = {"returns": model.spec.returns_used, **batch_args}
         return evaluate_batches(run, (make_batch(episodes, w, length, delay, **batch_args)
                                       for w in chunks(windows(episodes, length, delay), batch_size)), metrics)
     metrics = metrics or Metrics()
@@ -2910,6 +3015,9 @@ def _train(spec, replays, out: Path, resume: bool, quiet: bool, cache, config) -
                           f"all {1 + d} frames or shorter")
     freqs = label_frequencies(train_eps, d_lo)
     baselines = {"frequency": freqs, "markov": markov_tables(train_eps, d_lo)}  # counted on training games only
+    returns = spec.returns_used
+    if returns:
+        baselines["mean_return"] = float(np.mean(np.concatenate([e.rtg(returns)[:e.frames - 1 - d_lo] for e in train_eps])))
     baseline = frequency_loss(freqs, val_eps, d_lo) if val_eps else None
     info = {
         "exphil": __version__, "spec": spec.name, "feature_version": FEATURE_VERSION,
@@ -2923,6 +3031,8 @@ def _train(spec, replays, out: Path, resume: bool, quiet: bool, cache, config) -
         "baseline_loss": baseline, "label_frequencies": freqs, "markov_tables": baselines["markov"],
         "status": "running",
     }
+    if returns:
+        info["returns"] = return_stats(train_eps, returns) | {"mean_return": baselines["mean_return"]}
     out.mkdir(parents=True, exist_ok=True)
     if not resume:
         (out / "spec.toml").write_text(msgspec.toml.encode(spec).decode())
@@ -2940,7 +3050,7 @@ def _train(spec, replays, out: Path, resume: bool, quiet: bool, cache, config) -
                    "val": logits[len(train_eps):], "model": teacher_model}
     distill = (config.distill_temperature, config.distill_alpha) if teacher else None
     model = Model(spec, seed=config.seed, check=False)  # checked in train() (or when the run began)
-    model.start_from_baselines(freqs, baselines["markov"])
+    model.start_from_baselines(freqs, baselines["markov"], baselines.get("mean_return"))
     trainer = Trainer(model, out / "train", lr=config.lr, weight_decay=config.weight_decay, log=log,
                       max_grad_norm=config.max_grad_norm, distill=distill)
     progress = trainer.progress if resume else {}
@@ -2975,7 +3085,7 @@ def _train(spec, replays, out: Path, resume: bool, quiet: bool, cache, config) -
                           mirror=mirror, smoothing=config.label_smoothing, teacher=eps_teacher,
                           change_weight=config.change_weight,
                           controller_dropout=(config.controller_dropout, int(rng.integers(1 << 62)))
-                          if config.controller_dropout else None)
+                          if config.controller_dropout else None, returns=returns)
 
     steps_per_epoch = len(plan(1))
     total_steps = steps_per_epoch * config.epochs
@@ -3137,8 +3247,11 @@ def evaluate(run: str | os.PathLike, replays, batch_size: int = 64, cache: Path 
     delay, L = int(info.get("frame_delay", 0)), model.spec.window
     baselines = ({"frequency": info["label_frequencies"], "markov": info.get("markov_tables")}
                  if "label_frequencies" in info else None)
+    if baselines and "returns" in info:
+        baselines["mean_return"] = info["returns"]["mean_return"]
     metrics = Metrics(baselines=baselines, button_threshold=info.get("button_threshold", 0.5))
-    score_games(_window_runner(model, add_loss), model, episodes, L, delay, metrics, batch_size)
+    loss = loss_graph(value_weight=model.spec.returns.value_weight)
+    score_games(_window_runner(model, loss), model, episodes, L, delay, metrics, batch_size)
     res = {k.removeprefix("eval_"): v for k, v in metrics.result("eval").items()}
     return {**res, "frame_delay": delay, "target": f"frame t predicts the controller at frame t + {1 + delay}",
             "games": len(games), "game_frames": sum(e.frames for e in episodes), "skipped": skipped}
@@ -3256,13 +3369,16 @@ class Stepper:
         inputs = {i.name: i for i in self.session.get_inputs()}
         self.cat = np.zeros(dims(inputs["cat"].shape), np.int64)
         self.num = np.zeros(dims(inputs["num"].shape), np.float32)
+        self.rtg = np.zeros(dims(inputs["rtg"].shape), np.float32) if "rtg" in inputs else None
         self.state_names = [n[len("state_in."):] for n in inputs if n.startswith("state_in.")]
         self.heads = {o.name: np.zeros(dims(o.shape), np.float32) for o in self.session.get_outputs()
-                      if o.name in HEADS}
+                      if o.name in HEADS or o.name == "value"}
         buffers = [{n: np.zeros(dims(inputs[f"state_in.{n}"].shape), np.float32) for n in self.state_names}
                    for _ in range(2)]
         value = ort.OrtValue.ortvalue_from_numpy
         self._keep = [value(a) for a in (self.cat, self.num, *self.heads.values())]
+        rtg = value(self.rtg) if self.rtg is not None else None
+        self._keep.append(rtg)  # (after the heads: the loop below pairs them with _keep[2:])
         self._bindings = []
         for src, dst in ((buffers[0], buffers[1]), (buffers[1], buffers[0])):
             io = self.session.io_binding()
@@ -3270,6 +3386,8 @@ class Stepper:
             io.bind_ortvalue_input("num", self._keep[1])
             for (name, _), v in zip(self.heads.items(), self._keep[2:]):
                 io.bind_ortvalue_output(name, v)
+            if self.rtg is not None:
+                io.bind_ortvalue_input("rtg", rtg)
             for n in self.state_names:
                 a, b = value(src[n]), value(dst[n])
                 self._keep += [a, b]
@@ -3287,11 +3405,14 @@ class Stepper:
         for a in self.state.values():
             a.fill(0)
 
-    def __call__(self, cat: np.ndarray, num: np.ndarray) -> dict[str, np.ndarray]:
-        """Logits per head for one frame (cat [C], num [F]); advances the state. The returned
-        arrays are reused by the next call."""
+    def __call__(self, cat: np.ndarray, num: np.ndarray, rtg: float = 0.0) -> dict[str, np.ndarray]:
+        """Logits per head for one frame (cat [C], num [F]; the return-to-go `rtg` for a graph
+        that reads one), and `value` for a graph with a value head; advances the state. The
+        returned arrays are reused by the next call."""
         self.cat[0] = cat
         self.num[0] = num
+        if self.rtg is not None:
+            self.rtg[0] = rtg
         io, _ = self._bindings[self._turn]
         self.session.run_with_iobinding(io)
         self._turn ^= 1
@@ -3359,10 +3480,12 @@ def checked_step_graph(run: Path, path: Path, info: dict) -> bytes:
     if (run / "spec.toml").exists():  # the states of the run's spec
         model = Model(load_spec(run / "spec.toml"), check=False)  # (its size was checked when it trained)
         states, what = model.states, f"the run's spec {model.spec.name!r}"
+        scalars = [n for n, used in (("rtg", model.spec.returns.input), ("value", model.spec.returns.value)) if used]
     else:  # at least a consistent interface
         states, what = [(k[len("state_in."):], v) for k, v in got.items() if k.startswith("state_in.")], "a step graph"
+        scalars = [n for n in ("rtg", "value") if n in got]
     want = {"cat": [len(CAT_FIELDS)], "num": [len(NUM_FIELDS)], **{h: [k] for h, k in HEADS.items()},
-            **{f"state_{io}.{n}": list(shape) for n, shape in states for io in ("in", "out")}}
+            **{f"state_{io}.{n}": list(shape) for n, shape in states for io in ("in", "out")}, **{n: [] for n in scalars}}
     if got != want:
         wrong = sorted(f"{k} {got.get(k, 'missing')} (expected {want.get(k, 'none')})"
                        for k in set(got) | set(want) if got.get(k) != want.get(k))
@@ -3392,11 +3515,14 @@ class Agent:
     >>> agent = Agent("runs/lstm", precision="int8")
     >>> action = agent.act(gamestate, port=1)
     >>> agent.press(controller, action)
-    """
+
+    A return-conditioned run (`returns.input` in its spec) aims for `target_return` from the
+    start of each game (default: the median return of its training games), lowered after every
+    frame by the reward observed (`frame_rewards`)."""
 
     def __init__(self, run: str | os.PathLike, provider: str = "auto", temperature: float = 1.0,
                  deterministic: bool = False, seed: int | None = None, threads: int = 1,
-                 precision: str = "fp32"):
+                 precision: str = "fp32", target_return: float | None = None):
         run = Path(run)
         path = step_path(run, precision)
         self.info = json.loads((run / "run.json").read_text()) if (run / "run.json").exists() else {}
@@ -3413,11 +3539,25 @@ class Agent:
         self.frame_delay = int(self.info.get("frame_delay", 0))
         self._last_frame: int | None = None
         self._warned = False
+        self.returns, self.target_return = None, None
+        if self.step.rtg is not None:  # a return-conditioned policy
+            self.returns = load_spec(run / "spec.toml").returns
+            recorded = self.info.get("returns", {}).get("start", {}).get("p50")
+            if target_return is None and recorded is None:
+                raise UsageError(f"{run}: run.json records no returns of training games; give a target return")
+            self.target_return = float(recorded if target_return is None else target_return)
+            if not math.isfinite(self.target_return):
+                raise UsageError(f"the target return must be a finite number, not {target_return}")
+        elif target_return is not None:
+            raise UsageError(f"{run}: its spec {self.info.get('spec', '')!r} is not return-conditioned "
+                             "(no `returns.input`); it takes no target return")
+        self.reset()
 
     def reset(self) -> None:
         """Forget the game so far (called automatically when a new game starts)."""
         self.step.reset()
         self._last_frame = None
+        self.rtg, self._num = self.target_return, None  # the return still to earn; the last frame's features
 
     def logits(self, gamestate, port: int, opponent_port: int | None = None) -> dict[str, np.ndarray]:
         """One frame's head logits. Logits that are not finite (a NaN in the game state) leave
@@ -3432,7 +3572,13 @@ class Agent:
         if self._last_frame is not None and gamestate.frame <= self._last_frame:
             self.reset()  # the frame counter went back: a new game
         self._last_frame = gamestate.frame
-        logits = self.step(*features_from_gamestate(gamestate, port, opponent_port))
+        cat, num = features_from_gamestate(gamestate, port, opponent_port)
+        if self.returns is not None:  # the target return, less what the frames so far earned
+            if self._num is not None:
+                reward = frame_rewards(np.stack([self._num, num]), self.returns)[0]
+                self.rtg = (self.rtg - reward) / self.returns.discount
+            self._num = num.copy()
+        logits = self.step(cat, num, self.rtg if self.returns else 0.0)
         if not all(np.isfinite(v).all() for v in logits.values()):
             self.step.reset()
             if not self._warned:
@@ -3472,31 +3618,34 @@ class Agent:
 # * FP16: weights and arithmetic in float16, inputs and outputs (state included) kept float32.
 #   Meant for GPUs; onnxruntime's CPU provider runs it, slowly, through casts.
 
-def replay_frames(episodes: Sequence, max_frames: int):
-    """(t, cat, num, counted) for every frame of the episodes in order, t counting from each
-    episode's start; `counted` marks up to `max_frames` of them, spread evenly over the whole of
-    every game (after its countdown), where a measurement is taken. Every frame is yielded
-    because a recurrent graph must step through all of them."""
+def replay_frames(episodes: Sequence, max_frames: int, returns: Returns | None = None):
+    """(t, cat, num, rtg, counted) for every frame of the episodes in order, t counting from
+    each episode's start, rtg its return-to-go under `returns` (0 without); `counted` marks up
+    to `max_frames` of them, spread evenly over the whole of every game (after its countdown),
+    where a measurement is taken. Every frame is yielded because a recurrent graph must step
+    through all of them."""
     per = max(1, max_frames // max(1, len(episodes)))
     for ep in episodes:
         start = min(123, ep.frames - 1)  # frame ids start at -123: the countdown before "GO"
         every = max(1, -(-(ep.frames - start) // per))  # ceil: at most `per` marks per game
+        rtg = ep.rtg(returns) if returns else np.zeros(ep.frames, np.float32)
         for t in range(ep.frames):
-            yield t, ep.cat[t], ep.num[t], t >= start and (t - start) % every == 0
+            yield t, ep.cat[t], ep.num[t], float(rtg[t]), t >= start and (t - start) % every == 0
 
 
-def calibration_feeds(model: str | os.PathLike | bytes, episodes: Sequence, count: int):
+def calibration_feeds(model: str | os.PathLike | bytes, episodes: Sequence, count: int,
+                      returns: Returns | None = None):
     """About `count` step-graph inputs for static calibration, spread over whole games, each
     with the state that the FP32 graph carries into it from stepping through every frame
-    before it."""
+    before it (and the frame's return-to-go under `returns` for a graph that reads one)."""
     stepper = Stepper(model, "cpu")
-    for t, cat, num, counted in replay_frames(episodes, count):
+    for t, cat, num, rtg, counted in replay_frames(episodes, count, returns):
         if t == 0:
             stepper.reset()
         if counted:
-            yield {"cat": cat[None], "num": num[None],
+            yield {"cat": cat[None], "num": num[None], **({"rtg": np.array([rtg], np.float32)} if returns else {}),
                    **{f"state_in.{n}": v.copy() for n, v in stepper.state.items()}}
-        stepper(cat, num)
+        stepper(cat, num, rtg)
 
 
 class _Feeds:
@@ -3584,14 +3733,14 @@ def agreement(reference: Stepper, other: Stepper, frames,
     cut = _logit(button_threshold)
     same = {h: [] for h in HEADS}
     times = []
-    for t, cat, num, counted in frames:
+    for t, cat, num, rtg, counted in frames:
         if t == 0:
             reference.reset()
             other.reset()
         t0 = time.perf_counter()
-        a = reference(cat, num)
+        a = reference(cat, num, rtg)
         t1 = time.perf_counter()
-        b = other(cat, num)
+        b = other(cat, num, rtg)
         times.append((t1 - t0, time.perf_counter() - t1))
         if counted:
             for h in HEADS:
@@ -3612,6 +3761,8 @@ def quantize_run(run: str | os.PathLike, mode: str = "dynamic", calibration_repl
     run = Path(run)
     reference = step_path(run, "fp32")
     info = json.loads((run / "run.json").read_text()) if (run / "run.json").exists() else {}
+    returns = load_spec(run / "spec.toml").returns if (run / "spec.toml").exists() else None
+    returns = returns if returns and returns.input else None  # what the step graph reads
 
     def episodes(given, listed: str):
         sources = given if given is not None else info.get("replays", {}).get(listed)
@@ -3626,12 +3777,13 @@ def quantize_run(run: str | os.PathLike, mode: str = "dynamic", calibration_repl
     calibration = None
     if mode == "static":
         log(f"calibrating on {calibration_frames} frames of the training replays")
-        calibration = calibration_feeds(reference, episodes(calibration_replays, "train"), calibration_frames)
+        calibration = calibration_feeds(reference, episodes(calibration_replays, "train"), calibration_frames, returns)
     proto = quantize_step(reference, mode, calibration)
     precision = "fp16" if mode == "fp16" else "int8"
     fp32, low = Stepper(reference, provider), Stepper(proto.SerializeToString(), provider)
     log(f"comparing {precision} with fp32 on up to {max_frames} validation frames")
-    heads, times, counted = agreement(fp32, low, replay_frames(val, max_frames), info.get("button_threshold", 0.5))
+    heads, times, counted = agreement(fp32, low, replay_frames(val, max_frames, returns),
+                                      info.get("button_threshold", 0.5))
     ms = times * 1e3
     report = {"mode": mode, "precision": precision, "frames": counted, "agreement": heads,
               "min_agreement": min_agreement,
@@ -3966,7 +4118,7 @@ def play(run: str | os.PathLike, dolphin: str | os.PathLike, iso: str | os.PathL
          opponent_port: int = 2, character: str = "fox", stage: str = "final_destination",
          connect_code: str | None = None, cpu_level: int = 0, asynchronous: bool = False,
          provider: str = "auto", precision: str = "fp32", temperature: float = 1.0,
-         deterministic: bool = False, **runner) -> dict:
+         deterministic: bool = False, target_return: float | None = None, **runner) -> dict:
     """Play a run in Slippi Dolphin: start it on the ISO, walk the menus, play (Runner or
     AsyncRunner, with `runner` settings) and close Dolphin at the end."""
     import melee
@@ -3975,7 +4127,8 @@ def play(run: str | os.PathLike, dolphin: str | os.PathLike, iso: str | os.PathL
         raise UsageError("--cpu-level and --connect-code exclude each other: a CPU or an online opponent")
     if not Path(iso).is_file():
         raise ExphilError(f"{iso}: no such ISO file")
-    agent = Agent(run, provider=provider, precision=precision, temperature=temperature, deterministic=deterministic)
+    agent = Agent(run, provider=provider, precision=precision, temperature=temperature, deterministic=deterministic,
+                  target_return=target_return)
     try:
         console = melee.Console(path=str(dolphin))
     except ValueError as e:  # libmelee's word for a wrong path
@@ -4245,6 +4398,9 @@ def _add_play_commands(sub) -> None:
                           help="sampling temperature; 0 is the same as --deterministic")
     sampling.add_argument("--deterministic", action="store_true",
                           help="the most likely stick and shoulder classes, and buttons above the run's threshold")
+    p.add_argument("--target-return", type=float, metavar="R",
+                   help="return-conditioned runs (`returns.input`): the return to aim for at the start of a game, "
+                        "decreased by the rewards earned (default: the median of the run's training games)")
     p.add_argument("--on-game-end", choices=["restart", "stop"], default="stop", help="after a game: another one, or stop")
     p.add_argument("--provider", default="auto", help="auto, cpu, cuda, rocm or coreml")
     p.add_argument("--precision", choices=list(PRECISIONS), default="fp32",
@@ -4276,7 +4432,7 @@ def _run_play_command(args) -> None:
                        character=args.character, stage=args.stage, connect_code=args.connect_code,
                        cpu_level=args.cpu_level, asynchronous=args.asynchronous, provider=args.provider,
                        precision=args.precision, temperature=args.temperature, deterministic=args.deterministic,
-                       action_repeat=args.action_repeat, frame_delay=args.frame_delay,
+                       target_return=args.target_return, action_repeat=args.action_repeat, frame_delay=args.frame_delay,
                        on_game_end=args.on_game_end, stats_every=args.stats_every,
                        log=lambda line: print(line, flush=True))  # the game's events on stdout
         inf = summary["inference_ms"]

@@ -4,8 +4,12 @@ import numpy as np
 import onnx
 import pytest
 
+from pathlib import Path
+
+import msgspec
+
 import exphil
-from conftest import REPLAYS, SPECS, needs_training
+from conftest import REPLAYS, ROOT, SPECS, needs_training
 
 # ops that have gradients in onnxruntime-training 1.19 (measured; see the project notes)
 GRADIENT_OPS = {"Shape", "Sigmoid", "Tanh", "Relu", "Exp", "Log", "Erf", "Pow", "Sqrt", "Reciprocal", "Neg", "Abs",
@@ -20,45 +24,59 @@ INPUT_OPS = {"Round", "OneHot"}
 
 @pytest.fixture(scope="module")
 def real_frames():
-    """Inputs from a real replay: both players' views of frames 2000-2239."""
+    """Inputs from a real replay: both players' views of frames 2000-2239, with the
+    return-to-go of each frame (the input of return-conditioned specs)."""
     eps = exphil.load_replay(REPLAYS / "hohav-py-slippi__netplay_name.slp")
-    return (np.stack([e.cat[2000:2240] for e in eps]), np.stack([e.num[2000:2240] for e in eps]))
+    return (np.stack([e.cat[2000:2240] for e in eps]), np.stack([e.num[2000:2240] for e in eps]),
+            np.stack([e.rtg(exphil.Returns())[2000:2240] for e in eps]))
 
 
-def run_window(model, length, cat, num, state):
+def inputs(model, cat, num, rtg, state):
+    return {"cat": cat, "num": num, **({"rtg": rtg} if model.spec.returns.input else {}),
+            **{f"state_in.{k}": v for k, v in state.items()}}
+
+
+def run_window(model, length, cat, num, rtg, state):
     sess = exphil.session(model.build(length).SerializeToString())
-    out = sess.run(None, {"cat": cat, "num": num, **{f"state_in.{k}": v for k, v in state.items()}})
+    out = sess.run(None, inputs(model, cat, num, rtg, state))
     return dict(zip([o.name for o in sess.get_outputs()], out))
 
 
-def run_steps(model, cat, num, state):
+def run_steps(model, cat, num, rtg, state):
     step = exphil.session(model.build(step=True).SerializeToString())
     names = [o.name for o in step.get_outputs()]
-    heads = {h: [] for h in exphil.HEADS}
+    heads = {h: [] for h in names if not h.startswith("state_out.")}
     for t in range(cat.shape[1]):
-        out = dict(zip(names, step.run(None, {"cat": cat[:, t], "num": num[:, t],
-                                              **{f"state_in.{k}": v for k, v in state.items()}})))
+        out = dict(zip(names, step.run(None, inputs(model, cat[:, t], num[:, t], rtg[:, t], state))))
         state = {k: out[f"state_out.{k}"] for k in state}
         for h in heads:
             heads[h].append(out[h])
     return {h: np.stack(v, 1) for h, v in heads.items()}, state
 
 
-@pytest.mark.parametrize("path", SPECS, ids=lambda p: p.stem)
-def test_step_graph_reproduces_window_graph(path, real_frames):
+def with_value_head(path):
+    spec = exphil.load_spec(path)
+    return msgspec.structs.replace(spec, returns=exphil.Returns(value=True))
+
+
+@pytest.mark.parametrize("spec", [*SPECS, "gru with a value head"], ids=lambda p: getattr(p, "stem", p))
+def test_step_graph_reproduces_window_graph(spec, real_frames):
     """120 frames fed one at a time to the step graph == the window graph over those frames,
-    from a zero state and from the non-zero state left by 60 earlier frames."""
-    model = exphil.Model(exphil.load_spec(path), seed=1)
-    cat, num = real_frames
+    from a zero state and from the non-zero state left by 60 earlier frames (every head, and
+    the value head where there is one)."""
+    spec = exphil.load_spec(spec) if isinstance(spec, Path) else with_value_head(ROOT / "specs" / "gru.toml")
+    model = exphil.Model(spec, seed=1)
+    cat, num, rtg = real_frames
     zero = model.zero_state(2)
-    _, warm = run_steps(model, cat[:, :60], num[:, :60], zero)
+    _, warm = run_steps(model, cat[:, :60], num[:, :60], rtg[:, :60], zero)
     if model.states:
         assert any(np.abs(v).max() > 1e-3 for v in warm.values())
     for state in (zero, warm):
-        window = run_window(model, 120, cat[:, 60:180], num[:, 60:180], state)
-        steps, final = run_steps(model, cat[:, 60:180], num[:, 60:180], state)
-        for h in exphil.HEADS:
-            assert window[h].shape == steps[h].shape == (2, 120, exphil.HEADS[h])
+        window = run_window(model, 120, cat[:, 60:180], num[:, 60:180], rtg[:, 60:180], state)
+        steps, final = run_steps(model, cat[:, 60:180], num[:, 60:180], rtg[:, 60:180], state)
+        assert set(steps) == set(exphil.HEADS) | ({"value"} if spec.returns.value else set())
+        for h in steps:
+            assert window[h].shape == steps[h].shape == (2, 120, *([exphil.HEADS[h]] if h in exphil.HEADS else []))
             assert np.abs(window[h] - steps[h]).max() <= 1e-4, h
         for k in final:
             assert np.abs(window[f"state_out.{k}"] - final[k]).max() <= 1e-4, k
@@ -426,16 +444,25 @@ def test_s5_matches_the_complex_recurrence():
     assert np.allclose(exphil._hippo_n(6).real, -0.5) and (exphil._hippo_n(6).imag > 0).all()
 
 
-def test_stepper_carries_state_like_the_window_graph(real_frames):
-    """The Agent's Stepper (IO binding, alternating state buffers) == the window graph."""
-    model = exphil.Model(exphil.load_spec(SPECS[[p.stem for p in SPECS].index("mamba")]), seed=2)
-    cat, num = real_frames
-    window = run_window(model, 90, cat[:1, :90], num[:1, :90], model.zero_state(1))
+@pytest.mark.parametrize("name", ["mamba", "decision_transformer", "gru with a value head"])
+def test_stepper_carries_state_like_the_window_graph(name, real_frames):
+    """The Agent's Stepper (IO binding, alternating state buffers; the return-to-go input and
+    the value output where the spec has them) == the window graph."""
+    spec = (with_value_head(ROOT / "specs" / "gru.toml") if name.endswith("value head")
+            else exphil.load_spec(ROOT / "specs" / f"{name}.toml"))
+    model = exphil.Model(spec, seed=2)
+    cat, num, rtg = real_frames
+    window = run_window(model, 90, cat[:1, :90], num[:1, :90], rtg[:1, :90], model.zero_state(1))
     stepper = exphil.Stepper(model.build(step=True).SerializeToString())
+    outputs = ["main_x", *(["value"] if spec.returns.value else [])]
     for rep in range(2):  # the second pass starts after reset()
-        got = [stepper(cat[0, t], num[0, t])["main_x"].copy() for t in range(90)]
-        assert np.abs(np.stack(got) - window["main_x"][0]).max() <= 1e-4
+        got = [{h: v.copy() for h, v in stepper(cat[0, t], num[0, t], rtg[0, t]).items()} for t in range(90)]
+        for h in outputs:
+            assert np.abs(np.stack([g[h] for g in got]) - window[h][0]).max() <= 1e-4
         stepper.reset()
+    if spec.returns.input:  # the return-to-go reaches the model
+        other = stepper(cat[0, 0], num[0, 0], rtg[0, 0] + 5.0)["main_x"].copy()
+        assert np.abs(other - window["main_x"][0, 0]).max() > 1e-4
 
 
 def test_gru_matches_onnx_gru_operator():
@@ -493,12 +520,13 @@ def test_attention_matches_numpy_band_attention(alibi):
 
 
 @needs_training
-@pytest.mark.parametrize("path", SPECS, ids=lambda p: p.stem)
-def test_gradients_match_finite_differences(path, tmp_path):
+@pytest.mark.parametrize("spec", [*SPECS, "gru with a value head"], ids=lambda p: getattr(p, "stem", p))
+def test_gradients_match_finite_differences(spec, tmp_path):
     """The training graph's gradient (onnxruntime-training's, through every op we emit, e.g. the
     one-hot embeddings and the unrolled scans) equals central differences of the evaluated loss,
-    for the largest gradient entry of every parameter tensor of a tiny copy of each spec."""
-    spec = exphil.load_spec(path)
+    for the largest gradient entry of every parameter tensor of a tiny copy of each spec (and
+    of one with a value head, whose squared error joins the loss)."""
+    spec = exphil.load_spec(spec) if isinstance(spec, Path) else with_value_head(ROOT / "specs" / "gru.toml")
     kinds = {type(b.mixer) for b in spec.blocks}  # sizes that fit a width of 16, chunks shorter than the window
     tiny = {"head_dim": 8} if exphil.Mamba2 in kinds else {"head_size": 8} if exphil.RWKV7 in kinds else {}
     if kinds & {exphil.Mamba2, exphil.GLA, exphil.HGRN2}:
@@ -506,7 +534,7 @@ def test_gradients_match_finite_differences(path, tmp_path):
     model = exphil.Model(exphil.override_spec(spec, window_size=8, hidden=16, **tiny))
     trainer = exphil.Trainer(model, tmp_path / "t", length=8)
     eps = exphil.load_replay(REPLAYS / "hohav-py-slippi__netplay_name.slp")
-    batch = exphil.make_batch(eps, exphil.windows(eps, 8)[1000:1002], 8)
+    batch = exphil.make_batch(eps, exphil.windows(eps, 8)[1000:1002], 8, returns=spec.returns_used)
     trainer.module.train()
     trainer._run(batch, True)
     for name in model.params:

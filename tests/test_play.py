@@ -104,11 +104,11 @@ class Flaky:
     def __init__(self, stepper, fail_at=0, how="raise", sleep=0.0):
         self.stepper, self.fail_at, self.how, self.sleep, self.calls = stepper, fail_at, how, sleep, 0
 
-    def __call__(self, cat, num):
+    def __call__(self, *frame):
         self.calls += 1
         if self.sleep:
             time.sleep(self.sleep)
-        out = self.stepper(cat, num)
+        out = self.stepper(*frame)
         if self.calls == self.fail_at:
             if self.how == "raise":
                 raise RuntimeError("injected failure")
@@ -178,7 +178,7 @@ def test_static_calibration_carries_the_recurrent_state(lstm_folder):
     with the state the FP32 graph carries into it from stepping through every frame before it."""
     eps = exphil.load_replay(REPLAY)
     feeds = list(exphil.calibration_feeds(lstm_folder / "step.onnx", eps, 6))
-    marks = [(i, t) for i, ep in enumerate(eps) for t, _, _, counted in exphil.replay_frames([ep], 3) if counted]
+    marks = [(i, t) for i, ep in enumerate(eps) for t, _, _, _, counted in exphil.replay_frames([ep], 3) if counted]
     assert len(feeds) == len(marks) >= 6 and all(t >= 123 for _, t in marks)
     assert max(t for _, t in marks) > eps[0].frames * 0.6  # not only the openings
     i, t = marks[len(marks) // 2 + 1]  # a frame in the second game, after its first mark

@@ -72,7 +72,8 @@ def test_edited_spec_compiles_and_runs(tmp_path, path):
     cat = np.stack([rng.integers(0, exphil.EMBED_TABLES[t], (1, 12)) for _, t in exphil.CAT_FIELDS], -1)
     num = rng.normal(size=(1, 12, len(exphil.NUM_FIELDS))).astype(np.float32)
     window = exphil.session(model.build().SerializeToString())
-    feeds = {"cat": cat, "num": num, **{f"state_in.{k}": v for k, v in model.zero_state(1).items()}}
+    feeds = {"cat": cat, "num": num, **{f"state_in.{k}": v for k, v in model.zero_state(1).items()},
+             **({"rtg": np.zeros((1, 12), np.float32)} if spec.returns.input else {})}
     expected = window.run(["main_x"], feeds)[0][0]
     step = exphil.Stepper(model.build(step=True).SerializeToString())
     got = np.stack([step(cat[0, t], num[0, t])["main_x"].copy() for t in range(12)])

@@ -45,7 +45,7 @@ def test_every_spec_trains(path, tmp_path):
     model = exphil.Model(exphil.load_spec(path))
     trainer = exphil.Trainer(model, tmp_path, lr=3e-3, length=8)
     eps = exphil.load_replay(REPLAYS / "hohav-py-slippi__netplay_name.slp")
-    batch = exphil.make_batch(eps, exphil.windows(eps, 8)[100:116], 8)
+    batch = exphil.make_batch(eps, exphil.windows(eps, 8)[100:116], 8, returns=model.spec.returns_used)
     before = float(trainer.evaluate(dict(batch))["loss"])
     for _ in range(3):
         trainer.step(dict(batch))
