@@ -408,6 +408,81 @@ def print_architectures(rows: list[dict]) -> None:
               f"{r['train_frames_per_s']:,.0f} | {r['step_p50_ms']:.3f} | {verdict(r['step_p99_ms'])} |")
 
 
+def _sigmoid(x):
+    return 1 / (1 + np.exp(-x))
+
+
+def _softmax(x):
+    e = np.exp(x - x.max(-1, keepdims=True))
+    return e / e.sum(-1, keepdims=True)
+
+
+def action_rates(heads: dict, selected) -> dict:
+    """Over the selected frames: the share (or, from logits, the mean probability) of attacking
+    (A or B pressed, or the C-stick off centre), A, B, shielding (L or R, or the analog
+    shoulder pressed) and jumping (X or Y). `heads`: per head, logits ("logits": True) or the
+    recorded targets."""
+    m, button = selected > 0, {b: i for i, b in enumerate(exphil.BUTTONS)}
+    if heads.pop("logits", False):
+        p, cls = _sigmoid(heads["buttons"][m]), {h: _softmax(heads[h][m]) for h in ("c_x", "c_y", "shoulder")}
+        centre, released = cls["c_x"][:, 8] * cls["c_y"][:, 8], cls["shoulder"][:, 0]
+    else:
+        p = (heads["target.buttons"][m] > 0.5).astype(np.float64)
+        cls = {h: heads[f"target.{h}"][m].argmax(-1) for h in ("c_x", "c_y", "shoulder")}
+        centre, released = (cls["c_x"] == 8) & (cls["c_y"] == 8), cls["shoulder"] == 0
+    no = lambda *bs: np.prod([1 - p[:, button[b]] for b in bs], axis=0)
+    return {"frames": float(m.sum()), "attack": (1 - no("A", "B") * centre).sum(), "A": p[:, button["A"]].sum(),
+            "B": p[:, button["B"]].sum(), "shield": (1 - no("L", "R") * released).sum(), "jump": (1 - no("X", "Y")).sum()}
+
+
+def conditioning(run: str, replays=None, shifts=(-3.0, 3.0)) -> dict:
+    """A return-conditioned run on its validation games (or `replays`), each walked whole with
+    its state carried: the loss and mean action probabilities with each frame's recorded
+    return-to-go as input, shifted by each of `shifts`, and constant at the median return of its
+    training games; beside what the players did, on the frames in thirds of the return-to-go."""
+    model, info = exphil.load_run(run)
+    if not model.spec.returns.input:
+        raise exphil.UsageError(f"{run}: spec {model.spec.name!r} is not return-conditioned (no `returns.input`)")
+    games, _ = exphil.load_games(replays or info["replays"]["val"])
+    episodes, runner = [e for g in games for e in g], exphil._window_runner(model, exphil.add_loss)
+    median = info["returns"]["start"]["p50"]
+    inputs = {"recorded": lambda r: r, **{f"recorded {d:+g}": (lambda r, d=d: r + d) for d in shifts},
+              f"constant {median:+.2f} (median)": lambda r: np.full_like(r, median)}
+    cuts = np.quantile(np.concatenate([e.rtg(model.spec.returns) for e in episodes]), [1 / 3, 2 / 3])
+    thirds = list(zip([-np.inf, *cuts], [*cuts, np.inf]))
+    rows, data = {}, [{} for _ in thirds]
+    for name, given in inputs.items():
+        metrics, rates = exphil.Metrics(), {}
+        run_shifted = lambda batch: runner({**batch, "rtg": given(batch["rtg"]).astype(np.float32)})
+        for _, batch, out in exphil.stream_batches(model, episodes, model.spec.window, info.get("frame_delay", 0),
+                                                   run_shifted):
+            metrics.add(out, batch)
+            _add(rates, action_rates({**out, "logits": True}, batch["mask"]))
+            for k, (lo, hi) in enumerate(thirds if name == "recorded" else []):
+                _add(data[k], action_rates(dict(batch), batch["mask"] * ((batch["rtg"] > lo) & (batch["rtg"] <= hi))))
+        rows[name] = {"val_loss": metrics.result("val")["val_loss"], **_means(rates)}
+    return {"model": rows, "players_by_return_third": [_means(d) for d in data], "thirds": cuts.tolist()}
+
+
+def _add(sums: dict, more: dict) -> None:
+    for k, v in more.items():
+        sums[k] = sums.get(k, 0.0) + float(v)
+
+
+def _means(sums: dict) -> dict:
+    return {k: v / max(sums["frames"], 1.0) for k, v in sums.items() if k != "frames"}
+
+
+def print_conditioning(result: dict) -> None:
+    keys = ("attack", "A", "B", "shield", "jump")
+    print("| return-to-go input | val loss | " + " | ".join(keys) + " |")
+    print("|---|---|" + "---|" * len(keys))
+    for name, row in result["model"].items():
+        print(f"| {name} | {row['val_loss']:.4f} | " + " | ".join(f"{row[k]:.4f}" for k in keys) + " |")
+    for k, row in enumerate(result["players_by_return_third"], 1):
+        print(f"| players, third {k} of the return-to-go | | " + " | ".join(f"{row[k]:.4f}" for k in keys) + " |")
+
+
 def machine() -> dict:
     import onnxruntime as ort
 
@@ -450,6 +525,8 @@ def main(argv=None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--replay", type=Path, default=REPLAY, help="the replay whose frames --loop, --throughput "
                         "and the latency table use (latency alone runs without one, on random inputs)")
+    parser.add_argument("--conditioning", metavar="RUN", help="a return-conditioned run: loss and action rates "
+                        "on its validation games (or --replays) with the recorded return-to-go shifted")
     parser.add_argument("--json", help="also write every number to this file")
     args = parser.parse_args(argv)
     REPLAY = args.replay
@@ -460,7 +537,11 @@ def main(argv=None) -> int:
     print(f"{info['cpu']} ({info['cores']} cores), {info['os']}, Python {info['python']}, "
           f"onnxruntime {info['onnxruntime']}, providers: {', '.join(info['providers'])}")
     result, t0 = {"machine": info}, time.perf_counter()
-    if args.train:
+    if args.conditioning:
+        result["conditioning"] = conditioning(args.conditioning, args.replays)
+        print(f"\n{args.conditioning}: mean probabilities per frame (players: shares of frames)\n")
+        print_conditioning(result["conditioning"])
+    elif args.train:
         if not args.replays:
             parser.error("--train needs --replays")
         if not (args.max_steps or args.budget_seconds):

@@ -239,10 +239,11 @@ class Returns(_Strict):
     the reward k frames ahead weighted by discount^k."""
     damage: float = 0.01
     stock: float = 1.0
-    discount: Annotated[float, msgspec.Meta(gt=0, le=1)] = 1.0
+    # 0.99: rewards about 100 frames ahead and less count (what a value head can predict; see README)
+    discount: Annotated[float, msgspec.Meta(gt=0, le=1)] = 0.99
     input: bool = False  # the return-to-go is an input (play sets a target return)
     value: bool = False  # a value head predicts the return-to-go (trained with the policy)
-    value_weight: Annotated[float, msgspec.Meta(ge=0)] = 0.5  # its squared error's weight in the loss
+    value_weight: Annotated[float, msgspec.Meta(ge=0)] = 0.1  # its squared error's weight in the loss
 
 
 class Spec(_Strict):
@@ -2315,7 +2316,7 @@ def _ort_training():
     return artifacts, api, onnxblock
 
 
-def loss_graph(distill: tuple[float, float] | None = None, value_weight: float = 0.5):
+def loss_graph(distill: tuple[float, float] | None = None, value_weight: float = 0.1):
     """The training loss, built inside the graph (`Model.build(extra=loss_graph())`).
 
     Hard loss: BCE summed over the 8 buttons plus the cross-entropy of each stick axis and the

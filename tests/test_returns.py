@@ -27,7 +27,7 @@ def looped_returns(percent, stock, returns: exphil.Returns) -> np.ndarray:
     return np.array(out)
 
 
-@pytest.mark.parametrize("returns", [exphil.Returns(), exphil.Returns(damage=0.02, stock=3.0, discount=0.99)],
+@pytest.mark.parametrize("returns", [exphil.Returns(), exphil.Returns(damage=0.02, stock=3.0, discount=1.0)],
                          ids=["default", "edited"])
 def test_returns_to_go_follow_their_definition_on_a_real_game(returns):
     game = exphil.read_replay(REPLAY, finalized=True)
@@ -39,7 +39,7 @@ def test_returns_to_go_follow_their_definition_on_a_real_game(returns):
                                   returns)
         assert np.abs(ep.rtg(returns) - expected).max() < 1e-3
     # port 2 took three stocks more than it lost; each view's return is the other's negated
-    assert [ep.rtg(exphil.Returns(damage=0.0))[0] for ep in episodes] == [-3.0, 3.0]
+    assert [ep.rtg(exphil.Returns(damage=0.0, discount=1.0))[0] for ep in episodes] == [-3.0, 3.0]
     if returns.discount == 1:
         assert abs(episodes[0].rtg(returns)[0] + episodes[1].rtg(returns)[0]) < 1e-4
 
@@ -98,12 +98,10 @@ def _copy(player):
 def test_int8_graphs_of_a_return_conditioned_run_are_calibrated_and_checked_with_returns(dt_run, tmp_path):
     """Static calibration feeds and the agreement check give the step graph each frame's
     return-to-go (a graph that reads one cannot run without it)."""
-    feeds = list(exphil.calibration_feeds(dt_run.path / "step.onnx", exphil.load_replay(REPLAY), 4,
-                                          exphil.load_spec(dt_run.path / "spec.toml").returns))
-    episodes = exphil.load_replay(REPLAY)
+    returns, episodes = exphil.load_spec(dt_run.path / "spec.toml").returns, exphil.load_replay(REPLAY)
+    feeds = list(exphil.calibration_feeds(dt_run.path / "step.onnx", episodes, 4, returns))
     assert len(feeds) >= 4 and len({float(f["rtg"][0]) for f in feeds}) > 1
-    assert all(float(f["rtg"][0]) in {float(v) for v in episodes[0].rtg(exphil.Returns())} | {float(v) for v in
-               episodes[1].rtg(exphil.Returns())} for f in feeds)
+    assert all(float(f["rtg"][0]) in {float(v) for ep in episodes for v in ep.rtg(returns)} for f in feeds)
     report = exphil.quantize_run(dt_run.path, "static", calibration_frames=40, max_frames=600, min_agreement=0.0,
                                  replays=REPLAY, calibration_replays=REPLAY, quiet=True)
     assert report["frames"] > 500 and min(report["agreement"].values()) > 0.5
@@ -125,3 +123,20 @@ def test_a_value_head_trains_beside_the_policy_and_is_reported_beside_its_baseli
     agent = exphil.Agent(run.path)
     game = exphil.ReplayGame(REPLAY, fps=None, frames=5)
     assert np.isfinite(float(agent.logits(game.step(), 1, 2)["value"]))
+
+
+@needs_training
+def test_the_conditioning_benchmark_shifts_the_return_input(dt_run, mlp_run):
+    """`bench.py --conditioning`: the run's loss and action probabilities with the recorded
+    return-to-go, shifted and constant, beside the players' own rates in thirds of it."""
+    import bench
+
+    result = bench.conditioning(dt_run.path, REPLAYS, shifts=(-3.0, 3.0))
+    rows = result["model"]
+    assert list(rows)[:3] == ["recorded", "recorded -3", "recorded +3"] and len(rows) == 4
+    assert rows["recorded +3"]["attack"] != rows["recorded"]["attack"]  # the input reaches the model
+    assert all(0 < r["attack"] < 1 and 0 < r["shield"] < 1 and np.isfinite(r["val_loss"]) for r in rows.values())
+    thirds = result["players_by_return_third"]
+    assert len(thirds) == 3 and all(0 <= t["A"] <= t["attack"] <= 1 for t in thirds)
+    with pytest.raises(exphil.UsageError, match="not return-conditioned"):
+        bench.conditioning(mlp_run.path, REPLAYS)
