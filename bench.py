@@ -13,6 +13,8 @@
                                          # train every spec on the same games for the same number
                                          # of steps (or --budget-seconds), then rank them by their
                                          # margin under the Markov baseline (the architecture table)
+    python bench.py --train --replays DIR --max-steps 600 --ray auto
+                                         # the same, the specs trained as parallel Ray tasks
 
 Latency is the wall time of one step-graph call (batch 1, recurrent state carried), median (p50)
 and p99 over at least 300 calls after a warm-up (more when calls are fast). Verdicts against the
@@ -366,34 +368,48 @@ def print_throughput_row(name: str, row: dict, header: bool, compared: bool = Fa
 
 
 def architecture_table(paths: list[str], replays: str, budget_seconds: float, seed: int, batch_size: int,
-                       max_steps: int = 0, frame_delay: int = 0) -> list[dict]:
+                       max_steps: int = 0, frame_delay: int = 0, ray: str | None = None) -> list[dict]:
     """Train every spec on the same games with the same seed and the same number of optimizer
     steps (or time budget); rank by the margin of the exported model's validation loss under
-    the Markov baseline. Copy and Markov are scored on the same validation frames."""
-    rows = []
-    with tempfile.TemporaryDirectory() as tmp:
-        for path in paths:
-            spec = exphil.load_spec(path)
-            print(f"training {spec.name} ({max_steps or 'unlimited'} steps, {budget_seconds or 'no'} s budget) ...",
-                  file=sys.stderr, flush=True)
-            run = exphil.train(spec, replays, out=Path(tmp) / spec.name, epochs=10_000, seed=seed,
-                               batch_size=batch_size, budget_seconds=budget_seconds, max_steps=max_steps,
-                               frame_delay=frame_delay, quiet=True)
-            history = [json.loads(l) for l in (run.path / "metrics.jsonl").read_text().splitlines()]
-            best = run.info["exported_metrics"]
-            frames_done = sum(r["frames_per_s"] * r["seconds"] for r in history)
-            latency = exphil.step_latency(exphil.load_run(run.path)[0])
-            rows.append({"spec": spec.name, "val_loss": best["val_loss"],
-                         "markov_loss": best["val_markov"]["loss"],
-                         "margin": 1 - best["val_loss"] / best["val_markov"]["loss"],
-                         "button_f1": best["val_button_f1"], "copy_button_f1": best["val_copy"]["button_f1"],
-                         "accuracy": best["val_accuracy"], "copy_accuracy": best["val_copy"]["accuracy"],
-                         "change_accuracy": best["val_change"]["accuracy"],
-                         "baseline_loss": run.info["baseline_loss"]["total"], "steps": run.info["steps"],
-                         "train_frames_per_s": frames_done / sum(r["seconds"] for r in history),
-                         "step_p50_ms": latency["p50_ms"], "step_p99_ms": latency["p99_ms"]})
+    the Markov baseline. Copy and Markov are scored on the same validation frames.
+    ray: a Ray cluster's address; the specs then train as parallel Ray tasks (one CPU each),
+    which gives the same numbers but the timings."""
+    settings = dict(replays=replays, budget_seconds=budget_seconds, seed=seed, batch_size=batch_size,
+                    max_steps=max_steps, frame_delay=frame_delay)
+    for path in paths:
+        print(f"training {Path(path).stem} ({max_steps or 'unlimited'} steps, {budget_seconds or 'no'} s budget)"
+              + (" on Ray" if ray else "") + " ...", file=sys.stderr, flush=True)
+    if ray:
+        cluster = exphil.connect_ray(ray)
+        task = cluster.remote(num_cpus=1)(architecture_row)
+        rows = cluster.get([task.remote(path, **settings) for path in paths])
+    else:
+        rows = [architecture_row(path, **settings) for path in paths]
     rows.sort(key=lambda r: -r["margin"])
     return rows
+
+
+def architecture_row(path: str, replays: str, budget_seconds: float, seed: int, batch_size: int, max_steps: int,
+                     frame_delay: int) -> dict:
+    """One spec of the architecture table, trained in a temporary run folder."""
+    spec = exphil.load_spec(path)
+    with tempfile.TemporaryDirectory() as tmp:
+        run = exphil.train(spec, replays, out=Path(tmp) / spec.name, epochs=10_000, seed=seed,
+                           batch_size=batch_size, budget_seconds=budget_seconds, max_steps=max_steps,
+                           frame_delay=frame_delay, quiet=True)
+        history = [json.loads(l) for l in (run.path / "metrics.jsonl").read_text().splitlines()]
+        best = run.info["exported_metrics"]
+        frames_done = sum(r["frames_per_s"] * r["seconds"] for r in history)
+        latency = exphil.step_latency(exphil.load_run(run.path)[0])
+    return {"spec": spec.name, "val_loss": best["val_loss"],
+            "markov_loss": best["val_markov"]["loss"],
+            "margin": 1 - best["val_loss"] / best["val_markov"]["loss"],
+            "button_f1": best["val_button_f1"], "copy_button_f1": best["val_copy"]["button_f1"],
+            "accuracy": best["val_accuracy"], "copy_accuracy": best["val_copy"]["accuracy"],
+            "change_accuracy": best["val_change"]["accuracy"],
+            "baseline_loss": run.info["baseline_loss"]["total"], "steps": run.info["steps"],
+            "train_frames_per_s": frames_done / sum(r["seconds"] for r in history),
+            "step_p50_ms": latency["p50_ms"], "step_p99_ms": latency["p99_ms"]}
 
 
 def print_architectures(rows: list[dict]) -> None:
@@ -447,6 +463,8 @@ def main(argv=None) -> int:
                         help="training time per spec for --train (0: no limit; one of the two is needed)")
     parser.add_argument("--frame-delay", type=int, default=0, help="--train: frame t predicts frame t + 1 + D")
     parser.add_argument("--batch-size", type=int, default=32, help="batch size for --train")
+    parser.add_argument("--ray", metavar="ADDRESS", help="--train: train the specs as parallel tasks on this Ray "
+                        "cluster (auto, local or an address; pip install 'exphil[cluster]')")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--replay", type=Path, default=REPLAY, help="the replay whose frames --loop, --throughput "
                         "and the latency table use (latency alone runs without one, on random inputs)")
@@ -466,7 +484,7 @@ def main(argv=None) -> int:
         if not (args.max_steps or args.budget_seconds):
             parser.error("--train needs --max-steps or --budget-seconds")
         rows = architecture_table(specs, args.replays, args.budget_seconds, args.seed, args.batch_size,
-                                  args.max_steps, args.frame_delay)
+                                  args.max_steps, args.frame_delay, args.ray)
         print(f"\nsame games, seed {args.seed}, batch {args.batch_size}, "
               + (f"{args.max_steps} optimizer steps" if args.max_steps else f"{args.budget_seconds:.0f} s")
               + f" each, frame delay {args.frame_delay}; ranked by the margin of the validation loss under the "

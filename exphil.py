@@ -2394,7 +2394,8 @@ class Trainer:
     An existing checkpoint in `directory` is loaded (parameters, optimizer state, progress)."""
 
     def __init__(self, model: Model, directory: Path, lr: float = 1e-3, weight_decay: float = 0.01,
-                 length: int | None = None, max_grad_norm: float = 0.0, distill: tuple | None = None, log=None):
+                 length: int | None = None, max_grad_norm: float = 0.0, distill: tuple | None = None, log=None,
+                 threads: int = 0):
         import onnx
         import shutil
 
@@ -2419,8 +2420,12 @@ class Trainer:
             shutil.rmtree(self.dir, ignore_errors=True)
             os.replace(tmp, self.dir)
         self.state = self._load_checkpoint(api, log)
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads  # 0: onnxruntime's default (one per core)
         self.module = api.Module(str(self.dir / "training_model.onnx"), self.state,
-                                 str(self.dir / "eval_model.onnx"))
+                                 str(self.dir / "eval_model.onnx"), session_options=options)
         self.optimizer = api.Optimizer(str(self.dir / "optimizer_model.onnx"), self.module)
         self.optimizer.set_learning_rate(lr)
         self.inputs = self.module.input_names()
@@ -2452,13 +2457,21 @@ class Trainer:
 
     def step(self, batch: dict[str, np.ndarray], lr: float | None = None) -> dict[str, np.ndarray]:
         """One AdamW step on a batch; returns the outputs (loss first) before the update."""
+        out = self.backward(batch)
+        self.update(lr)
+        return out
+
+    def backward(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """The outputs of a batch, and the gradient of its loss (`state.parameters[name].grad`)."""
+        self.module.train()
+        return self._run(batch, True)
+
+    def update(self, lr: float | None = None) -> None:
+        """One AdamW step with the gradient held in the state (the optimizer graph clips it, if asked)."""
         if lr is not None:
             self.optimizer.set_learning_rate(lr)
-        self.module.train()
-        out = self._run(batch, True)
         self.optimizer.step()
         self.module.lazy_reset_grad()
-        return out
 
     def evaluate(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         self.module.eval()
@@ -2477,19 +2490,188 @@ class Trainer:
 
     def save_checkpoint(self, progress: dict) -> None:
         """Parameters, optimizer state and progress, in one file written atomically."""
-        _, api, _ = _ort_training()
         self.state.properties["progress"] = json.dumps(progress)
-        tmp, path = self.dir / "checkpoint.tmp", self.dir / "checkpoint"
-        api.CheckpointState.save_checkpoint(self.state, str(tmp), include_optimizer_state=True)
-        if path.exists():  # the one before stays (a second name for it, so `checkpoint` is never missing)
-            previous = self.dir / "checkpoint.prev"
-            previous.unlink(missing_ok=True)
+        write_checkpoint(self.dir, self.write_state)
+
+    def write_state(self, path: Path) -> None:
+        """Parameters, optimizer state and properties into one file."""
+        _, api, _ = _ort_training()
+        api.CheckpointState.save_checkpoint(self.state, str(path), include_optimizer_state=True)
+
+
+def write_checkpoint(directory: Path, write: Callable[[Path], None]) -> None:
+    """`directory`/checkpoint, written by `write(path)` atomically; the one before stays as checkpoint.prev."""
+    tmp, path = directory / "checkpoint.tmp", directory / "checkpoint"
+    write(tmp)
+    if path.exists():  # the one before stays (a second name for it, so `checkpoint` is never missing)
+        previous = directory / "checkpoint.prev"
+        previous.unlink(missing_ok=True)
+        try:
+            os.link(path, previous)
+        except OSError:  # a file system without hard links
+            shutil.copyfile(path, previous)
+    os.replace(tmp, path)
+
+
+def connect_ray(address: str):
+    """The `ray` module, connected to the cluster at `address` ("auto": the one `ray start` runs
+    on this machine; "local": a new one for this process alone; or a cluster's address). A
+    connection the calling program made already (`ray.init`) is used as it is."""
+    try:
+        import ray
+    except ImportError:
+        raise UsageError("--ray needs Ray, which this environment lacks: pip install 'exphil[cluster]'") from None
+    if not ray.is_initialized():
+        try:
+            with _quiet_fd2():
+                ray.init(address=None if address == "local" else address, log_to_driver=False,
+                         include_dashboard=False, logging_level=logging.WARNING)
+        except ConnectionError:
+            raise ExphilError(f"--ray {address}: no running Ray cluster found; start one with `ray start --head`, "
+                              "or give --ray local (a cluster for this run alone)") from None
+        except (ValueError, RuntimeError) as e:
+            raise ExphilError(f"--ray {address}: {str(e).splitlines()[0]}") from None
+    return ray
+
+
+class _TrainWorker:
+    """One replica of data-parallel training (a Ray actor): a Trainer in a folder of its own,
+    built from the driver's artifacts and checkpoint."""
+
+    def __init__(self, model: Model, files: dict[str, bytes], threads: int):
+        self.dir = Path(tempfile.mkdtemp(prefix="exphil-worker-"))
+        for name, data in files.items():
+            (self.dir / name).write_bytes(data)
+        self.trainer = Trainer(model, self.dir, threads=threads)
+        self.names = sorted(model.params)
+
+    def where(self) -> tuple[str, int]:
+        import socket
+        return socket.gethostname(), os.getpid()
+
+    def backward(self, batch: dict, weight: float) -> tuple[dict, np.ndarray, float]:
+        """The outputs of a slice and its gradient times `weight`, flat (parameters in name order)."""
+        t0 = time.perf_counter()
+        out = self.trainer.backward(batch)
+        grads = [self.trainer.state.parameters[n].grad.ravel() for n in self.names]
+        return out, np.concatenate(grads) * np.float32(weight), time.perf_counter() - t0
+
+    def update(self, gradient: np.ndarray, lr: float) -> float:
+        """Write the summed gradient into the state (`.grad` is a view of onnxruntime's buffer) and step."""
+        t0, at = time.perf_counter(), 0
+        for n in self.names:
+            g = self.trainer.state.parameters[n].grad
+            np.copyto(g, gradient[at:at + g.size].reshape(g.shape))
+            at += g.size
+        self.trainer.update(lr)
+        return time.perf_counter() - t0
+
+    def evaluate(self, batch: dict) -> dict:
+        return self.trainer.evaluate(batch)
+
+    def params(self) -> dict[str, np.ndarray]:
+        return self.trainer.params()
+
+    def checkpoint(self, progress: dict) -> bytes:
+        self.trainer.state.properties["progress"] = json.dumps(progress)
+        self.trainer.write_state(self.dir / "checkpoint.out")
+        return (self.dir / "checkpoint.out").read_bytes()
+
+    def close(self) -> None:
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+class RayTrainer:
+    """Trainer's interface (step, evaluate, params, progress, save_checkpoint), data-parallel on
+    Ray: each of `workers` actors holds a Trainer and runs forward and backward on its slice of
+    every batch; the driver sums their gradients, each weighted by its slice's share of the
+    batch's loss-weighted frames (the loss is a mean over them), so the sum is the gradient of
+    the whole batch's loss; every worker then writes that sum into its gradient buffers and
+    takes the same AdamW step (clipping, if asked, sees the sum), so their parameters stay
+    identical and follow one process's trajectory with the whole batch. The driver builds the
+    artifacts and loads the checkpoint as Trainer does; checkpoints come from worker 0. A worker
+    that fails stops training with an ExphilError, the last checkpoint left as it was."""
+
+    def __init__(self, model: Model, directory: Path, ray: str = "auto", workers: int = 2, cpus: int = 1,
+                 lr: float = 1e-3, log=None, **trainer_args):
+        self.ray = connect_ray(ray)
+        self.model, self.dir, self.names = model, Path(directory), sorted(model.params)
+        have = self.ray.cluster_resources().get("CPU", 0)
+        if workers * cpus > have:
+            raise UsageError(f"--workers {workers} needs {workers * cpus} CPUs; the Ray cluster has {have:g}")
+        local = Trainer(model, directory, lr=lr, log=log, **trainer_args)  # artifacts and checkpoint, as in one process
+        self.progress, self.lr = local.progress, lr
+        with tempfile.TemporaryDirectory() as tmp:
+            local.write_state(Path(tmp) / "checkpoint")
+            files = {f: (Path(tmp) / f if f == "checkpoint" else self.dir / f).read_bytes()
+                     for f in ("checkpoint", "training_model.onnx", "eval_model.onnx", "optimizer_model.onnx")}
+        del local
+        actor = self.ray.remote(num_cpus=cpus, max_restarts=0)(_TrainWorker)
+        shipped = self.ray.put(files)
+        self.workers = [actor.remote(model, shipped, cpus) for _ in range(workers)]
+        self.hosts = self._gather([w.where.remote() for w in self.workers])
+        self.timings: list[dict] = []  # per step: seconds in compute, in the optimizer step, in all
+        if log:
+            log(f"{workers} Ray workers: " + ", ".join(f"{h} (process {p})" for h, p in self.hosts))
+
+    def _gather(self, refs: list) -> list:
+        """The results of one call per worker; a failed worker stops the run (and the others)."""
+        results = []
+        for k, ref in enumerate(refs):
             try:
-                os.link(path, previous)
-            except OSError:  # a file system without hard links
-                import shutil
-                shutil.copyfile(path, previous)
-        os.replace(tmp, path)
+                results.append(self.ray.get(ref))
+            except self.ray.exceptions.RayError as e:
+                self.close()
+                where = f" ({self.hosts[k][0]}, process {self.hosts[k][1]})" if hasattr(self, "hosts") else ""
+                raise ExphilError(f"{self.dir.parent}: Ray worker {k + 1} of {len(refs)}{where} failed "
+                                  f"({type(e).__name__}); training stopped, the last checkpoint is kept: "
+                                  "continue with --resume") from None
+        return results
+
+    def _slices(self, batch: dict) -> tuple[list[dict], list[int], list[float]]:
+        """The batch cut into one slice per worker, their sizes, and the weights that turn their
+        mean losses into the whole batch's (a worker without windows gets one with no weight)."""
+        parts = np.array_split(np.arange(len(batch["mask"])), len(self.workers))
+        slices = [{k: v[p] for k, v in batch.items()} if len(p) else
+                  {**{k: v[:1] for k, v in batch.items()}, "mask": np.zeros_like(batch["mask"][:1])} for p in parts]
+        count = lambda m: max(float(m.sum()), 1.0)  # as loss_graph counts
+        total = count(batch["mask"])
+        return slices, [len(p) for p in parts], [count(s["mask"]) / total for s in slices]
+
+    @staticmethod
+    def _join(outs: list[dict], sizes: list[int], weights: list[float]) -> dict:
+        """The workers' outputs as one process's: per-window arrays joined, mean losses weighted."""
+        return {k: np.concatenate([o[k] for o, n in zip(outs, sizes) if n]) if outs[0][k].ndim else
+                np.float32(sum(float(o[k]) * w for o, w in zip(outs, weights))) for k in outs[0]}
+
+    def step(self, batch: dict[str, np.ndarray], lr: float | None = None) -> dict[str, np.ndarray]:
+        t0 = time.perf_counter()
+        self.lr = self.lr if lr is None else lr
+        slices, sizes, weights = self._slices(batch)
+        results = self._gather([w.backward.remote(s, x) for w, s, x in zip(self.workers, slices, weights)])
+        gradient = self.ray.put(sum(g for _, g, _ in results))
+        applied = self._gather([w.update.remote(gradient, self.lr) for w in self.workers])
+        self.timings.append({"compute": max(t for *_, t in results), "update": max(applied),
+                             "total": time.perf_counter() - t0})
+        return self._join([o for o, _, _ in results], sizes, weights)
+
+    def evaluate(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        slices, sizes, weights = self._slices(batch)
+        return self._join(self._gather([w.evaluate.remote(s) for w, s in zip(self.workers, slices)]), sizes, weights)
+
+    def params(self) -> dict[str, np.ndarray]:
+        return self._gather([self.workers[0].params.remote()])[0]
+
+    def save_checkpoint(self, progress: dict) -> None:
+        data = self._gather([self.workers[0].checkpoint.remote(progress)])[0]
+        write_checkpoint(self.dir, lambda path: path.write_bytes(data))
+        self.progress = progress
+
+    def close(self) -> None:
+        """Stop the workers (their folders removed where they still answer)."""
+        self.ray.wait([w.close.remote() for w in self.workers], num_returns=len(self.workers), timeout=10)
+        for w in self.workers:
+            self.ray.kill(w)
 
 
 # decision thresholds of a button's probability among which a run picks its own (on training frames)
@@ -2897,20 +3079,30 @@ class RunLock:
 
 
 def train(spec: Spec | str | os.PathLike | None = None, replays=None, out: str | os.PathLike = "runs/run",
-          resume: bool = False, quiet: bool = False, cache: Path | None = None, **settings) -> RunResult:
+          resume: bool = False, quiet: bool = False, cache: Path | None = None, ray: str | None = None,
+          workers: int = 1, **settings) -> RunResult:
     """Train a spec on replays into a run folder; see TrainConfig for the settings.
 
     resume=True continues the run in `out` from its last checkpoint with the same settings,
     step, optimizer state and data order. Spec, replays and settings come from the run; any that
     are given must match it, except a larger `epochs`, which extends a finished run.
-    The run folder is locked for the whole training (RunLock)."""
+    The run folder is locked for the whole training (RunLock).
+    ray: the address of a Ray cluster ("auto", "local", ...) to train on `workers` Ray workers
+    in data parallel (RayTrainer); a run may be resumed with or without Ray, on any number."""
     config = settings if resume else TrainConfig(**settings)  # bad settings: refused before anything is written
+    if ray is None and workers != 1:
+        raise UsageError("--workers needs --ray (the Ray cluster to run them on)")
+    if ray is not None:
+        if workers < 1 or workers > (config.get("batch_size", workers) if resume else config.batch_size):
+            raise UsageError(f"--workers {workers}: each worker takes a slice of every batch, so it must be "
+                             "between 1 and --batch-size")
+        connect_ray(ray)
     if not resume and spec is not None:
         spec = spec if isinstance(spec, Spec) else load_spec(spec)
         check_size(spec)
     with RunLock(Path(out)):
         try:
-            return _train(spec, replays, Path(out), resume, quiet, cache, config)
+            return _train(spec, replays, Path(out), resume, quiet, cache, config, ray, workers)
         except OSError as e:
             if e.filename:
                 raise
@@ -2985,7 +3177,7 @@ def _games(replays, cache, log, config: TrainConfig) -> tuple[list, list, list]:
     return (*split_games(games, config.val_split, split_seed), skipped)
 
 
-def _train(spec, replays, out: Path, resume: bool, quiet: bool, cache, config) -> RunResult:
+def _train(spec, replays, out: Path, resume: bool, quiet: bool, cache, config, ray=None, workers=1) -> RunResult:
     log = _log(quiet)
     if resume:
         settings, spec, replays = _resume_settings(out, spec, replays, config)
@@ -3051,8 +3243,9 @@ def _train(spec, replays, out: Path, resume: bool, quiet: bool, cache, config) -
     distill = (config.distill_temperature, config.distill_alpha) if teacher else None
     model = Model(spec, seed=config.seed, check=False)  # checked in train() (or when the run began)
     model.start_from_baselines(freqs, baselines["markov"], baselines.get("mean_return"))
-    trainer = Trainer(model, out / "train", lr=config.lr, weight_decay=config.weight_decay, log=log,
-                      max_grad_norm=config.max_grad_norm, distill=distill)
+    trainer = (functools.partial(RayTrainer, ray=ray, workers=workers) if ray else Trainer)(
+        model, out / "train", lr=config.lr, weight_decay=config.weight_decay, log=log,
+        max_grad_norm=config.max_grad_norm, distill=distill)
     progress = trainer.progress if resume else {}
     if resume and recorded_fingerprint:  # as recorded when the run started (settings added later do not count)
         info["fingerprint"] = recorded_fingerprint
@@ -3183,6 +3376,9 @@ def _train(spec, replays, out: Path, resume: bool, quiet: bool, cache, config) -
             model.load(dict(z))
     else:
         model.load(trainer.params())
+    if ray:
+        info["ray"] = {"workers": workers, "hosts": [h for h, _ in trainer.hosts]}
+        trainer.close()
     model.save(out)
     for stale in (out / PRECISIONS[p] for p in ("int8", "fp16")):  # made from the weights before this export
         stale.unlink(missing_ok=True)
@@ -4264,6 +4460,11 @@ def _training_flags(p: argparse.ArgumentParser) -> None:
                    help="stop when the validation loss has not improved for --patience epochs")
     r.add_argument("--patience", type=int, help="epochs without validation improvement")
     r.add_argument("--quiet", action="store_true", help="no progress bar or log lines")
+    c = p.add_argument_group("cluster (pip install 'exphil[cluster]')")
+    c.add_argument("--ray", metavar="ADDRESS", help="train on a Ray cluster, in data parallel: auto (the one "
+                   "`ray start` runs here), local (a new one for this run) or the cluster's address")
+    c.add_argument("--workers", type=int, help="--ray: Ray workers, each running a slice of every batch "
+                   "(default: 2)")
 
 
 CONFIG_FIELDS = {f.name for f in dataclasses.fields(TrainConfig)}
@@ -4272,7 +4473,8 @@ EXAMPLES = {
     "train": ["exphil train mamba --replays ~/Slippi --epochs 5 --out runs/mamba",
               "exphil train --preset quick --replays tests/replays --out runs/quick",
               "exphil train my.toml --replays ~/Slippi --character fox --frame-delay 2 --out runs/fox",
-              "exphil train --resume --out runs/mamba --epochs 10"],
+              "exphil train --resume --out runs/mamba --epochs 10",
+              "exphil train mamba --replays /shared/replays --ray auto --workers 8 --out /shared/runs/mamba"],
     "distill": ["exphil distill --teacher runs/mamba --student mlp --replays ~/Slippi --out runs/mlp-student"],
     "eval": ["exphil eval runs/mamba --replays ~/Slippi/held-out", "exphil eval runs/mamba --replays game.slp --json"],
     "compile": ["exphil compile mamba --out build/mamba", "exphil compile my.toml --out build/my --window 30"],
@@ -4302,10 +4504,12 @@ def _run_training(args, preset: dict, **extra) -> RunResult:
     flags = {k: v for k, v in vars(args).items() if v is not None}
     settings = {**preset, **flags, **extra}
     spec_name = settings.pop("spec", None) or settings.pop("student", None)
+    cluster = {"ray": args.ray, "workers": args.workers or 2} if args.ray else \
+        {"workers": args.workers} if args.workers else {}
     if args.resume:  # the same command again, with --resume: what it repeats must match the run
         spec = spec_name and override_spec(_spec_arg(spec_name), **{k: settings.get(k) for k in
                                                                      ("window_size", "hidden", "num_layers", *SPEC_FLAGS)})
-        return train(spec, settings.get("replays"), out=args.out, resume=True, quiet=args.quiet,
+        return train(spec, settings.get("replays"), out=args.out, resume=True, quiet=args.quiet, **cluster,
                      **{k: v for k, v in settings.items() if k in CONFIG_FIELDS})
     if not spec_name:
         raise UsageError("give a spec file (or --preset)")
@@ -4313,7 +4517,7 @@ def _run_training(args, preset: dict, **extra) -> RunResult:
         raise UsageError("--replays is required")
     spec = override_spec(_spec_arg(spec_name), **{k: settings.get(k) for k in
                                                   ("window_size", "hidden", "num_layers", *SPEC_FLAGS)})
-    return train(spec, settings["replays"], out=args.out, quiet=args.quiet,
+    return train(spec, settings["replays"], out=args.out, quiet=args.quiet, **cluster,
                  **{k: v for k, v in settings.items() if k in CONFIG_FIELDS})
 
 
