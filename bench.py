@@ -15,6 +15,8 @@
                                          # margin under the Markov baseline (the architecture table)
     python bench.py --train --replays DIR --max-steps 600 --ray auto
                                          # the same, the specs trained as parallel Ray tasks
+    python bench.py --data-parallel      # data-parallel training on 2 Ray workers: per step, compute
+                                         # versus gradient exchange, and the modelled scaling
 
 Latency is the wall time of one step-graph call (batch 1, recurrent state carried), median (p50)
 and p99 over at least 300 calls after a warm-up (more when calls are fast). Verdicts against the
@@ -412,6 +414,68 @@ def architecture_row(path: str, replays: str, budget_seconds: float, seed: int, 
             "step_p50_ms": latency["p50_ms"], "step_p99_ms": latency["p99_ms"]}
 
 
+NETWORK_GBPS, MESSAGE_LATENCY_S = 10.0, 50e-6  # the modelled cluster: 10 Gb/s links, 50 us per message
+
+
+def data_parallel_row(spec: exphil.Spec, ray: str, workers: int, batch_size: int, min_steps: int,
+                      seconds: float) -> dict:
+    """One spec on `workers` Ray workers (one CPU each) beside one process with the same batch of
+    the spec's windows and as many threads, steps interleaved: per step, the slowest worker's
+    forward and backward on its slice (compute), its optimizer step (update), and the rest of the
+    wall time (Ray overhead: the gradient all-reduce, the batch slices sent to the workers, the
+    scheduling of the calls); medians, and bytes per worker."""
+    model, batch = throughput_setup(spec, batch_size, spec.window)
+    with tempfile.TemporaryDirectory() as tmp:
+        one = exphil.Trainer(model, Path(tmp) / "one", threads=workers)
+        par = exphil.RayTrainer(model, Path(tmp) / "ray", ray=ray, workers=workers)
+        for _ in range(2):  # warm-up
+            one.step(dict(batch)), par.step(dict(batch))
+        par.timings.clear()
+        times = interleaved({"one": lambda: one.step(dict(batch)), "ray": lambda: par.step(dict(batch))},
+                            min_steps, seconds)
+        par.close()
+    t = {k: np.array([s[k] for s in par.timings]) for k in ("compute", "update", "total")}
+    overhead = t["total"] - t["compute"] - t["update"]
+    params = sum(v.size for v in model.params.values())
+    frames_per_worker = batch_size * spec.window / workers  # padding included: it is computed too
+    return {"spec": spec.name, "params": params, "workers": workers, "batch": batch_size, "window": spec.window,
+            "gradient_bytes": 4 * params, "sent_bytes_per_worker": 2 * (workers - 1) / workers * 4 * params,
+            "batch_bytes_per_worker": sum(v.nbytes for v in batch.values()) / workers,
+            "one_process_step_s": float(np.median(times["one"])), "ray_step_s": float(np.median(times["ray"])),
+            "compute_s": float(np.median(t["compute"])), "update_s": float(np.median(t["update"])),
+            "overhead_s": float(np.median(overhead)), "overhead_worst_s": float(overhead.max()),
+            "steps": len(overhead), "compute_s_per_frame": float(np.median(t["compute"])) / frames_per_worker}
+
+
+def ring_allreduce_s(params: int, workers: int, gbps: float = NETWORK_GBPS, latency: float = MESSAGE_LATENCY_S):
+    """A ring all-reduce of 4-byte gradients: 2 (n - 1) messages of 4 params / n bytes each, in turn."""
+    return 2 * (workers - 1) * (4 * params / workers / (gbps * 1e9 / 8) + latency)
+
+
+def scaling(row: dict, workers: int, overhead_s: float = 0.0) -> dict:
+    """Modelled efficiency of `workers` workers at this row's batch per worker (compute time per
+    frame as measured), with a ring all-reduce not overlapped with compute, plus a fixed
+    `overhead_s` per step; and the frames per worker at which the all-reduce costs 5%."""
+    compute = row["compute_s_per_frame"] * row["batch"] * row["window"] / row["workers"]
+    exchange = ring_allreduce_s(row["params"], workers) + overhead_s
+    return {"efficiency": compute / (compute + exchange),
+            "frames_for_95": 19 * exchange / row["compute_s_per_frame"]}
+
+
+def print_data_parallel(rows: list[dict]) -> None:
+    print(f"| spec | params | gradient MB (4 x params) | compute ms | update ms | Ray overhead ms (worst) | ray step ms | "
+          f"one process ms | compute us/frame | 8 workers | 64 workers | 64 w. + Ray overhead | "
+          f"frames/worker for 95% at 64 |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        e8, e64, e64r = scaling(r, 8), scaling(r, 64), scaling(r, 64, r["overhead_s"])
+        print(f"| {r['spec']} | {r['params']:,} | {r['gradient_bytes'] / 1e6:.2f} | {1e3 * r['compute_s']:.1f} | "
+              f"{1e3 * r['update_s']:.1f} | {1e3 * r['overhead_s']:.1f} ({1e3 * r['overhead_worst_s']:.1f}) | "
+              f"{1e3 * r['ray_step_s']:.1f} | {1e3 * r['one_process_step_s']:.1f} | "
+              f"{1e6 * r['compute_s_per_frame']:.2f} | {100 * e8['efficiency']:.0f}% | {100 * e64['efficiency']:.0f}% | "
+              f"{100 * e64r['efficiency']:.0f}% | {e64['frames_for_95']:,.0f} |")
+
+
 def print_architectures(rows: list[dict]) -> None:
     print("| rank | spec | val loss | markov | vs markov | main_x (copy) | main_y (copy) | "
           "button F1 (copy) | main_x on changes | steps | train frames/s | step p50 ms | 60 FPS |")
@@ -468,6 +532,9 @@ def main(argv=None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--replay", type=Path, default=REPLAY, help="the replay whose frames --loop, --throughput "
                         "and the latency table use (latency alone runs without one, on random inputs)")
+    parser.add_argument("--data-parallel", action="store_true", help="gradient exchange versus compute per step "
+                        "on --workers Ray workers (--ray, default local), and the modelled scaling to 8 and 64")
+    parser.add_argument("--workers", type=int, default=2, help="--data-parallel: Ray workers")
     parser.add_argument("--json", help="also write every number to this file")
     args = parser.parse_args(argv)
     REPLAY = args.replay
@@ -491,6 +558,15 @@ def main(argv=None) -> int:
               f"Markov baseline (frequency baseline {rows[0]['baseline_loss']:.3f})\n")
         print_architectures(rows)
         result["architectures"] = rows
+    elif args.data_parallel:
+        rows = [data_parallel_row(exphil.load_spec(p), args.ray or "local", args.workers, args.batch_size, args.steps,
+                                  args.seconds) for p in specs]
+        print(f"\ndata parallel on {args.workers} Ray workers of one CPU each, batch {args.batch_size} windows of "
+              f"the spec's length, medians of {rows[0]['steps']}+ steps; one process: the same batch, "
+              f"{args.workers} threads. Modelled: ring all-reduce on {NETWORK_GBPS:g} Gb/s, "
+              f"{MESSAGE_LATENCY_S * 1e6:g} us per message, at this batch per worker\n")
+        print_data_parallel(rows)
+        result["data_parallel"] = rows
     elif args.loop:
         sources = args.runs or (args.specs or [str(exphil.SPECS_DIR / f"{n}.toml") for n in ("lstm", "mamba")])
         print("\nfull decision loop: GameState -> features -> step -> sample -> commands flushed to a FIFO "

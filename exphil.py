@@ -1945,9 +1945,11 @@ class _Collection(NamedTuple):
     manifest: Manifest
 
 
-def _cache_collection(replays, cache: Path | None, log, max_files: int = 0, workers: int | None = None) -> _Collection:
+def _cache_collection(replays, cache: Path | None, log, max_files: int = 0, workers: int | None = None,
+                      ray: str | None = None) -> _Collection:
     """Find the replays, hash the new and changed ones (through the manifest), and parse those
-    not yet in the cache on every core."""
+    not yet in the cache on every core (with `ray`, a cluster's address: as Ray tasks, on the
+    cluster's cores; the cache must then be a folder every node reaches)."""
     unreadable = []
     paths = [p for r in ([replays] if isinstance(replays, (str, os.PathLike)) else replays)
              for p in find_replays(r, unreadable)]
@@ -1969,7 +1971,12 @@ def _cache_collection(replays, cache: Path | None, log, max_files: int = 0, work
     if missing:
         t0 = time.perf_counter()
         built = None
-        if workers > 1:
+        if ray:
+            cluster = connect_ray(ray)
+            task = cluster.remote(num_cpus=1)(_build_cache)
+            built = list(_parsing(_as_done(cluster, [task.remote(m) for m in missing]), len(missing), log))
+            workers = int(cluster.cluster_resources().get("CPU", 1))
+        elif workers > 1:
             from concurrent.futures import ProcessPoolExecutor
             from concurrent.futures.process import BrokenProcessPool
             import multiprocessing
@@ -1992,6 +1999,13 @@ def _cache_collection(replays, cache: Path | None, log, max_files: int = 0, work
             log(f"parsed {len(missing)} new replays ({frames:,} frames) in {seconds:.1f} s on {workers} core(s): "
                 f"{frames / seconds:,.0f} frames/s ({frames / busy:,.0f} per core once started)")
     return _Collection(paths, entries, errors, unreadable, manifest)
+
+
+def _as_done(ray, refs: list):
+    """The results of Ray tasks, in the order they finish."""
+    while refs:
+        done, refs = ray.wait(refs, num_returns=1)
+        yield ray.get(done[0])
 
 
 def _each_game(collection: _Collection, log, load: bool = True, keep: Callable[[dict], bool] | None = None):
@@ -2024,15 +2038,15 @@ def _each_game(collection: _Collection, log, load: bool = True, keep: Callable[[
 
 def load_games(replays: str | os.PathLike | Sequence, cache: Path | None = None, log=None,
                max_files: int = 0, workers: int | None = None,
-               keep: Callable[[dict], bool] | None = None, left_out: list | None = None,
+               keep: Callable[[dict], bool] | None = None, left_out: list | None = None, ray: str | None = None,
                ) -> tuple[list[list[Episode]], list[dict]]:
     """Episodes grouped by game, and the replays that were skipped (path and reason).
 
     Replays not yet in the cache are parsed on every core first. A replay that cannot be used is
     reported in one line and skipped; the rest go on. `keep(manifest row)` selects games before
     their arrays are loaded (see `_game_filter`); the paths of those it leaves out are appended
-    to `left_out`."""
-    collection = _cache_collection(replays, cache, log, max_files, workers)
+    to `left_out`. ray: parse on this Ray cluster (see `_cache_collection`)."""
+    collection = _cache_collection(replays, cache, log, max_files, workers, ray)
     games, skipped = [], list(collection.unreadable)
     for path, row, episodes in _each_game(collection, log, keep=keep):
         if row["skipped"]:
@@ -2044,11 +2058,12 @@ def load_games(replays: str | os.PathLike | Sequence, cache: Path | None = None,
     return games, skipped
 
 
-def describe(replays, cache: Path | None = None, log=None) -> dict:
+def describe(replays, cache: Path | None = None, log=None, ray: str | None = None) -> dict:
     """What a replay collection holds (`exphil data`): games, frames, hours of play, player
     views per character, games per stage, skipped replays per reason. New and changed replays
-    are parsed into the cache first; the rest is read from the manifest, not from the arrays."""
-    collection = _cache_collection(replays, cache, log)
+    are parsed into the cache first (on a Ray cluster, with `ray`); the rest is read from the
+    manifest, not from the arrays."""
+    collection = _cache_collection(replays, cache, log, ray=ray)
     characters, stages, skipped = collections.Counter(), collections.Counter(), collections.Counter()
     frames = 0
     for u in collection.unreadable:
@@ -2536,29 +2551,36 @@ def connect_ray(address: str):
 
 class _TrainWorker:
     """One replica of data-parallel training (a Ray actor): a Trainer in a folder of its own,
-    built from the driver's artifacts and checkpoint."""
+    built from the driver's artifacts and checkpoint. Worker k of n sums the k-th n-th of
+    every worker's gradient (reduce-scatter), then each gathers the n sums (all-gather)."""
 
-    def __init__(self, model: Model, files: dict[str, bytes], threads: int):
+    def __init__(self, model: Model, files: dict[str, bytes], threads: int, count: int):
         self.dir = Path(tempfile.mkdtemp(prefix="exphil-worker-"))
         for name, data in files.items():
             (self.dir / name).write_bytes(data)
         self.trainer = Trainer(model, self.dir, threads=threads)
-        self.names = sorted(model.params)
+        self.names, self.count = sorted(model.params), count
 
     def where(self) -> tuple[str, int]:
         import socket
         return socket.gethostname(), os.getpid()
 
-    def backward(self, batch: dict, weight: float) -> tuple[dict, np.ndarray, float]:
-        """The outputs of a slice and its gradient times `weight`, flat (parameters in name order)."""
+    def backward(self, batch: dict, weight: float) -> tuple:
+        """The outputs of a slice, the seconds it took, and its gradient times `weight` (flat,
+        parameters in name order) cut in one chunk per worker."""
         t0 = time.perf_counter()
         out = self.trainer.backward(batch)
         grads = [self.trainer.state.parameters[n].grad.ravel() for n in self.names]
-        return out, np.concatenate(grads) * np.float32(weight), time.perf_counter() - t0
+        flat = np.concatenate(grads) * np.float32(weight)
+        return (out, time.perf_counter() - t0, *np.array_split(flat, self.count))
 
-    def update(self, gradient: np.ndarray, lr: float) -> float:
-        """Write the summed gradient into the state (`.grad` is a view of onnxruntime's buffer) and step."""
-        t0, at = time.perf_counter(), 0
+    def reduce(self, *chunks: np.ndarray) -> np.ndarray:
+        return functools.reduce(np.add, chunks)  # in worker order: the same sum on every run
+
+    def update(self, lr: float, *chunks: np.ndarray) -> float:
+        """Write the summed gradient into the state (`.grad` is a view of onnxruntime's buffer)
+        and take the AdamW step; returns the seconds it took."""
+        t0, at, gradient = time.perf_counter(), 0, np.concatenate(chunks)
         for n in self.names:
             g = self.trainer.state.parameters[n].grad
             np.copyto(g, gradient[at:at + g.size].reshape(g.shape))
@@ -2584,18 +2606,20 @@ class _TrainWorker:
 class RayTrainer:
     """Trainer's interface (step, evaluate, params, progress, save_checkpoint), data-parallel on
     Ray: each of `workers` actors holds a Trainer and runs forward and backward on its slice of
-    every batch; the driver sums their gradients, each weighted by its slice's share of the
-    batch's loss-weighted frames (the loss is a mean over them), so the sum is the gradient of
-    the whole batch's loss; every worker then writes that sum into its gradient buffers and
-    takes the same AdamW step (clipping, if asked, sees the sum), so their parameters stay
-    identical and follow one process's trajectory with the whole batch. The driver builds the
-    artifacts and loads the checkpoint as Trainer does; checkpoints come from worker 0. A worker
-    that fails stops training with an ExphilError, the last checkpoint left as it was."""
+    every batch. Their gradients, each weighted by its slice's share of the batch's
+    loss-weighted frames (the loss is a mean over them), add up to the gradient of the whole
+    batch's loss; the workers sum them among themselves (reduce-scatter, then all-gather, in the
+    Ray object store: 2 (n - 1) / n x 4 bytes per parameter sent and as many received by each),
+    write the sum into their gradient buffers and take the same AdamW step (clipping, if asked,
+    sees the sum), so they hold the same parameters and follow one process's trajectory with the
+    whole batch. The driver builds the artifacts and loads the checkpoint as Trainer does, and
+    cuts the batches; checkpoints come from worker 1. A worker that fails stops training with an
+    ExphilError, the last checkpoint left as it was."""
 
     def __init__(self, model: Model, directory: Path, ray: str = "auto", workers: int = 2, cpus: int = 1,
                  lr: float = 1e-3, log=None, **trainer_args):
         self.ray = connect_ray(ray)
-        self.model, self.dir, self.names = model, Path(directory), sorted(model.params)
+        self.model, self.dir, self.workers = model, Path(directory), []
         have = self.ray.cluster_resources().get("CPU", 0)
         if workers * cpus > have:
             raise UsageError(f"--workers {workers} needs {workers * cpus} CPUs; the Ray cluster has {have:g}")
@@ -2606,27 +2630,36 @@ class RayTrainer:
             files = {f: (Path(tmp) / f if f == "checkpoint" else self.dir / f).read_bytes()
                      for f in ("checkpoint", "training_model.onnx", "eval_model.onnx", "optimizer_model.onnx")}
         del local
-        actor = self.ray.remote(num_cpus=cpus, max_restarts=0)(_TrainWorker)
-        shipped = self.ray.put(files)
-        self.workers = [actor.remote(model, shipped, cpus) for _ in range(workers)]
+        actor, shipped = self.ray.remote(num_cpus=cpus, max_restarts=0)(_TrainWorker), self.ray.put(files)
+        self.workers = [actor.remote(model, shipped, cpus, workers) for _ in range(workers)]
         self.hosts = self._gather([w.where.remote() for w in self.workers])
         self.timings: list[dict] = []  # per step: seconds in compute, in the optimizer step, in all
         if log:
             log(f"{workers} Ray workers: " + ", ".join(f"{h} (process {p})" for h, p in self.hosts))
 
-    def _gather(self, refs: list) -> list:
-        """The results of one call per worker; a failed worker stops the run (and the others)."""
-        results = []
-        for k, ref in enumerate(refs):
-            try:
-                results.append(self.ray.get(ref))
-            except self.ray.exceptions.RayError as e:
-                self.close()
-                where = f" ({self.hosts[k][0]}, process {self.hosts[k][1]})" if hasattr(self, "hosts") else ""
-                raise ExphilError(f"{self.dir.parent}: Ray worker {k + 1} of {len(refs)}{where} failed "
-                                  f"({type(e).__name__}); training stopped, the last checkpoint is kept: "
-                                  "continue with --resume") from None
-        return results
+    def _gather(self, refs: list, within: list = ()) -> list:
+        """The results of calls to the workers (`within`: the intermediate results of the same
+        calls); a failure stops the run (and every worker)."""
+        try:
+            return self.ray.get(refs)
+        except self.ray.exceptions.RayError as e:
+            for ref in [*refs, *within]:  # collected, so that Ray does not report them again as unhandled
+                with contextlib.suppress(Exception):
+                    self.ray.get(ref, timeout=10)
+            reason = str(getattr(e, "cause", None) or type(e).__name__).strip().splitlines()[0]
+            dead = [k for k, w in enumerate(self.workers) if not self._answers(w)]
+            self.close()
+            who = (", ".join(f"{k + 1} ({self.hosts[k][0]}, process {self.hosts[k][1]})" for k in dead)
+                   + " of " + str(len(self.workers)) + " died") if dead and hasattr(self, "hosts") else "failed"
+            raise ExphilError(f"{self.dir.parent}: Ray worker {who} ({reason}); training stopped, the last "
+                              "checkpoint is kept: continue with --resume") from None
+
+    def _answers(self, worker) -> bool:
+        try:
+            self.ray.get(worker.where.remote(), timeout=10)
+            return True
+        except Exception:
+            return False
 
     def _slices(self, batch: dict) -> tuple[list[dict], list[int], list[float]]:
         """The batch cut into one slice per worker, their sizes, and the weights that turn their
@@ -2645,15 +2678,17 @@ class RayTrainer:
                 np.float32(sum(float(o[k]) * w for o, w in zip(outs, weights))) for k in outs[0]}
 
     def step(self, batch: dict[str, np.ndarray], lr: float | None = None) -> dict[str, np.ndarray]:
-        t0 = time.perf_counter()
+        t0, n = time.perf_counter(), len(self.workers)
         self.lr = self.lr if lr is None else lr
         slices, sizes, weights = self._slices(batch)
-        results = self._gather([w.backward.remote(s, x) for w, s, x in zip(self.workers, slices, weights)])
-        gradient = self.ray.put(sum(g for _, g, _ in results))
-        applied = self._gather([w.update.remote(gradient, self.lr) for w in self.workers])
-        self.timings.append({"compute": max(t for *_, t in results), "update": max(applied),
+        calls = [w.backward.options(num_returns=n + 2).remote(s, x) for w, s, x in zip(self.workers, slices, weights)]
+        sums = [w.reduce.remote(*[c[2 + k] for c in calls]) for k, w in enumerate(self.workers)]
+        done = [w.update.remote(self.lr, *sums) for w in self.workers]
+        results = self._gather([c[0] for c in calls] + [c[1] for c in calls] + done,
+                               [*sums, *(r for c in calls for r in c[2:])])
+        self.timings.append({"compute": max(results[n:2 * n]), "update": max(results[2 * n:]),
                              "total": time.perf_counter() - t0})
-        return self._join([o for o, _, _ in results], sizes, weights)
+        return self._join(results[:n], sizes, weights)
 
     def evaluate(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         slices, sizes, weights = self._slices(batch)
@@ -3159,12 +3194,12 @@ def _resume_settings(out: Path, spec, replays, given: dict) -> tuple[dict, Spec,
     return {**recorded, "epochs": max(recorded["epochs"], given.get("epochs", 0))}, run_spec, sources
 
 
-def _games(replays, cache, log, config: TrainConfig) -> tuple[list, list, list]:
+def _games(replays, cache, log, config: TrainConfig, ray: str | None = None) -> tuple[list, list, list]:
     """The run's training and validation games (filtered, split by game) and the skipped replays."""
     chosen = (config.character, config.opponent_character, config.stage, config.min_frames)
     left_out = []
     games, skipped = load_games(replays, cache, log, max_files=config.max_files, keep=_game_filter(*chosen),
-                                left_out=left_out)
+                                left_out=left_out, ray=ray)
     if not games and not left_out:
         raise ExphilError(f"{replays}: no usable replay (all {len(skipped)} skipped, see above)")
     games = filter_games(games, *chosen)
@@ -3191,7 +3226,7 @@ def _train(spec, replays, out: Path, resume: bool, quiet: bool, cache, config, r
         if has_checkpoint(out / "train"):
             raise UsageError(f"{out} already holds a run: continue it with --resume, or choose another --out")
         spec = spec if isinstance(spec, Spec) else load_spec(spec)
-    train_games, val_games, skipped = _games(replays, cache, log, config)
+    train_games, val_games, skipped = _games(replays, cache, log, config, ray)
     train_eps, val_eps = [e for g in train_games for e in g], [e for g in val_games for e in g]
     lists = {"train": sorted({e.source for e in train_eps}), "val": sorted({e.source for e in val_eps})}
     if resume and {k: info["replays"][k] for k in lists} != lists:
@@ -4478,7 +4513,7 @@ EXAMPLES = {
     "distill": ["exphil distill --teacher runs/mamba --student mlp --replays ~/Slippi --out runs/mlp-student"],
     "eval": ["exphil eval runs/mamba --replays ~/Slippi/held-out", "exphil eval runs/mamba --replays game.slp --json"],
     "compile": ["exphil compile mamba --out build/mamba", "exphil compile my.toml --out build/my --window 30"],
-    "data": ["exphil data ~/Slippi", "exphil data ~/Slippi --json"],
+    "data": ["exphil data ~/Slippi", "exphil data ~/Slippi --json", "exphil data /shared/replays --ray auto"],
     "plot": ["exphil plot runs/mamba"],
     "specs": ["exphil specs", "exphil specs show mamba > my.toml"],
     "quantize": ["exphil quantize runs/mamba", "exphil quantize runs/mamba --static", "exphil quantize runs/mamba --fp16"],
@@ -4693,6 +4728,8 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("data", help="what a replay collection holds: games, frames, characters, stages, skipped")
     p.add_argument("replays", help="a .slp file or a folder of them (searched recursively)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.add_argument("--ray", metavar="ADDRESS", help="parse new replays as tasks on this Ray cluster (auto, local or "
+                   "an address; the cache folder must be one every node reaches)")
 
     p = sub.add_parser("plot", help="write curves.png (loss and accuracy per epoch) into a run folder")
     p.add_argument("run")
@@ -4774,7 +4811,7 @@ def _command(args) -> int:
         for path in model.save(args.out, args.window):
             print(path)
     elif args.command == "data":
-        res = describe(args.replays, log=_log(False))
+        res = describe(args.replays, log=_log(False), ray=args.ray)
         if args.json:
             print(json.dumps(res, indent=2))
         else:

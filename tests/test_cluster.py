@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 import exphil
-from conftest import REPLAYS, ROOT, needs_training
+from conftest import BROKEN, REPLAYS, ROOT, needs_training
 
 pytestmark = needs_training
 
@@ -156,3 +156,25 @@ def test_train_command_on_ray(ray, tmp_path, capsys):
                         "--batch-size", "64", "--max-steps", "4", "--out", str(out), "--quiet"]) == 0
     info = json.loads((out / "run.json").read_text())
     assert info["status"] == "finished" and info["steps"] == 4 and info["ray"]["workers"] == 2
+
+
+def test_parsing_on_ray_equals_a_local_parse(ray, tmp_path):
+    """Replays (good and broken) parsed as Ray tasks give the cache entries, the remembered
+    errors, the manifest rows and the skipped list that a local parse gives."""
+    sources = [REPLAYS, BROKEN]
+    local = exphil.load_games(sources, tmp_path / "local", workers=1)
+    on_ray = exphil.load_games(sources, tmp_path / "ray", ray="auto")
+    assert local[1] == on_ray[1] and local[1]  # the broken replay, skipped with the same reason
+    assert [[e.source for e in g] for g in local[0]] == [[e.source for e in g] for g in on_ray[0]]
+    files = [sorted(f.name for f in (tmp_path / c).iterdir() if f.suffix in (".npz", ".error")) for c in ("local", "ray")]
+    assert files[0] == files[1] and any(f.endswith(".error") for f in files[0])
+    for name in files[0]:
+        a, b = tmp_path / "local" / name, tmp_path / "ray" / name
+        if name.endswith(".error"):
+            assert a.read_text() == b.read_text()
+            continue
+        with np.load(a) as x, np.load(b) as y:
+            assert sorted(x) == sorted(y) and all(np.array_equal(x[k], y[k]) for k in x), name
+    rows = [[sorted(exphil.Manifest(tmp_path / c).db.execute(f"SELECT * FROM {t}").fetchall())
+             for t in ("files", "games")] for c in ("local", "ray")]
+    assert rows[0] == rows[1]
