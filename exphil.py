@@ -2567,20 +2567,28 @@ class _TrainWorker:
 
     def backward(self, batch: dict, weight: float) -> tuple:
         """The outputs of a slice, the seconds it took, and its gradient times `weight` (flat,
-        parameters in name order) cut in one chunk per worker."""
+        parameters in name order) cut in one chunk per worker. The chunks stay in this node's
+        object store (passed on as references: the driver never holds them, however small)."""
+        import ray
+
         t0 = time.perf_counter()
         out = self.trainer.backward(batch)
         grads = [self.trainer.state.parameters[n].grad.ravel() for n in self.names]
         flat = np.concatenate(grads) * np.float32(weight)
-        return (out, time.perf_counter() - t0, *np.array_split(flat, self.count))
+        return (out, time.perf_counter() - t0, *map(ray.put, np.array_split(flat, self.count)))
 
-    def reduce(self, *chunks: np.ndarray) -> np.ndarray:
-        return functools.reduce(np.add, chunks)  # in worker order: the same sum on every run
+    def reduce(self, *chunks) -> Any:
+        import ray
 
-    def update(self, lr: float, *chunks: np.ndarray) -> float:
+        return ray.put(functools.reduce(np.add, ray.get(list(chunks))))  # in worker order: the same sum every run
+
+    def update(self, lr: float, *chunks) -> float:
         """Write the summed gradient into the state (`.grad` is a view of onnxruntime's buffer)
         and take the AdamW step; returns the seconds it took."""
-        t0, at, gradient = time.perf_counter(), 0, np.concatenate(chunks)
+        import ray
+
+        gradient = np.concatenate(ray.get(list(chunks)))
+        t0, at = time.perf_counter(), 0
         for n in self.names:
             g = self.trainer.state.parameters[n].grad
             np.copyto(g, gradient[at:at + g.size].reshape(g.shape))
