@@ -26,25 +26,27 @@ def ray():
     ray.shutdown()
 
 
-def _batches(eps, length: int, count: int, size: int):
+def _batches(eps, spec, count: int, size: int):
     """Random windows plus a game's last (partly masked) one, with change-weighted masks: the
     workers' slices hold different numbers of loss-weighted frames."""
-    wins, rng = exphil.windows(eps, length), np.random.default_rng(0)
-    return [exphil.make_batch(eps, [wins[i] for i in rng.choice(len(wins), size - 1)] + [wins[-1]], length,
-                              change_weight=3.0) for _ in range(count)]
+    wins, rng = exphil.windows(eps, spec.window), np.random.default_rng(0)
+    return [exphil.make_batch(eps, [wins[i] for i in rng.choice(len(wins), size - 1)] + [wins[-1]], spec.window,
+                              change_weight=3.0, returns=spec.returns) for _ in range(count)]
 
 
 def test_two_workers_follow_one_process(ray, tmp_path):
     """2 workers with half a batch each take the same 20 steps as one process with the whole
     batch (global-norm clipping on: it must see the summed gradient), to 1e-5; so do the
-    outputs each step returns, and the two workers hold the same parameters."""
+    outputs each step returns (the value head's too), and the two workers hold the same
+    parameters."""
     spec = exphil.override_spec(exphil.load_spec(ROOT / "specs" / "gru.toml"), window_size=8, hidden=32)
+    spec = exphil.msgspec.structs.replace(spec, returns=exphil.Returns(input=True, value=True))
     model = exphil.Model(spec)
     eps = exphil.load_replay(REPLAYS / "hohav-py-slippi__netplay_name.slp")
     settings = dict(lr=3e-3, max_grad_norm=0.5)
     one = exphil.Trainer(model, tmp_path / "one", **settings)
     two = exphil.RayTrainer(model, tmp_path / "two", ray="auto", workers=2, **settings)
-    for batch in _batches(eps, 8, 20, 15):
+    for batch in _batches(eps, spec, 20, 15):
         a, b = one.step(dict(batch)), two.step(dict(batch))
         assert a.keys() == b.keys()
         assert all(np.allclose(a[k], b[k], rtol=0, atol=1e-5) for k in a)
@@ -52,7 +54,8 @@ def test_two_workers_follow_one_process(ray, tmp_path):
     replicas = [ray.get(w.params.remote()) for w in two.workers]
     for n, v in one.params().items():
         assert np.abs(replicas[0][n] - v).max() <= 1e-5 and np.abs(replicas[1][n] - v).max() <= 1e-5, n
-    batch = _batches(eps, 8, 1, 3)[0]  # evaluation, and a batch smaller than the workers' count
+    assert {"value", "loss.value"} <= set(a)
+    batch = _batches(eps, spec, 1, 1)[0]  # evaluation, and a batch smaller than the workers' count
     assert all(np.allclose(x, y, atol=1e-5) for x, y in zip(one.evaluate(batch).values(),
                                                             two.evaluate(batch).values()))
     assert len(two.timings) == 20 and all(t["total"] >= t["compute"] > 0 for t in two.timings)
