@@ -13,6 +13,10 @@
                                          # train every spec on the same games for the same number
                                          # of steps (or --budget-seconds), then rank them by their
                                          # margin under the Markov baseline (the architecture table)
+    python bench.py --train --replays DIR --max-steps 600 --ray auto
+                                         # the same, the specs trained as parallel Ray tasks
+    python bench.py --data-parallel      # data-parallel training on 2 Ray workers: per step, compute
+                                         # versus gradient exchange, and the modelled scaling
 
 Latency is the wall time of one step-graph call (batch 1, recurrent state carried), median (p50)
 and p99 over at least 300 calls after a warm-up (more when calls are fast). Verdicts against the
@@ -366,34 +370,110 @@ def print_throughput_row(name: str, row: dict, header: bool, compared: bool = Fa
 
 
 def architecture_table(paths: list[str], replays: str, budget_seconds: float, seed: int, batch_size: int,
-                       max_steps: int = 0, frame_delay: int = 0) -> list[dict]:
+                       max_steps: int = 0, frame_delay: int = 0, ray: str | None = None) -> list[dict]:
     """Train every spec on the same games with the same seed and the same number of optimizer
     steps (or time budget); rank by the margin of the exported model's validation loss under
-    the Markov baseline. Copy and Markov are scored on the same validation frames."""
-    rows = []
-    with tempfile.TemporaryDirectory() as tmp:
-        for path in paths:
-            spec = exphil.load_spec(path)
-            print(f"training {spec.name} ({max_steps or 'unlimited'} steps, {budget_seconds or 'no'} s budget) ...",
-                  file=sys.stderr, flush=True)
-            run = exphil.train(spec, replays, out=Path(tmp) / spec.name, epochs=10_000, seed=seed,
-                               batch_size=batch_size, budget_seconds=budget_seconds, max_steps=max_steps,
-                               frame_delay=frame_delay, quiet=True)
-            history = [json.loads(l) for l in (run.path / "metrics.jsonl").read_text().splitlines()]
-            best = run.info["exported_metrics"]
-            frames_done = sum(r["frames_per_s"] * r["seconds"] for r in history)
-            latency = exphil.step_latency(exphil.load_run(run.path)[0])
-            rows.append({"spec": spec.name, "val_loss": best["val_loss"],
-                         "markov_loss": best["val_markov"]["loss"],
-                         "margin": 1 - best["val_loss"] / best["val_markov"]["loss"],
-                         "button_f1": best["val_button_f1"], "copy_button_f1": best["val_copy"]["button_f1"],
-                         "accuracy": best["val_accuracy"], "copy_accuracy": best["val_copy"]["accuracy"],
-                         "change_accuracy": best["val_change"]["accuracy"],
-                         "baseline_loss": run.info["baseline_loss"]["total"], "steps": run.info["steps"],
-                         "train_frames_per_s": frames_done / sum(r["seconds"] for r in history),
-                         "step_p50_ms": latency["p50_ms"], "step_p99_ms": latency["p99_ms"]})
+    the Markov baseline. Copy and Markov are scored on the same validation frames.
+    ray: a Ray cluster's address; the specs then train as parallel Ray tasks (one CPU each),
+    which gives the same numbers but the timings."""
+    settings = dict(replays=replays, budget_seconds=budget_seconds, seed=seed, batch_size=batch_size,
+                    max_steps=max_steps, frame_delay=frame_delay)
+    for path in paths:
+        print(f"training {Path(path).stem} ({max_steps or 'unlimited'} steps, {budget_seconds or 'no'} s budget)"
+              + (" on Ray" if ray else "") + " ...", file=sys.stderr, flush=True)
+    if ray:
+        cluster = exphil.connect_ray(ray)
+        task = cluster.remote(num_cpus=1)(architecture_row)
+        rows = cluster.get([task.remote(path, **settings) for path in paths])
+    else:
+        rows = [architecture_row(path, **settings) for path in paths]
     rows.sort(key=lambda r: -r["margin"])
     return rows
+
+
+def architecture_row(path: str, replays: str, budget_seconds: float, seed: int, batch_size: int, max_steps: int,
+                     frame_delay: int) -> dict:
+    """One spec of the architecture table, trained in a temporary run folder."""
+    spec = exphil.load_spec(path)
+    with tempfile.TemporaryDirectory() as tmp:
+        run = exphil.train(spec, replays, out=Path(tmp) / spec.name, epochs=10_000, seed=seed,
+                           batch_size=batch_size, budget_seconds=budget_seconds, max_steps=max_steps,
+                           frame_delay=frame_delay, quiet=True)
+        history = [json.loads(l) for l in (run.path / "metrics.jsonl").read_text().splitlines()]
+        best = run.info["exported_metrics"]
+        frames_done = sum(r["frames_per_s"] * r["seconds"] for r in history)
+        latency = exphil.step_latency(exphil.load_run(run.path)[0])
+    return {"spec": spec.name, "val_loss": best["val_loss"],
+            "markov_loss": best["val_markov"]["loss"],
+            "margin": 1 - best["val_loss"] / best["val_markov"]["loss"],
+            "button_f1": best["val_button_f1"], "copy_button_f1": best["val_copy"]["button_f1"],
+            "accuracy": best["val_accuracy"], "copy_accuracy": best["val_copy"]["accuracy"],
+            "change_accuracy": best["val_change"]["accuracy"],
+            "baseline_loss": run.info["baseline_loss"]["total"], "steps": run.info["steps"],
+            "train_frames_per_s": frames_done / sum(r["seconds"] for r in history),
+            "step_p50_ms": latency["p50_ms"], "step_p99_ms": latency["p99_ms"]}
+
+
+NETWORK_GBPS, MESSAGE_LATENCY_S = 10.0, 50e-6  # the modelled cluster: 10 Gb/s links, 50 us per message
+
+
+def data_parallel_row(spec: exphil.Spec, ray: str, workers: int, batch_size: int, min_steps: int,
+                      seconds: float) -> dict:
+    """One spec on `workers` Ray workers (one CPU each) beside one process with the same batch of
+    the spec's windows and as many threads, steps interleaved: per step, the slowest worker's
+    forward and backward on its slice (compute), its optimizer step (update), and the rest of the
+    wall time (Ray overhead: the gradient all-reduce, the batch slices sent to the workers, the
+    scheduling of the calls); medians, and bytes per worker."""
+    model, batch = throughput_setup(spec, batch_size, spec.window)
+    with tempfile.TemporaryDirectory() as tmp:
+        one = exphil.Trainer(model, Path(tmp) / "one", threads=workers)
+        par = exphil.RayTrainer(model, Path(tmp) / "ray", ray=ray, workers=workers)
+        for _ in range(2):  # warm-up
+            one.step(dict(batch)), par.step(dict(batch))
+        par.timings.clear()
+        times = interleaved({"one": lambda: one.step(dict(batch)), "ray": lambda: par.step(dict(batch))},
+                            min_steps, seconds)
+        par.close()
+    t = {k: np.array([s[k] for s in par.timings]) for k in ("compute", "update", "total")}
+    overhead = t["total"] - t["compute"] - t["update"]
+    params = sum(v.size for v in model.params.values())
+    frames_per_worker = batch_size * spec.window / workers  # padding included: it is computed too
+    return {"spec": spec.name, "params": params, "workers": workers, "batch": batch_size, "window": spec.window,
+            "gradient_bytes": 4 * params, "sent_bytes_per_worker": 2 * (workers - 1) / workers * 4 * params,
+            "batch_bytes_per_worker": sum(v.nbytes for v in batch.values()) / workers,
+            "one_process_step_s": float(np.median(times["one"])), "ray_step_s": float(np.median(times["ray"])),
+            "compute_s": float(np.median(t["compute"])), "update_s": float(np.median(t["update"])),
+            "overhead_s": float(np.median(overhead)), "overhead_worst_s": float(overhead.max()),
+            "steps": len(overhead), "compute_s_per_frame": float(np.median(t["compute"])) / frames_per_worker}
+
+
+def ring_allreduce_s(params: int, workers: int, gbps: float = NETWORK_GBPS, latency: float = MESSAGE_LATENCY_S):
+    """A ring all-reduce of 4-byte gradients: 2 (n - 1) messages of 4 params / n bytes each, in turn."""
+    return 2 * (workers - 1) * (4 * params / workers / (gbps * 1e9 / 8) + latency)
+
+
+def scaling(row: dict, workers: int, overhead_s: float = 0.0) -> dict:
+    """Modelled efficiency of `workers` workers at this row's batch per worker (compute time per
+    frame as measured), with a ring all-reduce not overlapped with compute, plus a fixed
+    `overhead_s` per step; and the frames per worker at which the all-reduce costs 5%."""
+    compute = row["compute_s_per_frame"] * row["batch"] * row["window"] / row["workers"]
+    exchange = ring_allreduce_s(row["params"], workers) + overhead_s
+    return {"efficiency": compute / (compute + exchange),
+            "frames_for_95": 19 * exchange / row["compute_s_per_frame"]}
+
+
+def print_data_parallel(rows: list[dict]) -> None:
+    print(f"| spec | params | gradient MB (4 x params) | compute ms | update ms | Ray overhead ms (worst) | ray step ms | "
+          f"one process ms | compute us/frame | 8 workers | 64 workers | 64 w. + Ray overhead | "
+          f"frames/worker for 95% at 64 |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        e8, e64, e64r = scaling(r, 8), scaling(r, 64), scaling(r, 64, r["overhead_s"])
+        print(f"| {r['spec']} | {r['params']:,} | {r['gradient_bytes'] / 1e6:.2f} | {1e3 * r['compute_s']:.1f} | "
+              f"{1e3 * r['update_s']:.1f} | {1e3 * r['overhead_s']:.1f} ({1e3 * r['overhead_worst_s']:.1f}) | "
+              f"{1e3 * r['ray_step_s']:.1f} | {1e3 * r['one_process_step_s']:.1f} | "
+              f"{1e6 * r['compute_s_per_frame']:.2f} | {100 * e8['efficiency']:.0f}% | {100 * e64['efficiency']:.0f}% | "
+              f"{100 * e64r['efficiency']:.0f}% | {e64['frames_for_95']:,.0f} |")
 
 
 def print_architectures(rows: list[dict]) -> None:
@@ -522,11 +602,16 @@ def main(argv=None) -> int:
                         help="training time per spec for --train (0: no limit; one of the two is needed)")
     parser.add_argument("--frame-delay", type=int, default=0, help="--train: frame t predicts frame t + 1 + D")
     parser.add_argument("--batch-size", type=int, default=32, help="batch size for --train")
+    parser.add_argument("--ray", metavar="ADDRESS", help="--train: train the specs as parallel tasks on this Ray "
+                        "cluster (auto, local or an address; pip install 'exphil[cluster]')")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--replay", type=Path, default=REPLAY, help="the replay whose frames --loop, --throughput "
                         "and the latency table use (latency alone runs without one, on random inputs)")
     parser.add_argument("--conditioning", metavar="RUN", help="a return-conditioned run: loss and action rates "
                         "on its validation games (or --replays) with the recorded return-to-go shifted")
+    parser.add_argument("--data-parallel", action="store_true", help="gradient exchange versus compute per step "
+                        "on --workers Ray workers (--ray, default local), and the modelled scaling to 8 and 64")
+    parser.add_argument("--workers", type=int, default=2, help="--data-parallel: Ray workers")
     parser.add_argument("--json", help="also write every number to this file")
     args = parser.parse_args(argv)
     REPLAY = args.replay
@@ -547,13 +632,22 @@ def main(argv=None) -> int:
         if not (args.max_steps or args.budget_seconds):
             parser.error("--train needs --max-steps or --budget-seconds")
         rows = architecture_table(specs, args.replays, args.budget_seconds, args.seed, args.batch_size,
-                                  args.max_steps, args.frame_delay)
+                                  args.max_steps, args.frame_delay, args.ray)
         print(f"\nsame games, seed {args.seed}, batch {args.batch_size}, "
               + (f"{args.max_steps} optimizer steps" if args.max_steps else f"{args.budget_seconds:.0f} s")
               + f" each, frame delay {args.frame_delay}; ranked by the margin of the validation loss under the "
               f"Markov baseline (frequency baseline {rows[0]['baseline_loss']:.3f})\n")
         print_architectures(rows)
         result["architectures"] = rows
+    elif args.data_parallel:
+        rows = [data_parallel_row(exphil.load_spec(p), args.ray or "local", args.workers, args.batch_size, args.steps,
+                                  args.seconds) for p in specs]
+        print(f"\ndata parallel on {args.workers} Ray workers of one CPU each, batch {args.batch_size} windows of "
+              f"the spec's length, medians of {rows[0]['steps']}+ steps; one process: the same batch, "
+              f"{args.workers} threads. Modelled: ring all-reduce on {NETWORK_GBPS:g} Gb/s, "
+              f"{MESSAGE_LATENCY_S * 1e6:g} us per message, at this batch per worker\n")
+        print_data_parallel(rows)
+        result["data_parallel"] = rows
     elif args.loop:
         sources = args.runs or (args.specs or [str(exphil.SPECS_DIR / f"{n}.toml") for n in ("lstm", "mamba")])
         print("\nfull decision loop: GameState -> features -> step -> sample -> commands flushed to a FIFO "

@@ -1946,9 +1946,11 @@ class _Collection(NamedTuple):
     manifest: Manifest
 
 
-def _cache_collection(replays, cache: Path | None, log, max_files: int = 0, workers: int | None = None) -> _Collection:
+def _cache_collection(replays, cache: Path | None, log, max_files: int = 0, workers: int | None = None,
+                      ray: str | None = None) -> _Collection:
     """Find the replays, hash the new and changed ones (through the manifest), and parse those
-    not yet in the cache on every core."""
+    not yet in the cache on every core (with `ray`, a cluster's address: as Ray tasks, on the
+    cluster's cores; the cache must then be a folder every node reaches)."""
     unreadable = []
     paths = [p for r in ([replays] if isinstance(replays, (str, os.PathLike)) else replays)
              for p in find_replays(r, unreadable)]
@@ -1970,7 +1972,12 @@ def _cache_collection(replays, cache: Path | None, log, max_files: int = 0, work
     if missing:
         t0 = time.perf_counter()
         built = None
-        if workers > 1:
+        if ray:
+            cluster = connect_ray(ray)
+            task = cluster.remote(num_cpus=1)(_build_cache)
+            built = list(_parsing(_as_done(cluster, [task.remote(m) for m in missing]), len(missing), log))
+            workers = int(cluster.cluster_resources().get("CPU", 1))
+        elif workers > 1:
             from concurrent.futures import ProcessPoolExecutor
             from concurrent.futures.process import BrokenProcessPool
             import multiprocessing
@@ -1993,6 +2000,13 @@ def _cache_collection(replays, cache: Path | None, log, max_files: int = 0, work
             log(f"parsed {len(missing)} new replays ({frames:,} frames) in {seconds:.1f} s on {workers} core(s): "
                 f"{frames / seconds:,.0f} frames/s ({frames / busy:,.0f} per core once started)")
     return _Collection(paths, entries, errors, unreadable, manifest)
+
+
+def _as_done(ray, refs: list):
+    """The results of Ray tasks, in the order they finish."""
+    while refs:
+        done, refs = ray.wait(refs, num_returns=1)
+        yield ray.get(done[0])
 
 
 def _each_game(collection: _Collection, log, load: bool = True, keep: Callable[[dict], bool] | None = None):
@@ -2025,15 +2039,15 @@ def _each_game(collection: _Collection, log, load: bool = True, keep: Callable[[
 
 def load_games(replays: str | os.PathLike | Sequence, cache: Path | None = None, log=None,
                max_files: int = 0, workers: int | None = None,
-               keep: Callable[[dict], bool] | None = None, left_out: list | None = None,
+               keep: Callable[[dict], bool] | None = None, left_out: list | None = None, ray: str | None = None,
                ) -> tuple[list[list[Episode]], list[dict]]:
     """Episodes grouped by game, and the replays that were skipped (path and reason).
 
     Replays not yet in the cache are parsed on every core first. A replay that cannot be used is
     reported in one line and skipped; the rest go on. `keep(manifest row)` selects games before
     their arrays are loaded (see `_game_filter`); the paths of those it leaves out are appended
-    to `left_out`."""
-    collection = _cache_collection(replays, cache, log, max_files, workers)
+    to `left_out`. ray: parse on this Ray cluster (see `_cache_collection`)."""
+    collection = _cache_collection(replays, cache, log, max_files, workers, ray)
     games, skipped = [], list(collection.unreadable)
     for path, row, episodes in _each_game(collection, log, keep=keep):
         if row["skipped"]:
@@ -2045,11 +2059,12 @@ def load_games(replays: str | os.PathLike | Sequence, cache: Path | None = None,
     return games, skipped
 
 
-def describe(replays, cache: Path | None = None, log=None) -> dict:
+def describe(replays, cache: Path | None = None, log=None, ray: str | None = None) -> dict:
     """What a replay collection holds (`exphil data`): games, frames, hours of play, player
     views per character, games per stage, skipped replays per reason. New and changed replays
-    are parsed into the cache first; the rest is read from the manifest, not from the arrays."""
-    collection = _cache_collection(replays, cache, log)
+    are parsed into the cache first (on a Ray cluster, with `ray`); the rest is read from the
+    manifest, not from the arrays."""
+    collection = _cache_collection(replays, cache, log, ray=ray)
     characters, stages, skipped = collections.Counter(), collections.Counter(), collections.Counter()
     frames = 0
     for u in collection.unreadable:
@@ -2395,7 +2410,8 @@ class Trainer:
     An existing checkpoint in `directory` is loaded (parameters, optimizer state, progress)."""
 
     def __init__(self, model: Model, directory: Path, lr: float = 1e-3, weight_decay: float = 0.01,
-                 length: int | None = None, max_grad_norm: float = 0.0, distill: tuple | None = None, log=None):
+                 length: int | None = None, max_grad_norm: float = 0.0, distill: tuple | None = None, log=None,
+                 threads: int = 0):
         import onnx
         import shutil
 
@@ -2420,8 +2436,12 @@ class Trainer:
             shutil.rmtree(self.dir, ignore_errors=True)
             os.replace(tmp, self.dir)
         self.state = self._load_checkpoint(api, log)
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads  # 0: onnxruntime's default (one per core)
         self.module = api.Module(str(self.dir / "training_model.onnx"), self.state,
-                                 str(self.dir / "eval_model.onnx"))
+                                 str(self.dir / "eval_model.onnx"), session_options=options)
         self.optimizer = api.Optimizer(str(self.dir / "optimizer_model.onnx"), self.module)
         self.optimizer.set_learning_rate(lr)
         self.inputs = self.module.input_names()
@@ -2453,13 +2473,21 @@ class Trainer:
 
     def step(self, batch: dict[str, np.ndarray], lr: float | None = None) -> dict[str, np.ndarray]:
         """One AdamW step on a batch; returns the outputs (loss first) before the update."""
+        out = self.backward(batch)
+        self.update(lr)
+        return out
+
+    def backward(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """The outputs of a batch, and the gradient of its loss (`state.parameters[name].grad`)."""
+        self.module.train()
+        return self._run(batch, True)
+
+    def update(self, lr: float | None = None) -> None:
+        """One AdamW step with the gradient held in the state (the optimizer graph clips it, if asked)."""
         if lr is not None:
             self.optimizer.set_learning_rate(lr)
-        self.module.train()
-        out = self._run(batch, True)
         self.optimizer.step()
         self.module.lazy_reset_grad()
-        return out
 
     def evaluate(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         self.module.eval()
@@ -2478,19 +2506,216 @@ class Trainer:
 
     def save_checkpoint(self, progress: dict) -> None:
         """Parameters, optimizer state and progress, in one file written atomically."""
-        _, api, _ = _ort_training()
         self.state.properties["progress"] = json.dumps(progress)
-        tmp, path = self.dir / "checkpoint.tmp", self.dir / "checkpoint"
-        api.CheckpointState.save_checkpoint(self.state, str(tmp), include_optimizer_state=True)
-        if path.exists():  # the one before stays (a second name for it, so `checkpoint` is never missing)
-            previous = self.dir / "checkpoint.prev"
-            previous.unlink(missing_ok=True)
-            try:
-                os.link(path, previous)
-            except OSError:  # a file system without hard links
-                import shutil
-                shutil.copyfile(path, previous)
-        os.replace(tmp, path)
+        write_checkpoint(self.dir, self.write_state)
+
+    def write_state(self, path: Path) -> None:
+        """Parameters, optimizer state and properties into one file."""
+        _, api, _ = _ort_training()
+        api.CheckpointState.save_checkpoint(self.state, str(path), include_optimizer_state=True)
+
+
+def write_checkpoint(directory: Path, write: Callable[[Path], None]) -> None:
+    """`directory`/checkpoint, written by `write(path)` atomically; the one before stays as checkpoint.prev."""
+    tmp, path = directory / "checkpoint.tmp", directory / "checkpoint"
+    write(tmp)
+    if path.exists():  # the one before stays (a second name for it, so `checkpoint` is never missing)
+        previous = directory / "checkpoint.prev"
+        previous.unlink(missing_ok=True)
+        try:
+            os.link(path, previous)
+        except OSError:  # a file system without hard links
+            shutil.copyfile(path, previous)
+    os.replace(tmp, path)
+
+
+def connect_ray(address: str):
+    """The `ray` module, connected to the cluster at `address` ("auto": the one `ray start` runs
+    on this machine; "local": a new one for this process alone; or a cluster's address). A
+    connection the calling program made already (`ray.init`) is used as it is."""
+    try:
+        import ray
+    except ImportError:
+        raise UsageError("--ray needs Ray, which this environment lacks: pip install 'exphil[cluster]'") from None
+    if not ray.is_initialized():
+        try:
+            with _quiet_fd2():
+                ray.init(address=None if address == "local" else address, log_to_driver=False,
+                         include_dashboard=False, logging_level=logging.WARNING)
+        except ConnectionError:
+            raise ExphilError(f"--ray {address}: no running Ray cluster found; start one with `ray start --head`, "
+                              "or give --ray local (a cluster for this run alone)") from None
+        except (ValueError, RuntimeError) as e:
+            raise ExphilError(f"--ray {address}: {str(e).splitlines()[0]}") from None
+    return ray
+
+
+class _TrainWorker:
+    """One replica of data-parallel training (a Ray actor): a Trainer in a folder of its own,
+    built from the driver's artifacts and checkpoint. Worker k of n sums the k-th n-th of
+    every worker's gradient (reduce-scatter), then each gathers the n sums (all-gather)."""
+
+    def __init__(self, model: Model, files: dict[str, bytes], threads: int, count: int):
+        self.dir = Path(tempfile.mkdtemp(prefix="exphil-worker-"))
+        for name, data in files.items():
+            (self.dir / name).write_bytes(data)
+        self.trainer = Trainer(model, self.dir, threads=threads)
+        self.names, self.count = sorted(model.params), count
+
+    def where(self) -> tuple[str, int]:
+        import socket
+        return socket.gethostname(), os.getpid()
+
+    def backward(self, batch: dict, weight: float) -> tuple:
+        """The outputs of a slice, the seconds it took, and its gradient times `weight` (flat,
+        parameters in name order) cut in one chunk per worker. The chunks stay in this node's
+        object store (passed on as references: the driver never holds them, however small)."""
+        import ray
+
+        t0 = time.perf_counter()
+        out = self.trainer.backward(batch)
+        grads = [self.trainer.state.parameters[n].grad.ravel() for n in self.names]
+        flat = np.concatenate(grads) * np.float32(weight)
+        return (out, time.perf_counter() - t0, *map(ray.put, np.array_split(flat, self.count)))
+
+    def reduce(self, *chunks) -> Any:
+        import ray
+
+        return ray.put(functools.reduce(np.add, ray.get(list(chunks))))  # in worker order: the same sum every run
+
+    def update(self, lr: float, *chunks) -> float:
+        """Write the summed gradient into the state (`.grad` is a view of onnxruntime's buffer)
+        and take the AdamW step; returns the seconds it took."""
+        import ray
+
+        gradient = np.concatenate(ray.get(list(chunks)))
+        t0, at = time.perf_counter(), 0
+        for n in self.names:
+            g = self.trainer.state.parameters[n].grad
+            np.copyto(g, gradient[at:at + g.size].reshape(g.shape))
+            at += g.size
+        self.trainer.update(lr)
+        return time.perf_counter() - t0
+
+    def evaluate(self, batch: dict) -> dict:
+        return self.trainer.evaluate(batch)
+
+    def params(self) -> dict[str, np.ndarray]:
+        return self.trainer.params()
+
+    def checkpoint(self, progress: dict) -> bytes:
+        self.trainer.state.properties["progress"] = json.dumps(progress)
+        self.trainer.write_state(self.dir / "checkpoint.out")
+        return (self.dir / "checkpoint.out").read_bytes()
+
+    def close(self) -> None:
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+class RayTrainer:
+    """Trainer's interface (step, evaluate, params, progress, save_checkpoint), data-parallel on
+    Ray: each of `workers` actors holds a Trainer and runs forward and backward on its slice of
+    every batch. Their gradients, each weighted by its slice's share of the batch's
+    loss-weighted frames (the loss is a mean over them), add up to the gradient of the whole
+    batch's loss; the workers sum them among themselves (reduce-scatter, then all-gather, in the
+    Ray object store: 2 (n - 1) / n x 4 bytes per parameter sent and as many received by each),
+    write the sum into their gradient buffers and take the same AdamW step (clipping, if asked,
+    sees the sum), so they hold the same parameters and follow one process's trajectory with the
+    whole batch. The driver builds the artifacts and loads the checkpoint as Trainer does, and
+    cuts the batches; checkpoints come from worker 1. A worker that fails stops training with an
+    ExphilError, the last checkpoint left as it was."""
+
+    def __init__(self, model: Model, directory: Path, ray: str = "auto", workers: int = 2, cpus: int = 1,
+                 lr: float = 1e-3, log=None, **trainer_args):
+        self.ray = connect_ray(ray)
+        self.model, self.dir, self.workers = model, Path(directory), []
+        have = self.ray.cluster_resources().get("CPU", 0)
+        if workers * cpus > have:
+            raise UsageError(f"--workers {workers} needs {workers * cpus} CPUs; the Ray cluster has {have:g}")
+        local = Trainer(model, directory, lr=lr, log=log, **trainer_args)  # artifacts and checkpoint, as in one process
+        self.progress, self.lr = local.progress, lr
+        with tempfile.TemporaryDirectory() as tmp:
+            local.write_state(Path(tmp) / "checkpoint")
+            files = {f: (Path(tmp) / f if f == "checkpoint" else self.dir / f).read_bytes()
+                     for f in ("checkpoint", "training_model.onnx", "eval_model.onnx", "optimizer_model.onnx")}
+        del local
+        actor, shipped = self.ray.remote(num_cpus=cpus, max_restarts=0)(_TrainWorker), self.ray.put(files)
+        self.workers = [actor.remote(model, shipped, cpus, workers) for _ in range(workers)]
+        self.hosts = self._gather([w.where.remote() for w in self.workers])
+        self.timings: list[dict] = []  # per step: seconds in compute, in the optimizer step, in all
+        if log:
+            log(f"{workers} Ray workers: " + ", ".join(f"{h} (process {p})" for h, p in self.hosts))
+
+    def _gather(self, refs: list, within: list = ()) -> list:
+        """The results of calls to the workers (`within`: the intermediate results of the same
+        calls); a failure stops the run (and every worker)."""
+        try:
+            return self.ray.get(refs)
+        except self.ray.exceptions.RayError as e:
+            for ref in [*refs, *within]:  # collected, so that Ray does not report them again as unhandled
+                with contextlib.suppress(Exception):
+                    self.ray.get(ref, timeout=10)
+            reason = str(getattr(e, "cause", None) or type(e).__name__).strip().splitlines()[0]
+            dead = [k for k, w in enumerate(self.workers) if not self._answers(w)]
+            self.close()
+            who = (", ".join(f"{k + 1} ({self.hosts[k][0]}, process {self.hosts[k][1]})" for k in dead)
+                   + " of " + str(len(self.workers)) + " died") if dead and hasattr(self, "hosts") else "failed"
+            raise ExphilError(f"{self.dir.parent}: Ray worker {who} ({reason}); training stopped, the last "
+                              "checkpoint is kept: continue with --resume") from None
+
+    def _answers(self, worker) -> bool:
+        try:
+            self.ray.get(worker.where.remote(), timeout=10)
+            return True
+        except Exception:
+            return False
+
+    def _slices(self, batch: dict) -> tuple[list[dict], list[int], list[float]]:
+        """The batch cut into one slice per worker, their sizes, and the weights that turn their
+        mean losses into the whole batch's (a worker without windows gets one with no weight)."""
+        parts = np.array_split(np.arange(len(batch["mask"])), len(self.workers))
+        slices = [{k: v[p] for k, v in batch.items()} if len(p) else
+                  {**{k: v[:1] for k, v in batch.items()}, "mask": np.zeros_like(batch["mask"][:1])} for p in parts]
+        count = lambda m: max(float(m.sum()), 1.0)  # as loss_graph counts
+        total = count(batch["mask"])
+        return slices, [len(p) for p in parts], [count(s["mask"]) / total for s in slices]
+
+    @staticmethod
+    def _join(outs: list[dict], sizes: list[int], weights: list[float]) -> dict:
+        """The workers' outputs as one process's: per-window arrays joined, mean losses weighted."""
+        return {k: np.concatenate([o[k] for o, n in zip(outs, sizes) if n]) if outs[0][k].ndim else
+                np.float32(sum(float(o[k]) * w for o, w in zip(outs, weights))) for k in outs[0]}
+
+    def step(self, batch: dict[str, np.ndarray], lr: float | None = None) -> dict[str, np.ndarray]:
+        t0, n = time.perf_counter(), len(self.workers)
+        self.lr = self.lr if lr is None else lr
+        slices, sizes, weights = self._slices(batch)
+        calls = [w.backward.options(num_returns=n + 2).remote(s, x) for w, s, x in zip(self.workers, slices, weights)]
+        sums = [w.reduce.remote(*[c[2 + k] for c in calls]) for k, w in enumerate(self.workers)]
+        done = [w.update.remote(self.lr, *sums) for w in self.workers]
+        results = self._gather([c[0] for c in calls] + [c[1] for c in calls] + done,
+                               [*sums, *(r for c in calls for r in c[2:])])
+        self.timings.append({"compute": max(results[n:2 * n]), "update": max(results[2 * n:]),
+                             "total": time.perf_counter() - t0})
+        return self._join(results[:n], sizes, weights)
+
+    def evaluate(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        slices, sizes, weights = self._slices(batch)
+        return self._join(self._gather([w.evaluate.remote(s) for w, s in zip(self.workers, slices)]), sizes, weights)
+
+    def params(self) -> dict[str, np.ndarray]:
+        return self._gather([self.workers[0].params.remote()])[0]
+
+    def save_checkpoint(self, progress: dict) -> None:
+        data = self._gather([self.workers[0].checkpoint.remote(progress)])[0]
+        write_checkpoint(self.dir, lambda path: path.write_bytes(data))
+        self.progress = progress
+
+    def close(self) -> None:
+        """Stop the workers (their folders removed where they still answer)."""
+        self.ray.wait([w.close.remote() for w in self.workers], num_returns=len(self.workers), timeout=10)
+        for w in self.workers:
+            self.ray.kill(w)
 
 
 # decision thresholds of a button's probability among which a run picks its own (on training frames)
@@ -2898,20 +3123,30 @@ class RunLock:
 
 
 def train(spec: Spec | str | os.PathLike | None = None, replays=None, out: str | os.PathLike = "runs/run",
-          resume: bool = False, quiet: bool = False, cache: Path | None = None, **settings) -> RunResult:
+          resume: bool = False, quiet: bool = False, cache: Path | None = None, ray: str | None = None,
+          workers: int = 1, **settings) -> RunResult:
     """Train a spec on replays into a run folder; see TrainConfig for the settings.
 
     resume=True continues the run in `out` from its last checkpoint with the same settings,
     step, optimizer state and data order. Spec, replays and settings come from the run; any that
     are given must match it, except a larger `epochs`, which extends a finished run.
-    The run folder is locked for the whole training (RunLock)."""
+    The run folder is locked for the whole training (RunLock).
+    ray: the address of a Ray cluster ("auto", "local", ...) to train on `workers` Ray workers
+    in data parallel (RayTrainer); a run may be resumed with or without Ray, on any number."""
     config = settings if resume else TrainConfig(**settings)  # bad settings: refused before anything is written
+    if ray is None and workers != 1:
+        raise UsageError("--workers needs --ray (the Ray cluster to run them on)")
+    if ray is not None:
+        if workers < 1 or workers > (config.get("batch_size", workers) if resume else config.batch_size):
+            raise UsageError(f"--workers {workers}: each worker takes a slice of every batch, so it must be "
+                             "between 1 and --batch-size")
+        connect_ray(ray)
     if not resume and spec is not None:
         spec = spec if isinstance(spec, Spec) else load_spec(spec)
         check_size(spec)
     with RunLock(Path(out)):
         try:
-            return _train(spec, replays, Path(out), resume, quiet, cache, config)
+            return _train(spec, replays, Path(out), resume, quiet, cache, config, ray, workers)
         except OSError as e:
             if e.filename:
                 raise
@@ -2968,12 +3203,12 @@ def _resume_settings(out: Path, spec, replays, given: dict) -> tuple[dict, Spec,
     return {**recorded, "epochs": max(recorded["epochs"], given.get("epochs", 0))}, run_spec, sources
 
 
-def _games(replays, cache, log, config: TrainConfig) -> tuple[list, list, list]:
+def _games(replays, cache, log, config: TrainConfig, ray: str | None = None) -> tuple[list, list, list]:
     """The run's training and validation games (filtered, split by game) and the skipped replays."""
     chosen = (config.character, config.opponent_character, config.stage, config.min_frames)
     left_out = []
     games, skipped = load_games(replays, cache, log, max_files=config.max_files, keep=_game_filter(*chosen),
-                                left_out=left_out)
+                                left_out=left_out, ray=ray)
     if not games and not left_out:
         raise ExphilError(f"{replays}: no usable replay (all {len(skipped)} skipped, see above)")
     games = filter_games(games, *chosen)
@@ -2986,7 +3221,7 @@ def _games(replays, cache, log, config: TrainConfig) -> tuple[list, list, list]:
     return (*split_games(games, config.val_split, split_seed), skipped)
 
 
-def _train(spec, replays, out: Path, resume: bool, quiet: bool, cache, config) -> RunResult:
+def _train(spec, replays, out: Path, resume: bool, quiet: bool, cache, config, ray=None, workers=1) -> RunResult:
     log = _log(quiet)
     if resume:
         settings, spec, replays = _resume_settings(out, spec, replays, config)
@@ -3000,7 +3235,7 @@ def _train(spec, replays, out: Path, resume: bool, quiet: bool, cache, config) -
         if has_checkpoint(out / "train"):
             raise UsageError(f"{out} already holds a run: continue it with --resume, or choose another --out")
         spec = spec if isinstance(spec, Spec) else load_spec(spec)
-    train_games, val_games, skipped = _games(replays, cache, log, config)
+    train_games, val_games, skipped = _games(replays, cache, log, config, ray)
     train_eps, val_eps = [e for g in train_games for e in g], [e for g in val_games for e in g]
     lists = {"train": sorted({e.source for e in train_eps}), "val": sorted({e.source for e in val_eps})}
     if resume and {k: info["replays"][k] for k in lists} != lists:
@@ -3052,8 +3287,9 @@ def _train(spec, replays, out: Path, resume: bool, quiet: bool, cache, config) -
     distill = (config.distill_temperature, config.distill_alpha) if teacher else None
     model = Model(spec, seed=config.seed, check=False)  # checked in train() (or when the run began)
     model.start_from_baselines(freqs, baselines["markov"], baselines.get("mean_return"))
-    trainer = Trainer(model, out / "train", lr=config.lr, weight_decay=config.weight_decay, log=log,
-                      max_grad_norm=config.max_grad_norm, distill=distill)
+    trainer = (functools.partial(RayTrainer, ray=ray, workers=workers) if ray else Trainer)(
+        model, out / "train", lr=config.lr, weight_decay=config.weight_decay, log=log,
+        max_grad_norm=config.max_grad_norm, distill=distill)
     progress = trainer.progress if resume else {}
     if resume and recorded_fingerprint:  # as recorded when the run started (settings added later do not count)
         info["fingerprint"] = recorded_fingerprint
@@ -3184,6 +3420,9 @@ def _train(spec, replays, out: Path, resume: bool, quiet: bool, cache, config) -
             model.load(dict(z))
     else:
         model.load(trainer.params())
+    if ray:
+        info["ray"] = {"workers": workers, "hosts": [h for h, _ in trainer.hosts]}
+        trainer.close()
     model.save(out)
     for stale in (out / PRECISIONS[p] for p in ("int8", "fp16")):  # made from the weights before this export
         stale.unlink(missing_ok=True)
@@ -4265,6 +4504,11 @@ def _training_flags(p: argparse.ArgumentParser) -> None:
                    help="stop when the validation loss has not improved for --patience epochs")
     r.add_argument("--patience", type=int, help="epochs without validation improvement")
     r.add_argument("--quiet", action="store_true", help="no progress bar or log lines")
+    c = p.add_argument_group("cluster (pip install 'exphil[cluster]')")
+    c.add_argument("--ray", metavar="ADDRESS", help="train on a Ray cluster, in data parallel: auto (the one "
+                   "`ray start` runs here), local (a new one for this run) or the cluster's address")
+    c.add_argument("--workers", type=int, help="--ray: Ray workers, each running a slice of every batch "
+                   "(default: 2)")
 
 
 CONFIG_FIELDS = {f.name for f in dataclasses.fields(TrainConfig)}
@@ -4273,11 +4517,12 @@ EXAMPLES = {
     "train": ["exphil train mamba --replays ~/Slippi --epochs 5 --out runs/mamba",
               "exphil train --preset quick --replays tests/replays --out runs/quick",
               "exphil train my.toml --replays ~/Slippi --character fox --frame-delay 2 --out runs/fox",
-              "exphil train --resume --out runs/mamba --epochs 10"],
+              "exphil train --resume --out runs/mamba --epochs 10",
+              "exphil train mamba --replays /shared/replays --ray auto --workers 8 --out /shared/runs/mamba"],
     "distill": ["exphil distill --teacher runs/mamba --student mlp --replays ~/Slippi --out runs/mlp-student"],
     "eval": ["exphil eval runs/mamba --replays ~/Slippi/held-out", "exphil eval runs/mamba --replays game.slp --json"],
     "compile": ["exphil compile mamba --out build/mamba", "exphil compile my.toml --out build/my --window 30"],
-    "data": ["exphil data ~/Slippi", "exphil data ~/Slippi --json"],
+    "data": ["exphil data ~/Slippi", "exphil data ~/Slippi --json", "exphil data /shared/replays --ray auto"],
     "plot": ["exphil plot runs/mamba"],
     "specs": ["exphil specs", "exphil specs show mamba > my.toml"],
     "quantize": ["exphil quantize runs/mamba", "exphil quantize runs/mamba --static", "exphil quantize runs/mamba --fp16"],
@@ -4303,10 +4548,12 @@ def _run_training(args, preset: dict, **extra) -> RunResult:
     flags = {k: v for k, v in vars(args).items() if v is not None}
     settings = {**preset, **flags, **extra}
     spec_name = settings.pop("spec", None) or settings.pop("student", None)
+    cluster = {"ray": args.ray, "workers": args.workers or 2} if args.ray else \
+        {"workers": args.workers} if args.workers else {}
     if args.resume:  # the same command again, with --resume: what it repeats must match the run
         spec = spec_name and override_spec(_spec_arg(spec_name), **{k: settings.get(k) for k in
                                                                      ("window_size", "hidden", "num_layers", *SPEC_FLAGS)})
-        return train(spec, settings.get("replays"), out=args.out, resume=True, quiet=args.quiet,
+        return train(spec, settings.get("replays"), out=args.out, resume=True, quiet=args.quiet, **cluster,
                      **{k: v for k, v in settings.items() if k in CONFIG_FIELDS})
     if not spec_name:
         raise UsageError("give a spec file (or --preset)")
@@ -4314,7 +4561,7 @@ def _run_training(args, preset: dict, **extra) -> RunResult:
         raise UsageError("--replays is required")
     spec = override_spec(_spec_arg(spec_name), **{k: settings.get(k) for k in
                                                   ("window_size", "hidden", "num_layers", *SPEC_FLAGS)})
-    return train(spec, settings["replays"], out=args.out, quiet=args.quiet,
+    return train(spec, settings["replays"], out=args.out, quiet=args.quiet, **cluster,
                  **{k: v for k, v in settings.items() if k in CONFIG_FIELDS})
 
 
@@ -4490,6 +4737,8 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("data", help="what a replay collection holds: games, frames, characters, stages, skipped")
     p.add_argument("replays", help="a .slp file or a folder of them (searched recursively)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.add_argument("--ray", metavar="ADDRESS", help="parse new replays as tasks on this Ray cluster (auto, local or "
+                   "an address; the cache folder must be one every node reaches)")
 
     p = sub.add_parser("plot", help="write curves.png (loss and accuracy per epoch) into a run folder")
     p.add_argument("run")
@@ -4571,7 +4820,7 @@ def _command(args) -> int:
         for path in model.save(args.out, args.window):
             print(path)
     elif args.command == "data":
-        res = describe(args.replays, log=_log(False))
+        res = describe(args.replays, log=_log(False), ray=args.ray)
         if args.json:
             print(json.dumps(res, indent=2))
         else:
