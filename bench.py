@@ -45,6 +45,20 @@ REPLAY = ROOT / "tests" / "replays" / "hohav-py-slippi__netplay_name.slp"
 GPU_PROVIDERS = ("cuda", "rocm", "coreml")
 
 
+def distinct_copy(src: Path, dst: Path, k: int) -> bool:
+    """Copy a replay with copy number `k` (0-999) written into the year of its recorded start
+    date (metadata only: the frames are unchanged), so its content hash differs from the
+    original's and from the other copies'. False (nothing written) for a replay without a date."""
+    data = bytearray(src.read_bytes())
+    at = data.rfind(b"startAtSU")
+    if at < 0 or not 0 <= k < 1000:
+        return False
+    year = at + len(b"startAtSU") + 1  # after the string's one-byte length
+    data[year:year + 4] = f"9{k:03d}".encode()
+    dst.write_bytes(bytes(data))
+    return True
+
+
 def verdict(p99_ms: float) -> str:
     return "✅" if p99_ms < FRAME_MS - 2 else ("⚠️" if p99_ms < 3 * FRAME_MS else "❌")
 

@@ -1987,8 +1987,10 @@ class _Collection(NamedTuple):
 
 def _tasks(folder: Path, new: list[tuple[str, Path]], sizes: dict, workers: int) -> list[tuple]:
     """Parsing tasks of at most ~SHARD_FRAMES player-view frames (guessed from file sizes: about 170
-    bytes of replay per player-view frame) and at least one per worker."""
-    per = max(1, min(math.ceil(len(new) / workers), SHARD_FRAMES * 170 // max(1, int(np.mean(list(sizes.values()))))))
+    bytes of replay per player-view frame), and at least four per worker where there are enough
+    replays (the work stays balanced, and an interrupted ingestion keeps most of what it did)."""
+    per = max(1, min(math.ceil(len(new) / (4 * workers)),
+                     SHARD_FRAMES * 170 // max(1, int(np.mean(list(sizes.values()))))))
     return [(str(folder), f"{os.getpid()}-{time.time_ns():x}-{k}", new[k:k + per]) for k in range(0, len(new), per)]
 
 
@@ -2034,9 +2036,9 @@ def ingest(replays, out: str | os.PathLike, log=None, max_files: int = 0, worker
             have, new = {r["hash"] for r in dataset.rows()}, {}
             for p, h in hashes.items():
                 if h not in have:
-                    new.setdefault(h, p)
+                    new.setdefault(h, Path(stats[p][0]))  # (the absolute path, recorded)
             if new:
-                _parse_new(dataset, list(new.items()), {h: stats[p][1] for h, p in new.items()}, workers, log, mapped)
+                _parse_new(dataset, list(new.items()), {h: p.stat().st_size for h, p in new.items()}, workers, log, mapped)
     except BrokenProcessPool:
         if workers == 1:
             raise
