@@ -2334,8 +2334,12 @@ def _transitions(episodes: list[Episode], delay: int) -> dict[str, np.ndarray]:
 
 def label_frequencies(episodes: list[Episode], delay: int = 0) -> dict[str, list[float]]:
     """Per head: how often each button is pressed / each class occurs among training targets."""
+    return _frequencies(_transitions(episodes, delay))
+
+
+def _frequencies(transitions: dict[str, np.ndarray]) -> dict[str, list[float]]:
     freqs = {}
-    for h, c in _transitions(episodes, delay).items():
+    for h, c in transitions.items():
         if h == "buttons":
             freqs[h] = (c[:, 1].sum(0) / max(c[:, :, 0].sum(), 1)).tolist()
         else:
@@ -2347,8 +2351,12 @@ def markov_tables(episodes: list[Episode], delay: int = 0) -> dict[str, list]:
     """The "next input given current input" count table of each head, on training episodes:
     buttons [2, 8] (P(pressed at the target frame) given not pressed / pressed now), sticks
     and shoulder [k, k] (row: current class, P(target class)); add-one smoothed."""
+    return _markov(_transitions(episodes, delay))
+
+
+def _markov(transitions: dict[str, np.ndarray]) -> dict[str, list]:
     tables = {}
-    for h, c in _transitions(episodes, delay).items():
+    for h, c in transitions.items():
         if h == "buttons":
             tables[h] = ((c[:, 1] + 1) / (c.sum(1) + 2)).tolist()
         else:
@@ -3081,8 +3089,9 @@ def _train(spec, replays, data, out: Path, resume: bool, quiet: bool, cache, con
         which, d = ("training", d_hi) if not train_wins else ("validation", d_lo)
         raise ExphilError(f"{data or replays}: no {which} frame has a target at frame delay {d}: the {which} games are "
                           f"all {1 + d} frames or shorter")
-    freqs = label_frequencies(train_eps, d_lo)
-    baselines = {"frequency": freqs, "markov": markov_tables(train_eps, d_lo)}  # counted on training games only
+    transitions = _transitions(train_eps, d_lo)  # counted on training games only
+    freqs = _frequencies(transitions)
+    baselines = {"frequency": freqs, "markov": _markov(transitions)}
     baseline = frequency_loss(freqs, val_eps, d_lo) if val_eps else None
     info = {
         "exphil": __version__, "spec": spec.name, "feature_version": FEATURE_VERSION,
