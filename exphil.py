@@ -6,7 +6,7 @@ One module, in the order data flows; each section starts with a banner line of "
     Compiler           spec -> ONNX window graph and step graph (onnxscript): Graph and its helpers
                        (the unrolled scan, the chunked decayed attention), one class per layer kind
     Features/actions   game state -> model inputs, controller <-> action classes (peppi-py and libmelee)
-    Data               replays -> cached per-game arrays (and the manifest) -> training windows and batches
+    Data               replays -> datasets (memory-mapped shards, a manifest) -> training windows and batches
     Training           onnxruntime-training: loss graph, Trainer, metrics, train(), evaluate(), distillation
     Inference          onnxruntime sessions, providers, the Stepper, sampling
     Agent              a trained run playing one frame at a time
@@ -1662,7 +1662,7 @@ def features_from_gamestate(gamestate, port: int, opponent_port: int):
 
 
 # =================================================================================================
-# Data: replays -> cached per-game arrays -> training windows
+# Data: replays -> datasets (memory-mapped shards and a manifest) -> training windows
 # =================================================================================================
 
 def cache_dir() -> Path:
@@ -1685,9 +1685,10 @@ class Episode:
 
     source: str
     port: int
-    cat: np.ndarray  # [T, C] int64 categorical ids
+    cat: np.ndarray  # [T, C] categorical ids: int64 parsed, uint16 from a dataset (views of its shards)
     num: np.ndarray  # [T, F] float32 numeric features
-    labels: dict[str, np.ndarray]  # controller per frame: buttons [T, 8] uint8, sticks/shoulder [T]
+    labels: dict[str, np.ndarray]  # controller per frame: buttons [T, 8] uint8, sticks/shoulder [T] (int64
+    # parsed, uint8 from a dataset)
 
     @property
     def frames(self) -> int:
@@ -1768,6 +1769,7 @@ def _mapped(path: Path) -> np.ndarray:
 
     key = str(path)
     if key not in _MAPS:
+        _room_for_maps()
         with open(path, "rb") as f:
             version = np.lib.format.read_magic(f)
             read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
@@ -1779,6 +1781,17 @@ def _mapped(path: Path) -> np.ndarray:
             mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
         _MAPS[key] = mm, np.frombuffer(mm, dtype, int(np.prod(shape)), offset).reshape(shape)
     return _MAPS[key][1]
+
+
+def _room_for_maps() -> None:
+    """Each mapping holds a file descriptor: near the soft limit, raise it to the hard one."""
+    try:
+        import resource
+    except ImportError:  # (Windows: no such limit)
+        return
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and len(_MAPS) + 256 > soft and soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
 def release_pages(frames: int = 0, every: int = 1 << 19) -> None:
@@ -3332,15 +3345,15 @@ def _window_runner(model: Model, extra=None):
     return run
 
 
-def evaluate(run: str | os.PathLike, replays, batch_size: int = 64, cache: Path | None = None,
-             quiet: bool = False) -> dict:
+def evaluate(run: str | os.PathLike, replays=None, batch_size: int = 64, cache: Path | None = None,
+             quiet: bool = False, data: str | os.PathLike | None = None) -> dict:
     """Loss, button F1 and accuracies of a trained run on replays (every game, each played
     from its start with the state carried), beside its baselines on the same frames: copy,
     the run's Markov table and label frequencies (see Metrics), and on change frames."""
     model, info = load_run(run)
-    games, skipped = load_games(replays, cache, _log(quiet))
+    games, skipped = load_games(replays, cache, _log(quiet), data=data)
     if not games:
-        raise ExphilError(f"{replays}: no usable replay (skipped {len(skipped)})")
+        raise ExphilError(f"{data or replays}: no usable replay (skipped {len(skipped)})")
     episodes = [ep for g in games for ep in g]
     delay, L = int(info.get("frame_delay", 0)), model.spec.window
     baselines = ({"frequency": info["label_frequencies"], "markov": info.get("markov_tables")}
@@ -4534,7 +4547,9 @@ def _parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("eval", help="loss and accuracy of a trained run on replays")
     p.add_argument("run")
-    p.add_argument("--replays", required=True, help="a .slp file or a directory (searched recursively)")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--replays", help="a .slp file or a directory (searched recursively)")
+    source.add_argument("--data", help="a dataset folder (`exphil ingest`)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
 
     p = sub.add_parser("compile", help="write a spec's untrained window and step graphs")
@@ -4621,7 +4636,7 @@ def _command(args) -> int:
             print("agreement with the teacher: " + ", ".join(f"{h} {v:.3f}" for h, v in rep["agreement"].items()))
             print("step latency p50: " + ", ".join(f"{k} {v['p50_ms']:.3f} ms" for k, v in rep["step_latency_ms"].items()))
     elif args.command == "eval":
-        res = evaluate(args.run, args.replays)
+        res = evaluate(args.run, args.replays, data=args.data)
         if args.json:
             print(json.dumps(res, indent=2))
         else:

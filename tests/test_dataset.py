@@ -118,5 +118,7 @@ def test_train_and_describe_a_dataset_from_the_command_line(tmp_path):
     assert info["replays"]["data"] == str(data) and info["replays"]["source"] == []
     assert sorted(info["replays"]["train"] + info["replays"]["val"]) == sorted(
         os.path.abspath(REPLAYS / n) for n in ("hohav-peppi__duplicate_game_end.slp", NETPLAY.name))
+    res = cli("eval", tmp_path / "run", "--data", data, "--json")
+    assert res.returncode == 0 and json.loads(res.stdout)["game_frames"] == 2 * 23292, res.stderr
     res = cli("train", "mlp", "--data", data, "--replays", REPLAYS, "--out", tmp_path / "other")
     assert res.returncode == 2 and "one of them" in res.stderr
