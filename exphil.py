@@ -1794,9 +1794,10 @@ def _room_for_maps() -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
-def release_pages(frames: int = 0, every: int = 1 << 19) -> None:
-    """Count `frames` read from shards; past `every`, drop the mapped shard pages from this
-    process (the OS keeps them in its page cache), so memory stays flat in the dataset's size."""
+def release_pages(frames: int = 0, every: int = 1 << 12) -> None:
+    """Count `frames` read from shards; past `every` (about one batch), drop the mapped shard
+    pages from this process (the OS keeps them in its page cache), so its memory stays flat in
+    the dataset's size. (Often: a page fault maps a whole large page-cache folio, up to 2 MB.)"""
     import mmap
 
     _MAPPED_ROWS[0] += frames
