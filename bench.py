@@ -9,6 +9,10 @@
     python bench.py --throughput --vs-torch
                                          # the same, beside the same models written in PyTorch
                                          # (same weights, loss, optimizer; first loss checked)
+    python bench.py --scale --work DIR --sizes 1 10 100
+                                         # data at scale: collections of distinct copies of
+                                         # ../shared/replays, ingested, described and trained on
+                                         # (time to the first step, frames/s, peak RSS)
     python bench.py --train --replays DIR --max-steps 600
                                          # train every spec on the same games for the same number
                                          # of steps (or --budget-seconds), then rank them by their
@@ -521,7 +525,7 @@ def scale_table(source: Path, work: Path, sizes: list[int], spec: str, steps: in
 
 
 def print_scale(rows: list[dict]) -> None:
-    print("\n| collection | files | game frames | ingest frames/s (total / per core) | `exphil data` | "
+    print("\n| collection | files | game frames | ingest frames/s (total / per core of CPU time) | `exphil data` | "
           "first step: --data / --replays | training frames/s: shards / in memory | peak RSS training: "
           "shards / in memory |")
     print("|---|---|---|---|---|---|---|---|")

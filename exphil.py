@@ -1824,9 +1824,10 @@ def parse_replays(task: tuple) -> tuple[list[dict], float]:
     """Parse some replays into one new shard of a dataset: the mapped step of ingestion (it
     needs only its task and the dataset's folder). task: (dataset folder, shard name,
     [(content hash, path)]). Returns a manifest row per replay (a skip reason for unusable ones)
-    and the seconds it took."""
+    and the processor time it took (seconds of this process's CPU time: what one core does,
+    however busy the machine is with other work)."""
     folder, name, items = task
-    t0, rows, episodes, at = time.perf_counter(), [], [], 0
+    t0, rows, episodes, at = time.process_time(), [], [], 0
     for digest, path in items:
         row = dict.fromkeys(GAME_FIELDS)
         row.update(hash=digest, path=str(path))
@@ -1846,7 +1847,7 @@ def parse_replays(task: tuple) -> tuple[list[dict], float]:
         at += 2 * eps[0].frames
     if episodes:
         _write_shard(Path(folder) / "shards", name, episodes)
-    return rows, time.perf_counter() - t0
+    return rows, time.process_time() - t0
 
 
 def _file_hash(path: Path) -> tuple[str | None, str | None]:
@@ -2079,7 +2080,7 @@ def _parse_new(dataset: Dataset, new: list, sizes: dict, workers: int, log, mapp
     seconds = time.perf_counter() - t0
     if log and frames:
         log(f"parsed {len(new)} new replays ({frames:,} frames) in {seconds:.1f} s on {workers} core(s): "
-            f"{frames / seconds:,.0f} frames/s ({frames / busy:,.0f} per core once started)")
+            f"{frames / seconds:,.0f} frames/s ({frames / busy:,.0f} per core: frames per second of parsing CPU time)")
 
 
 def _cache_dataset(cache: Path | None) -> Path:

@@ -122,3 +122,6 @@ def test_train_and_describe_a_dataset_from_the_command_line(tmp_path):
     assert res.returncode == 0 and json.loads(res.stdout)["game_frames"] == 2 * 23292, res.stderr
     res = cli("train", "mlp", "--data", data, "--replays", REPLAYS, "--out", tmp_path / "other")
     assert res.returncode == 2 and "one of them" in res.stderr
+    res = cli("train", "mlp", "--data", REPLAYS, "--out", tmp_path / "other")
+    assert res.returncode == 1 and res.stderr.strip() == (f"exphil: error: {REPLAYS}: not a dataset (no manifest.sqlite); "
+                                                          f"build one with `exphil ingest REPLAYS --out {REPLAYS}`")
