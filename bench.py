@@ -457,13 +457,11 @@ def timed_process(args: list, env: dict | None = None) -> dict:
 
 
 IN_MEMORY = """
-import sys, numpy as np, exphil
+import sys, exphil
 real = exphil.load_games
 def in_memory(*a, **k):  # every game copied into RAM as int64/float32 arrays (the layout before datasets)
     games, skipped = real(*a, **k)
-    return [[exphil.Episode(e.source, e.port, np.array(e.cat, np.int64), np.array(e.num),
-                            {h: np.array(v, np.uint8 if h == "buttons" else np.int64) for h, v in e.labels.items()})
-             for e in g] for g in games], skipped
+    return [[e.in_memory() for e in g] for g in games], skipped
 exphil.load_games = in_memory
 if __name__ == "__main__":
     sys.exit(exphil.main(sys.argv[1:]))
@@ -519,16 +517,47 @@ def scale_table(source: Path, work: Path, sizes: list[int], spec: str, steps: in
             for kind in runs:
                 runs[kind].append(train_run(data, work / "run", spec, steps, in_memory=kind == "in_memory"))
         row["train"] = {kind: {k: float(np.median([r[k] for r in rs])) for k in rs[0]} for kind, rs in runs.items()}
+        row["batch_ms"] = batch_cost(data, spec)
         rows.append(row)
         print(json.dumps(row), flush=True)
     return rows
 
 
+def batch_cost(data: Path, spec: str, batches: int = 40, seed: int = 0) -> dict:
+    """Median ms to make a batch (64 x 60) from the dataset's shards and from in-memory arrays,
+    and of a training step on it, interleaved in one process (so the machine's load hits all
+    three alike). The in-memory batches draw their windows from the first 200 episodes (copying
+    every game of a large dataset into memory is what datasets avoid); a batch's cost does not
+    depend on how many games it is drawn from."""
+    import tempfile
+
+    games, _ = exphil.load_games(data=data)
+    eps = [e for g in games for e in g]
+    mem = [e.in_memory() for e in eps[:200]]
+    rng = np.random.default_rng(seed)
+    wins, mem_wins = exphil.windows(eps, 60), exphil.windows(mem, 60)
+    model = exphil.Model(exphil.override_spec(exphil._spec_arg(spec), window_size=60))
+    times = {"shards": [], "in_memory": [], "step": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        trainer = exphil.Trainer(model, Path(tmp), length=60)
+        for _ in range(batches):
+            t0 = time.perf_counter()
+            batch = exphil.make_batch(eps, [wins[i] for i in rng.integers(len(wins), size=64)], 60)
+            t1 = time.perf_counter()
+            exphil.make_batch(mem, [mem_wins[i] for i in rng.integers(len(mem_wins), size=64)], 60)
+            t2 = time.perf_counter()
+            trainer.step(batch)
+            times["shards"].append(t1 - t0)
+            times["in_memory"].append(t2 - t1)
+            times["step"].append(time.perf_counter() - t2)
+    return {k: float(np.median(v)) * 1000 for k, v in times.items()}
+
+
 def print_scale(rows: list[dict]) -> None:
     print("\n| collection | files | game frames | ingest frames/s (total / per core of CPU time) | `exphil data` | "
           "first step: --data / --replays | training frames/s: shards / in memory | peak RSS training: "
-          "shards / in memory |")
-    print("|---|---|---|---|---|---|---|---|")
+          "shards / in memory | ms per batch: made from shards / from memory / training step |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         t = r["train"]
         mem = t.get("in_memory")
@@ -536,7 +565,8 @@ def print_scale(rows: list[dict]) -> None:
               f"{r['ingest']['frames_per_s_per_core']:,.0f} | {r['data_seconds']:.2f} s | "
               f"{r['first_step_s']['data']:.1f} s / {r['first_step_s']['replays']:.1f} s | "
               f"{t['shards']['frames_per_s']:,.0f} / " + (f"{mem['frames_per_s']:,.0f}" if mem else "-") + " | "
-              f"{t['shards']['peak_rss_mb']:,.0f} MB / " + (f"{mem['peak_rss_mb']:,.0f} MB" if mem else "-") + " |")
+              f"{t['shards']['peak_rss_mb']:,.0f} MB / " + (f"{mem['peak_rss_mb']:,.0f} MB" if mem else "-") + " | "
+              + " / ".join(f"{r['batch_ms'][k]:.1f}" for k in ("shards", "in_memory", "step")) + " |")
 
 
 def machine() -> dict:

@@ -1694,6 +1694,11 @@ class Episode:
     def frames(self) -> int:
         return len(self.cat)
 
+    def in_memory(self) -> Episode:
+        """A copy in memory with the types parsing gives (int64 ids and classes, uint8 buttons)."""
+        return Episode(self.source, self.port, self.cat.astype(np.int64), np.array(self.num),
+                       {h: v.astype(np.uint8 if h == "buttons" else np.int64) for h, v in self.labels.items()})
+
 
 def find_replays(root: str | os.PathLike, unreadable: list | None = None) -> list[Path]:
     """A .slp file, or every .slp file under a directory (recursively, following symbolic links
@@ -1779,6 +1784,8 @@ def _mapped(path: Path) -> np.ndarray:
             if fortran or size != offset + int(np.prod(shape)) * dtype.itemsize:
                 raise ValueError(f"{path}: {size} bytes for an array of {shape} {dtype}")
             mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        if path.name != "labels.npy" and hasattr(mmap, "MADV_RANDOM"):  # windows are read at random: no
+            mm.madvise(mmap.MADV_RANDOM)  # read-ahead (the baselines read the small labels column in order)
         _MAPS[key] = mm, np.frombuffer(mm, dtype, int(np.prod(shape)), offset).reshape(shape)
     return _MAPS[key][1]
 
@@ -2134,12 +2141,13 @@ def load_games(replays=None, cache: Path | None = None, log=None, max_files: int
 
 
 def load_replay(path: Path, cache: Path | None = None) -> list[Episode]:
-    """Both players' episodes of one replay, through the cache's dataset. Raises ReplayError
-    (remembered in the dataset too, so a bad file is not parsed again)."""
+    """Both players' episodes of one replay, through the cache's dataset, in memory with the
+    types parsing gives (int64 ids and classes, as a graph's inputs take them). Raises
+    ReplayError (remembered in the dataset too, so a bad file is not parsed again)."""
     dataset, chosen, skipped = _selected(Path(path), None, cache)
     if skipped or chosen[0][1]["skipped"]:
         raise ReplayError(path, skipped[0]["reason"] if skipped else chosen[0][1]["skipped"])
-    return dataset.episodes(chosen[0][1], str(path))
+    return [ep.in_memory() for ep in dataset.episodes(chosen[0][1], str(path))]
 
 
 def describe(replays=None, cache: Path | None = None, log=None, data: str | os.PathLike | None = None) -> dict:
@@ -3705,7 +3713,7 @@ def replay_frames(episodes: Sequence, max_frames: int):
         start = min(123, ep.frames - 1)  # frame ids start at -123: the countdown before "GO"
         every = max(1, -(-(ep.frames - start) // per))  # ceil: at most `per` marks per game
         for t in range(ep.frames):
-            yield t, ep.cat[t], ep.num[t], t >= start and (t - start) % every == 0
+            yield t, ep.cat[t].astype(np.int64), ep.num[t], t >= start and (t - start) % every == 0
 
 
 def calibration_feeds(model: str | os.PathLike | bytes, episodes: Sequence, count: int):
