@@ -9,6 +9,10 @@
     python bench.py --throughput --vs-torch
                                          # the same, beside the same models written in PyTorch
                                          # (same weights, loss, optimizer; first loss checked)
+    python bench.py --scale --work DIR --sizes 1 10 100
+                                         # data at scale: collections of distinct copies of
+                                         # ../shared/replays, ingested, described and trained on
+                                         # (time to the first step, frames/s, peak RSS)
     python bench.py --train --replays DIR --max-steps 600
                                          # train every spec on the same games for the same number
                                          # of steps (or --budget-seconds), then rank them by their
@@ -48,6 +52,20 @@ FRAME_MS = 1000 / 60
 ROOT = Path(__file__).resolve().parent
 REPLAY = ROOT / "tests" / "replays" / "hohav-py-slippi__netplay_name.slp"
 GPU_PROVIDERS = ("cuda", "rocm", "coreml")
+
+
+def distinct_copy(src: Path, dst: Path, k: int) -> bool:
+    """Copy a replay with copy number `k` (0-999) written into the year of its recorded start
+    date (metadata only: the frames are unchanged), so its content hash differs from the
+    original's and from the other copies'. False (nothing written) for a replay without a date."""
+    data = bytearray(src.read_bytes())
+    at = data.rfind(b"startAtSU")
+    if at < 0 or not 0 <= k < 1000:
+        return False
+    year = at + len(b"startAtSU") + 1  # after the string's one-byte length
+    data[year:year + 4] = f"9{k:03d}".encode()
+    dst.write_bytes(bytes(data))
+    return True
 
 
 def verdict(p99_ms: float) -> str:
@@ -563,6 +581,153 @@ def print_conditioning(result: dict) -> None:
         print(f"| players, third {k} of the return-to-go | | " + " | ".join(f"{row[k]:.4f}" for k in keys) + " |")
 
 
+def build_collection(source: Path, folder: Path, copies: int) -> int:
+    """`copies` distinct copies (see distinct_copy) of each dated replay under `source`, in
+    `folder` (kept when already complete); the number of files."""
+    originals = [p for p in exphil.find_replays(source) if b"startAtSU" in p.read_bytes()[-4096:]]
+    folder.mkdir(parents=True, exist_ok=True)
+    if len(list(folder.glob("*.slp"))) != copies * len(originals):
+        for k in range(copies):
+            for i, src in enumerate(originals):
+                distinct_copy(src, folder / f"{k:03d}-{i:02d}-{src.name}", k)
+    return copies * len(originals)
+
+
+PEAK_RSS = """
+import resource, subprocess, sys
+code = subprocess.run(sys.argv[1:]).returncode
+print(f"peak-rss-kb {resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss}", file=sys.stderr)
+sys.exit(code)
+"""
+
+
+def timed_process(args: list, env: dict | None = None) -> dict:
+    """Run a command to its end: wall seconds, its stderr, and its peak resident memory in MB
+    (of the largest of the process and the worker processes it waited for; through a wrapper
+    process whose only child it is)."""
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-c", PEAK_RSS, *map(str, args)], capture_output=True, text=True,
+                          env={**os.environ, **(env or {})}, cwd=ROOT)
+    seconds = time.perf_counter() - t0
+    if proc.returncode:
+        raise RuntimeError(f"{' '.join(map(str, args))} failed:\n{proc.stderr[-2000:]}")
+    err, _, last = proc.stderr.rstrip().rpartition("\n")
+    return {"seconds": seconds, "stderr": err, "peak_rss_mb": int(last.split()[-1]) / 1024}
+
+
+IN_MEMORY = """
+import sys, exphil
+real = exphil.load_games
+def in_memory(*a, **k):  # every game copied into RAM as int64/float32 arrays (the layout before datasets)
+    games, skipped = real(*a, **k)
+    return [[e.in_memory() for e in g] for g in games], skipped
+exphil.load_games = in_memory
+if __name__ == "__main__":
+    sys.exit(exphil.main(sys.argv[1:]))
+"""
+
+
+def train_run(data: Path, out: Path, spec: str, steps: int, in_memory: bool = False, replays: Path | None = None,
+              cache: Path | None = None) -> dict:
+    """One training process on a dataset (or on a replay folder through the cache): wall time,
+    steady frames/s (its metrics row), peak RSS."""
+    import shutil
+
+    shutil.rmtree(out, ignore_errors=True)
+    head = [sys.executable, "-c", IN_MEMORY] if in_memory else [sys.executable, "-m", "exphil"]
+    source = ["--replays", replays] if replays else ["--data", data]
+    res = timed_process([*head, "train", spec, *source, "--val-split", "0", "--max-steps", steps, "--batch-size", 64,
+                         "--window-size", 60, "--out", out, "--quiet"], {"EXPHIL_CACHE": str(cache)} if cache else None)
+    row = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
+    return {"seconds": res["seconds"], "frames_per_s": row["frames_per_s"], "peak_rss_mb": res["peak_rss_mb"]}
+
+
+def scale_table(source: Path, work: Path, sizes: list[int], spec: str, steps: int, in_memory_up_to: int,
+                repeats: int) -> list[dict]:
+    """Per collection size: ingestion (from scratch, every core), `exphil data`, a 1-step run from
+    start to exit (time to first step, warm dataset: --data, and --replays on the unchanged
+    folder), steady training frames/s and peak RSS (on shards, and on in-memory arrays)."""
+    import re
+    import shutil
+
+    rows = []
+    for n in sizes:
+        replays, cache = work / f"replays-{n}x", work / f"cache-{n}x"
+        files = build_collection(source, replays, n)
+        data = exphil._cache_dataset(cache)  # the dataset --replays uses too: both paths warm
+        shutil.rmtree(cache, ignore_errors=True)
+        ing = timed_process([sys.executable, "-m", "exphil", "ingest", replays, "--out", data])
+        parsed = re.search(r"parsed \d+ new replays \(([\d,]+) frames\) in [\d.]+ s on (\d+) core\(s\): "
+                           r"([\d,]+) frames/s \(([\d,]+) per core", ing["stderr"])
+        frames = int(parsed.group(1).replace(",", ""))
+        described = timed_process([sys.executable, "-m", "exphil", "data", data])
+        row = {"size": f"{n}x", "files": files, "game_frames": frames, "disk_gb": {
+                   "replays": sum(f.stat().st_size for f in replays.iterdir()) / 1e9,
+                   "dataset": sum(f.stat().st_size for f in data.rglob("*") if f.is_file()) / 1e9},
+               "ingest": {"seconds": ing["seconds"], "cores": int(parsed.group(2)),
+                          "frames_per_s": frames / ing["seconds"],
+                          "frames_per_s_per_core": int(parsed.group(4).replace(",", ""))},
+               "data_seconds": described["seconds"]}
+        row["first_step_s"] = {"data": train_run(data, work / "run", spec, 1)["seconds"],
+                               "replays": train_run(data, work / "run", spec, 1, replays=replays, cache=cache)["seconds"]}
+        row["ingest"]["peak_rss_mb"] = ing["peak_rss_mb"]
+        runs = {"shards": [], **({"in_memory": []} if n <= in_memory_up_to else {})}
+        for _ in range(repeats):  # alternated, so both kinds see the same load on the machine
+            for kind in runs:
+                runs[kind].append(train_run(data, work / "run", spec, steps, in_memory=kind == "in_memory"))
+        row["train"] = {kind: {k: float(np.median([r[k] for r in rs])) for k in rs[0]} for kind, rs in runs.items()}
+        row["batch_ms"] = batch_cost(data, spec)
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    return rows
+
+
+def batch_cost(data: Path, spec: str, batches: int = 40, seed: int = 0) -> dict:
+    """Median ms to make a batch (64 x 60) from the dataset's shards and from in-memory arrays,
+    and of a training step on it, interleaved in one process (so the machine's load hits all
+    three alike). The in-memory batches draw their windows from the first 200 episodes (copying
+    every game of a large dataset into memory is what datasets avoid); a batch's cost does not
+    depend on how many games it is drawn from."""
+    import tempfile
+
+    games, _ = exphil.load_games(data=data)
+    eps = [e for g in games for e in g]
+    mem = [e.in_memory() for e in eps[:200]]
+    rng = np.random.default_rng(seed)
+    wins, mem_wins = exphil.windows(eps, 60), exphil.windows(mem, 60)
+    model = exphil.Model(exphil.override_spec(exphil._spec_arg(spec), window_size=60))
+    times = {"shards": [], "in_memory": [], "step": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        trainer = exphil.Trainer(model, Path(tmp), length=60)
+        for _ in range(batches):
+            t0 = time.perf_counter()
+            batch = exphil.make_batch(eps, [wins[i] for i in rng.integers(len(wins), size=64)], 60)
+            t1 = time.perf_counter()
+            exphil.make_batch(mem, [mem_wins[i] for i in rng.integers(len(mem_wins), size=64)], 60)
+            t2 = time.perf_counter()
+            trainer.step(batch)
+            times["shards"].append(t1 - t0)
+            times["in_memory"].append(t2 - t1)
+            times["step"].append(time.perf_counter() - t2)
+    return {k: float(np.median(v)) * 1000 for k, v in times.items()}
+
+
+def print_scale(rows: list[dict]) -> None:
+    print("\n| collection | files | game frames | ingest frames/s (total / per core of CPU time) | `exphil data` | "
+          "first step: --data / --replays | training frames/s: shards / in memory | peak RSS training: "
+          "shards / in memory | ms per batch: made from shards / from memory / training step |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        t = r["train"]
+        mem = t.get("in_memory")
+        print(f"| {r['size']} | {r['files']:,} | {r['game_frames']:,} | {r['ingest']['frames_per_s']:,.0f} / "
+              f"{r['ingest']['frames_per_s_per_core']:,.0f} | {r['data_seconds']:.2f} s | "
+              f"{r['first_step_s']['data']:.1f} s / {r['first_step_s']['replays']:.1f} s | "
+              f"{t['shards']['frames_per_s']:,.0f} / " + (f"{mem['frames_per_s']:,.0f}" if mem else "-") + " | "
+              f"{t['shards']['peak_rss_mb']:,.0f} MB / " + (f"{mem['peak_rss_mb']:,.0f} MB" if mem else "-") + " | "
+              + " / ".join(f"{r['batch_ms'][k]:.1f}" for k in ("shards", "in_memory", "step")) + " |")
+
+
 def machine() -> dict:
     import onnxruntime as ort
 
@@ -612,6 +777,16 @@ def main(argv=None) -> int:
     parser.add_argument("--data-parallel", action="store_true", help="gradient exchange versus compute per step "
                         "on --workers Ray workers (--ray, default local), and the modelled scaling to 8 and 64")
     parser.add_argument("--workers", type=int, default=2, help="--data-parallel: Ray workers")
+    parser.add_argument("--scale", action="store_true",
+                        help="data at scale: collections of --sizes times --source, ingested and trained on")
+    parser.add_argument("--source", type=Path, default=ROOT.parent / "shared" / "replays",
+                        help="--scale: the replays the collections are copied from")
+    parser.add_argument("--work", type=Path, help="--scale: where the collections, datasets and runs go")
+    parser.add_argument("--sizes", type=int, nargs="*", default=[1, 10], help="--scale: copies of --source")
+    parser.add_argument("--scale-steps", type=int, default=300, help="--scale: training steps timed per run")
+    parser.add_argument("--in-memory-up-to", type=int, default=10,
+                        help="--scale: also train on in-memory arrays up to this size")
+    parser.add_argument("--repeats", type=int, default=2, help="--scale: training runs of each kind (medians)")
     parser.add_argument("--json", help="also write every number to this file")
     args = parser.parse_args(argv)
     REPLAY = args.replay
@@ -626,6 +801,13 @@ def main(argv=None) -> int:
         result["conditioning"] = conditioning(args.conditioning, args.replays)
         print(f"\n{args.conditioning}: mean probabilities per frame (players: shares of frames)\n")
         print_conditioning(result["conditioning"])
+    elif args.scale:
+        if not args.work:
+            parser.error("--scale needs --work (a folder with room for the collections and their datasets)")
+        rows = scale_table(args.source, args.work, args.sizes, (args.specs or ["mlp"])[0], args.scale_steps,
+                           args.in_memory_up_to, args.repeats)
+        print_scale(rows)
+        result["scale"] = rows
     elif args.train:
         if not args.replays:
             parser.error("--train needs --replays")

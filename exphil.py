@@ -6,7 +6,7 @@ One module, in the order data flows; each section starts with a banner line of "
     Compiler           spec -> ONNX window graph and step graph (onnxscript): Graph and its helpers
                        (the unrolled scan, the chunked decayed attention), one class per layer kind
     Features/actions   game state -> model inputs, controller <-> action classes (peppi-py and libmelee)
-    Data               replays -> cached per-game arrays (and the manifest) -> training windows and batches
+    Data               replays -> datasets (memory-mapped shards, a manifest) -> training windows and batches
     Training           onnxruntime-training: loss graph, Trainer, metrics, train(), evaluate(), distillation
     Inference          onnxruntime sessions, providers, the Stepper, sampling
     Agent              a trained run playing one frame at a time
@@ -1494,6 +1494,7 @@ class Game(NamedTuple):
     stage: int                 # libmelee Stage value
     frame_ids: np.ndarray      # int32[T]
     players: dict              # libmelee port -> {field: array[T] (speeds: float32[T, 5])}
+    info: dict = {}            # "slippi" version, "date" (as recorded), "codes": port -> player code
 
     @property
     def ports(self):
@@ -1569,8 +1570,17 @@ def read_replay(path, finalized=False) -> Game:
         for k, v in arrays.items():  # (misc_as is NaN outside hitstun: libmelee reads that as 0)
             if k != "misc_as" and v.dtype.kind == "f" and not np.isfinite(v).all():
                 raise ReplayError(path, f"non-finite {k} values at port {port}")
-    return Game(path, enums.to_internal_stage(start.stage).value,
-                ids[keep], players)
+    return Game(path, enums.to_internal_stage(start.stage).value, ids[keep], players, _replay_info(game))
+
+
+def _replay_info(game) -> dict:
+    """The Slippi version, the recorded start date and the players' codes (netplay games only)."""
+    meta = game.metadata if isinstance(game.metadata, dict) else {}
+    named = {int(k) + 1: (v.get("names") or {}).get("code") for k, v in (meta.get("players") or {}).items()
+             if isinstance(v, dict) and str(k).isdigit()}
+    codes = {p.port.value + 1: (p.netplay.code if p.netplay else named.get(p.port.value + 1)) for p in game.start.players}
+    return {"slippi": ".".join(map(str, game.start.slippi.version)), "date": meta.get("startAt"),
+            "codes": {port: c.replace("\uff03", "#") for port, c in codes.items() if c}}
 
 
 def _trunc_int(a):
@@ -1717,7 +1727,7 @@ def features_from_gamestate(gamestate, port: int, opponent_port: int):
 
 
 # =================================================================================================
-# Data: replays -> cached per-game arrays -> training windows
+# Data: replays -> datasets (memory-mapped shards and a manifest) -> training windows
 # =================================================================================================
 
 def cache_dir() -> Path:
@@ -1740,9 +1750,10 @@ class Episode:
 
     source: str
     port: int
-    cat: np.ndarray  # [T, C] int64 categorical ids
+    cat: np.ndarray  # [T, C] categorical ids: int64 parsed, uint16 from a dataset (views of its shards)
     num: np.ndarray  # [T, F] float32 numeric features
-    labels: dict[str, np.ndarray]  # controller per frame: buttons [T, 8] uint8, sticks/shoulder [T]
+    labels: dict[str, np.ndarray]  # controller per frame: buttons [T, 8] uint8, sticks/shoulder [T] (int64
+    # parsed, uint8 from a dataset)
     _rtg: dict = dataclasses.field(default_factory=dict, repr=False, compare=False)
 
     @property
@@ -1754,6 +1765,11 @@ class Episode:
         if returns not in self._rtg:
             self._rtg[returns] = returns_to_go(self.num, returns)
         return self._rtg[returns]
+
+    def in_memory(self) -> Episode:
+        """A copy in memory with the types parsing gives (int64 ids and classes, uint8 buttons)."""
+        return Episode(self.source, self.port, self.cat.astype(np.int64), np.array(self.num),
+                       {h: v.astype(np.uint8 if h == "buttons" else np.int64) for h, v in self.labels.items()})
 
 
 def find_replays(root: str | os.PathLike, unreadable: list | None = None) -> list[Path]:
@@ -1781,119 +1797,244 @@ def find_replays(root: str | os.PathLike, unreadable: list | None = None) -> lis
     return sorted(found)
 
 
-def _episodes_from_replay(path: Path) -> list[Episode]:
-    game = read_replay(path, finalized=True)  # the final version of each rolled-back frame
+# A dataset is a folder: `manifest.sqlite` (one row per replay file and per game) and `shards/`,
+# each shard a folder of `.npy` columns that hold the frames of a few dozen games, both player
+# views of each game one after the other. Shards are memory-mapped: training reads the windows it
+# draws, never whole games. A shard is written under a temporary name and renamed into place
+# before the manifest rows that point at it are committed, so a dataset interrupted at any moment
+# holds only complete shards that its manifest trusts (and unreferenced ones that are removed).
+DATA_VERSION = 1  # the layout of a dataset: manifest tables, shard columns and their dtypes
+
+# A shard's columns, one row per frame of a player view: categorical ids fit in uint16 and the
+# controller classes (buttons 0-7, then one column per other head) in uint8; batches cast them.
+SHARD_COLUMNS = {"cat": np.uint16, "num": np.float32, "labels": np.uint8}
+LABEL_COLUMNS = {h: slice(0, 8) if h == "buttons" else 7 + i for i, h in enumerate(HEADS)}
+SHARD_FRAMES = 1 << 19  # player-view frames a parsing task puts in one shard (about 115 MB)
+GAME_FIELDS = ("hash", "path", "frames", "stage", "slippi", "date", "port_1", "character_1", "code_1",
+               "port_2", "character_2", "code_2", "shard", "start", "skipped")
+
+
+def _episodes_from_game(game: Game) -> list[Episode]:
     out = []
     for port, other in ((game.ports[0], game.ports[1]), (game.ports[1], game.ports[0])):
         cat, num = game_features(game, port, other)
-        out.append(Episode(str(path), port, cat, num, game_labels(game, port)))
+        out.append(Episode(game.path, port, cat, num, game_labels(game, port)))
     return out
 
 
-CACHE_VERSION = 2  # the layout of a cache entry (2: records the hash of its replay)
+def _episodes_from_replay(path: Path) -> list[Episode]:
+    return _episodes_from_game(read_replay(path, finalized=True))  # the final version of rolled-back frames
 
 
-class Manifest:
-    """The cache's index (SQLite, `manifest.sqlite` in the cache folder).
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        pass
+    return True
+
+
+_MAPS: dict[str, tuple] = {}  # shard column file -> (mmap, array): opened once per process
+_MAPPED_ROWS = [0]  # frames read from shards since their pages were last released
+
+
+def _mapped(path: Path) -> np.ndarray:
+    """A shard column, memory-mapped read-only (checked: its header is read, never its data)."""
+    import mmap
+
+    key = str(path)
+    if key not in _MAPS:
+        _room_for_maps()
+        with open(path, "rb") as f:
+            version = np.lib.format.read_magic(f)
+            read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            shape, fortran, dtype = read(f)
+            offset = f.tell()
+            size = os.fstat(f.fileno()).st_size
+            if fortran or size != offset + int(np.prod(shape)) * dtype.itemsize:
+                raise ValueError(f"{path}: {size} bytes for an array of {shape} {dtype}")
+            mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        if path.name != "labels.npy" and hasattr(mmap, "MADV_RANDOM"):  # windows are read at random: no
+            mm.madvise(mmap.MADV_RANDOM)  # read-ahead (the baselines read the small labels column in order)
+        _MAPS[key] = mm, np.frombuffer(mm, dtype, int(np.prod(shape)), offset).reshape(shape)
+    return _MAPS[key][1]
+
+
+def _room_for_maps() -> None:
+    """Each mapping holds a file descriptor: near the soft limit, raise it to the hard one."""
+    try:
+        import resource
+    except ImportError:  # (Windows: no such limit)
+        return
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and len(_MAPS) + 256 > soft and soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+def release_pages(frames: int = 0, every: int = 1 << 12) -> None:
+    """Count `frames` read from shards; past `every` (about one batch), drop the mapped shard
+    pages from this process (the OS keeps them in its page cache), so its memory stays flat in
+    the dataset's size. (Often: a page fault maps a whole large page-cache folio, up to 2 MB.)"""
+    import mmap
+
+    _MAPPED_ROWS[0] += frames
+    if _MAPPED_ROWS[0] >= every and hasattr(mmap, "MADV_DONTNEED"):
+        for mm, _ in list(_MAPS.values()):
+            mm.madvise(mmap.MADV_DONTNEED)
+        _MAPPED_ROWS[0] = 0
+
+
+def _write_shard(folder: Path, name: str, episodes: list[Episode]) -> None:
+    """Write the episodes' columns as shard `name`: under a temporary name, renamed when complete."""
+    tmp = folder / f".tmp-{name}"
+    tmp.mkdir(parents=True)
+    labels = np.concatenate([np.column_stack([ep.labels["buttons"]] + [ep.labels[h] for h in HEADS if h != "buttons"])
+                             for ep in episodes])
+    columns = {"cat": np.concatenate([ep.cat for ep in episodes]),
+               "num": np.concatenate([ep.num for ep in episodes]), "labels": labels}
+    for column, dtype in SHARD_COLUMNS.items():
+        np.save(tmp / f"{column}.npy", columns[column].astype(dtype, copy=False))
+    os.rename(tmp, folder / name)
+
+
+def parse_replays(task: tuple) -> tuple[list[dict], float]:
+    """Parse some replays into one new shard of a dataset: the mapped step of ingestion (it
+    needs only its task and the dataset's folder). task: (dataset folder, shard name,
+    [(content hash, path)]). Returns a manifest row per replay (a skip reason for unusable ones)
+    and the processor time it took (seconds of this process's CPU time: what one core does,
+    however busy the machine is with other work)."""
+    folder, name, items = task
+    t0, rows, episodes, at = time.process_time(), [], [], 0
+    for digest, path in items:
+        row = dict.fromkeys(GAME_FIELDS)
+        row.update(hash=digest, path=str(path))
+        try:
+            game = read_replay(path, finalized=True)
+            eps = _episodes_from_game(game)
+        except ReplayError as e:
+            rows.append({**row, "skipped": e.reason})
+            continue
+        codes = game.info.get("codes", {})
+        row.update(frames=eps[0].frames, stage=game.stage, slippi=game.info.get("slippi"), date=game.info.get("date"),
+                   shard=name, start=at)
+        for i, ep in enumerate(eps, 1):
+            row.update({f"port_{i}": ep.port, f"character_{i}": int(ep.cat[0, 2]), f"code_{i}": codes.get(ep.port)})
+        rows.append(row)
+        episodes += eps
+        at += 2 * eps[0].frames
+    if episodes:
+        _write_shard(Path(folder) / "shards", name, episodes)
+    return rows, time.process_time() - t0
+
+
+def _file_hash(path: Path) -> tuple[str | None, str | None]:
+    """(SHA-256 of the file's content, 24 hex digits, or None; why it cannot be read, or None)."""
+    try:
+        with open(path, "rb") as f:
+            return hashlib.sha256(f.read()).hexdigest()[:24], None
+    except OSError as e:
+        return None, f"cannot read file: {e.strerror}"
+
+
+class Dataset:
+    """A dataset folder (see above) and its manifest (SQLite, WAL; each write one short
+    transaction, so several processes can share it).
 
     `files`: the content hash of each replay file at a given size and modification time, so a
-    collection is read again only where files are new or changed. `games`: what each parsed
-    replay holds (frames, stage, the two players' ports and characters) or why it was skipped,
-    so a collection can be described (`exphil data`) without loading its arrays."""
+    file is read again only when new or changed. `games`: one row per distinct content: source
+    path, frames, stage, Slippi version, date, and per player view (1 and 2) its port, character
+    and player code; where its frames are (shard and first row); or why it was skipped."""
 
-    def __init__(self, cache: Path | None = None):
+    def __init__(self, folder: str | os.PathLike, create: bool = False):
         import sqlite3
 
-        folder = cache or cache_dir()
-        folder.mkdir(parents=True, exist_ok=True)
-        self.db = sqlite3.connect(folder / "manifest.sqlite", timeout=60, isolation_level=None)
-        # Every row is its own short transaction, so runs sharing the cache never hold the lock
-        # for long (a write lock wanted inside a longer read fails at once in SQLite); with the
-        # write-ahead log, readers never wait and a commit does not sync the disk.
+        self.folder = Path(folder)
+        if not create and not (self.folder / "manifest.sqlite").is_file():
+            raise ExphilError(f"{self.folder}: not a dataset (no manifest.sqlite); build one with "
+                              f"`exphil ingest REPLAYS --out {self.folder}`")
+        (self.folder / "shards").mkdir(parents=True, exist_ok=True)
+        self.db = sqlite3.connect(self.folder / "manifest.sqlite", timeout=60, isolation_level=None)
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=NORMAL")
+        self.db.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT)")
         self.db.execute("CREATE TABLE IF NOT EXISTS files (path TEXT PRIMARY KEY, size INT, mtime_ns INT, hash TEXT)")
-        self.db.execute("CREATE TABLE IF NOT EXISTS games (hash TEXT PRIMARY KEY, frames INT, stage INT, "
-                        "port_1 INT, character_1 INT, port_2 INT, character_2 INT, skipped TEXT)")
+        self.db.execute("CREATE TABLE IF NOT EXISTS games (hash TEXT PRIMARY KEY, path TEXT, frames INT, stage INT, "
+                        "slippi TEXT, date TEXT, port_1 INT, character_1 INT, code_1 TEXT, port_2 INT, "
+                        "character_2 INT, code_2 TEXT, shard TEXT, start INT, skipped TEXT)")
+        layout = f"{FEATURE_VERSION}.{DATA_VERSION}"
+        self.db.execute("INSERT OR IGNORE INTO meta VALUES ('layout', ?)", (layout,))
+        found = self.db.execute("SELECT value FROM meta WHERE key = 'layout'").fetchone()[0]
+        if found != layout:
+            raise ExphilError(f"{self.folder}: a dataset of layout {found}; this exphil reads layout {layout}: "
+                              "ingest the replays into a new folder")
 
-    def content_hash(self, path: Path) -> str:
-        """The replay's SHA-256 (24 hex digits): read and hashed only when its size or
-        modification time differ from what the manifest recorded for that path."""
-        try:
-            st = path.stat()
-            key = os.path.abspath(path)
-            row = self.db.execute("SELECT hash FROM files WHERE path = ? AND size = ? AND mtime_ns = ?",
-                                  (key, st.st_size, st.st_mtime_ns)).fetchone()
-            if row:
-                return row[0]
-            digest = hashlib.sha256(path.read_bytes()).hexdigest()[:24]
-        except OSError as e:
-            raise ReplayError(path, f"cannot read file: {e.strerror}") from None
-        self.db.execute("INSERT OR REPLACE INTO files VALUES (?, ?, ?, ?)", (key, st.st_size, st.st_mtime_ns, digest))
-        return digest
+    def known_files(self) -> dict[str, tuple[int, int, str]]:
+        return {p: (size, mtime, h) for p, size, mtime, h in self.db.execute("SELECT * FROM files")}
 
-    def game(self, digest: str) -> dict | None:
-        cur = self.db.execute("SELECT * FROM games WHERE hash = ?", (digest,))
-        row = cur.fetchone()
-        return row and dict(zip([c[0] for c in cur.description], row))
+    def record_files(self, rows: list[tuple]) -> None:
+        with self.db:
+            self.db.execute("BEGIN")
+            self.db.executemany("INSERT OR REPLACE INTO files VALUES (?, ?, ?, ?)", rows)
 
-    def record(self, digest: str, episodes: list[Episode] | None = None, skipped: str | None = None) -> None:
-        views = [(ep.port, int(ep.cat[0, 2])) for ep in episodes or []] or [(None, None)] * 2
-        self.db.execute("INSERT OR REPLACE INTO games VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                        (digest, episodes[0].frames if episodes else None, int(episodes[0].cat[0, 4]) if episodes
-                         else None, *views[0], *views[1], skipped))
+    def rows(self, where: str = "", args: tuple = ()) -> list[dict]:
+        cur = self.db.execute(f"SELECT * FROM games {where}", args)
+        names = [c[0] for c in cur.description]
+        return [dict(zip(names, r)) for r in cur]
 
+    def commit(self, rows: list[dict]) -> None:
+        """Record parsed games (their shard already in place); a content already recorded by
+        another process stays as it was."""
+        with self.db:
+            self.db.execute("BEGIN")
+            self.db.executemany(f"INSERT OR IGNORE INTO games VALUES ({', '.join('?' * len(GAME_FIELDS))})",
+                                [tuple(r[f] for f in GAME_FIELDS) for r in rows])
 
-def _cache_entry(path: Path, cache: Path | None, manifest: Manifest | None = None) -> Path:
-    """The cache file of a replay: keyed by its content and the feature layout version, so a
-    renamed copy is still a hit and an edited or re-laid-out one is a miss."""
-    digest = (manifest or Manifest(cache)).content_hash(path)
-    return (cache or cache_dir()) / f"{digest}-v{FEATURE_VERSION}.{CACHE_VERSION}.npz"
+    def columns(self, shard: str) -> dict[str, np.ndarray]:
+        return {c: _mapped(self.folder / "shards" / shard / f"{c}.npy") for c in SHARD_COLUMNS}
 
+    def check(self, rows: list[dict]) -> list[str]:
+        """Shards of these rows that are missing or damaged (from their headers and sizes):
+        their games are forgotten, to be parsed again."""
+        ends = collections.defaultdict(int)
+        for r in rows:
+            if r["shard"]:
+                ends[r["shard"]] = max(ends[r["shard"]], r["start"] + 2 * r["frames"])
+        bad, widths = [], {"cat": len(CAT_FIELDS), "num": len(NUM_FIELDS), "labels": 8 + len(HEADS) - 1}
+        for shard, end in ends.items():
+            try:  # (more rows than the manifest uses: games another process recorded first)
+                cols = self.columns(shard)
+                if any(len(a) < end or a.shape[1:] != (widths[c],) or a.dtype != SHARD_COLUMNS[c]
+                       for c, a in cols.items()):
+                    raise ValueError("columns of other shapes than the manifest's")
+            except (OSError, ValueError) as e:
+                bad.append(f"{shard}: {e}")
+                with self.db:
+                    self.db.execute("BEGIN")
+                    self.db.execute("DELETE FROM games WHERE shard = ?", (shard,))
+        return bad
 
-def load_replay(path: Path, cache: Path | None = None, entry: Path | None = None) -> list[Episode]:
-    """Both players' episodes of one replay, through the cache of parsed arrays. Raises
-    ReplayError (remembered in the cache too, so a bad file is not parsed again)."""
-    path = Path(path)
-    file = entry or _cache_entry(path, cache)
-    error = file.with_suffix(".error")
-    if error.exists():
-        raise ReplayError(path, error.read_text())
-    if file.exists():
-        try:
-            with np.load(file) as z:
-                episodes = [Episode(str(path), int(z[f"{i}.port"]), z[f"{i}.cat"], z[f"{i}.num"],
-                                    {h: z[f"{i}.{h}"] for h in HEADS}) for i in range(2)]
-                if str(z["source"]) == file.name.split("-")[0] and all(map(_valid_episode, episodes)):
-                    return episodes
-        except Exception:  # a damaged cache entry is rebuilt, never trusted
-            pass
-    try:
-        episodes = _episodes_from_replay(path)
-    except ReplayError as e:
-        file.parent.mkdir(parents=True, exist_ok=True)
-        error.write_text(e.reason)
-        raise
-    arrays = {"source": file.name.split("-")[0]}  # the content hash of the replay it was parsed from
-    for i, ep in enumerate(episodes):
-        arrays.update({f"{i}.port": ep.port, f"{i}.cat": ep.cat, f"{i}.num": ep.num})
-        arrays.update({f"{i}.{h}": v for h, v in ep.labels.items()})
-    file.parent.mkdir(parents=True, exist_ok=True)
-    tmp = file.with_suffix(f".{os.getpid()}.tmp.npz")
-    np.savez(tmp, **arrays)
-    os.replace(tmp, file)
-    return episodes
+    def episodes(self, row: dict, source: str | None = None) -> list[Episode]:
+        """The two player views of a game, as views of its memory-mapped shard."""
+        cols, T = self.columns(row["shard"]), row["frames"]
+        out = []
+        for i in (1, 2):
+            rows = slice(row["start"] + (i - 1) * T, row["start"] + i * T)
+            labels = cols["labels"][rows]
+            out.append(Episode(source or row["path"], row[f"port_{i}"], cols["cat"][rows], cols["num"][rows],
+                               {h: labels[:, c] for h, c in LABEL_COLUMNS.items()}))
+        return out
 
-
-def _valid_episode(ep: Episode) -> bool:
-    """Arrays of the expected kinds and shapes, frame counts that agree, finite features."""
-    T = len(ep.cat)
-    return (ep.cat.shape == (T, len(CAT_FIELDS)) and ep.cat.dtype == np.int64 and ep.num.shape == (T, len(NUM_FIELDS))
-            and ep.num.dtype == np.float32 and bool(np.isfinite(ep.num).all())
-            and all(len(ep.labels[h]) == T and 0 <= ep.labels[h].min(initial=0) and ep.labels[h].max(initial=0) < k
-                    for h, k in HEADS.items() if h != "buttons") and ep.labels["buttons"].shape == (T, 8)
-            and bool((ep.cat >= 0).all()) and all(int(ep.cat[:, i].max(initial=0)) < EMBED_TABLES[t]
-                                                  for i, (_, t) in enumerate(CAT_FIELDS)))
+    def remove_unreferenced(self) -> None:
+        """Shards no manifest row points at, and temporary ones, left by processes that ended
+        (killed while ingesting, or beaten to a game by another process)."""
+        used = {r for (r,) in self.db.execute("SELECT DISTINCT shard FROM games")}
+        for d in (self.folder / "shards").iterdir():
+            name = d.name.removeprefix(".tmp-")
+            pid = name.split("-")[0]
+            if (d.name != name or name not in used) and pid.isdigit() and not _pid_alive(int(pid)):
+                shutil.rmtree(d, ignore_errors=True)
 
 
 def _die_with_parent(parent: int) -> None:
@@ -1906,179 +2047,215 @@ def _die_with_parent(parent: int) -> None:
     threading.Thread(target=watch, daemon=True).start()
 
 
-def _remove_stale_temporaries(cache: Path) -> None:
-    """Half-written cache files (`*.<pid>.tmp.npz`) whose writing process no longer exists."""
-    for tmp in cache.glob("*.tmp.npz") if cache.is_dir() else []:
-        pid = tmp.name.split(".")[-3]
-        try:
-            os.kill(int(pid), 0)
-        except ProcessLookupError:
-            tmp.unlink(missing_ok=True)
-        except (ValueError, PermissionError, OSError):
-            pass
+@contextlib.contextmanager
+def _mapper(workers: int, ray: str | None = None):
+    """map(function, items) with results in order: on `workers` processes (started at the first
+    call with more than one item), or here; with `ray` (a cluster's address), as Ray tasks on
+    the cluster's cores."""
+    if ray:
+        cluster = connect_ray(ray)
+        yield lambda function, items, chunksize=1: map(cluster.get, [cluster.remote(num_cpus=1)(function).remote(x)
+                                                                    for x in items])
+        return
+    pool = None
 
+    def mapped(function, items, chunksize: int = 1):
+        nonlocal pool
+        if workers <= 1 or len(items) <= 1:
+            return map(function, items)
+        if pool is None:
+            from concurrent.futures import ProcessPoolExecutor
+            import multiprocessing
 
-def _build_cache(args) -> tuple[str, str | None, int, float]:
-    """Worker: parse one replay into the cache; (path, error or None, game frames, seconds)."""
-    path, entry = args
-    t0 = time.perf_counter()
+            pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                                       initializer=_die_with_parent, initargs=(os.getpid(),))
+        return pool.map(function, items, chunksize=chunksize)
     try:
-        frames = load_replay(path, entry=entry)[0].frames
-        return str(path), None, frames, time.perf_counter() - t0
-    except ReplayError as e:
-        return str(path), e.reason, 0, time.perf_counter() - t0
-
-
-def _parsing(results, total: int, log):
-    """The workers' results as they come, with a progress bar (unless the caller is quiet)."""
-    bar = Progress(total, "parsing replays", quiet=log in (None, _silent))
-    for r in results:
-        bar.update(r[2])
-        yield r
-    bar.close()
+        yield mapped
+    finally:
+        if pool is not None:
+            pool.shutdown(cancel_futures=True)
 
 
 class _Collection(NamedTuple):
     paths: list[Path]  # every replay file found, in order
-    entries: dict  # path -> cache entry (files that could be read)
-    errors: dict  # path -> why it cannot be used
+    hashes: dict  # path -> content hash (files that could be read)
+    errors: dict  # path -> why it cannot be read
     unreadable: list  # folders that could not be read: {"path", "reason"}
-    manifest: Manifest
+    dataset: Dataset
 
 
-def _cache_collection(replays, cache: Path | None, log, max_files: int = 0, workers: int | None = None,
-                      ray: str | None = None) -> _Collection:
-    """Find the replays, hash the new and changed ones (through the manifest), and parse those
-    not yet in the cache on every core (with `ray`, a cluster's address: as Ray tasks, on the
-    cluster's cores; the cache must then be a folder every node reaches)."""
+def _tasks(folder: Path, new: list[tuple[str, Path]], sizes: dict, workers: int) -> list[tuple]:
+    """Parsing tasks of at most ~SHARD_FRAMES player-view frames (guessed from file sizes: about 170
+    bytes of replay per player-view frame), and at least four per worker where there are enough
+    replays (the work stays balanced, and an interrupted ingestion keeps most of what it did)."""
+    per = max(1, min(math.ceil(len(new) / (4 * workers)),
+                     SHARD_FRAMES * 170 // max(1, int(np.mean(list(sizes.values()))))))
+    return [(str(folder), f"{os.getpid()}-{time.time_ns():x}-{k}", new[k:k + per]) for k in range(0, len(new), per)]
+
+
+def ingest(replays, out: str | os.PathLike, log=None, max_files: int = 0, workers: int | None = None,
+           ray: str | None = None) -> _Collection:
+    """Add the new and changed replays under `replays` to the dataset in `out` (created if need
+    be), parsing on every core (with `ray`, a cluster's address: as Ray tasks on its cores; the
+    replays and `out` must then be folders every node reaches). A file whose path, size and
+    modification time the manifest knows is not read; a new file is hashed once, and a content
+    already in the dataset (a copy) is not parsed again. Unusable replays are recorded with
+    their reason and reported."""
     unreadable = []
     paths = [p for r in ([replays] if isinstance(replays, (str, os.PathLike)) else replays)
              for p in find_replays(r, unreadable)]
-    for u in unreadable:
-        if log:
-            log(f"skipped {u['path']}: {u['reason']}")
-    if max_files:
-        paths = paths[:max_files]
-    entries, errors = {}, {}
-    manifest = Manifest(cache)
+    paths = paths[:max_files] if max_files else paths
+    dataset = Dataset(out, create=True)
+    known, hashes, errors, stats, unknown = dataset.known_files(), {}, {}, {}, []
     for p in paths:
         try:
-            entries[p] = _cache_entry(p, cache, manifest)
-        except ReplayError as e:
-            errors[p] = e.reason
-    _remove_stale_temporaries(cache or cache_dir())
-    missing = [(p, f) for p, f in entries.items() if not f.exists() and not f.with_suffix(".error").exists()]
-    workers = min(workers or os.cpu_count() or 1, len(missing))
-    if missing:
-        t0 = time.perf_counter()
-        built = None
-        if ray:
-            cluster = connect_ray(ray)
-            task = cluster.remote(num_cpus=1)(_build_cache)
-            built = list(_parsing(_as_done(cluster, [task.remote(m) for m in missing]), len(missing), log))
-            workers = int(cluster.cluster_resources().get("CPU", 1))
-        elif workers > 1:
-            from concurrent.futures import ProcessPoolExecutor
-            from concurrent.futures.process import BrokenProcessPool
-            import multiprocessing
-
-            try:
-                with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
-                                         initializer=_die_with_parent, initargs=(os.getpid(),)) as pool:
-                    built = list(_parsing(pool.map(_build_cache, missing), len(missing), log))
-            except BrokenProcessPool:
+            st = p.stat()
+        except OSError as e:
+            errors[p] = f"cannot read file: {e.strerror}"
+            continue
+        key = os.path.abspath(p)
+        stats[p] = (key, st.st_size, st.st_mtime_ns)
+        if known.get(key, (None, None, None))[:2] == (st.st_size, st.st_mtime_ns):
+            hashes[p] = known[key][2]
+        else:
+            unknown.append(p)
+    workers = int(connect_ray(ray).cluster_resources().get("CPU", 1)) if ray else max(1, workers or os.cpu_count() or 1)
+    dataset.remove_unreferenced()
+    from concurrent.futures.process import BrokenProcessPool
+    try:
+        with _mapper(workers, ray) as mapped:
+            hashing = mapped(_file_hash, unknown, chunksize=8) if len(unknown) > 16 else map(_file_hash, unknown)
+            for p, (digest, error) in zip(unknown, hashing):
+                if error:
+                    errors[p] = error
+                else:
+                    hashes[p] = digest
+            dataset.record_files([(*stats[p], hashes[p]) for p in unknown if p in hashes])
+            wanted = set(hashes.values())
+            for problem in dataset.check([r for r in dataset.rows() if r["hash"] in wanted]):
                 if log:
-                    log("parsing on one core: the worker processes stopped (killed, or they could not start: a "
-                        "script that calls exphil needs an `if __name__ == \"__main__\":` guard to use every core)")
-                workers = 1
-        if built is None:
-            built = list(_parsing(map(_build_cache, missing), len(missing), log))
-        errors.update({Path(p): reason for p, reason, _, _ in built if reason})
-        frames, seconds = sum(b[2] for b in built), time.perf_counter() - t0
-        busy = sum(b[3] for b in built)
-        if log and frames:
-            log(f"parsed {len(missing)} new replays ({frames:,} frames) in {seconds:.1f} s on {workers} core(s): "
-                f"{frames / seconds:,.0f} frames/s ({frames / busy:,.0f} per core once started)")
-    return _Collection(paths, entries, errors, unreadable, manifest)
+                    log(f"parsing again the games of a damaged shard: {problem}")
+            have, new = {r["hash"] for r in dataset.rows()}, {}
+            for p, h in hashes.items():
+                if h not in have:
+                    new.setdefault(h, Path(stats[p][0]))  # (the absolute path, recorded)
+            if new:
+                _parse_new(dataset, list(new.items()), {h: p.stat().st_size for h, p in new.items()}, workers, log, mapped)
+    except BrokenProcessPool:
+        if workers == 1:
+            raise
+        if log:
+            log("parsing on one core: the worker processes stopped (killed, or they could not start: a script "
+                "that calls exphil needs an `if __name__ == \"__main__\":` guard to use every core)")
+        return ingest(replays, out, log, max_files, workers=1)
+    return _Collection(paths, hashes, errors, unreadable, dataset)
 
 
-def _as_done(ray, refs: list):
-    """The results of Ray tasks, in the order they finish."""
-    while refs:
-        done, refs = ray.wait(refs, num_returns=1)
-        yield ray.get(done[0])
+def _parse_new(dataset: Dataset, new: list, sizes: dict, workers: int, log, mapped) -> None:
+    t0, frames, busy, done = time.perf_counter(), 0, 0.0, 0
+    bar = Progress(len(new), "parsing replays", quiet=log in (None, _silent))
+    tasks = _tasks(dataset.folder, new, sizes, workers)
+    try:
+        for rows, seconds in mapped(parse_replays, tasks):
+            dataset.commit(rows)  # its shard is in place
+            busy += seconds
+            for r in rows:
+                frames += r["frames"] or 0
+                bar.update(r["frames"] or 0)
+    finally:
+        bar.close()
+    seconds = time.perf_counter() - t0
+    if log and frames:
+        log(f"parsed {len(new)} new replays ({frames:,} frames) in {seconds:.1f} s on {workers} core(s): "
+            f"{frames / seconds:,.0f} frames/s ({frames / busy:,.0f} per core: frames per second of parsing CPU time)")
 
 
-def _each_game(collection: _Collection, log, load: bool = True, keep: Callable[[dict], bool] | None = None):
-    """(path, manifest row, episodes or None) per replay, in order; skipped replays are logged
-    and recorded with their reason. Games the manifest describes are not read with load=False,
-    nor when `keep(row)` is false."""
-    manifest = collection.manifest
-    for path in collection.paths:
-        entry = collection.entries.get(path)
-        digest = entry and entry.name.split("-")[0]
-        row = digest and manifest.game(digest)
-        try:
-            if path in collection.errors:
-                raise ReplayError(path, collection.errors[path])
-            if row and row["skipped"]:
-                raise ReplayError(path, row["skipped"])
-            wanted = load and (keep is None or not row or keep(row))
-            episodes = load_replay(path, entry=entry) if wanted or not row else None
-            if not row:
-                manifest.record(digest, episodes)
-                row = manifest.game(digest)
-            yield path, row, episodes if load and (keep is None or keep(row)) else None
-        except ReplayError as e:
-            if digest and not row:
-                manifest.record(digest, skipped=e.reason)
-            if log:
-                log(f"skipped {path}: {e.reason}")
-            yield path, {"skipped": e.reason}, None
+def _cache_dataset(cache: Path | None) -> Path:
+    """The dataset that `--replays` collections are ingested into, in the cache folder."""
+    return (cache or cache_dir()) / f"dataset-v{FEATURE_VERSION}.{DATA_VERSION}"
 
 
-def load_games(replays: str | os.PathLike | Sequence, cache: Path | None = None, log=None,
-               max_files: int = 0, workers: int | None = None,
-               keep: Callable[[dict], bool] | None = None, left_out: list | None = None, ray: str | None = None,
-               ) -> tuple[list[list[Episode]], list[dict]]:
-    """Episodes grouped by game, and the replays that were skipped (path and reason).
+def _selected(replays=None, data=None, cache: Path | None = None, log=None, max_files: int = 0,
+              workers: int | None = None, ray: str | None = None) -> tuple[Dataset, list, list]:
+    """(dataset, [(source path, manifest row)] in order, skipped replays) of a replay collection
+    (ingested into the cache's dataset first, on a Ray cluster with `ray`; a content found twice
+    counts once) or of a whole dataset folder (`data`)."""
+    if data is not None:
+        dataset = Dataset(data)
+        rows = dataset.rows("ORDER BY path")[:max_files or None]
+        return dataset, [(r["path"], r) for r in rows], []
+    col = ingest(replays, _cache_dataset(cache), log, max_files, workers, ray)
+    by_hash = {r["hash"]: r for r in col.dataset.rows()}
+    chosen, seen = [], set()
+    skipped = [*col.unreadable, *({"path": str(p), "reason": reason} for p, reason in col.errors.items())]
+    for p in col.paths:
+        h = col.hashes.get(p)
+        if h is not None and h not in seen and h in by_hash:
+            seen.add(h)
+            chosen.append((str(p), by_hash[h]))
+    return col.dataset, chosen, skipped
 
-    Replays not yet in the cache are parsed on every core first. A replay that cannot be used is
-    reported in one line and skipped; the rest go on. `keep(manifest row)` selects games before
-    their arrays are loaded (see `_game_filter`); the paths of those it leaves out are appended
-    to `left_out`. ray: parse on this Ray cluster (see `_cache_collection`)."""
-    collection = _cache_collection(replays, cache, log, max_files, workers, ray)
-    games, skipped = [], list(collection.unreadable)
-    for path, row, episodes in _each_game(collection, log, keep=keep):
+
+def load_games(replays=None, cache: Path | None = None, log=None, max_files: int = 0, workers: int | None = None,
+               keep: Callable[[dict], bool] | None = None, left_out: list | None = None,
+               data: str | os.PathLike | None = None, ray: str | None = None) -> tuple[list[list[Episode]], list[dict]]:
+    """Episodes grouped by game, and the replays that were skipped (path and reason), of a
+    replay collection (`replays`, ingested into the cache's dataset first) or of a dataset folder
+    (`data`). The episodes' arrays are memory-mapped views of the dataset's shards.
+
+    A replay that cannot be used is reported in one line and skipped; the rest go on.
+    `keep(manifest row)` selects games from the manifest alone (see `_game_filter`); the paths
+    of those it leaves out are appended to `left_out`. ray: parse new replays on this Ray
+    cluster (see `ingest`)."""
+    dataset, chosen, skipped = _selected(replays, data, cache, log, max_files, workers, ray)
+    games = []
+    for source, row in chosen:
         if row["skipped"]:
-            skipped.append({"path": str(path), "reason": row["skipped"]})
-        elif episodes is not None:
-            games.append(episodes)
+            skipped.append({"path": source, "reason": row["skipped"]})
+        elif keep is None or keep(row):
+            games.append(dataset.episodes(row, source))
         elif left_out is not None:
-            left_out.append(str(path))
+            left_out.append(source)
+    for s in skipped if log else []:
+        log(f"skipped {s['path']}: {s['reason']}")
     return games, skipped
 
 
-def describe(replays, cache: Path | None = None, log=None, ray: str | None = None) -> dict:
-    """What a replay collection holds (`exphil data`): games, frames, hours of play, player
-    views per character, games per stage, skipped replays per reason. New and changed replays
-    are parsed into the cache first (on a Ray cluster, with `ray`); the rest is read from the
-    manifest, not from the arrays."""
-    collection = _cache_collection(replays, cache, log, ray=ray)
-    characters, stages, skipped = collections.Counter(), collections.Counter(), collections.Counter()
+def load_replay(path: Path, cache: Path | None = None) -> list[Episode]:
+    """Both players' episodes of one replay, through the cache's dataset, in memory with the
+    types parsing gives (int64 ids and classes, as a graph's inputs take them). Raises
+    ReplayError (remembered in the dataset too, so a bad file is not parsed again)."""
+    dataset, chosen, skipped = _selected(Path(path), None, cache)
+    if skipped or chosen[0][1]["skipped"]:
+        raise ReplayError(path, skipped[0]["reason"] if skipped else chosen[0][1]["skipped"])
+    return [ep.in_memory() for ep in dataset.episodes(chosen[0][1], str(path))]
+
+
+def describe(replays=None, cache: Path | None = None, log=None, data: str | os.PathLike | None = None,
+             ray: str | None = None) -> dict:
+    """What a replay collection or a dataset holds (`exphil data`): games, frames, hours of
+    play, player views per character, games per stage and per Slippi version, skipped replays
+    per reason; from the manifest alone (new and changed replays of a collection are ingested
+    into the cache's dataset first)."""
+    _, chosen, unreadable = _selected(replays, data, cache, log, ray=ray)
+    count = collections.Counter
+    characters, stages, versions, skipped = count(), count(), count(), count()
     frames = 0
-    for u in collection.unreadable:
+    for u in unreadable:
         skipped[u["reason"].split(":")[0]] += 1
-    for _, row, _ in _each_game(collection, None, load=False):
+    for _, row in chosen:
         if row["skipped"]:
             skipped[row["skipped"].split(":")[0].split(" (")[0]] += 1
             continue
         frames += row["frames"]
         characters.update(enums.Character(row[f"character_{i}"]).name.lower() for i in (1, 2))
         stages[enums.Stage(row["stage"]).name.lower()] += 1
-    return {"replays": len(collection.paths), "games": sum(stages.values()), "frames": frames,
+        versions[row["slippi"]] += 1
+    return {"replays": len(chosen) + len(unreadable), "games": sum(stages.values()), "frames": frames,
             "hours": frames / 60 / 3600, "characters": dict(characters.most_common()),
-            "stages": dict(stages.most_common()), "skipped": dict(skipped.most_common())}
+            "stages": dict(stages.most_common()), "versions": dict(versions.most_common()),
+            "skipped": dict(skipped.most_common())}
 
 
 def _enum_id(enum, name: str, what: str) -> int:
@@ -2166,6 +2343,7 @@ def make_batch(episodes: list[Episode], wins: Sequence[tuple[int, int] | None], 
     soft = teacher and np.zeros((B, length, sum(HEADS.values())), np.float32)
     if returns is not None:
         batch["rtg"] = batch["target.value"] = np.zeros((B, length), np.float32)
+    release_pages(B * length)  # windows of a dataset's shards: their pages are not kept
     for b, win in enumerate(wins):
         if win is None:  # padding: an idle stream in stateful training
             continue
@@ -2249,19 +2427,35 @@ def carry_state(batch: dict, previous: dict | None, wins: Sequence, model: Model
     return batch
 
 
-def _pairs(episodes: list[Episode], head: str, delay: int) -> tuple[np.ndarray, np.ndarray]:
-    """Every (current controller, target) pair of a head: frame t and frame t + 1 + delay."""
-    cur = [ep.labels[head][:max(ep.frames - 1 - delay, 0)] for ep in episodes]
-    nxt = [ep.labels[head][1 + delay:] for ep in episodes]
-    return np.concatenate(cur), np.concatenate(nxt)
+def _transitions(episodes: list[Episode], delay: int) -> dict[str, np.ndarray]:
+    """Per head, how often each (current controller, target) pair occurs: frame t and frame
+    t + 1 + delay. buttons [2 now, 2 at the target, 8 buttons], the others [k now, k at the target].
+    Counted one episode at a time (a dataset's episodes are never all in memory)."""
+    counts = {h: np.zeros((2, 2, 8) if h == "buttons" else (k, k), np.int64) for h, k in HEADS.items()}
+    for ep in episodes:
+        n = max(ep.frames - 1 - delay, 0)
+        for h, k in HEADS.items():
+            cur, nxt = ep.labels[h][:n].astype(np.int64), ep.labels[h][1 + delay:1 + delay + n].astype(np.int64)
+            if h == "buttons":
+                counts[h] += np.bincount(((cur * 2 + nxt) * 8 + np.arange(8)).ravel(), minlength=32).reshape(2, 2, 8)
+            else:
+                counts[h] += np.bincount((cur * k + nxt).ravel(), minlength=k * k).reshape(k, k)
+        release_pages(ep.frames)
+    return counts
 
 
 def label_frequencies(episodes: list[Episode], delay: int = 0) -> dict[str, list[float]]:
     """Per head: how often each button is pressed / each class occurs among training targets."""
+    return _frequencies(_transitions(episodes, delay))
+
+
+def _frequencies(transitions: dict[str, np.ndarray]) -> dict[str, list[float]]:
     freqs = {}
-    for h, k in HEADS.items():
-        y = _pairs(episodes, h, delay)[1]
-        freqs[h] = (y.mean(0) if h == "buttons" else (np.bincount(y, minlength=k) + 1) / (len(y) + k)).tolist()
+    for h, c in transitions.items():
+        if h == "buttons":
+            freqs[h] = (c[:, 1].sum(0) / max(c[:, :, 0].sum(), 1)).tolist()
+        else:
+            freqs[h] = ((c.sum(0) + 1) / (c.sum() + len(c))).tolist()
     return freqs
 
 
@@ -2269,17 +2463,16 @@ def markov_tables(episodes: list[Episode], delay: int = 0) -> dict[str, list]:
     """The "next input given current input" count table of each head, on training episodes:
     buttons [2, 8] (P(pressed at the target frame) given not pressed / pressed now), sticks
     and shoulder [k, k] (row: current class, P(target class)); add-one smoothed."""
+    return _markov(_transitions(episodes, delay))
+
+
+def _markov(transitions: dict[str, np.ndarray]) -> dict[str, list]:
     tables = {}
-    for h, k in HEADS.items():
-        cur, nxt = _pairs(episodes, h, delay)
+    for h, c in transitions.items():
         if h == "buttons":
-            pressed = np.stack([(nxt * (cur == s)).sum(0) for s in (0, 1)])
-            seen = np.stack([(cur == s).sum(0) for s in (0, 1)])
-            tables[h] = ((pressed + 1) / (seen + 2)).tolist()
+            tables[h] = ((c[:, 1] + 1) / (c.sum(1) + 2)).tolist()
         else:
-            counts = np.zeros((k, k))
-            np.add.at(counts, (cur, nxt), 1)
-            tables[h] = ((counts + 1 / k) / (counts.sum(1, keepdims=True) + 1)).tolist()
+            tables[h] = ((c + 1 / len(c)) / (c.sum(1, keepdims=True) + 1)).tolist()
     return tables
 
 
@@ -2294,13 +2487,15 @@ def return_stats(episodes: list[Episode], returns: Returns) -> dict:
 def frequency_loss(freqs: dict[str, list[float]], episodes: list[Episode], delay: int = 0) -> dict[str, float]:
     """The loss of always predicting `freqs` on these episodes."""
     out = {}
-    for h in HEADS:
-        y, q = _pairs(episodes, h, delay)[1], np.asarray(freqs[h])
+    for h, c in _transitions(episodes, delay).items():
+        q = np.asarray(freqs[h])
         if h == "buttons":
             p = q.clip(1e-6, 1 - 1e-6)
-            out[h] = float(-(y * np.log(p) + (1 - y) * np.log(1 - p)).sum(1).mean())
+            n1, n0 = c[:, 1].sum(0), c[:, 0].sum(0)
+            out[h] = float(-(n1 * np.log(p) + n0 * np.log(1 - p)).sum() / max((n0 + n1)[0], 1))
         else:
-            out[h] = float(-np.log(q[y]).mean())
+            y = c.sum(0)
+            out[h] = float(-(y * np.log(q)).sum() / max(y.sum(), 1))
     out["total"] = sum(out.values())
     return out
 
@@ -3123,9 +3318,10 @@ class RunLock:
 
 
 def train(spec: Spec | str | os.PathLike | None = None, replays=None, out: str | os.PathLike = "runs/run",
-          resume: bool = False, quiet: bool = False, cache: Path | None = None, ray: str | None = None,
-          workers: int = 1, **settings) -> RunResult:
-    """Train a spec on replays into a run folder; see TrainConfig for the settings.
+          resume: bool = False, quiet: bool = False, cache: Path | None = None,
+          data: str | os.PathLike | None = None, ray: str | None = None, workers: int = 1, **settings) -> RunResult:
+    """Train a spec on replays (or on a dataset folder: `data`, see `ingest`) into a run folder;
+    see TrainConfig for the settings.
 
     resume=True continues the run in `out` from its last checkpoint with the same settings,
     step, optimizer state and data order. Spec, replays and settings come from the run; any that
@@ -3146,7 +3342,7 @@ def train(spec: Spec | str | os.PathLike | None = None, replays=None, out: str |
         check_size(spec)
     with RunLock(Path(out)):
         try:
-            return _train(spec, replays, Path(out), resume, quiet, cache, config, ray, workers)
+            return _train(spec, replays, data, Path(out), resume, quiet, cache, config, ray, workers)
         except OSError as e:
             if e.filename:
                 raise
@@ -3174,7 +3370,7 @@ def _fingerprint(spec: Spec, config: TrainConfig) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def _resume_settings(out: Path, spec, replays, given: dict) -> tuple[dict, Spec, list]:
+def _resume_settings(out: Path, spec, replays, data, given: dict) -> tuple[dict, Spec, list, str | None]:
     """The run's recorded settings, spec and replays for `--resume`. What the caller gives again
     must match them (a re-run of the same command), except a larger `epochs`, which extends the
     run; a spec.toml edited since the run started is refused. Every difference is named."""
@@ -3194,21 +3390,24 @@ def _resume_settings(out: Path, spec, replays, given: dict) -> tuple[dict, Spec,
         if spec != run_spec:
             problems.append("the spec (" + "; ".join(_differences(msgspec.to_builtins(run_spec),
                                                                 msgspec.to_builtins(spec))) + ")")
-    sources = info["replays"]["source"]
+    sources, run_data = info["replays"]["source"], info["replays"].get("data")
     if replays is not None and [str(r) for r in ([replays] if isinstance(replays, (str, os.PathLike)) else replays)] != sources:
-        problems.append(f"--replays {replays} (the run has {', '.join(sources)})")
+        problems.append(f"--replays {replays} (the run has {', '.join(sources) or 'none'})")
+    if data is not None and str(data) != run_data:
+        problems.append(f"--data {data} (the run has {run_data})")
     if problems:
         raise UsageError(f"{out}: --resume continues the run with its own settings; these differ: "
                           + ", ".join(problems))
-    return {**recorded, "epochs": max(recorded["epochs"], given.get("epochs", 0))}, run_spec, sources
+    return {**recorded, "epochs": max(recorded["epochs"], given.get("epochs", 0))}, run_spec, sources, run_data
 
 
-def _games(replays, cache, log, config: TrainConfig, ray: str | None = None) -> tuple[list, list, list]:
+def _games(replays, data, cache, log, config: TrainConfig, ray: str | None = None) -> tuple[list, list, list]:
     """The run's training and validation games (filtered, split by game) and the skipped replays."""
     chosen = (config.character, config.opponent_character, config.stage, config.min_frames)
     left_out = []
     games, skipped = load_games(replays, cache, log, max_files=config.max_files, keep=_game_filter(*chosen),
-                                left_out=left_out, ray=ray)
+                                left_out=left_out, data=data, ray=ray)
+    replays = data or replays
     if not games and not left_out:
         raise ExphilError(f"{replays}: no usable replay (all {len(skipped)} skipped, see above)")
     games = filter_games(games, *chosen)
@@ -3221,21 +3420,21 @@ def _games(replays, cache, log, config: TrainConfig, ray: str | None = None) -> 
     return (*split_games(games, config.val_split, split_seed), skipped)
 
 
-def _train(spec, replays, out: Path, resume: bool, quiet: bool, cache, config, ray=None, workers=1) -> RunResult:
+def _train(spec, replays, data, out: Path, resume: bool, quiet: bool, cache, config, ray=None, workers=1) -> RunResult:
     log = _log(quiet)
     if resume:
-        settings, spec, replays = _resume_settings(out, spec, replays, config)
+        settings, spec, replays, data = _resume_settings(out, spec, replays, data, config)
         info = json.loads((out / "run.json").read_text())
         extending = settings["epochs"] > info["config"]["epochs"]
         recorded_fingerprint = info.get("fingerprint")
         config = TrainConfig(**settings)
     else:
-        if spec is None or replays is None:
-            raise UsageError("train needs a spec and replays")
+        if spec is None or (replays is None) == (data is None):
+            raise UsageError("train needs a spec, and replays or a dataset (not both)")
         if has_checkpoint(out / "train"):
             raise UsageError(f"{out} already holds a run: continue it with --resume, or choose another --out")
         spec = spec if isinstance(spec, Spec) else load_spec(spec)
-    train_games, val_games, skipped = _games(replays, cache, log, config, ray)
+    train_games, val_games, skipped = _games(replays or None, data, cache, log, config, ray)
     train_eps, val_eps = [e for g in train_games for e in g], [e for g in val_games for e in g]
     lists = {"train": sorted({e.source for e in train_eps}), "val": sorted({e.source for e in val_eps})}
     if resume and {k: info["replays"][k] for k in lists} != lists:
@@ -3247,10 +3446,11 @@ def _train(spec, replays, out: Path, resume: bool, quiet: bool, cache, config, r
     train_wins = windows(train_eps, L, d_hi)
     if not train_wins or (val_eps and not windows(val_eps, L, d_lo)):
         which, d = ("training", d_hi) if not train_wins else ("validation", d_lo)
-        raise ExphilError(f"{replays}: no {which} frame has a target at frame delay {d}: the {which} games are "
+        raise ExphilError(f"{data or replays}: no {which} frame has a target at frame delay {d}: the {which} games are "
                           f"all {1 + d} frames or shorter")
-    freqs = label_frequencies(train_eps, d_lo)
-    baselines = {"frequency": freqs, "markov": markov_tables(train_eps, d_lo)}  # counted on training games only
+    transitions = _transitions(train_eps, d_lo)  # counted on training games only
+    freqs = _frequencies(transitions)
+    baselines = {"frequency": freqs, "markov": _markov(transitions)}
     returns = spec.returns_used
     if returns:
         baselines["mean_return"] = float(np.mean(np.concatenate([e.rtg(returns)[:e.frames - 1 - d_lo] for e in train_eps])))
@@ -3261,8 +3461,8 @@ def _train(spec, replays, out: Path, resume: bool, quiet: bool, cache, config, r
         "config": dataclasses.asdict(config), "frame_delay": d_lo,
         "delay_range": [d_lo, d_hi], "target": "frame t predicts the controller at frame t + "
                                                + (f"{1 + d_lo}" if d_lo == d_hi else f"{1 + d_lo}..{1 + d_hi}"),
-        "replays": {"source": [str(r) for r in ([replays] if isinstance(replays, (str, os.PathLike)) else replays)],
-                    **lists, "skipped": skipped},
+        "replays": {"source": [str(r) for r in ([replays] if isinstance(replays, (str, os.PathLike)) else replays or [])],
+                    "data": data and str(data), **lists, "skipped": skipped},
         "frames": {"train": sum(e.frames for e in train_eps), "val": sum(e.frames for e in val_eps)},
         "baseline_loss": baseline, "label_frequencies": freqs, "markov_tables": baselines["markov"],
         "status": "running",
@@ -3359,9 +3559,11 @@ def _train(spec, replays, out: Path, resume: bool, quiet: bool, cache, config, r
                 raise ExphilError(f"{out}: the state carried into step {step} is missing; cannot resume exactly")
             with np.load(carry(step)) as z:
                 previous = dict(z)
+        prepare = lambda k: batch_for(batches[k], np.random.default_rng([config.seed, epoch, k]),
+                                      teacher and {**teacher, "logits": teacher["train"]}, flipped)
+        ahead = _Ahead(prepare, range(start, len(batches)))  # the next batch is made during this step
         for k in range(start, len(batches)):
-            rng = np.random.default_rng([config.seed, epoch, k])
-            batch = batch_for(batches[k], rng, teacher and {**teacher, "logits": teacher["train"]}, flipped)
+            batch = ahead.next()
             if stateful:
                 batch = carry_state(batch, previous, batches[k], model)
             previous = trainer.step(batch, config.learning_rate(step, total_steps))
@@ -3387,6 +3589,7 @@ def _train(spec, replays, out: Path, resume: bool, quiet: bool, cache, config, r
                     old.unlink()  # the carries of the last two checkpoints stay
             if over:
                 break
+        ahead.close()
         bar.close()
         seconds = time.perf_counter() - t0
         row = {"epoch": epoch, "step": step, **metrics.result("train"), "seconds": round(seconds, 3),
@@ -3440,6 +3643,29 @@ def _train(spec, replays, out: Path, resume: bool, quiet: bool, cache, config, r
     return RunResult(out, info)
 
 
+class _Ahead:
+    """`make(k)` for each k of `keys` in turn, each made on a thread while the caller works on
+    the one before (onnxruntime releases the GIL during a step)."""
+
+    def __init__(self, make, keys):
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.pool, self.make, self.keys = ThreadPoolExecutor(1), make, iter(keys)
+        self.pending = self._submit()
+
+    def _submit(self):
+        k = next(self.keys, None)
+        return None if k is None else self.pool.submit(self.make, k)
+
+    def next(self):
+        result = self.pending.result()
+        self.pending = self._submit()
+        return result
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True, cancel_futures=True)
+
+
 def _diverged(out: Path, info: dict, what: str, config: TrainConfig):
     """Stop a run whose loss or parameters went non-finite: marked in run.json, nothing exported,
     the last good checkpoint kept."""
@@ -3474,15 +3700,15 @@ def _window_runner(model: Model, extra=None):
     return run
 
 
-def evaluate(run: str | os.PathLike, replays, batch_size: int = 64, cache: Path | None = None,
-             quiet: bool = False) -> dict:
+def evaluate(run: str | os.PathLike, replays=None, batch_size: int = 64, cache: Path | None = None,
+             quiet: bool = False, data: str | os.PathLike | None = None) -> dict:
     """Loss, button F1 and accuracies of a trained run on replays (every game, each played
     from its start with the state carried), beside its baselines on the same frames: copy,
     the run's Markov table and label frequencies (see Metrics), and on change frames."""
     model, info = load_run(run)
-    games, skipped = load_games(replays, cache, _log(quiet))
+    games, skipped = load_games(replays, cache, _log(quiet), data=data)
     if not games:
-        raise ExphilError(f"{replays}: no usable replay (skipped {len(skipped)})")
+        raise ExphilError(f"{data or replays}: no usable replay (skipped {len(skipped)})")
     episodes = [ep for g in games for ep in g]
     delay, L = int(info.get("frame_delay", 0)), model.spec.window
     baselines = ({"frequency": info["label_frequencies"], "markov": info.get("markov_tables")}
@@ -3870,7 +4096,7 @@ def replay_frames(episodes: Sequence, max_frames: int, returns: Returns | None =
         every = max(1, -(-(ep.frames - start) // per))  # ceil: at most `per` marks per game
         rtg = ep.rtg(returns) if returns else np.zeros(ep.frames, np.float32)
         for t in range(ep.frames):
-            yield t, ep.cat[t], ep.num[t], float(rtg[t]), t >= start and (t - start) % every == 0
+            yield t, ep.cat[t].astype(np.int64), ep.num[t], float(rtg[t]), t >= start and (t - start) % every == 0
 
 
 def calibration_feeds(model: str | os.PathLike | bytes, episodes: Sequence, count: int,
@@ -4459,7 +4685,9 @@ def _spec_arg(name: str) -> Spec:
 def _training_flags(p: argparse.ArgumentParser) -> None:
     """Flags shared by train and distill. Defaults are None so presets can fill them in."""
     d = p.add_argument_group("data")
-    d.add_argument("--replays", help="a .slp file or a directory (searched recursively)")
+    d.add_argument("--replays", help="a .slp file or a directory (searched recursively), ingested into a dataset "
+                                     "in the cache")
+    d.add_argument("--data", help="a dataset folder (`exphil ingest`), instead of --replays")
     d.add_argument("--max-files", type=int, help="use at most this many replays, sorted by path (0: all)")
     d.add_argument("--character", help="keep the player views of this character (e.g. fox)")
     d.add_argument("--opponent-character", help="... against this character")
@@ -4517,12 +4745,14 @@ EXAMPLES = {
     "train": ["exphil train mamba --replays ~/Slippi --epochs 5 --out runs/mamba",
               "exphil train --preset quick --replays tests/replays --out runs/quick",
               "exphil train my.toml --replays ~/Slippi --character fox --frame-delay 2 --out runs/fox",
+              "exphil train mamba --data data/ranked --character fox --out runs/fox",
               "exphil train --resume --out runs/mamba --epochs 10",
-              "exphil train mamba --replays /shared/replays --ray auto --workers 8 --out /shared/runs/mamba"],
+              "exphil train mamba --data /shared/data/ranked --ray auto --workers 8 --out /shared/runs/mamba"],
     "distill": ["exphil distill --teacher runs/mamba --student mlp --replays ~/Slippi --out runs/mlp-student"],
     "eval": ["exphil eval runs/mamba --replays ~/Slippi/held-out", "exphil eval runs/mamba --replays game.slp --json"],
     "compile": ["exphil compile mamba --out build/mamba", "exphil compile my.toml --out build/my --window 30"],
-    "data": ["exphil data ~/Slippi", "exphil data ~/Slippi --json", "exphil data /shared/replays --ray auto"],
+    "ingest": ["exphil ingest ~/Slippi --out data/ranked", "exphil ingest /shared/replays --out /shared/data/ranked --ray auto"],
+    "data": ["exphil data data/ranked", "exphil data ~/Slippi --json"],
     "plot": ["exphil plot runs/mamba"],
     "specs": ["exphil specs", "exphil specs show mamba > my.toml"],
     "quantize": ["exphil quantize runs/mamba", "exphil quantize runs/mamba --static", "exphil quantize runs/mamba --fp16"],
@@ -4554,14 +4784,14 @@ def _run_training(args, preset: dict, **extra) -> RunResult:
         spec = spec_name and override_spec(_spec_arg(spec_name), **{k: settings.get(k) for k in
                                                                      ("window_size", "hidden", "num_layers", *SPEC_FLAGS)})
         return train(spec, settings.get("replays"), out=args.out, resume=True, quiet=args.quiet, **cluster,
-                     **{k: v for k, v in settings.items() if k in CONFIG_FIELDS})
+                     data=settings.get("data"), **{k: v for k, v in settings.items() if k in CONFIG_FIELDS})
     if not spec_name:
         raise UsageError("give a spec file (or --preset)")
-    if not settings.get("replays"):
-        raise UsageError("--replays is required")
+    if bool(settings.get("replays")) == bool(settings.get("data")):
+        raise UsageError("give --replays (a folder of replays) or --data (a dataset folder), one of them")
     spec = override_spec(_spec_arg(spec_name), **{k: settings.get(k) for k in
                                                   ("window_size", "hidden", "num_layers", *SPEC_FLAGS)})
-    return train(spec, settings["replays"], out=args.out, quiet=args.quiet, **cluster,
+    return train(spec, settings.get("replays"), out=args.out, quiet=args.quiet, data=settings.get("data"), **cluster,
                  **{k: v for k, v in settings.items() if k in CONFIG_FIELDS})
 
 
@@ -4726,7 +4956,9 @@ def _parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("eval", help="loss and accuracy of a trained run on replays")
     p.add_argument("run")
-    p.add_argument("--replays", required=True, help="a .slp file or a directory (searched recursively)")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--replays", help="a .slp file or a directory (searched recursively)")
+    source.add_argument("--data", help="a dataset folder (`exphil ingest`)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
 
     p = sub.add_parser("compile", help="write a spec's untrained window and step graphs")
@@ -4734,8 +4966,17 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="folder for window.onnx and step.onnx")
     p.add_argument("--window", type=int, help="frames in the window graph (default: the spec's)")
 
-    p = sub.add_parser("data", help="what a replay collection holds: games, frames, characters, stages, skipped")
+    p = sub.add_parser("ingest", help="parse new and changed replays into a dataset folder (for train --data)")
     p.add_argument("replays", help="a .slp file or a folder of them (searched recursively)")
+    p.add_argument("--out", required=True, help="the dataset folder (created, or added to)")
+    p.add_argument("--workers", type=int, help="processes that parse replays (default: one per core)")
+    p.add_argument("--ray", metavar="ADDRESS", help="parse on this Ray cluster instead (auto, local or an address; "
+                   "the replays and --out must be folders every node reaches)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar or log lines")
+
+    p = sub.add_parser("data", help="what a dataset or a replay collection holds: games, frames, characters, "
+                                    "stages, versions, skipped")
+    p.add_argument("replays", help="a dataset folder (`exphil ingest`), a .slp file or a folder of replays")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.add_argument("--ray", metavar="ADDRESS", help="parse new replays as tasks on this Ray cluster (auto, local or "
                    "an address; the cache folder must be one every node reaches)")
@@ -4808,7 +5049,7 @@ def _command(args) -> int:
             print("agreement with the teacher: " + ", ".join(f"{h} {v:.3f}" for h, v in rep["agreement"].items()))
             print("step latency p50: " + ", ".join(f"{k} {v['p50_ms']:.3f} ms" for k, v in rep["step_latency_ms"].items()))
     elif args.command == "eval":
-        res = evaluate(args.run, args.replays)
+        res = evaluate(args.run, args.replays, data=args.data)
         if args.json:
             print(json.dumps(res, indent=2))
         else:
@@ -4819,8 +5060,23 @@ def _command(args) -> int:
         model = Model(_spec_arg(args.spec))
         for path in model.save(args.out, args.window):
             print(path)
+    elif args.command == "ingest":
+        log = _log(args.quiet)
+        t0 = time.perf_counter()
+        col = ingest(args.replays, args.out, log, workers=args.workers, ray=args.ray)
+        by_hash = {r["hash"]: r for r in col.dataset.rows()}
+        skipped = [*col.unreadable, *({"path": str(p), "reason": r} for p, r in col.errors.items()),
+                   *({"path": str(p), "reason": by_hash[h]["skipped"]} for p, h in col.hashes.items()
+                     if by_hash.get(h, {}).get("skipped"))]
+        for s in skipped:
+            log(f"skipped {s['path']}: {s['reason']}")
+        print(f"{args.out}: {len(col.paths)} replays found, {len(set(col.hashes.values()))} distinct, "
+              f"{len(skipped)} skipped; the dataset holds {sum(not r['skipped'] for r in by_hash.values())} games "
+              f"({time.perf_counter() - t0:.1f} s)")
     elif args.command == "data":
-        res = describe(args.replays, log=_log(False), ray=args.ray)
+        dataset = (Path(args.replays) / "manifest.sqlite").is_file()
+        res = describe(None if dataset else args.replays, log=_log(False), data=args.replays if dataset else None,
+                       ray=args.ray)
         if args.json:
             print(json.dumps(res, indent=2))
         else:
@@ -4829,6 +5085,7 @@ def _command(args) -> int:
                   f"play), {sum(res['skipped'].values())} of {res['replays']} replays skipped")
             print(f"  characters (player views): {counts(res['characters'])}")
             print(f"  stages: {counts(res['stages'])}")
+            print(f"  Slippi versions: {counts(res['versions'])}")
             print(f"  skipped: {counts(res['skipped'])}")
     elif args.command == "plot":
         print(plot(args.run))

@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -167,11 +168,12 @@ def test_character_and_stage_filters():
 
 def test_filters_select_games_from_the_manifest_before_loading_them(monkeypatch):
     everything, _ = exphil.load_games(REPLAYS)  # the manifest now describes every game
-    loaded, real_load = [], exphil.load_replay
-    monkeypatch.setattr(exphil, "load_replay", lambda path, **kw: loaded.append(path) or real_load(path, **kw))
+    loaded, real_episodes = [], exphil.Dataset.episodes
+    monkeypatch.setattr(exphil.Dataset, "episodes",
+                        lambda self, row, source=None: loaded.append(source) or real_episodes(self, row, source))
     left_out = []
     games, _ = exphil.load_games(REPLAYS, keep=exphil._game_filter(opponent="marth"), left_out=left_out)
-    assert [p.name for p in loaded] == ["hohav-py-slippi__nintendont.slp"] and len(left_out) == 2
+    assert [Path(p).name for p in loaded] == ["hohav-py-slippi__nintendont.slp"] and len(left_out) == 2
     views = lambda gs: [(ep.source, ep.port, ep.frames) for g in exphil.filter_games(gs, opponent="marth") for ep in g]
     assert views(games) == views(everything) and len(views(games)) == 1
 

@@ -1,0 +1,127 @@
+"""Datasets on disk: incremental, deduplicated ingestion into memory-mapped shards, a manifest
+that filters and describes without reading them, and ingestion that can be killed at any moment."""
+
+import json
+import os
+import shutil
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+import bench
+import exphil
+from conftest import BROKEN, REPLAYS, ROOT
+
+NETPLAY, NINTENDONT = REPLAYS / "hohav-py-slippi__netplay_name.slp", REPLAYS / "hohav-py-slippi__nintendont.slp"
+
+
+def cli(*args, **kw):
+    return subprocess.run([sys.executable, "-m", "exphil", *map(str, args)], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300, **kw)
+
+
+def test_ingest_reads_only_new_files_and_parses_each_content_once(tmp_path, monkeypatch):
+    folder, data = tmp_path / "replays", tmp_path / "data"
+    shutil.copytree(REPLAYS, folder)
+    shutil.copy(NETPLAY, folder / "same-content.slp")
+    shutil.copy(BROKEN / "hohav-peppi__corrupt.slp", folder)
+    col = exphil.ingest(folder, data, workers=1)
+    rows = {r["path"].rsplit("/", 1)[1]: r for r in col.dataset.rows()}
+    assert len(col.paths) == 5 and len(set(col.hashes.values())) == 4 and len(rows) == 4  # the copy: parsed once
+    assert rows["hohav-peppi__corrupt.slp"]["skipped"].startswith("unreadable")
+    game = rows[NETPLAY.name]  # Falco vs Falco on Battlefield, 6,233 frames, Slippi 2.0.1, no player codes
+    assert (game["frames"], game["slippi"], game["date"]) == (6233, "2.0.1", "2019-12-04T04:34:40Z")
+    assert [exphil.enums.Character(game[f"character_{i}"]).name for i in (1, 2)] == ["FALCO", "FALCO"]
+    assert game["code_1"] is None and exphil.enums.Stage(game["stage"]).name == "BATTLEFIELD"
+
+    parsed, hashed, real_read, real_sha = [], [], exphil.read_replay, exphil.hashlib.sha256
+    monkeypatch.setattr(exphil, "read_replay", lambda path, **kw: parsed.append(path) or real_read(path, **kw))
+    monkeypatch.setattr(exphil.hashlib, "sha256", lambda data: hashed.append(len(data)) or real_sha(data))
+    exphil.ingest(folder, data, workers=1)
+    assert parsed == [] and hashed == []  # unchanged paths, sizes and times: nothing is read
+    assert bench.distinct_copy(NINTENDONT, folder / "new.slp", 1)
+    exphil.ingest(folder, data, workers=1)
+    assert [p.name for p in parsed] == ["new.slp"] and len(hashed) == 1
+
+
+def test_filters_and_descriptions_come_from_the_manifest(tmp_path, monkeypatch):
+    data = tmp_path / "data"
+    exphil.ingest(REPLAYS, data, workers=1)
+    monkeypatch.setattr(exphil, "_mapped", lambda path: pytest.fail(f"{path} opened"))
+    res = exphil.describe(data=data)
+    assert (res["games"], res["frames"], res["versions"]) == (3, 23292, {"3.15.0": 1, "2.0.1": 1, "1.7.1": 1})
+    left_out = []
+    games, _ = exphil.load_games(data=data, keep=exphil._game_filter(stage="final_destination"), left_out=left_out)
+    assert games == [] and len(left_out) == 3
+
+
+def test_episodes_are_views_of_the_shards(tmp_path):
+    """Training reads a dataset's windows from memory-mapped shards: the same numbers as parsing
+    the replay, in smaller integer types on disk (cast in batches)."""
+    data = tmp_path / "data"
+    exphil.ingest(NETPLAY, data, workers=1)
+    (game,), _ = exphil.load_games(data=data)
+    fresh = exphil._episodes_from_replay(NETPLAY)
+    for ep, ref in zip(game, fresh):
+        assert isinstance(ep.num.base, np.ndarray) or ep.num.base is not None  # a view, not a copy
+        assert ep.cat.dtype == np.uint16 and np.array_equal(ep.cat, ref.cat) and np.array_equal(ep.num, ref.num)
+        assert all(np.array_equal(ep.labels[h], ref.labels[h]) for h in exphil.HEADS)
+    a, b = exphil.make_batch(game, [(0, 100), (1, 6200)], 60), exphil.make_batch(fresh, [(0, 100), (1, 6200)], 60)
+    assert a.keys() == b.keys() and all(a[k].dtype == b[k].dtype and np.array_equal(a[k], b[k]) for k in a)
+
+
+def test_killed_ingestion_leaves_the_dataset_usable_and_the_next_one_continues(tmp_path):
+    data, more = tmp_path / "data", tmp_path / "more"
+    exphil.ingest(REPLAYS, data, workers=1)
+    before = [[ep.num.sum() for ep in g] for g in exphil.load_games(data=data)[0]]
+    more.mkdir()
+    for k in range(24):
+        assert bench.distinct_copy((NETPLAY, NINTENDONT)[k % 2], more / f"{k:02d}.slp", k)
+    proc = subprocess.Popen([sys.executable, "-m", "exphil", "ingest", more, "--out", data, "--workers", "1", "--quiet"],
+                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    db, deadline, games = sqlite3.connect(data / "manifest.sqlite", timeout=60), time.time() + 120, 3
+    while games == 3 and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.01)
+        games = db.execute("SELECT count(*) FROM games").fetchone()[0]
+    proc.send_signal(signal.SIGKILL)  # right after a shard was committed: the next one is being parsed
+    proc.wait()
+    assert 3 < games < 27, "the kill came too late"
+
+    games_now, skipped = exphil.load_games(data=data)  # what was committed is whole and usable
+    assert len(games_now) >= games and not skipped
+    assert [[ep.num.sum() for ep in g] for g in games_now if "/more/" not in g[0].source] == before
+    assert all(np.isfinite(ep.num).all() and ep.frames > 0 for g in games_now for ep in g)
+    lines = []
+    exphil.ingest(more, data, log=lines.append, workers=1)
+    done = len(games_now) - 3
+    assert any(l.startswith(f"parsed {24 - done} new replays") for l in lines), lines  # only those not in yet
+    dataset = exphil.Dataset(data)
+    assert len(dataset.rows()) == 27
+    assert {d.name for d in (data / "shards").iterdir()} == {r["shard"] for r in dataset.rows()}  # no leftovers
+
+
+def test_train_and_describe_a_dataset_from_the_command_line(tmp_path):
+    data = tmp_path / "data"
+    res = cli("ingest", REPLAYS, "--out", data)
+    assert res.returncode == 0 and res.stdout.startswith(f"{data}: 3 replays found, 3 distinct, 0 skipped"), res.stderr
+    res = cli("data", data, "--json")
+    assert res.returncode == 0 and json.loads(res.stdout)["characters"] == {"falco": 4, "sheik": 1, "marth": 1}
+    res = cli("train", "mlp", "--data", data, "--character", "falco", "--max-steps", "2", "--batch-size", "8",
+              "--out", tmp_path / "run", "--quiet")
+    assert res.returncode == 0, res.stderr
+    info = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert info["replays"]["data"] == str(data) and info["replays"]["source"] == []
+    assert sorted(info["replays"]["train"] + info["replays"]["val"]) == sorted(
+        os.path.abspath(REPLAYS / n) for n in ("hohav-peppi__duplicate_game_end.slp", NETPLAY.name))
+    res = cli("eval", tmp_path / "run", "--data", data, "--json")
+    assert res.returncode == 0 and json.loads(res.stdout)["game_frames"] == 2 * 23292, res.stderr
+    res = cli("train", "mlp", "--data", data, "--replays", REPLAYS, "--out", tmp_path / "other")
+    assert res.returncode == 2 and "one of them" in res.stderr
+    res = cli("train", "mlp", "--data", REPLAYS, "--out", tmp_path / "other")
+    assert res.returncode == 1 and res.stderr.strip() == (f"exphil: error: {REPLAYS}: not a dataset (no manifest.sqlite); "
+                                                          f"build one with `exphil ingest REPLAYS --out {REPLAYS}`")
