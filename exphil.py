@@ -40,6 +40,7 @@ import sys
 import tempfile
 import threading
 import time
+import weakref
 from pathlib import Path
 from typing import Annotated, Any, Callable, Literal, NamedTuple, Sequence, Union
 
@@ -302,6 +303,10 @@ def parse_spec(text: str | bytes, source: str = "<spec>") -> Spec:
         if spec.returns.input and spec.returns.value:
             raise SpecError(f"{source}: field `returns.value`: a value head beside `returns.input` would read its "
                             "target, the return-to-go, from its input; choose one")
+        if spec.returns.input and spec.returns.discount != 1:
+            raise SpecError(f"{source}: field `returns.discount`: a return-conditioned spec (`returns.input`) needs "
+                            "discount = 1.0 (play lowers its target by each reward; a discount would divide what is "
+                            "left by it every frame)")
         return spec
     except msgspec.ValidationError as e:
         msg = str(e)
@@ -1574,13 +1579,20 @@ def read_replay(path, finalized=False) -> Game:
 
 
 def _replay_info(game) -> dict:
-    """The Slippi version, the recorded start date and the players' codes (netplay games only)."""
-    meta = game.metadata if isinstance(game.metadata, dict) else {}
-    named = {int(k) + 1: (v.get("names") or {}).get("code") for k, v in (meta.get("players") or {}).items()
-             if isinstance(v, dict) and str(k).isdigit()}
-    codes = {p.port.value + 1: (p.netplay.code if p.netplay else named.get(p.port.value + 1)) for p in game.start.players}
-    return {"slippi": ".".join(map(str, game.start.slippi.version)), "date": meta.get("startAt"),
-            "codes": {port: c.replace("\uff03", "#") for port, c in codes.items() if c}}
+    """The Slippi version, the recorded start date and the players' codes (netplay games only);
+    metadata not in the expected shape is left out (it is informative only)."""
+    info = {"slippi": ".".join(map(str, game.start.slippi.version))}
+    try:
+        meta = game.metadata if isinstance(game.metadata, dict) else {}
+        named = {int(k) + 1: (v.get("names") or {}).get("code") for k, v in (meta.get("players") or {}).items()
+                 if isinstance(v, dict) and str(k).isdigit()}
+        codes = {p.port.value + 1: (p.netplay.code if p.netplay else named.get(p.port.value + 1))
+                 for p in game.start.players}
+        date = meta.get("startAt")
+        return {**info, "date": str(date) if date is not None else None,
+                "codes": {port: str(c).replace("\uff03", "#") for port, c in codes.items() if c}}
+    except (AttributeError, TypeError, ValueError):
+        return info
 
 
 def _trunc_int(a):
@@ -1869,8 +1881,9 @@ def _room_for_maps() -> None:
     except ImportError:  # (Windows: no such limit)
         return
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft != resource.RLIM_INFINITY and len(_MAPS) + 256 > soft and soft < hard:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    if soft != resource.RLIM_INFINITY and len(_MAPS) + 256 > soft and (soft < hard or hard == resource.RLIM_INFINITY):
+        with contextlib.suppress(ValueError, OSError):  # (macOS refuses an unlimited soft limit)
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard if hard != resource.RLIM_INFINITY else 10240, hard))
 
 
 def release_pages(frames: int = 0, every: int = 1 << 12) -> None:
@@ -2008,7 +2021,7 @@ class Dataset:
                 if any(len(a) < end or a.shape[1:] != (widths[c],) or a.dtype != SHARD_COLUMNS[c]
                        for c, a in cols.items()):
                     raise ValueError("columns of other shapes than the manifest's")
-            except (OSError, ValueError) as e:
+            except (FileNotFoundError, ValueError) as e:  # (other errors, e.g. too many open files, are raised)
                 bad.append(f"{shard}: {e}")
                 with self.db:
                     self.db.execute("BEGIN")
@@ -2054,8 +2067,10 @@ def _mapper(workers: int, ray: str | None = None):
     the cluster's cores."""
     if ray:
         cluster = connect_ray(ray)
-        yield lambda function, items, chunksize=1: map(cluster.get, [cluster.remote(num_cpus=1)(function).remote(x)
-                                                                    for x in items])
+        def on_ray(function, items, chunksize: int = 1):
+            task = cluster.remote(num_cpus=1)(function)
+            return map(cluster.get, [task.remote(x) for x in items])
+        yield on_ray
         return
     pool = None
 
@@ -2183,7 +2198,7 @@ def _selected(replays=None, data=None, cache: Path | None = None, log=None, max_
     counts once) or of a whole dataset folder (`data`)."""
     if data is not None:
         dataset = Dataset(data)
-        rows = dataset.rows("ORDER BY path")[:max_files or None]
+        rows = dataset.rows("ORDER BY path, hash")[:max_files or None]
         return dataset, [(r["path"], r) for r in rows], []
     col = ingest(replays, _cache_dataset(cache), log, max_files, workers, ray)
     by_hash = {r["hash"]: r for r in col.dataset.rows()}
@@ -2836,6 +2851,8 @@ class RayTrainer:
         del local
         actor, shipped = self.ray.remote(num_cpus=cpus, max_restarts=0)(_TrainWorker), self.ray.put(files)
         self.workers = [actor.remote(model, shipped, cpus, workers) for _ in range(workers)]
+        # the actors are stopped with the trainer, also when an error ends training before close()
+        self._stop = weakref.finalize(self, lambda ray, actors: [ray.kill(w) for w in actors], self.ray, self.workers)
         self.hosts = self._gather([w.where.remote() for w in self.workers])
         self.timings: list[dict] = []  # per step: seconds in compute, in the optimizer step, in all
         if log:
@@ -2909,8 +2926,7 @@ class RayTrainer:
     def close(self) -> None:
         """Stop the workers (their folders removed where they still answer)."""
         self.ray.wait([w.close.remote() for w in self.workers], num_returns=len(self.workers), timeout=10)
-        for w in self.workers:
-            self.ray.kill(w)
+        self._stop()
 
 
 # decision thresholds of a button's probability among which a run picks its own (on training frames)
@@ -3453,7 +3469,9 @@ def _train(spec, replays, data, out: Path, resume: bool, quiet: bool, cache, con
     baselines = {"frequency": freqs, "markov": _markov(transitions)}
     returns = spec.returns_used
     if returns:
-        baselines["mean_return"] = float(np.mean(np.concatenate([e.rtg(returns)[:e.frames - 1 - d_lo] for e in train_eps])))
+        sums = np.array([(float(e.rtg(returns)[:e.frames - 1 - d_lo].sum(dtype=np.float64)), max(e.frames - 1 - d_lo, 0))
+                         for e in train_eps])
+        baselines["mean_return"] = float(sums[:, 0].sum() / max(sums[:, 1].sum(), 1))
     baseline = frequency_loss(freqs, val_eps, d_lo) if val_eps else None
     info = {
         "exphil": __version__, "spec": spec.name, "feature_version": FEATURE_VERSION,

@@ -44,11 +44,16 @@ def test_returns_to_go_follow_their_definition_on_a_real_game(returns):
         assert abs(episodes[0].rtg(returns)[0] + episodes[1].rtg(returns)[0]) < 1e-4
 
 
-def test_a_value_head_beside_the_return_input_is_a_spec_error(tmp_path):
+@pytest.mark.parametrize("old, new, field", [
+    ("input = true ", "input = true\nvalue = true", "returns.value"),  # the value would read its target
+    ("discount = 1.0 ", "discount = 0.99", "returns.discount"),  # play divides the rest by it every frame
+])
+def test_return_settings_that_cannot_work_are_spec_errors(tmp_path, old, new, field):
     path = tmp_path / "dt.toml"
-    path.write_text((ROOT / "specs" / "decision_transformer.toml").read_text().replace(
-        "input = true ", "input = true\nvalue = true"))
-    with pytest.raises(exphil.SpecError, match=rf"{path}: field `returns.value`"):
+    text = (ROOT / "specs" / "decision_transformer.toml").read_text()
+    assert old in text
+    path.write_text(text.replace(old, new))
+    with pytest.raises(exphil.SpecError, match=rf"{path}: field `{field}`"):
         exphil.load_spec(path)
 
 
