@@ -541,7 +541,7 @@ def conditioning(run: str, replays=None, shifts=(-3.0, 3.0)) -> dict:
     model, info = exphil.load_run(run)
     if not model.spec.returns.input:
         raise exphil.UsageError(f"{run}: spec {model.spec.name!r} is not return-conditioned (no `returns.input`)")
-    games, _ = exphil.load_games(replays or info["replays"]["val"])
+    games = exphil.load_games(replays)[0] if replays else exphil.recorded_games(info, "val")
     episodes, runner = [e for g in games for e in g], exphil._window_runner(model, exphil.add_loss)
     median = info["returns"]["start"]["p50"]
     inputs = {"recorded": lambda r: r, **{f"recorded {d:+g}": (lambda r, d=d: r + d) for d in shifts},

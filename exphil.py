@@ -3697,6 +3697,18 @@ def chunks(items: list, size: int) -> list[list]:
     return [items[k:k + size] for k in range(0, len(items), size)]
 
 
+def recorded_games(info: dict, which: str, log=None) -> list[list[Episode]]:
+    """A run's training or validation games (`which`: "train" or "val") as its run.json lists
+    them: from its dataset when it trained on one (`--data`), else from the replay files."""
+    listed, data = info.get("replays", {}).get(which), info.get("replays", {}).get("data")
+    if not listed:
+        return []
+    wanted = set(listed)
+    games, _ = (load_games(data=data, log=log, keep=lambda row: row["path"] in wanted) if data
+                else load_games(listed, log=log))
+    return games
+
+
 def load_run(run: str | os.PathLike) -> tuple[Model, dict]:
     """The model of a run folder with its exported weights, and its run.json."""
     run = Path(run)
@@ -4249,10 +4261,9 @@ def quantize_run(run: str | os.PathLike, mode: str = "dynamic", calibration_repl
     returns = returns if returns and returns.input else None  # what the step graph reads
 
     def episodes(given, listed: str):
-        sources = given if given is not None else info.get("replays", {}).get(listed)
-        if not sources:
+        games = load_games(given, log=log)[0] if given is not None else recorded_games(info, listed, log)
+        if given is None and not info.get("replays", {}).get(listed):
             raise ExphilError(f"{run}: run.json lists no {listed} replays; pass some replays")
-        games, _ = load_games(sources, log=log)
         if not games:
             raise ExphilError(f"{run}: none of the {listed} replays could be read")
         return [ep for g in games for ep in g]

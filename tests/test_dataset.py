@@ -125,3 +125,17 @@ def test_train_and_describe_a_dataset_from_the_command_line(tmp_path):
     res = cli("train", "mlp", "--data", REPLAYS, "--out", tmp_path / "other")
     assert res.returncode == 1 and res.stderr.strip() == (f"exphil: error: {REPLAYS}: not a dataset (no manifest.sqlite); "
                                                           f"build one with `exphil ingest REPLAYS --out {REPLAYS}`")
+
+
+def test_a_run_on_a_dataset_reads_its_games_from_the_dataset_once_the_replays_are_gone(tmp_path):
+    """quantize (and bench --conditioning) take a --data run's recorded games from its dataset."""
+    folder = tmp_path / "replays"
+    shutil.copytree(REPLAYS, folder)
+    exphil.ingest(folder, tmp_path / "data", workers=1)
+    run = exphil.train(ROOT / "specs" / "mlp.toml", data=tmp_path / "data", out=tmp_path / "run", max_steps=2,
+                       batch_size=8, quiet=True)
+    shutil.rmtree(folder)
+    val = exphil.recorded_games(run.info, "val")
+    assert [g[0].source for g in val] == run.info["replays"]["val"]
+    report = exphil.quantize_run(run.path, "dynamic", min_agreement=0.0, max_frames=300, quiet=True)
+    assert report["frames"] > 0
