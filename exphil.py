@@ -2029,8 +2029,16 @@ class Dataset:
         return bad
 
     def episodes(self, row: dict, source: str | None = None) -> list[Episode]:
-        """The two player views of a game, as views of its memory-mapped shard."""
-        cols, T = self.columns(row["shard"]), row["frames"]
+        """The two player views of a game, as views of its memory-mapped shard (a missing or
+        damaged shard is an ExphilError: ingesting the replays again parses its games again)."""
+        T = row["frames"]
+        try:
+            cols = self.columns(row["shard"])
+            if any(len(a) < row["start"] + 2 * T for a in cols.values()):
+                raise ValueError("fewer rows than the manifest's")
+        except (FileNotFoundError, ValueError) as e:
+            raise ExphilError(f"{self.folder}: shard {row['shard']} is damaged ({e}); `exphil ingest` the replays "
+                              "into this dataset again to parse its games again") from None
         out = []
         for i in (1, 2):
             rows = slice(row["start"] + (i - 1) * T, row["start"] + i * T)
@@ -3579,35 +3587,35 @@ def _train(spec, replays, data, out: Path, resume: bool, quiet: bool, cache, con
                 previous = dict(z)
         prepare = lambda k: batch_for(batches[k], np.random.default_rng([config.seed, epoch, k]),
                                       teacher and {**teacher, "logits": teacher["train"]}, flipped)
-        ahead = _Ahead(prepare, range(start, len(batches)))  # the next batch is made during this step
-        for k in range(start, len(batches)):
-            batch = ahead.next()
-            if stateful:
-                batch = carry_state(batch, previous, batches[k], model)
-            previous = trainer.step(batch, config.learning_rate(step, total_steps))
-            if not math.isfinite(float(previous["loss"])):
-                _diverged(out, info, f"the loss is {float(previous['loss'])} at step {step + 1}", config)
-            metrics.add(previous, batch)
-            step, n = step + 1, int((batch["mask"] > 0).sum())
-            frames += n
-            bar.update(n)
-            over = (config.max_steps and step >= config.max_steps) or \
-                (config.budget_seconds and time.perf_counter() - t_start >= config.budget_seconds)
-            if over:
-                stopped = "step or time budget reached"
-            if config.save_every and step % config.save_every == 0 and k + 1 < len(batches) and not over:
-                if stateful:  # written before the checkpoint that points at it; older ones after
-                    np.savez(carry(step).with_suffix(".tmp.npz"),
-                             **{n: v for n, v in previous.items() if n.startswith("state_out.")})
-                    os.replace(carry(step).with_suffix(".tmp.npz"), carry(step))
-                checkpoint({"step": step, "epoch": epoch, "batch": k + 1, "sums": metrics.sums, "fingerprint": info["fingerprint"],
-                                         "best": best, "stale": stale})
-                carries = [f for f in (out / "train").glob("carry-*.npz") if f.stem[6:].isdigit()]
-                for old in sorted(carries, key=lambda f: int(f.stem[6:]))[:-2]:
-                    old.unlink()  # the carries of the last two checkpoints stay
-            if over:
-                break
-        ahead.close()
+        # the next batch is made during this step, on a thread closed with the epoch (or an error)
+        with contextlib.closing(_Ahead(prepare, range(start, len(batches)))) as ahead:
+            for k in range(start, len(batches)):
+                batch = ahead.next()
+                if stateful:
+                    batch = carry_state(batch, previous, batches[k], model)
+                previous = trainer.step(batch, config.learning_rate(step, total_steps))
+                if not math.isfinite(float(previous["loss"])):
+                    _diverged(out, info, f"the loss is {float(previous['loss'])} at step {step + 1}", config)
+                metrics.add(previous, batch)
+                step, n = step + 1, int((batch["mask"] > 0).sum())
+                frames += n
+                bar.update(n)
+                over = (config.max_steps and step >= config.max_steps) or \
+                    (config.budget_seconds and time.perf_counter() - t_start >= config.budget_seconds)
+                if over:
+                    stopped = "step or time budget reached"
+                if config.save_every and step % config.save_every == 0 and k + 1 < len(batches) and not over:
+                    if stateful:  # written before the checkpoint that points at it; older ones after
+                        np.savez(carry(step).with_suffix(".tmp.npz"),
+                                 **{n: v for n, v in previous.items() if n.startswith("state_out.")})
+                        os.replace(carry(step).with_suffix(".tmp.npz"), carry(step))
+                    checkpoint({"step": step, "epoch": epoch, "batch": k + 1, "sums": metrics.sums, "fingerprint": info["fingerprint"],
+                                             "best": best, "stale": stale})
+                    carries = [f for f in (out / "train").glob("carry-*.npz") if f.stem[6:].isdigit()]
+                    for old in sorted(carries, key=lambda f: int(f.stem[6:]))[:-2]:
+                        old.unlink()  # the carries of the last two checkpoints stay
+                if over:
+                    break
         bar.close()
         seconds = time.perf_counter() - t0
         row = {"epoch": epoch, "step": step, **metrics.result("train"), "seconds": round(seconds, 3),

@@ -139,3 +139,12 @@ def test_a_run_on_a_dataset_reads_its_games_from_the_dataset_once_the_replays_ar
     assert [g[0].source for g in val] == run.info["replays"]["val"]
     report = exphil.quantize_run(run.path, "dynamic", min_agreement=0.0, max_frames=300, quiet=True)
     assert report["frames"] > 0
+
+
+def test_a_damaged_shard_is_one_clear_error_when_training_on_the_dataset(tmp_path):
+    exphil.ingest(REPLAYS, tmp_path / "data", workers=1)
+    shard = next((tmp_path / "data" / "shards").iterdir())
+    num = shard / "num.npy"
+    num.write_bytes(num.read_bytes()[:-4096])  # cut short, as a full disk or a killed copy leaves it
+    with pytest.raises(exphil.ExphilError, match=rf"{tmp_path / 'data'}: shard {shard.name} is damaged .* `exphil ingest`"):
+        exphil.load_games(data=tmp_path / "data")
