@@ -1659,16 +1659,19 @@ def game_labels(game: Game, port: int):
                 shoulder=_shoulder_class(p["trigger"]))
 
 
+_REWARD_COLUMNS = [NUM_FIELDS.index(n) for n in ("self_percent", "opp_percent", "self_stock", "opp_stock")]
+
+
 def frame_rewards(num: np.ndarray, returns: Returns) -> np.ndarray:
     """[T] float64: the reward of each frame of one player view's features `num` [T, F]: what
     follows from frame t to t + 1 (see `Returns`); the last frame's is 0. Percent only rises
     with damage (it drops back to 0 with a lost stock, which is not counted as healing)."""
-    col = {n: NUM_FIELDS.index(n) for n in ("self_percent", "opp_percent", "self_stock", "opp_stock")}
-    raw = lambda n: num[:, col[n]].astype(np.float64) / _SCALE[col[n]]
-    rise = lambda n: np.maximum(np.diff(raw(n)), 0)
-    lost = lambda n: np.maximum(-np.diff(np.rint(raw(n))), 0)
-    r = returns.damage * (rise("opp_percent") - rise("self_percent")) + returns.stock * (lost("opp_stock") - lost("self_stock"))
+    raw = num[:, _REWARD_COLUMNS].astype(np.float64) / _SCALE[_REWARD_COLUMNS]  # percents, stocks
+    step = np.diff(raw, axis=0)
+    rise, lost = np.maximum(step[:, :2], 0), np.maximum(-np.rint(step[:, 2:]), 0)  # (stocks are whole numbers)
+    r = returns.damage * (rise[:, 1] - rise[:, 0]) + returns.stock * (lost[:, 1] - lost[:, 0])
     return np.append(r, 0.0)
+
 
 
 def returns_to_go(num: np.ndarray, returns: Returns) -> np.ndarray:
