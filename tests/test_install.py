@@ -2,6 +2,7 @@
 play, eval and compile never need onnxruntime-training, and training without it says what to
 install; the replay cache follows each platform's conventions."""
 
+import site
 import subprocess
 import sys
 from pathlib import Path
@@ -18,12 +19,23 @@ def run(*args, **kw):
     return res.stdout
 
 
+def outer_packages() -> list[str]:
+    """The folders this interpreter imports installed packages from: a virtual environment's own
+    site-packages, the system's, or the user's (whichever the tests run in)."""
+    folders = [*site.getsitepackages(), *([site.getusersitepackages()] if site.ENABLE_USER_SITE else [])]
+    return [f for f in folders if Path(f).is_dir()]
+
+
 def test_a_normal_install_resolves_built_in_specs_from_any_directory(tmp_path):
-    """`pip install .` into a fresh virtual environment (reusing this one's dependencies), then
-    the built-in names from another directory: nothing is read from the source tree."""
+    """`pip install .` into a fresh virtual environment that sees the dependencies installed where
+    the tests run (appended after its own site-packages, their .pth files not read, so the outer
+    editable install stays invisible), then the built-in names from another directory: nothing is
+    read from the source tree."""
     venv, elsewhere = tmp_path / "venv", tmp_path / "elsewhere"
-    run(sys.executable, "-m", "venv", "--system-site-packages", venv)
+    run(sys.executable, "-m", "venv", venv)
     py = venv / "bin" / "python"
+    own = run(py, "-c", "import sysconfig; print(sysconfig.get_path('purelib'))").strip()
+    (Path(own) / "outer-packages.pth").write_text("".join(f + "\n" for f in outer_packages()))
     if subprocess.run([py, "-c", "import setuptools, sys; sys.exit(int(setuptools.__version__.split('.')[0]) < 77)"]
                       ).returncode:
         run(py, "-m", "pip", "install", "-q", "setuptools>=77")  # the build backend pyproject.toml needs
