@@ -17,6 +17,8 @@
                                          # train every spec on the same games for the same number
                                          # of steps (or --budget-seconds), then rank them by their
                                          # margin under the Markov baseline (the architecture table)
+    python bench.py --train --data DATASET --max-steps 600 --split-by player
+                                         # the same on a dataset, validated on players never trained on
     python bench.py --train --replays DIR --max-steps 600 --ray auto
                                          # the same, the specs trained as parallel Ray tasks
     python bench.py --data-parallel      # data-parallel training on 2 Ray workers: per step, compute
@@ -387,15 +389,16 @@ def print_throughput_row(name: str, row: dict, header: bool, compared: bool = Fa
     print("  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(line, widths))), flush=True)
 
 
-def architecture_table(paths: list[str], replays: str, budget_seconds: float, seed: int, batch_size: int,
-                       max_steps: int = 0, frame_delay: int = 0, ray: str | None = None) -> list[dict]:
+def architecture_table(paths: list[str], replays: str | None, budget_seconds: float, seed: int, batch_size: int,
+                       max_steps: int = 0, frame_delay: int = 0, ray: str | None = None, data: str | None = None,
+                       split_by: str = "game") -> list[dict]:
     """Train every spec on the same games with the same seed and the same number of optimizer
     steps (or time budget); rank by the margin of the exported model's validation loss under
     the Markov baseline. Copy and Markov are scored on the same validation frames.
     ray: a Ray cluster's address; the specs then train as parallel Ray tasks (one CPU each),
     which gives the same numbers but the timings."""
     settings = dict(replays=replays, budget_seconds=budget_seconds, seed=seed, batch_size=batch_size,
-                    max_steps=max_steps, frame_delay=frame_delay)
+                    max_steps=max_steps, frame_delay=frame_delay, data=data, split_by=split_by)
     for path in paths:
         print(f"training {Path(path).stem} ({max_steps or 'unlimited'} steps, {budget_seconds or 'no'} s budget)"
               + (" on Ray" if ray else "") + " ...", file=sys.stderr, flush=True)
@@ -409,14 +412,14 @@ def architecture_table(paths: list[str], replays: str, budget_seconds: float, se
     return rows
 
 
-def architecture_row(path: str, replays: str, budget_seconds: float, seed: int, batch_size: int, max_steps: int,
-                     frame_delay: int) -> dict:
+def architecture_row(path: str, replays: str | None, budget_seconds: float, seed: int, batch_size: int, max_steps: int,
+                     frame_delay: int, data: str | None = None, split_by: str = "game") -> dict:
     """One spec of the architecture table, trained in a temporary run folder."""
     spec = exphil.load_spec(path)
     with tempfile.TemporaryDirectory() as tmp:
         run = exphil.train(spec, replays, out=Path(tmp) / spec.name, epochs=10_000, seed=seed,
                            batch_size=batch_size, budget_seconds=budget_seconds, max_steps=max_steps,
-                           frame_delay=frame_delay, quiet=True)
+                           frame_delay=frame_delay, data=data, split_by=split_by, quiet=True)
         history = [json.loads(l) for l in (run.path / "metrics.jsonl").read_text().splitlines()]
         best = run.info["exported_metrics"]
         frames_done = sum(r["frames_per_s"] * r["seconds"] for r in history)
@@ -759,8 +762,11 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=5, help="--throughput: timed steps per spec, at least")
     parser.add_argument("--seconds", type=float, default=4.0,
                         help="--throughput: timing per spec and framework, at least (more steps when fast)")
-    parser.add_argument("--train", action="store_true", help="the architecture table (needs --replays)")
+    parser.add_argument("--train", action="store_true", help="the architecture table (needs --replays or --data)")
     parser.add_argument("--replays", help="replays for --train")
+    parser.add_argument("--data", help="--train: a dataset folder (`exphil ingest`) instead of --replays")
+    parser.add_argument("--split-by", choices=exphil.SPLITS, default="game",
+                        help="--train: what validation holds out (see exphil train --split-by)")
     parser.add_argument("--max-steps", type=int, default=0,
                         help="optimizer steps per spec for --train (comparable across machines)")
     parser.add_argument("--budget-seconds", type=float, default=0,
@@ -809,13 +815,13 @@ def main(argv=None) -> int:
         print_scale(rows)
         result["scale"] = rows
     elif args.train:
-        if not args.replays:
-            parser.error("--train needs --replays")
+        if bool(args.replays) == bool(args.data):
+            parser.error("--train needs --replays or --data (one of them)")
         if not (args.max_steps or args.budget_seconds):
             parser.error("--train needs --max-steps or --budget-seconds")
         rows = architecture_table(specs, args.replays, args.budget_seconds, args.seed, args.batch_size,
-                                  args.max_steps, args.frame_delay, args.ray)
-        print(f"\nsame games, seed {args.seed}, batch {args.batch_size}, "
+                                  args.max_steps, args.frame_delay, args.ray, args.data, args.split_by)
+        print(f"\nsame games (validation split by {args.split_by}), seed {args.seed}, batch {args.batch_size}, "
               + (f"{args.max_steps} optimizer steps" if args.max_steps else f"{args.budget_seconds:.0f} s")
               + f" each, frame delay {args.frame_delay}; ranked by the margin of the validation loss under the "
               f"Markov baseline (frequency baseline {rows[0]['baseline_loss']:.3f})\n")

@@ -1769,6 +1769,7 @@ class Episode:
     num: np.ndarray  # [T, F] float32 numeric features
     labels: dict[str, np.ndarray]  # controller per frame: buttons [T, 8] uint8, sticks/shoulder [T] (int64
     # parsed, uint8 from a dataset)
+    code: str | None = None  # the player's connect code, where the replay has one
     _rtg: dict = dataclasses.field(default_factory=dict, repr=False, compare=False)
 
     @property
@@ -1784,7 +1785,8 @@ class Episode:
     def in_memory(self) -> Episode:
         """A copy in memory with the types parsing gives (int64 ids and classes, uint8 buttons)."""
         return Episode(self.source, self.port, self.cat.astype(np.int64), np.array(self.num),
-                       {h: v.astype(np.uint8 if h == "buttons" else np.int64) for h, v in self.labels.items()})
+                       {h: v.astype(np.uint8 if h == "buttons" else np.int64) for h, v in self.labels.items()},
+                       self.code)
 
 
 def find_replays(root: str | os.PathLike, unreadable: list | None = None) -> list[Path]:
@@ -2047,7 +2049,7 @@ class Dataset:
             rows = slice(row["start"] + (i - 1) * T, row["start"] + i * T)
             labels = cols["labels"][rows]
             out.append(Episode(source or row["path"], row[f"port_{i}"], cols["cat"][rows], cols["num"][rows],
-                               {h: labels[:, c] for h, c in LABEL_COLUMNS.items()}))
+                               {h: labels[:, c] for h, c in LABEL_COLUMNS.items()}, row[f"code_{i}"]))
         return out
 
     def remove_unreferenced(self) -> None:
@@ -2321,11 +2323,49 @@ def _game_filter(character=None, opponent=None, stage=None, min_frames: int = 0)
                            for i in (1, 2))
 
 
-def split_games(games: list, val_split: float, seed: int) -> tuple[list, list]:
-    """Train/validation split by game (never by frame), reproducible for a seed."""
-    order = np.random.default_rng(seed).permutation(len(games))
+SPLITS = ("game", "player", "source")
+
+
+def split_groups(games: list[list[Episode]], by: str = "game") -> list[list[int]]:
+    """Indices of the games that must stay on one side of a split together, in the games' order:
+    each game alone (`by` "game"); the games of one folder ("source"); or ("player") the
+    connected components of games that share a player, a player being a connect code and, in a
+    game without any code, the players of its folder (known only by where the replay is)."""
+    if by == "game":
+        return [[i] for i in range(len(games))]
+    folder = lambda game: ("folder", str(Path(game[0].source).parent))
+    keys = [[("code", e.code) for e in g if e.code and by == "player"] or [folder(g)] for g in games]
+    root: dict = {}
+
+    def find(k):  # the key that stands for k's group (union-find)
+        while root.setdefault(k, k) != k:
+            root[k] = root[root[k]]  # (halves the path for the next look-up)
+            k = root[k]
+        return k
+    for ks in keys:
+        for k in ks[1:]:
+            root[find(k)] = find(ks[0])
+    groups: dict = {}
+    for i, ks in enumerate(keys):
+        groups.setdefault(find(ks[0]), []).append(i)
+    return list(groups.values())
+
+
+def split_games(games: list, val_split: float, seed: int, by: str = "game") -> tuple[list, list]:
+    """Train/validation split, never of a game's frames, a function of the seed and the games:
+    the groups of `split_groups` in a seeded order fill the validation side up to `val_split`
+    of the games, a group that would overshoot it skipped (so one large group stays in training).
+    A split that leaves validation empty is refused (UsageError)."""
+    groups = split_groups(games, by)
     n_val = min(len(games) - 1, max(1, round(len(games) * val_split))) if val_split > 0 and len(games) > 1 else 0
-    val = {int(i) for i in order[:n_val]}
+    val: set[int] = set()
+    for j in np.random.default_rng(seed).permutation(len(groups)):
+        if len(val) + len(groups[j]) <= n_val:
+            val.update(groups[j])
+    if val_split > 0 and not val:
+        raise UsageError(f"--split-by {by} leaves no validation game: each of the {len(groups)} groups of games "
+                         f"that share a {by} holds more than the {n_val} games --val-split {val_split} asks for "
+                         f"(the smallest holds {min(map(len, groups))}); raise --val-split or split by game")
     return [g for i, g in enumerate(games) if i not in val], [g for i, g in enumerate(games) if i in val]
 
 
@@ -3211,6 +3251,7 @@ class TrainConfig:
     val_split: float = 0.2
     seed: int = 0
     split_seed: int | None = None  # the seed of the train/validation split (None: `seed`)
+    split_by: str = "game"  # what validation holds out: games, players or sources (see `split_games`)
     frame_delay: int = 0  # frame t predicts the controller at frame t + 1 + frame_delay
     online_robust: bool = False  # a random delay in [delay_min, delay_max] per window instead
     delay_min: int = 0
@@ -3244,6 +3285,7 @@ class TrainConfig:
                   (self.lr_schedule in ("constant", "cosine"),
                                                     "lr-schedule must be constant or cosine"),
                   (0 <= self.val_split < 1, "val-split must be in [0, 1)"),
+                  (self.split_by in SPLITS, f"split-by must be one of {', '.join(SPLITS)}"),
                   (0 <= self.label_smoothing < 1, "label-smoothing must be in [0, 1)"),
                   (0 <= self.mirror_prob <= 1, "mirror-prob must be in [0, 1]"),
                   (0 <= self.controller_dropout <= 1, "controller-dropout must be in [0, 1]"),
@@ -3429,7 +3471,8 @@ def _resume_settings(out: Path, spec, replays, data, given: dict) -> tuple[dict,
 
 
 def _games(replays, data, cache, log, config: TrainConfig, ray: str | None = None) -> tuple[list, list, list]:
-    """The run's training and validation games (filtered, split by game) and the skipped replays."""
+    """The run's training and validation games (filtered, split as `config.split_by` says) and the
+    skipped replays."""
     chosen = (config.character, config.opponent_character, config.stage, config.min_frames)
     left_out = []
     games, skipped = load_games(replays, cache, log, max_files=config.max_files, keep=_game_filter(*chosen),
@@ -3444,7 +3487,10 @@ def _games(replays, data, cache, log, config: TrainConfig, ray: str | None = Non
     if len(games) < 2 and config.val_split > 0:
         raise ExphilError(f"{replays}: need at least 2 usable games to hold one out for validation")
     split_seed = config.seed if config.split_seed is None else config.split_seed
-    return (*split_games(games, config.val_split, split_seed), skipped)
+    try:
+        return (*split_games(games, config.val_split, split_seed, config.split_by), skipped)
+    except UsageError as e:
+        raise UsageError(f"{replays}: {e}") from None
 
 
 def _train(spec, replays, data, out: Path, resume: bool, quiet: bool, cache, config, ray=None, workers=1) -> RunResult:
@@ -3574,7 +3620,7 @@ def _train(spec, replays, data, out: Path, resume: bool, quiet: bool, cache, con
             trainer.save_checkpoint(progress)
 
     log(f"{spec.name}: {len(train_games)} train games ({info['frames']['train']:,} frames), "
-        f"{len(val_games)} validation games, {steps_per_epoch} steps of {config.batch_size} x {L} frames per epoch"
+        f"{len(val_games)} validation games (split by {config.split_by}), {steps_per_epoch} steps of {config.batch_size} x {L} frames per epoch"
         + (f"; resuming at epoch {epoch}, step {step}" if progress else ""))
 
     while epoch <= config.epochs and not stopped:
@@ -4736,6 +4782,8 @@ def _training_flags(p: argparse.ArgumentParser) -> None:
     d.add_argument("--val-split", type=float, help="fraction of games held out for validation")
     d.add_argument("--seed", type=int, help="seed for the split, the data order and the initial weights")
     d.add_argument("--split-seed", type=int, help="seed for the split alone (default: --seed): other seeds, same games")
+    d.add_argument("--split-by", choices=SPLITS, help="what validation holds out: whole games, players (connect "
+                   "codes; games without codes by folder; no player on both sides) or sources (folders)")
     m = p.add_argument_group("model overrides (written into the run's spec.toml)")
     for flag in ("window-size", "hidden", "num-layers", *(f.replace("_", "-") for f in SPEC_FLAGS)):
         m.add_argument(f"--{flag}", type=int, help="(default: the spec's)")
