@@ -3303,14 +3303,31 @@ def _teacher_logits(teacher: str | os.PathLike, episodes: list[Episode]) -> tupl
     return out, model
 
 
+# The files and folders a training writes under temporary names in its run folder, renamed into
+# place once complete (carry-<step>.tmp.npz: the state a stateful run carries into a step).
+RUN_TEMPORARIES = ("run.json.tmp", "window.onnx.tmp", "step.onnx.tmp", "train.tmp", "train/checkpoint.tmp",
+                   "train/best.tmp.npz", "train/carry-*.tmp.npz")
+
+
 class RunLock:
     """Exclusive use of a run folder while a training writes into it: a lock on `<run>/.lock`
     that the operating system releases when the process ends, however it ends (so a killed
-    training never leaves it stuck). A folder this lock created and that holds nothing else
-    afterwards is removed again."""
+    training never leaves it stuck). A failed training removes the temporaries it wrote (the
+    names of RUN_TEMPORARIES written or changed while it held the lock; nothing else, nothing
+    in other folders). A folder this lock created and that holds nothing else afterwards is
+    removed again."""
 
     def __init__(self, out: Path):
-        self.out, self.file, self.created = Path(out), None, False
+        self.out, self.file, self.created, self.before = Path(out), None, False, {}
+
+    def _temporaries(self) -> dict[Path, tuple]:
+        found = {}
+        for name in RUN_TEMPORARIES:
+            for path in self.out.glob(name):
+                with contextlib.suppress(OSError):
+                    st = path.lstat()
+                    found[path] = (st.st_ino, st.st_mtime_ns)
+        return found
 
     def __enter__(self):
         self.created = not self.out.exists()
@@ -3331,16 +3348,16 @@ class RunLock:
         self.file.truncate()
         self.file.write(str(os.getpid()))
         self.file.flush()
+        self.before = self._temporaries()  # (left by an earlier training, or a user's own: kept)
         return self
 
     def __exit__(self, kind, *exc):
-        self.file.close()
         if kind is not None:  # a failed training leaves no half-written file behind
-            import shutil
-            for tmp in sorted(self.out.rglob("*.tmp*"), reverse=True):
-                shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink(missing_ok=True)
+            for path, stat in self._temporaries().items():
+                if self.before.get(path) != stat:
+                    shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+        self.file.close()
         if self.created and [p.name for p in self.out.iterdir()] == [".lock"]:
-            import shutil
             shutil.rmtree(self.out, ignore_errors=True)
 
 

@@ -2,6 +2,7 @@
 garbage exported (real processes and real files)."""
 
 import json
+import os
 import shutil
 import signal
 import struct
@@ -354,3 +355,26 @@ def test_an_empty_batch_is_an_error_not_a_crash(tmp_path):
     eps = exphil.load_replay(REPLAYS / "hohav-py-slippi__netplay_name.slp")
     with pytest.raises(exphil.ExphilError, match="no windows"):
         trainer.step(exphil.make_batch(eps, [], 8))
+
+
+def test_a_failed_training_removes_only_the_temporaries_it_wrote(tmp_path, mlp_run):
+    """Files of a user and of other runs survive a training that fails after taking its run lock:
+    a mistyped --replays (into a new folder, into a folder of the user's, into the current one)
+    and a folder that already holds a run."""
+    proj, other = tmp_path / "proj", tmp_path / "proj" / "other"
+    (proj / "templates").mkdir(parents=True)
+    shutil.copytree(mlp_run.path, other)
+    kept = {proj / "templates" / "page.tmpl": "keep", proj / "data.tmp": "keep", proj / "run.json.tmp": "a user's",
+            other / "train" / "checkpoint.tmp": "another run's", other / "train.tmp" / "part": "another run's"}
+    for path, text in kept.items():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}  # (this exphil, run from another folder)
+    for out, cwd in (("proj", tmp_path), (".", tmp_path), (".", proj), ("proj/new", tmp_path)):
+        res = subprocess.run([sys.executable, "-m", "exphil", "train", "mlp", "--replays", tmp_path / "nonexistent",
+                              "--out", out], cwd=cwd, env=env, capture_output=True, text=True)
+        assert res.returncode == 1 and "nonexistent: no such replay file or directory" in res.stderr, res.stderr
+    assert not (proj / "new").exists()  # (the folder the failed training created is gone again)
+    res = cli("train", "mlp", "--replays", REPLAYS, "--out", other)
+    assert res.returncode == 2 and "already holds a run" in res.stderr, res.stderr
+    assert {path: path.read_text() for path in kept} == kept
