@@ -1918,19 +1918,26 @@ def _write_shard(folder: Path, name: str, episodes: list[Episode]) -> None:
 def parse_replays(task: tuple) -> tuple[list[dict], float]:
     """Parse some replays into one new shard of a dataset: the mapped step of ingestion (it
     needs only its task and the dataset's folder). task: (dataset folder, shard name,
-    [(content hash, path)]). Returns a manifest row per replay (a skip reason for unusable ones)
-    and the processor time it took (seconds of this process's CPU time: what one core does,
-    however busy the machine is with other work)."""
+    [(content hash, path)]). Returns a manifest row per replay (a skip reason for unusable ones),
+    its `hash` the content that was parsed (the file may have been replaced since it was hashed),
+    or None with an `error` for a file that could not be read whole; and the processor time it
+    took (seconds of this process's CPU time: what one core does, however busy the machine is
+    with other work)."""
     folder, name, items = task
     t0, rows, episodes, at = time.process_time(), [], [], 0
-    for digest, path in items:
+    for _, path in items:
         row = dict.fromkeys(GAME_FIELDS)
-        row.update(hash=digest, path=str(path))
+        row.update(path=str(path))
         try:
-            game = read_replay(path, finalized=True)
+            row["hash"], game = _read_unchanged(path)
+            if isinstance(game, ReplayError):
+                raise game
             eps = _episodes_from_game(game)
         except ReplayError as e:
             rows.append({**row, "skipped": e.reason})
+            continue
+        except _Unreadable as e:
+            rows.append({**row, "error": str(e)})
             continue
         codes = game.info.get("codes", {})
         row.update(frames=eps[0].frames, stage=game.stage, slippi=game.info.get("slippi"), date=game.info.get("date"),
@@ -1945,13 +1952,62 @@ def parse_replays(task: tuple) -> tuple[list[dict], float]:
     return rows, time.process_time() - t0
 
 
+class _Unreadable(Exception):
+    """A replay file that cannot be read whole: gone or refused (or _Changing)."""
+
+
+class _Changing(_Unreadable):
+    def __init__(self):
+        super().__init__("changed while being read (still being written or copied?); ingest it again once complete")
+
+
+def _identity(st: os.stat_result) -> tuple:
+    """What changes when a file is replaced or written: its inode, size and times."""
+    return st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns
+
+
+def _content(path) -> tuple[str, tuple]:
+    """(SHA-256 of a file's content, 24 hex digits; its `_identity` while read), read in blocks of
+    1 MiB (constant memory). _Unreadable if it cannot be read, _Changing if it changes meanwhile."""
+    digest = hashlib.sha256()
+    try:
+        with open(path, "rb") as f:
+            before = _identity(os.fstat(f.fileno()))
+            while block := f.read(1 << 20):
+                digest.update(block)
+            if _identity(os.stat(path)) != before:
+                raise _Changing
+    except OSError as e:
+        raise _Unreadable(f"cannot read file: {e.strerror}") from None
+    return digest.hexdigest()[:24], before
+
+
+def _read_unchanged(path, tries: int = 3) -> tuple[str, Game | ReplayError]:
+    """(The hash of a replay's content, the game parsed from that content or why it is unusable):
+    hashed after parsing, the file the same before and after; a file that changes meanwhile is
+    read again (up to `tries` times), then _Unreadable."""
+    for _ in range(tries):
+        try:
+            before = _identity(os.stat(path))
+        except OSError as e:
+            raise _Unreadable(f"cannot read file: {e.strerror}") from None
+        try:
+            game = read_replay(path, finalized=True)
+        except ReplayError as e:
+            game = e
+        with contextlib.suppress(_Changing):
+            digest, after = _content(path)
+            if after == before:
+                return digest, game
+    raise _Changing
+
+
 def _file_hash(path: Path) -> tuple[str | None, str | None]:
     """(SHA-256 of the file's content, 24 hex digits, or None; why it cannot be read, or None)."""
     try:
-        with open(path, "rb") as f:
-            return hashlib.sha256(f.read()).hexdigest()[:24], None
-    except OSError as e:
-        return None, f"cannot read file: {e.strerror}"
+        return _content(path)[0], None
+    except _Unreadable as e:
+        return None, str(e)
 
 
 class Dataset:
@@ -2125,9 +2181,11 @@ def ingest(replays, out: str | os.PathLike, log=None, max_files: int = 0, worker
     """Add the new and changed replays under `replays` to the dataset in `out` (created if need
     be), parsing on every core (with `ray`, a cluster's address: as Ray tasks on its cores; the
     replays and `out` must then be folders every node reaches). A file whose path, size and
-    modification time the manifest knows is not read; a new file is hashed once, and a content
-    already in the dataset (a copy) is not parsed again. Unusable replays are recorded with
-    their reason and reported."""
+    modification time the manifest knows is not read; a new file is hashed (in blocks: constant
+    memory), and a content already in the dataset (a copy) is not parsed again. A new content is
+    hashed again after parsing: each game is recorded under the content it was parsed from, also
+    when its file was replaced meanwhile (one that keeps changing is reported). Unusable replays
+    are recorded with their reason and reported."""
     unreadable = []
     paths = [p for r in ([replays] if isinstance(replays, (str, os.PathLike)) else replays)
              for p in find_replays(r, unreadable)]
@@ -2162,12 +2220,17 @@ def ingest(replays, out: str | os.PathLike, log=None, max_files: int = 0, worker
             for problem in dataset.check([r for r in dataset.rows() if r["hash"] in wanted]):
                 if log:
                     log(f"parsing again the games of a damaged shard: {problem}")
-            have, new = {r["hash"] for r in dataset.rows()}, {}
+            have, new, sizes = {r["hash"] for r in dataset.rows()}, {}, {}
             for p, h in hashes.items():
-                if h not in have:
-                    new.setdefault(h, Path(stats[p][0]))  # (the absolute path, recorded)
+                if h not in have and h not in new:
+                    new[h], sizes[h] = Path(stats[p][0]), stats[p][1]  # (the absolute path, recorded)
             if new:
-                _parse_new(dataset, list(new.items()), {h: p.stat().st_size for h, p in new.items()}, workers, log, mapped)
+                changed = _parse_new(dataset, list(new.items()), sizes, workers, log, mapped)
+                for p in [p for p in hashes if stats[p][0] in changed]:  # replaced since hashed: what was parsed
+                    hashes[p], error = changed[stats[p][0]]
+                    if error:
+                        errors[p] = error
+                        del hashes[p]
     except BrokenProcessPool:
         if workers == 1:
             raise
@@ -2178,13 +2241,16 @@ def ingest(replays, out: str | os.PathLike, log=None, max_files: int = 0, worker
     return _Collection(paths, hashes, errors, unreadable, dataset)
 
 
-def _parse_new(dataset: Dataset, new: list, sizes: dict, workers: int, log, mapped) -> None:
+def _parse_new(dataset: Dataset, new: list, sizes: dict, workers: int, log, mapped) -> dict:
+    """Parse the new contents [(hash, path)] into the dataset; returns {path: (hash, error)} of
+    the files that held another content when parsed (hash None: could not be read whole)."""
     t0, frames, busy, done = time.perf_counter(), 0, 0.0, 0
     bar = Progress(len(new), "parsing replays", quiet=log in (None, _silent))
-    tasks = _tasks(dataset.folder, new, sizes, workers)
+    tasks, asked, changed = _tasks(dataset.folder, new, sizes, workers), {str(p): h for h, p in new}, {}
     try:
         for rows, seconds in mapped(parse_replays, tasks):
-            dataset.commit(rows)  # its shard is in place
+            dataset.commit([r for r in rows if r["hash"]])  # its shard is in place
+            changed.update({r["path"]: (r["hash"], r.get("error")) for r in rows if r["hash"] != asked[r["path"]]})
             busy += seconds
             for r in rows:
                 frames += r["frames"] or 0
@@ -2195,6 +2261,7 @@ def _parse_new(dataset: Dataset, new: list, sizes: dict, workers: int, log, mapp
     if log and frames:
         log(f"parsed {len(new)} new replays ({frames:,} frames) in {seconds:.1f} s on {workers} core(s): "
             f"{frames / seconds:,.0f} frames/s ({frames / busy:,.0f} per core: frames per second of parsing CPU time)")
+    return changed
 
 
 def _cache_dataset(cache: Path | None) -> Path:

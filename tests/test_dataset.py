@@ -41,12 +41,12 @@ def test_ingest_reads_only_new_files_and_parses_each_content_once(tmp_path, monk
 
     parsed, hashed, real_read, real_sha = [], [], exphil.read_replay, exphil.hashlib.sha256
     monkeypatch.setattr(exphil, "read_replay", lambda path, **kw: parsed.append(path) or real_read(path, **kw))
-    monkeypatch.setattr(exphil.hashlib, "sha256", lambda data: hashed.append(len(data)) or real_sha(data))
+    monkeypatch.setattr(exphil.hashlib, "sha256", lambda *data: hashed.append(1) or real_sha(*data))
     exphil.ingest(folder, data, workers=1)
     assert parsed == [] and hashed == []  # unchanged paths, sizes and times: nothing is read
     assert bench.distinct_copy(NINTENDONT, folder / "new.slp", 1)
     exphil.ingest(folder, data, workers=1)
-    assert [p.name for p in parsed] == ["new.slp"] and len(hashed) == 1
+    assert [p.name for p in parsed] == ["new.slp"] and len(hashed) == 2  # hashed when found, and after parsing
 
 
 def test_filters_and_descriptions_come_from_the_manifest(tmp_path, monkeypatch):
@@ -148,3 +148,51 @@ def test_a_damaged_shard_is_one_clear_error_when_training_on_the_dataset(tmp_pat
     num.write_bytes(num.read_bytes()[:-4096])  # cut short, as a full disk or a killed copy leaves it
     with pytest.raises(exphil.ExphilError, match=rf"{tmp_path / 'data'}: shard {shard.name} is damaged .* `exphil ingest`"):
         exphil.load_games(data=tmp_path / "data")
+
+
+@pytest.mark.parametrize("when", ["before parsing", "while parsing", "every time"])
+def test_a_replay_replaced_after_hashing_is_recorded_as_what_was_parsed(tmp_path, monkeypatch, when):
+    """A sync tool puts another game in place of a replay after ingestion hashed it: the game is
+    recorded under the hash of the content parsed, and the first content, back again, is a new
+    game. A file that changes at every reading is reported, never recorded."""
+    folder, data, target = tmp_path / "replays", tmp_path / "data", tmp_path / "replays" / "game.slp"
+    folder.mkdir()
+    shutil.copy(NETPLAY, target)
+    reads, real_read = [], exphil.read_replay
+
+    def replace():
+        shutil.copy(NINTENDONT if target.read_bytes() == NETPLAY.read_bytes() else NETPLAY, folder / "part")
+        os.replace(folder / "part", target)
+
+    def read(path, **kw):
+        reads.append(path)
+        if when == "before parsing" and len(reads) == 1:
+            replace()
+        game = real_read(path, **kw)
+        if when != "before parsing" and (len(reads) == 1 or when == "every time"):
+            replace()
+        return game
+    monkeypatch.setattr(exphil, "read_replay", read)
+    col = exphil.ingest(folder, data, workers=1)
+    if when == "every time":
+        assert col.dataset.rows() == [] and target not in col.hashes and "changed while being read" in col.errors[target]
+        return
+    (row,) = col.dataset.rows()
+    assert row["hash"] == exphil._file_hash(target)[0] == exphil._file_hash(NINTENDONT)[0] == col.hashes[target]
+    assert row["frames"] == exphil.read_replay(NINTENDONT, finalized=True).frame_ids.size
+    shutil.copy(NETPLAY, target)
+    col = exphil.ingest(folder, data, workers=1)
+    assert sorted(r["frames"] for r in col.dataset.rows()) == [6233, row["frames"]]
+    assert col.hashes[target] == exphil._file_hash(NETPLAY)[0]
+
+
+def test_hashing_reads_a_file_in_blocks(tmp_path):
+    """A 512 MiB junk .slp is hashed in a process whose peak memory grows by far less than it."""
+    junk = tmp_path / "junk.slp"
+    with open(junk, "wb") as f:
+        f.truncate(512 << 20)
+    code = ("import resource, sys, exphil; peak = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss; "
+            "before = peak(); digest, error = exphil._file_hash(sys.argv[1]); print(peak() - before, digest, error)")
+    res = subprocess.run([sys.executable, "-c", code, junk], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    grown_kib, digest, error = res.stdout.split()
+    assert int(grown_kib) < 32 << 10 and len(digest) == 24 and error == "None", res.stdout + res.stderr
