@@ -1824,6 +1824,7 @@ DATA_VERSION = 1  # the layout of a dataset: manifest tables, shard columns and 
 # controller classes (buttons 0-7, then one column per other head) in uint8; batches cast them.
 SHARD_COLUMNS = {"cat": np.uint16, "num": np.float32, "labels": np.uint8}
 LABEL_COLUMNS = {h: slice(0, 8) if h == "buttons" else 7 + i for i, h in enumerate(HEADS)}
+LEFTOVER_AGE = 24 * 3600  # seconds untouched after which another host's unreferenced shard counts as abandoned
 SHARD_FRAMES = 1 << 19  # player-view frames a parsing task puts in one shard (about 115 MB)
 GAME_FIELDS = ("hash", "path", "frames", "stage", "slippi", "date", "port_1", "character_1", "code_1",
                "port_2", "character_2", "code_2", "shard", "start", "skipped")
@@ -1839,6 +1840,19 @@ def _episodes_from_game(game: Game) -> list[Episode]:
 
 def _episodes_from_replay(path: Path) -> list[Episode]:
     return _episodes_from_game(read_replay(path, finalized=True))  # the final version of rolled-back frames
+
+
+@functools.lru_cache(None)
+def _host() -> str:
+    """Where this process's id names this process, 8 hex digits: a hash of the machine's name,
+    its boot (Linux: boot_id) and this process's PID namespace (Linux: a container's own ids)."""
+    import platform
+
+    parts = [platform.node()]
+    with contextlib.suppress(OSError):
+        parts.append(Path("/proc/sys/kernel/random/boot_id").read_text().strip())
+        parts.append(os.readlink("/proc/self/ns/pid"))
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:8]
 
 
 def _pid_alive(pid: int) -> bool:
@@ -2108,12 +2122,22 @@ class Dataset:
 
     def remove_unreferenced(self) -> None:
         """Shards no manifest row points at, and temporary ones, left by processes that ended
-        (killed while ingesting, or beaten to a game by another process)."""
+        (killed while ingesting, or beaten to a game by another process). A shard's name starts
+        with the `_host` and the process id of the ingestion that wrote it: those of this host
+        are removed once that process is gone; those of another host (a Ray node, another
+        container), whose processes cannot be asked, once untouched for LEFTOVER_AGE."""
         used = {r for (r,) in self.db.execute("SELECT DISTINCT shard FROM games")}
         for d in (self.folder / "shards").iterdir():
             name = d.name.removeprefix(".tmp-")
-            pid = name.split("-")[0]
-            if (d.name != name or name not in used) and pid.isdigit() and not _pid_alive(int(pid)):
+            if d.name == name and name in used:
+                continue
+            host, pid = (name.split("-") + [""])[:2]
+            try:
+                age = time.time() - d.stat().st_mtime
+            except OSError:  # (removed meanwhile)
+                continue
+            ours = host == _host() and pid.isdigit()
+            if (ours and not _pid_alive(int(pid))) or (not ours and age > LEFTOVER_AGE):
                 shutil.rmtree(d, ignore_errors=True)
 
 
@@ -2173,7 +2197,8 @@ def _tasks(folder: Path, new: list[tuple[str, Path]], sizes: dict, workers: int)
     replays (the work stays balanced, and an interrupted ingestion keeps most of what it did)."""
     per = max(1, min(math.ceil(len(new) / (4 * workers)),
                      SHARD_FRAMES * 170 // max(1, int(np.mean(list(sizes.values()))))))
-    return [(str(folder), f"{os.getpid()}-{time.time_ns():x}-{k}", new[k:k + per]) for k in range(0, len(new), per)]
+    return [(str(folder), f"{_host()}-{os.getpid()}-{time.time_ns():x}-{k}", new[k:k + per])
+            for k in range(0, len(new), per)]
 
 
 def ingest(replays, out: str | os.PathLike, log=None, max_files: int = 0, workers: int | None = None,

@@ -196,3 +196,31 @@ def test_hashing_reads_a_file_in_blocks(tmp_path):
     res = subprocess.run([sys.executable, "-c", code, junk], cwd=ROOT, capture_output=True, text=True, timeout=300)
     grown_kib, digest, error = res.stdout.split()
     assert int(grown_kib) < 32 << 10 and len(digest) == 24 and error == "None", res.stdout + res.stderr
+
+
+def test_ingestions_in_another_pid_namespace_keep_each_others_shards(tmp_path):
+    """An ingestion in another PID namespace (`unshare`, as on another host of a Ray cluster or in
+    another container) sees no process of this one: it keeps this process's shard that is written
+    but not yet committed, and removes only leftovers untouched for a day."""
+    if shutil.which("unshare") is None or subprocess.run(["unshare", "--pid", "--fork", "--mount-proc", "true"],
+                                                         capture_output=True).returncode != 0:
+        pytest.skip("cannot make a PID namespace here")
+    data, more = tmp_path / "data", tmp_path / "more"
+    more.mkdir()
+    for k in range(2):
+        assert bench.distinct_copy(NINTENDONT, more / f"{k}.slp", k)
+    dataset = exphil.Dataset(data, create=True)
+    task = exphil._tasks(data, [(exphil._file_hash(NETPLAY)[0], NETPLAY)], {"": 1}, 1)[0]
+    rows, _ = exphil.parse_replays(task)  # this process's shard, in place, its row not committed yet
+    old = data / "shards" / ".tmp-0badc0de-1-0-0"
+    old.mkdir()  # another host's leftover from two days ago
+    os.utime(old, (time.time() - 2 * 86400,) * 2)
+    res = subprocess.run(["unshare", "--pid", "--fork", "--mount-proc", sys.executable, "-m", "exphil", "ingest", more,
+                          "--out", data, "--workers", "1"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    assert (data / "shards" / task[1]).is_dir() and not old.exists()
+    dataset.commit(rows)
+    games, skipped = exphil.load_games(data=data)
+    assert len(games) == 3 and not skipped
+    exphil.ingest(more, data, workers=1)  # (nothing new: every shard left is one the manifest uses)
+    assert {d.name for d in (data / "shards").iterdir()} == {r["shard"] for r in dataset.rows()}
