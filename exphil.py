@@ -1769,6 +1769,7 @@ class Episode:
     num: np.ndarray  # [T, F] float32 numeric features
     labels: dict[str, np.ndarray]  # controller per frame: buttons [T, 8] uint8, sticks/shoulder [T] (int64
     # parsed, uint8 from a dataset)
+    digest: str = ""  # the content hash of its replay (from a dataset)
     _rtg: dict = dataclasses.field(default_factory=dict, repr=False, compare=False)
 
     @property
@@ -1784,7 +1785,8 @@ class Episode:
     def in_memory(self) -> Episode:
         """A copy in memory with the types parsing gives (int64 ids and classes, uint8 buttons)."""
         return Episode(self.source, self.port, self.cat.astype(np.int64), np.array(self.num),
-                       {h: v.astype(np.uint8 if h == "buttons" else np.int64) for h, v in self.labels.items()})
+                       {h: v.astype(np.uint8 if h == "buttons" else np.int64) for h, v in self.labels.items()},
+                       self.digest)
 
 
 def find_replays(root: str | os.PathLike, unreadable: list | None = None) -> list[Path]:
@@ -2117,7 +2119,7 @@ class Dataset:
             rows = slice(row["start"] + (i - 1) * T, row["start"] + i * T)
             labels = cols["labels"][rows]
             out.append(Episode(source or row["path"], row[f"port_{i}"], cols["cat"][rows], cols["num"][rows],
-                               {h: labels[:, c] for h, c in LABEL_COLUMNS.items()}))
+                               {h: labels[:, c] for h, c in LABEL_COLUMNS.items()}, row["hash"]))
         return out
 
     def remove_unreferenced(self) -> None:
@@ -3445,8 +3447,8 @@ class RunLock:
 
     def __exit__(self, kind, *exc):
         if kind is not None:  # a failed training leaves no half-written file behind
-            for path, stat in self._temporaries().items():
-                if self.before.get(path) != stat:
+            for path, now in self._temporaries().items():
+                if self.before.get(path) != now:
                     shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
         self.file.close()
         if self.created and [p.name for p in self.out.iterdir()] == [".lock"]:
@@ -3529,7 +3531,7 @@ def _resume_settings(out: Path, spec, replays, data, given: dict) -> tuple[dict,
     sources, run_data = info["replays"]["source"], info["replays"].get("data")
     if replays is not None and [str(r) for r in ([replays] if isinstance(replays, (str, os.PathLike)) else replays)] != sources:
         problems.append(f"--replays {replays} (the run has {', '.join(sources) or 'none'})")
-    if data is not None and str(data) != run_data:
+    if data is not None and os.path.abspath(data) != os.path.abspath(run_data):
         problems.append(f"--data {data} (the run has {run_data})")
     if problems:
         raise UsageError(f"{out}: --resume continues the run with its own settings; these differ: "
@@ -3573,6 +3575,10 @@ def _train(spec, replays, data, out: Path, resume: bool, quiet: bool, cache, con
     train_games, val_games, skipped = _games(replays or None, data, cache, log, config, ray)
     train_eps, val_eps = [e for g in train_games for e in g], [e for g in val_games for e in g]
     lists = {"train": sorted({e.source for e in train_eps}), "val": sorted({e.source for e in val_eps})}
+    if resume:
+        for which, games in (("train", train_games), ("val", val_games)):
+            _check_games(info["replays"].get("hashes", {}).get(which), games, which,
+                         f"--resume cannot continue the run in {out} exactly: restore it, or train into another --out")
     if resume and {k: info["replays"][k] for k in lists} != lists:
         raise ExphilError(f"{out}: the replays found now differ from the run's; cannot resume exactly")
     if config.controller_dropout and spec.heads.markov:
@@ -3600,7 +3606,8 @@ def _train(spec, replays, data, out: Path, resume: bool, quiet: bool, cache, con
         "delay_range": [d_lo, d_hi], "target": "frame t predicts the controller at frame t + "
                                                + (f"{1 + d_lo}" if d_lo == d_hi else f"{1 + d_lo}..{1 + d_hi}"),
         "replays": {"source": [str(r) for r in ([replays] if isinstance(replays, (str, os.PathLike)) else replays or [])],
-                    "data": data and str(data), **lists, "skipped": skipped},
+                    "data": data and os.path.abspath(data), **lists, "skipped": skipped,
+                    "hashes": {k: sorted({e.digest for e in eps}) for k, eps in (("train", train_eps), ("val", val_eps))}},
         "frames": {"train": sum(e.frames for e in train_eps), "val": sum(e.frames for e in val_eps)},
         "baseline_loss": baseline, "label_frequencies": freqs, "markov_tables": baselines["markov"],
         "status": "running",
@@ -3817,15 +3824,31 @@ def chunks(items: list, size: int) -> list[list]:
     return [items[k:k + size] for k in range(0, len(items), size)]
 
 
+def _check_games(recorded: list[str] | None, games: list[list[Episode]], which: str, advice: str) -> None:
+    """Refuse games whose contents are not exactly the `recorded` ones (content hashes; None: a
+    run from before they were recorded), naming a game that changed."""
+    if recorded is None:
+        return
+    found = {g[0].digest: g[0].source for g in games}
+    changed = [source for digest, source in found.items() if digest not in recorded]
+    if changed:
+        raise ExphilError(f"{changed[0]}: not the content of the run's {which} game (it changed since); {advice}")
+    if len(found) < len(recorded):
+        raise ExphilError(f"{len(recorded) - len(found)} of the run's {which} games are gone; {advice}")
+
+
 def recorded_games(info: dict, which: str, log=None) -> list[list[Episode]]:
     """A run's training or validation games (`which`: "train" or "val") as its run.json lists
-    them: from its dataset when it trained on one (`--data`), else from the replay files."""
+    them: from its dataset when it trained on one (`--data`; exactly the recorded contents),
+    else from the replay files (refused when one has another content now)."""
     listed, data = info.get("replays", {}).get(which), info.get("replays", {}).get("data")
+    recorded = info.get("replays", {}).get("hashes", {}).get(which)  # (None: a run from before they were recorded)
     if not listed:
         return []
-    wanted = set(listed)
-    games, _ = (load_games(data=data, log=log, keep=lambda row: row["path"] in wanted) if data
-                else load_games(listed, log=log))
+    wanted = set(listed if recorded is None else recorded)
+    games, _ = (load_games(data=data, log=log, keep=lambda row: row["path" if recorded is None else "hash"] in wanted)
+                if data else load_games(listed, log=log))
+    _check_games(recorded, games, which, "pass the replays to use")
     return games
 
 

@@ -39,14 +39,14 @@ def test_ingest_reads_only_new_files_and_parses_each_content_once(tmp_path, monk
     assert [exphil.enums.Character(game[f"character_{i}"]).name for i in (1, 2)] == ["FALCO", "FALCO"]
     assert game["code_1"] is None and exphil.enums.Stage(game["stage"]).name == "BATTLEFIELD"
 
-    parsed, hashed, real_read, real_sha = [], [], exphil.read_replay, exphil.hashlib.sha256
+    parsed, hashed, real_read, real_content = [], [], exphil.read_replay, exphil._content
     monkeypatch.setattr(exphil, "read_replay", lambda path, **kw: parsed.append(path) or real_read(path, **kw))
-    monkeypatch.setattr(exphil.hashlib, "sha256", lambda *data: hashed.append(1) or real_sha(*data))
+    monkeypatch.setattr(exphil, "_content", lambda path: hashed.append(os.path.basename(path)) or real_content(path))
     exphil.ingest(folder, data, workers=1)
     assert parsed == [] and hashed == []  # unchanged paths, sizes and times: nothing is read
     assert bench.distinct_copy(NINTENDONT, folder / "new.slp", 1)
     exphil.ingest(folder, data, workers=1)
-    assert [p.name for p in parsed] == ["new.slp"] and len(hashed) == 2  # hashed when found, and after parsing
+    assert [p.name for p in parsed] == ["new.slp"] and hashed == ["new.slp"] * 2  # when found, and after parsing
 
 
 def test_filters_and_descriptions_come_from_the_manifest(tmp_path, monkeypatch):
@@ -224,3 +224,16 @@ def test_ingestions_in_another_pid_namespace_keep_each_others_shards(tmp_path):
     assert len(games) == 3 and not skipped
     exphil.ingest(more, data, workers=1)  # (nothing new: every shard left is one the manifest uses)
     assert {d.name for d in (data / "shards").iterdir()} == {r["shard"] for r in dataset.rows()}
+
+
+def test_a_run_records_its_dataset_as_an_absolute_path(tmp_path):
+    """A run trained on `--data data` (relative) is quantized from another folder."""
+    exphil.ingest(REPLAYS, tmp_path / "data", workers=1)
+    res = subprocess.run([sys.executable, "-m", "exphil", "train", "mlp", "--data", "data", "--max-steps", "2",
+                          "--batch-size", "8", "--out", "run", "--quiet"], cwd=tmp_path, capture_output=True, text=True,
+                         env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=300)
+    assert res.returncode == 0, res.stderr
+    assert json.loads((tmp_path / "run" / "run.json").read_text())["replays"]["data"] == str(tmp_path / "data")
+    res = cli("quantize", tmp_path / "run", "--min-agreement", "0", "--max-frames", "300", "--json")
+    assert res.returncode == 0 and json.loads(res.stdout)["frames"] > 0, res.stderr
+

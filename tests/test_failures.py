@@ -13,6 +13,7 @@ import time
 import numpy as np
 import pytest
 
+import bench
 import exphil
 from conftest import REPLAYS, ROOT
 
@@ -378,3 +379,33 @@ def test_a_failed_training_removes_only_the_temporaries_it_wrote(tmp_path, mlp_r
     res = cli("train", "mlp", "--replays", REPLAYS, "--out", other)
     assert res.returncode == 2 and "already holds a run" in res.stderr, res.stderr
     assert {path: path.read_text() for path in kept} == kept
+
+
+def test_resume_and_recorded_games_refuse_a_replay_whose_content_changed(tmp_path):
+    """A replay replaced under the same path: --resume refuses (naming it) for --replays and for
+    --data (the dataset ingested again); a --data run's recorded games are exactly those it
+    trained on, not the new content the dataset gained."""
+    folder, data, target = tmp_path / "replays", tmp_path / "data", tmp_path / "replays" / "b.slp"
+    folder.mkdir()
+    for name, src in (("a.slp", "hohav-py-slippi__nintendont.slp"), ("b.slp", "hohav-py-slippi__netplay_name.slp"),
+                      ("c.slp", "hohav-peppi__duplicate_game_end.slp")):
+        shutil.copy(REPLAYS / src, folder / name)
+    exphil.ingest(folder, data, workers=1)
+    common = ["--max-steps", "2", "--batch-size", "8", "--val-split", "0.34"]
+    runs = {"replays": ["--replays", folder, "--out", tmp_path / "r"], "data": ["--data", data, "--out", tmp_path / "d"]}
+    for args in runs.values():
+        res = cli("train", "mlp", *args, *common)
+        assert res.returncode == 0, res.stderr
+    before = json.loads((tmp_path / "d" / "run.json").read_text())
+    bench.distinct_copy(REPLAYS / "hohav-py-slippi__netplay_name.slp", target, 7)  # the same game, another content
+    exphil.ingest(folder, data, workers=1)
+    for args in runs.values():
+        res = cli("train", "mlp", *args, *common, "--resume")
+        assert res.returncode == 1 and "Traceback" not in res.stderr, res.stderr
+        assert res.stderr.strip().splitlines()[-1].startswith(f"exphil: error: {target}: not the content of the run's ")
+    games = [g for which in ("train", "val") for g in exphil.recorded_games(before, which)]
+    assert sorted(g[0].digest for g in games) == sorted(sum(before["replays"]["hashes"].values(), []))
+    info = json.loads((tmp_path / "r" / "run.json").read_text())
+    which = "train" if str(target) in info["replays"]["train"] else "val"
+    with pytest.raises(exphil.ExphilError, match=f"{target}: not the content of the run's {which} game"):
+        exphil.recorded_games(info, which)
