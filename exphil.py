@@ -28,6 +28,7 @@ import collections
 import contextlib
 import csv
 import dataclasses
+import errno
 import functools
 import hashlib
 import json
@@ -36,6 +37,7 @@ import math
 import os
 import queue
 import shutil
+import stat
 import sys
 import tempfile
 import threading
@@ -1791,27 +1793,45 @@ class Episode:
 
 def find_replays(root: str | os.PathLike, unreadable: list | None = None) -> list[Path]:
     """A .slp file, or every .slp file under a directory (recursively, following symbolic links
-    to folders once each), sorted. Folders that cannot be read are appended to `unreadable` as
-    {"path", "reason"}."""
+    to folders once each), sorted. What cannot be used is appended to `unreadable` as {"path",
+    "reason"}: folders that cannot be read, .slp names that lead nowhere (a broken symbolic link,
+    a loop) and names that are not valid UTF-8 (shown with \\x escapes)."""
     root = Path(root)
-    if root.is_file():
-        return [root]
-    if not root.is_dir():
-        raise ExphilError(f"{root}: no such replay file or directory")
+    if not root.is_dir() and not os.path.lexists(root):
+        raise ExphilError(f"{_shown(root)}: no such replay file or directory")
     found, seen = [], set()
 
-    def refused(e: OSError):
+    def refused(path, reason: str):
         if unreadable is not None:
-            unreadable.append({"path": e.filename, "reason": f"cannot read folder: {e.strerror}"})
+            unreadable.append({"path": _shown(path), "reason": reason})
 
-    for folder, subfolders, files in os.walk(root, followlinks=True, onerror=refused):
+    def usable(path: str) -> bool:
+        try:
+            os.fsdecode(path).encode("utf-8")
+            return stat.S_ISREG(os.stat(path).st_mode)
+        except UnicodeEncodeError:
+            refused(path, "the file name is not valid UTF-8: rename it")
+        except OSError as e:
+            refused(path, "a broken symbolic link" if e.errno == errno.ENOENT and os.path.islink(path)
+                    else f"cannot read file: {e.strerror}")
+        return False
+
+    if not root.is_dir():
+        return [root] if usable(os.fspath(root)) else []
+    for folder, subfolders, files in os.walk(root, followlinks=True,
+                                             onerror=lambda e: refused(e.filename, f"cannot read folder: {e.strerror}")):
         real = os.path.realpath(folder)
         if real in seen:  # a link back into a folder already walked: no loop
             subfolders[:] = []
             continue
         seen.add(real)
-        found += [Path(folder) / f for f in files if f.lower().endswith(".slp") and os.path.isfile(os.path.join(folder, f))]
+        found += [Path(folder) / f for f in files if f.lower().endswith(".slp") and usable(os.path.join(folder, f))]
     return sorted(found)
+
+
+def _shown(path) -> str:
+    """A path as text that prints anywhere (bytes that are not UTF-8 as \\x escapes)."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
 
 
 # A dataset is a folder: `manifest.sqlite` (one row per replay file and per game) and `shards/`,
@@ -2189,7 +2209,7 @@ class _Collection(NamedTuple):
     paths: list[Path]  # every replay file found, in order
     hashes: dict  # path -> content hash (files that could be read)
     errors: dict  # path -> why it cannot be read
-    unreadable: list  # folders that could not be read: {"path", "reason"}
+    unreadable: list  # what could not be read (folders, links to nowhere, names not UTF-8): {"path", "reason"}
     dataset: Dataset
 
 

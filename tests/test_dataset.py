@@ -237,3 +237,27 @@ def test_a_run_records_its_dataset_as_an_absolute_path(tmp_path):
     res = cli("quantize", tmp_path / "run", "--min-agreement", "0", "--max-frames", "300", "--json")
     assert res.returncode == 0 and json.loads(res.stdout)["frames"] > 0, res.stderr
 
+
+def test_unusable_names_and_links_are_skipped_and_reported(tmp_path):
+    """A replay and a folder whose names are not UTF-8, a link to nowhere and a link loop, beside
+    good replays: each is one `skipped` line; ingest, data and train --replays go on."""
+    folder = tmp_path / "replays"
+    shutil.copytree(REPLAYS, folder)
+    shutil.copy(NINTENDONT, os.fsdecode(os.fsencode(folder) + b"/bad\xff.slp"))
+    os.mkdir(os.fsencode(folder) + b"/dir\xfe")
+    shutil.copy(NETPLAY, os.fsdecode(os.fsencode(folder) + b"/dir\xfe/in.slp"))
+    os.symlink(tmp_path / "gone.slp", folder / "dangling.slp")
+    os.symlink("loop.slp", folder / "loop.slp")
+    expected = {f"{folder}/bad\\xff.slp: the file name is not valid UTF-8: rename it",
+                f"{folder}/dir\\xfe/in.slp: the file name is not valid UTF-8: rename it",
+                f"{folder}/dangling.slp: a broken symbolic link",
+                f"{folder}/loop.slp: cannot read file: Too many levels of symbolic links"}
+    res = cli("ingest", folder, "--out", tmp_path / "data")
+    assert res.returncode == 0 and f"{tmp_path / 'data'}: 3 replays found, 3 distinct, 4 skipped" in res.stdout, res.stderr
+    assert {l.removeprefix("skipped ") for l in res.stderr.splitlines() if l.startswith("skipped ")} == expected
+    res = cli("data", folder, "--json")
+    assert res.returncode == 0 and json.loads(res.stdout)["games"] == 3, res.stderr
+    res = cli("train", "mlp", "--replays", folder, "--max-steps", "1", "--batch-size", "8", "--out", tmp_path / "run")
+    assert res.returncode == 0, res.stderr
+    skipped = json.loads((tmp_path / "run" / "run.json").read_text())["replays"]["skipped"]
+    assert {f"{s['path']}: {s['reason']}" for s in skipped} == expected
