@@ -378,6 +378,9 @@ def test_a_failed_training_removes_only_the_temporaries_it_wrote(tmp_path, mlp_r
     assert not (proj / "new").exists()  # (the folder the failed training created is gone again)
     res = cli("train", "mlp", "--replays", REPLAYS, "--out", other)
     assert res.returncode == 2 and "already holds a run" in res.stderr, res.stderr
+    with exphil.RunLock(other):  # (as a training in progress holds it)
+        res = cli("train", "mlp", "--replays", REPLAYS, "--out", other, "--resume")
+        assert res.returncode == 1 and "is in use by another training" in res.stderr, res.stderr
     assert {path: path.read_text() for path in kept} == kept
 
 
