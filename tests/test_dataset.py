@@ -210,7 +210,8 @@ def test_ingestions_in_another_pid_namespace_keep_each_others_shards(tmp_path):
     for k in range(2):
         assert bench.distinct_copy(NINTENDONT, more / f"{k}.slp", k)
     dataset = exphil.Dataset(data, create=True)
-    task = exphil._tasks(data, [(exphil._file_hash(NETPLAY)[0], NETPLAY)], {"": 1}, 1)[0]
+    digest = exphil._file_hash(NETPLAY)[0]
+    task = exphil._tasks(data, [(digest, NETPLAY)], {digest: NETPLAY.stat().st_size}, 1)[0]
     rows, _ = exphil.parse_replays(task)  # this process's shard, in place, its row not committed yet
     old = data / "shards" / ".tmp-0badc0de-1-0-0"
     old.mkdir()  # another host's leftover from two days ago
