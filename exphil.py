@@ -28,6 +28,7 @@ import collections
 import contextlib
 import csv
 import dataclasses
+import errno
 import functools
 import hashlib
 import json
@@ -36,6 +37,7 @@ import math
 import os
 import queue
 import shutil
+import stat
 import sys
 import tempfile
 import threading
@@ -1770,6 +1772,7 @@ class Episode:
     labels: dict[str, np.ndarray]  # controller per frame: buttons [T, 8] uint8, sticks/shoulder [T] (int64
     # parsed, uint8 from a dataset)
     code: str | None = None  # the player's connect code, where the replay has one
+    digest: str = ""  # the content hash of its replay (from a dataset)
     _rtg: dict = dataclasses.field(default_factory=dict, repr=False, compare=False)
 
     @property
@@ -1786,32 +1789,50 @@ class Episode:
         """A copy in memory with the types parsing gives (int64 ids and classes, uint8 buttons)."""
         return Episode(self.source, self.port, self.cat.astype(np.int64), np.array(self.num),
                        {h: v.astype(np.uint8 if h == "buttons" else np.int64) for h, v in self.labels.items()},
-                       self.code)
+                       self.code, self.digest)
 
 
 def find_replays(root: str | os.PathLike, unreadable: list | None = None) -> list[Path]:
     """A .slp file, or every .slp file under a directory (recursively, following symbolic links
-    to folders once each), sorted. Folders that cannot be read are appended to `unreadable` as
-    {"path", "reason"}."""
+    to folders once each), sorted. What cannot be used is appended to `unreadable` as {"path",
+    "reason"}: folders that cannot be read, .slp names that lead nowhere (a broken symbolic link,
+    a loop) and names that are not valid UTF-8 (shown with \\x escapes)."""
     root = Path(root)
-    if root.is_file():
-        return [root]
-    if not root.is_dir():
-        raise ExphilError(f"{root}: no such replay file or directory")
+    if not root.is_dir() and not os.path.lexists(root):
+        raise ExphilError(f"{_shown(root)}: no such replay file or directory")
     found, seen = [], set()
 
-    def refused(e: OSError):
+    def refused(path, reason: str):
         if unreadable is not None:
-            unreadable.append({"path": e.filename, "reason": f"cannot read folder: {e.strerror}"})
+            unreadable.append({"path": _shown(path), "reason": reason})
 
-    for folder, subfolders, files in os.walk(root, followlinks=True, onerror=refused):
+    def usable(path: str) -> bool:
+        try:
+            os.fsdecode(path).encode("utf-8")
+            return stat.S_ISREG(os.stat(path).st_mode)
+        except UnicodeEncodeError:
+            refused(path, "the file name is not valid UTF-8: rename it")
+        except OSError as e:
+            refused(path, "a broken symbolic link" if e.errno == errno.ENOENT and os.path.islink(path)
+                    else f"cannot read file: {e.strerror}")
+        return False
+
+    if not root.is_dir():
+        return [root] if usable(os.fspath(root)) else []
+    for folder, subfolders, files in os.walk(root, followlinks=True,
+                                             onerror=lambda e: refused(e.filename, f"cannot read folder: {e.strerror}")):
         real = os.path.realpath(folder)
         if real in seen:  # a link back into a folder already walked: no loop
             subfolders[:] = []
             continue
         seen.add(real)
-        found += [Path(folder) / f for f in files if f.lower().endswith(".slp") and os.path.isfile(os.path.join(folder, f))]
+        found += [Path(folder) / f for f in files if f.lower().endswith(".slp") and usable(os.path.join(folder, f))]
     return sorted(found)
+
+
+def _shown(path) -> str:
+    """A path as text that prints anywhere (bytes that are not UTF-8 as \\x escapes)."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
 
 
 # A dataset is a folder: `manifest.sqlite` (one row per replay file and per game) and `shards/`,
@@ -1826,6 +1847,7 @@ DATA_VERSION = 1  # the layout of a dataset: manifest tables, shard columns and 
 # controller classes (buttons 0-7, then one column per other head) in uint8; batches cast them.
 SHARD_COLUMNS = {"cat": np.uint16, "num": np.float32, "labels": np.uint8}
 LABEL_COLUMNS = {h: slice(0, 8) if h == "buttons" else 7 + i for i, h in enumerate(HEADS)}
+LEFTOVER_AGE = 24 * 3600  # seconds untouched after which another host's unreferenced shard counts as abandoned
 SHARD_FRAMES = 1 << 19  # player-view frames a parsing task puts in one shard (about 115 MB)
 GAME_FIELDS = ("hash", "path", "frames", "stage", "slippi", "date", "port_1", "character_1", "code_1",
                "port_2", "character_2", "code_2", "shard", "start", "skipped")
@@ -1841,6 +1863,19 @@ def _episodes_from_game(game: Game) -> list[Episode]:
 
 def _episodes_from_replay(path: Path) -> list[Episode]:
     return _episodes_from_game(read_replay(path, finalized=True))  # the final version of rolled-back frames
+
+
+@functools.lru_cache(None)
+def _host() -> str:
+    """Where this process's id names this process, 8 hex digits: a hash of the machine's name,
+    its boot (Linux: boot_id) and this process's PID namespace (Linux: a container's own ids)."""
+    import platform
+
+    parts = [platform.node()]
+    with contextlib.suppress(OSError):
+        parts.append(Path("/proc/sys/kernel/random/boot_id").read_text().strip())
+        parts.append(os.readlink("/proc/self/ns/pid"))
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:8]
 
 
 def _pid_alive(pid: int) -> bool:
@@ -1920,19 +1955,26 @@ def _write_shard(folder: Path, name: str, episodes: list[Episode]) -> None:
 def parse_replays(task: tuple) -> tuple[list[dict], float]:
     """Parse some replays into one new shard of a dataset: the mapped step of ingestion (it
     needs only its task and the dataset's folder). task: (dataset folder, shard name,
-    [(content hash, path)]). Returns a manifest row per replay (a skip reason for unusable ones)
-    and the processor time it took (seconds of this process's CPU time: what one core does,
-    however busy the machine is with other work)."""
+    [(content hash, path)]). Returns a manifest row per replay (a skip reason for unusable ones),
+    its `hash` the content that was parsed (the file may have been replaced since it was hashed),
+    or None with an `error` for a file that could not be read whole; and the processor time it
+    took (seconds of this process's CPU time: what one core does, however busy the machine is
+    with other work)."""
     folder, name, items = task
     t0, rows, episodes, at = time.process_time(), [], [], 0
-    for digest, path in items:
+    for _, path in items:
         row = dict.fromkeys(GAME_FIELDS)
-        row.update(hash=digest, path=str(path))
+        row.update(path=str(path))
         try:
-            game = read_replay(path, finalized=True)
+            row["hash"], game = _read_unchanged(path)
+            if isinstance(game, ReplayError):
+                raise game
             eps = _episodes_from_game(game)
         except ReplayError as e:
             rows.append({**row, "skipped": e.reason})
+            continue
+        except _Unreadable as e:
+            rows.append({**row, "error": str(e)})
             continue
         codes = game.info.get("codes", {})
         row.update(frames=eps[0].frames, stage=game.stage, slippi=game.info.get("slippi"), date=game.info.get("date"),
@@ -1947,13 +1989,62 @@ def parse_replays(task: tuple) -> tuple[list[dict], float]:
     return rows, time.process_time() - t0
 
 
+class _Unreadable(Exception):
+    """A replay file that cannot be read whole: gone or refused (or _Changing)."""
+
+
+class _Changing(_Unreadable):
+    def __init__(self):
+        super().__init__("changed while being read (still being written or copied?); ingest it again once complete")
+
+
+def _identity(st: os.stat_result) -> tuple:
+    """What changes when a file is replaced or written: its inode, size and times."""
+    return st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns
+
+
+def _content(path) -> tuple[str, tuple]:
+    """(SHA-256 of a file's content, 24 hex digits; its `_identity` while read), read in blocks of
+    1 MiB (constant memory). _Unreadable if it cannot be read, _Changing if it changes meanwhile."""
+    digest = hashlib.sha256()
+    try:
+        with open(path, "rb") as f:
+            before = _identity(os.fstat(f.fileno()))
+            while block := f.read(1 << 20):
+                digest.update(block)
+            if _identity(os.stat(path)) != before:
+                raise _Changing
+    except OSError as e:
+        raise _Unreadable(f"cannot read file: {e.strerror}") from None
+    return digest.hexdigest()[:24], before
+
+
+def _read_unchanged(path, tries: int = 3) -> tuple[str, Game | ReplayError]:
+    """(The hash of a replay's content, the game parsed from that content or why it is unusable):
+    hashed after parsing, the file the same before and after; a file that changes meanwhile is
+    read again (up to `tries` times), then _Unreadable."""
+    for _ in range(tries):
+        try:
+            before = _identity(os.stat(path))
+        except OSError as e:
+            raise _Unreadable(f"cannot read file: {e.strerror}") from None
+        try:
+            game = read_replay(path, finalized=True)
+        except ReplayError as e:
+            game = e
+        with contextlib.suppress(_Changing):
+            digest, after = _content(path)
+            if after == before:
+                return digest, game
+    raise _Changing
+
+
 def _file_hash(path: Path) -> tuple[str | None, str | None]:
     """(SHA-256 of the file's content, 24 hex digits, or None; why it cannot be read, or None)."""
     try:
-        with open(path, "rb") as f:
-            return hashlib.sha256(f.read()).hexdigest()[:24], None
-    except OSError as e:
-        return None, f"cannot read file: {e.strerror}"
+        return _content(path)[0], None
+    except _Unreadable as e:
+        return None, str(e)
 
 
 class Dataset:
@@ -2049,17 +2140,27 @@ class Dataset:
             rows = slice(row["start"] + (i - 1) * T, row["start"] + i * T)
             labels = cols["labels"][rows]
             out.append(Episode(source or row["path"], row[f"port_{i}"], cols["cat"][rows], cols["num"][rows],
-                               {h: labels[:, c] for h, c in LABEL_COLUMNS.items()}, row[f"code_{i}"]))
+                               {h: labels[:, c] for h, c in LABEL_COLUMNS.items()}, row[f"code_{i}"], row["hash"]))
         return out
 
     def remove_unreferenced(self) -> None:
         """Shards no manifest row points at, and temporary ones, left by processes that ended
-        (killed while ingesting, or beaten to a game by another process)."""
+        (killed while ingesting, or beaten to a game by another process). A shard's name starts
+        with the `_host` and the process id of the ingestion that wrote it: those of this host
+        are removed once that process is gone; those of another host (a Ray node, another
+        container), whose processes cannot be asked, once untouched for LEFTOVER_AGE."""
         used = {r for (r,) in self.db.execute("SELECT DISTINCT shard FROM games")}
         for d in (self.folder / "shards").iterdir():
             name = d.name.removeprefix(".tmp-")
-            pid = name.split("-")[0]
-            if (d.name != name or name not in used) and pid.isdigit() and not _pid_alive(int(pid)):
+            if d.name == name and name in used:
+                continue
+            host, pid = (name.split("-") + [""])[:2]
+            try:
+                age = time.time() - d.stat().st_mtime
+            except OSError:  # (removed meanwhile)
+                continue
+            ours = host == _host() and pid.isdigit()
+            if (ours and not _pid_alive(int(pid))) or (not ours and age > LEFTOVER_AGE):
                 shutil.rmtree(d, ignore_errors=True)
 
 
@@ -2109,7 +2210,7 @@ class _Collection(NamedTuple):
     paths: list[Path]  # every replay file found, in order
     hashes: dict  # path -> content hash (files that could be read)
     errors: dict  # path -> why it cannot be read
-    unreadable: list  # folders that could not be read: {"path", "reason"}
+    unreadable: list  # what could not be read (folders, links to nowhere, names not UTF-8): {"path", "reason"}
     dataset: Dataset
 
 
@@ -2119,7 +2220,8 @@ def _tasks(folder: Path, new: list[tuple[str, Path]], sizes: dict, workers: int)
     replays (the work stays balanced, and an interrupted ingestion keeps most of what it did)."""
     per = max(1, min(math.ceil(len(new) / (4 * workers)),
                      SHARD_FRAMES * 170 // max(1, int(np.mean(list(sizes.values()))))))
-    return [(str(folder), f"{os.getpid()}-{time.time_ns():x}-{k}", new[k:k + per]) for k in range(0, len(new), per)]
+    return [(str(folder), f"{_host()}-{os.getpid()}-{time.time_ns():x}-{k}", new[k:k + per])
+            for k in range(0, len(new), per)]
 
 
 def ingest(replays, out: str | os.PathLike, log=None, max_files: int = 0, workers: int | None = None,
@@ -2127,9 +2229,11 @@ def ingest(replays, out: str | os.PathLike, log=None, max_files: int = 0, worker
     """Add the new and changed replays under `replays` to the dataset in `out` (created if need
     be), parsing on every core (with `ray`, a cluster's address: as Ray tasks on its cores; the
     replays and `out` must then be folders every node reaches). A file whose path, size and
-    modification time the manifest knows is not read; a new file is hashed once, and a content
-    already in the dataset (a copy) is not parsed again. Unusable replays are recorded with
-    their reason and reported."""
+    modification time the manifest knows is not read; a new file is hashed (in blocks: constant
+    memory), and a content already in the dataset (a copy) is not parsed again. A new content is
+    hashed again after parsing: each game is recorded under the content it was parsed from, also
+    when its file was replaced meanwhile (one that keeps changing is reported). Unusable replays
+    are recorded with their reason and reported."""
     unreadable = []
     paths = [p for r in ([replays] if isinstance(replays, (str, os.PathLike)) else replays)
              for p in find_replays(r, unreadable)]
@@ -2164,12 +2268,17 @@ def ingest(replays, out: str | os.PathLike, log=None, max_files: int = 0, worker
             for problem in dataset.check([r for r in dataset.rows() if r["hash"] in wanted]):
                 if log:
                     log(f"parsing again the games of a damaged shard: {problem}")
-            have, new = {r["hash"] for r in dataset.rows()}, {}
+            have, new, sizes = {r["hash"] for r in dataset.rows()}, {}, {}
             for p, h in hashes.items():
-                if h not in have:
-                    new.setdefault(h, Path(stats[p][0]))  # (the absolute path, recorded)
+                if h not in have and h not in new:
+                    new[h], sizes[h] = Path(stats[p][0]), stats[p][1]  # (the absolute path, recorded)
             if new:
-                _parse_new(dataset, list(new.items()), {h: p.stat().st_size for h, p in new.items()}, workers, log, mapped)
+                changed = _parse_new(dataset, list(new.items()), sizes, workers, log, mapped)
+                for p in [p for p in hashes if stats[p][0] in changed]:  # replaced since hashed: what was parsed
+                    hashes[p], error = changed[stats[p][0]]
+                    if error:
+                        errors[p] = error
+                        del hashes[p]
     except BrokenProcessPool:
         if workers == 1:
             raise
@@ -2180,13 +2289,16 @@ def ingest(replays, out: str | os.PathLike, log=None, max_files: int = 0, worker
     return _Collection(paths, hashes, errors, unreadable, dataset)
 
 
-def _parse_new(dataset: Dataset, new: list, sizes: dict, workers: int, log, mapped) -> None:
+def _parse_new(dataset: Dataset, new: list, sizes: dict, workers: int, log, mapped) -> dict:
+    """Parse the new contents [(hash, path)] into the dataset; returns {path: (hash, error)} of
+    the files that held another content when parsed (hash None: could not be read whole)."""
     t0, frames, busy, done = time.perf_counter(), 0, 0.0, 0
     bar = Progress(len(new), "parsing replays", quiet=log in (None, _silent))
-    tasks = _tasks(dataset.folder, new, sizes, workers)
+    tasks, asked, changed = _tasks(dataset.folder, new, sizes, workers), {str(p): h for h, p in new}, {}
     try:
         for rows, seconds in mapped(parse_replays, tasks):
-            dataset.commit(rows)  # its shard is in place
+            dataset.commit([r for r in rows if r["hash"]])  # its shard is in place
+            changed.update({r["path"]: (r["hash"], r.get("error")) for r in rows if r["hash"] != asked[r["path"]]})
             busy += seconds
             for r in rows:
                 frames += r["frames"] or 0
@@ -2197,6 +2309,7 @@ def _parse_new(dataset: Dataset, new: list, sizes: dict, workers: int, log, mapp
     if log and frames:
         log(f"parsed {len(new)} new replays ({frames:,} frames) in {seconds:.1f} s on {workers} core(s): "
             f"{frames / seconds:,.0f} frames/s ({frames / busy:,.0f} per core: frames per second of parsing CPU time)")
+    return changed
 
 
 def _cache_dataset(cache: Path | None) -> Path:
@@ -3345,14 +3458,31 @@ def _teacher_logits(teacher: str | os.PathLike, episodes: list[Episode]) -> tupl
     return out, model
 
 
+# The files and folders a training writes under temporary names in its run folder, renamed into
+# place once complete (carry-<step>.tmp.npz: the state a stateful run carries into a step).
+RUN_TEMPORARIES = ("run.json.tmp", "window.onnx.tmp", "step.onnx.tmp", "train.tmp", "train/checkpoint.tmp",
+                   "train/best.tmp.npz", "train/carry-*.tmp.npz")
+
+
 class RunLock:
     """Exclusive use of a run folder while a training writes into it: a lock on `<run>/.lock`
     that the operating system releases when the process ends, however it ends (so a killed
-    training never leaves it stuck). A folder this lock created and that holds nothing else
-    afterwards is removed again."""
+    training never leaves it stuck). A failed training removes the temporaries it wrote (the
+    names of RUN_TEMPORARIES written or changed while it held the lock; nothing else, nothing
+    in other folders). A folder this lock created and that holds nothing else afterwards is
+    removed again."""
 
     def __init__(self, out: Path):
-        self.out, self.file, self.created = Path(out), None, False
+        self.out, self.file, self.created, self.before = Path(out), None, False, {}
+
+    def _temporaries(self) -> dict[Path, tuple]:
+        found = {}
+        for name in RUN_TEMPORARIES:
+            for path in self.out.glob(name):
+                with contextlib.suppress(OSError):
+                    st = path.lstat()
+                    found[path] = (st.st_ino, st.st_mtime_ns)
+        return found
 
     def __enter__(self):
         self.created = not self.out.exists()
@@ -3373,16 +3503,16 @@ class RunLock:
         self.file.truncate()
         self.file.write(str(os.getpid()))
         self.file.flush()
+        self.before = self._temporaries()  # (left by an earlier training, or a user's own: kept)
         return self
 
     def __exit__(self, kind, *exc):
-        self.file.close()
         if kind is not None:  # a failed training leaves no half-written file behind
-            import shutil
-            for tmp in sorted(self.out.rglob("*.tmp*"), reverse=True):
-                shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink(missing_ok=True)
+            for path, now in self._temporaries().items():
+                if self.before.get(path) != now:
+                    shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+        self.file.close()
         if self.created and [p.name for p in self.out.iterdir()] == [".lock"]:
-            import shutil
             shutil.rmtree(self.out, ignore_errors=True)
 
 
@@ -3462,7 +3592,7 @@ def _resume_settings(out: Path, spec, replays, data, given: dict) -> tuple[dict,
     sources, run_data = info["replays"]["source"], info["replays"].get("data")
     if replays is not None and [str(r) for r in ([replays] if isinstance(replays, (str, os.PathLike)) else replays)] != sources:
         problems.append(f"--replays {replays} (the run has {', '.join(sources) or 'none'})")
-    if data is not None and str(data) != run_data:
+    if data is not None and os.path.abspath(data) != os.path.abspath(run_data):
         problems.append(f"--data {data} (the run has {run_data})")
     if problems:
         raise UsageError(f"{out}: --resume continues the run with its own settings; these differ: "
@@ -3510,6 +3640,10 @@ def _train(spec, replays, data, out: Path, resume: bool, quiet: bool, cache, con
     train_games, val_games, skipped = _games(replays or None, data, cache, log, config, ray)
     train_eps, val_eps = [e for g in train_games for e in g], [e for g in val_games for e in g]
     lists = {"train": sorted({e.source for e in train_eps}), "val": sorted({e.source for e in val_eps})}
+    if resume:
+        for which, games in (("train", train_games), ("val", val_games)):
+            _check_games(info["replays"].get("hashes", {}).get(which), games, which,
+                         f"--resume cannot continue the run in {out} exactly: restore it, or train into another --out")
     if resume and {k: info["replays"][k] for k in lists} != lists:
         raise ExphilError(f"{out}: the replays found now differ from the run's; cannot resume exactly")
     if config.controller_dropout and spec.heads.markov:
@@ -3537,7 +3671,8 @@ def _train(spec, replays, data, out: Path, resume: bool, quiet: bool, cache, con
         "delay_range": [d_lo, d_hi], "target": "frame t predicts the controller at frame t + "
                                                + (f"{1 + d_lo}" if d_lo == d_hi else f"{1 + d_lo}..{1 + d_hi}"),
         "replays": {"source": [str(r) for r in ([replays] if isinstance(replays, (str, os.PathLike)) else replays or [])],
-                    "data": data and str(data), **lists, "skipped": skipped},
+                    "data": data and os.path.abspath(data), **lists, "skipped": skipped,
+                    "hashes": {k: sorted({e.digest for e in eps}) for k, eps in (("train", train_eps), ("val", val_eps))}},
         "frames": {"train": sum(e.frames for e in train_eps), "val": sum(e.frames for e in val_eps)},
         "baseline_loss": baseline, "label_frequencies": freqs, "markov_tables": baselines["markov"],
         "status": "running",
@@ -3754,15 +3889,31 @@ def chunks(items: list, size: int) -> list[list]:
     return [items[k:k + size] for k in range(0, len(items), size)]
 
 
+def _check_games(recorded: list[str] | None, games: list[list[Episode]], which: str, advice: str) -> None:
+    """Refuse games whose contents are not exactly the `recorded` ones (content hashes; None: a
+    run from before they were recorded), naming a game that changed."""
+    if recorded is None:
+        return
+    found = {g[0].digest: g[0].source for g in games}
+    changed = [source for digest, source in found.items() if digest not in recorded]
+    if changed:
+        raise ExphilError(f"{changed[0]}: not the content of the run's {which} game (it changed since); {advice}")
+    if len(found) < len(recorded):
+        raise ExphilError(f"{len(recorded) - len(found)} of the run's {which} games are gone; {advice}")
+
+
 def recorded_games(info: dict, which: str, log=None) -> list[list[Episode]]:
     """A run's training or validation games (`which`: "train" or "val") as its run.json lists
-    them: from its dataset when it trained on one (`--data`), else from the replay files."""
+    them: from its dataset when it trained on one (`--data`; exactly the recorded contents),
+    else from the replay files (refused when one has another content now)."""
     listed, data = info.get("replays", {}).get(which), info.get("replays", {}).get("data")
+    recorded = info.get("replays", {}).get("hashes", {}).get(which)  # (None: a run from before they were recorded)
     if not listed:
         return []
-    wanted = set(listed)
-    games, _ = (load_games(data=data, log=log, keep=lambda row: row["path"] in wanted) if data
-                else load_games(listed, log=log))
+    wanted = set(listed if recorded is None else recorded)
+    games, _ = (load_games(data=data, log=log, keep=lambda row: row["path" if recorded is None else "hash"] in wanted)
+                if data else load_games(listed, log=log))
+    _check_games(recorded, games, which, "pass the replays to use")
     return games
 
 

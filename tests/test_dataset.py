@@ -39,14 +39,14 @@ def test_ingest_reads_only_new_files_and_parses_each_content_once(tmp_path, monk
     assert [exphil.enums.Character(game[f"character_{i}"]).name for i in (1, 2)] == ["FALCO", "FALCO"]
     assert game["code_1"] is None and exphil.enums.Stage(game["stage"]).name == "BATTLEFIELD"
 
-    parsed, hashed, real_read, real_sha = [], [], exphil.read_replay, exphil.hashlib.sha256
+    parsed, hashed, real_read, real_content = [], [], exphil.read_replay, exphil._content
     monkeypatch.setattr(exphil, "read_replay", lambda path, **kw: parsed.append(path) or real_read(path, **kw))
-    monkeypatch.setattr(exphil.hashlib, "sha256", lambda data: hashed.append(len(data)) or real_sha(data))
+    monkeypatch.setattr(exphil, "_content", lambda path: hashed.append(os.path.basename(path)) or real_content(path))
     exphil.ingest(folder, data, workers=1)
     assert parsed == [] and hashed == []  # unchanged paths, sizes and times: nothing is read
     assert bench.distinct_copy(NINTENDONT, folder / "new.slp", 1)
     exphil.ingest(folder, data, workers=1)
-    assert [p.name for p in parsed] == ["new.slp"] and len(hashed) == 1
+    assert [p.name for p in parsed] == ["new.slp"] and hashed == ["new.slp"] * 2  # when found, and after parsing
 
 
 def test_filters_and_descriptions_come_from_the_manifest(tmp_path, monkeypatch):
@@ -148,3 +148,117 @@ def test_a_damaged_shard_is_one_clear_error_when_training_on_the_dataset(tmp_pat
     num.write_bytes(num.read_bytes()[:-4096])  # cut short, as a full disk or a killed copy leaves it
     with pytest.raises(exphil.ExphilError, match=rf"{tmp_path / 'data'}: shard {shard.name} is damaged .* `exphil ingest`"):
         exphil.load_games(data=tmp_path / "data")
+
+
+@pytest.mark.parametrize("when", ["before parsing", "while parsing", "every time"])
+def test_a_replay_replaced_after_hashing_is_recorded_as_what_was_parsed(tmp_path, monkeypatch, when):
+    """A sync tool puts another game in place of a replay after ingestion hashed it: the game is
+    recorded under the hash of the content parsed, and the first content, back again, is a new
+    game. A file that changes at every reading is reported, never recorded."""
+    folder, data, target = tmp_path / "replays", tmp_path / "data", tmp_path / "replays" / "game.slp"
+    folder.mkdir()
+    shutil.copy(NETPLAY, target)
+    reads, real_read = [], exphil.read_replay
+
+    def replace():
+        shutil.copy(NINTENDONT if target.read_bytes() == NETPLAY.read_bytes() else NETPLAY, folder / "part")
+        os.replace(folder / "part", target)
+
+    def read(path, **kw):
+        reads.append(path)
+        if when == "before parsing" and len(reads) == 1:
+            replace()
+        game = real_read(path, **kw)
+        if when != "before parsing" and (len(reads) == 1 or when == "every time"):
+            replace()
+        return game
+    monkeypatch.setattr(exphil, "read_replay", read)
+    col = exphil.ingest(folder, data, workers=1)
+    if when == "every time":
+        assert col.dataset.rows() == [] and target not in col.hashes and "changed while being read" in col.errors[target]
+        return
+    (row,) = col.dataset.rows()
+    assert row["hash"] == exphil._file_hash(target)[0] == exphil._file_hash(NINTENDONT)[0] == col.hashes[target]
+    assert row["frames"] == exphil.read_replay(NINTENDONT, finalized=True).frame_ids.size
+    shutil.copy(NETPLAY, target)
+    col = exphil.ingest(folder, data, workers=1)
+    assert sorted(r["frames"] for r in col.dataset.rows()) == [6233, row["frames"]]
+    assert col.hashes[target] == exphil._file_hash(NETPLAY)[0]
+
+
+def test_hashing_reads_a_file_in_blocks(tmp_path):
+    """A 512 MiB junk .slp is hashed in a process whose peak memory grows by far less than it."""
+    junk = tmp_path / "junk.slp"
+    with open(junk, "wb") as f:
+        f.truncate(512 << 20)
+    code = ("import resource, sys, exphil; peak = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss; "
+            "before = peak(); digest, error = exphil._file_hash(sys.argv[1]); print(peak() - before, digest, error)")
+    res = subprocess.run([sys.executable, "-c", code, junk], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    grown_kib, digest, error = res.stdout.split()
+    assert int(grown_kib) < 32 << 10 and len(digest) == 24 and error == "None", res.stdout + res.stderr
+
+
+def test_ingestions_in_another_pid_namespace_keep_each_others_shards(tmp_path):
+    """An ingestion in another PID namespace (`unshare`, as on another host of a Ray cluster or in
+    another container) sees no process of this one: it keeps this process's shard that is written
+    but not yet committed, and removes only leftovers untouched for a day."""
+    if shutil.which("unshare") is None or subprocess.run(["unshare", "--pid", "--fork", "--mount-proc", "true"],
+                                                         capture_output=True).returncode != 0:
+        pytest.skip("cannot make a PID namespace here")
+    data, more = tmp_path / "data", tmp_path / "more"
+    more.mkdir()
+    for k in range(2):
+        assert bench.distinct_copy(NINTENDONT, more / f"{k}.slp", k)
+    dataset = exphil.Dataset(data, create=True)
+    digest = exphil._file_hash(NETPLAY)[0]
+    task = exphil._tasks(data, [(digest, NETPLAY)], {digest: NETPLAY.stat().st_size}, 1)[0]
+    rows, _ = exphil.parse_replays(task)  # this process's shard, in place, its row not committed yet
+    old = data / "shards" / ".tmp-0badc0de-1-0-0"
+    old.mkdir()  # another host's leftover from two days ago
+    os.utime(old, (time.time() - 2 * 86400,) * 2)
+    res = subprocess.run(["unshare", "--pid", "--fork", "--mount-proc", sys.executable, "-m", "exphil", "ingest", more,
+                          "--out", data, "--workers", "1"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    assert (data / "shards" / task[1]).is_dir() and not old.exists()
+    dataset.commit(rows)
+    games, skipped = exphil.load_games(data=data)
+    assert len(games) == 3 and not skipped
+    exphil.ingest(more, data, workers=1)  # (nothing new: every shard left is one the manifest uses)
+    assert {d.name for d in (data / "shards").iterdir()} == {r["shard"] for r in dataset.rows()}
+
+
+def test_a_run_records_its_dataset_as_an_absolute_path(tmp_path):
+    """A run trained on `--data data` (relative) is quantized from another folder."""
+    exphil.ingest(REPLAYS, tmp_path / "data", workers=1)
+    res = subprocess.run([sys.executable, "-m", "exphil", "train", "mlp", "--data", "data", "--max-steps", "2",
+                          "--batch-size", "8", "--out", "run", "--quiet"], cwd=tmp_path, capture_output=True, text=True,
+                         env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=300)
+    assert res.returncode == 0, res.stderr
+    assert json.loads((tmp_path / "run" / "run.json").read_text())["replays"]["data"] == str(tmp_path / "data")
+    res = cli("quantize", tmp_path / "run", "--min-agreement", "0", "--max-frames", "300", "--json")
+    assert res.returncode == 0 and json.loads(res.stdout)["frames"] > 0, res.stderr
+
+
+def test_unusable_names_and_links_are_skipped_and_reported(tmp_path):
+    """A replay and a folder whose names are not UTF-8, a link to nowhere and a link loop, beside
+    good replays: each is one `skipped` line; ingest, data and train --replays go on."""
+    folder = tmp_path / "replays"
+    shutil.copytree(REPLAYS, folder)
+    shutil.copy(NINTENDONT, os.fsdecode(os.fsencode(folder) + b"/bad\xff.slp"))
+    os.mkdir(os.fsencode(folder) + b"/dir\xfe")
+    shutil.copy(NETPLAY, os.fsdecode(os.fsencode(folder) + b"/dir\xfe/in.slp"))
+    os.symlink(tmp_path / "gone.slp", folder / "dangling.slp")
+    os.symlink("loop.slp", folder / "loop.slp")
+    expected = {f"{folder}/bad\\xff.slp: the file name is not valid UTF-8: rename it",
+                f"{folder}/dir\\xfe/in.slp: the file name is not valid UTF-8: rename it",
+                f"{folder}/dangling.slp: a broken symbolic link",
+                f"{folder}/loop.slp: cannot read file: Too many levels of symbolic links"}
+    res = cli("ingest", folder, "--out", tmp_path / "data")
+    assert res.returncode == 0 and f"{tmp_path / 'data'}: 3 replays found, 3 distinct, 4 skipped" in res.stdout, res.stderr
+    assert {l.removeprefix("skipped ") for l in res.stderr.splitlines() if l.startswith("skipped ")} == expected
+    res = cli("data", folder, "--json")
+    assert res.returncode == 0 and json.loads(res.stdout)["games"] == 3, res.stderr
+    res = cli("train", "mlp", "--replays", folder, "--max-steps", "1", "--batch-size", "8", "--out", tmp_path / "run")
+    assert res.returncode == 0, res.stderr
+    skipped = json.loads((tmp_path / "run" / "run.json").read_text())["replays"]["skipped"]
+    assert {f"{s['path']}: {s['reason']}" for s in skipped} == expected

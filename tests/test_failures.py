@@ -2,6 +2,7 @@
 garbage exported (real processes and real files)."""
 
 import json
+import os
 import shutil
 import signal
 import struct
@@ -12,6 +13,7 @@ import time
 import numpy as np
 import pytest
 
+import bench
 import exphil
 from conftest import REPLAYS, ROOT
 
@@ -354,3 +356,59 @@ def test_an_empty_batch_is_an_error_not_a_crash(tmp_path):
     eps = exphil.load_replay(REPLAYS / "hohav-py-slippi__netplay_name.slp")
     with pytest.raises(exphil.ExphilError, match="no windows"):
         trainer.step(exphil.make_batch(eps, [], 8))
+
+
+def test_a_failed_training_removes_only_the_temporaries_it_wrote(tmp_path, mlp_run):
+    """Files of a user and of other runs survive a training that fails after taking its run lock:
+    a mistyped --replays (into a new folder, into a folder of the user's, into the current one)
+    and a folder that already holds a run."""
+    proj, other = tmp_path / "proj", tmp_path / "proj" / "other"
+    (proj / "templates").mkdir(parents=True)
+    shutil.copytree(mlp_run.path, other)
+    kept = {proj / "templates" / "page.tmpl": "keep", proj / "data.tmp": "keep", proj / "run.json.tmp": "a user's",
+            other / "train" / "checkpoint.tmp": "another run's", other / "train.tmp" / "part": "another run's"}
+    for path, text in kept.items():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}  # (this exphil, run from another folder)
+    for out, cwd in (("proj", tmp_path), (".", tmp_path), (".", proj), ("proj/new", tmp_path)):
+        res = subprocess.run([sys.executable, "-m", "exphil", "train", "mlp", "--replays", tmp_path / "nonexistent",
+                              "--out", out], cwd=cwd, env=env, capture_output=True, text=True)
+        assert res.returncode == 1 and "nonexistent: no such replay file or directory" in res.stderr, res.stderr
+    assert not (proj / "new").exists()  # (the folder the failed training created is gone again)
+    res = cli("train", "mlp", "--replays", REPLAYS, "--out", other)
+    assert res.returncode == 2 and "already holds a run" in res.stderr, res.stderr
+    with exphil.RunLock(other):  # (as a training in progress holds it)
+        res = cli("train", "mlp", "--replays", REPLAYS, "--out", other, "--resume")
+        assert res.returncode == 1 and "is in use by another training" in res.stderr, res.stderr
+    assert {path: path.read_text() for path in kept} == kept
+
+
+def test_resume_and_recorded_games_refuse_a_replay_whose_content_changed(tmp_path):
+    """A replay replaced under the same path: --resume refuses (naming it) for --replays and for
+    --data (the dataset ingested again); a --data run's recorded games are exactly those it
+    trained on, not the new content the dataset gained."""
+    folder, data, target = tmp_path / "replays", tmp_path / "data", tmp_path / "replays" / "b.slp"
+    folder.mkdir()
+    for name, src in (("a.slp", "hohav-py-slippi__nintendont.slp"), ("b.slp", "hohav-py-slippi__netplay_name.slp"),
+                      ("c.slp", "hohav-peppi__duplicate_game_end.slp")):
+        shutil.copy(REPLAYS / src, folder / name)
+    exphil.ingest(folder, data, workers=1)
+    common = ["--max-steps", "2", "--batch-size", "8", "--val-split", "0.34"]
+    runs = {"replays": ["--replays", folder, "--out", tmp_path / "r"], "data": ["--data", data, "--out", tmp_path / "d"]}
+    for args in runs.values():
+        res = cli("train", "mlp", *args, *common)
+        assert res.returncode == 0, res.stderr
+    before = json.loads((tmp_path / "d" / "run.json").read_text())
+    bench.distinct_copy(REPLAYS / "hohav-py-slippi__netplay_name.slp", target, 7)  # the same game, another content
+    exphil.ingest(folder, data, workers=1)
+    for args in runs.values():
+        res = cli("train", "mlp", *args, *common, "--resume")
+        assert res.returncode == 1 and "Traceback" not in res.stderr, res.stderr
+        assert res.stderr.strip().splitlines()[-1].startswith(f"exphil: error: {target}: not the content of the run's ")
+    games = [g for which in ("train", "val") for g in exphil.recorded_games(before, which)]
+    assert sorted(g[0].digest for g in games) == sorted(sum(before["replays"]["hashes"].values(), []))
+    info = json.loads((tmp_path / "r" / "run.json").read_text())
+    which = "train" if str(target) in info["replays"]["train"] else "val"
+    with pytest.raises(exphil.ExphilError, match=f"{target}: not the content of the run's {which} game"):
+        exphil.recorded_games(info, which)
