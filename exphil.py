@@ -1500,7 +1500,8 @@ class Game(NamedTuple):
     stage: int                 # libmelee Stage value
     frame_ids: np.ndarray      # int32[T]
     players: dict              # libmelee port -> {field: array[T] (speeds: float32[T, 5])}
-    info: dict = {}            # "slippi" version, "date" (as recorded), "codes": port -> player code
+    info: dict = {}            # "slippi" version, "date" (as recorded), "codes": port -> player code,
+                               # "parser" that read it: "peppi-py" or "libmelee"
 
     @property
     def ports(self):

@@ -1,6 +1,7 @@
 """Replays peppi-py cannot read (it panics on Slippi 3.3-3.6 games) are read by libmelee's replay
 console instead, to the same columns, features and labels."""
 
+import json
 import shutil
 import subprocess
 import sys
@@ -96,3 +97,20 @@ def test_ingest_counts_the_games_read_through_libmelee(tmp_path):
             cat, num = exphil.game_features(game, ep.port, [p for p in game.ports if p != ep.port][0])
             assert np.array_equal(ep.cat, cat) and np.array_equal(ep.num, num)
             assert np.array_equal(ep.labels["main_x"], exphil.game_labels(game, ep.port)["main_x"])
+
+
+def test_bench_times_the_parsers(tmp_path):
+    """`bench.py --parsers`: frames/s of each way to read each replay (peppi-py only where it reads
+    the file), and the fallback beside libmelee's console alone."""
+    panicking = SHARED / "odd" / "altf4-libmelee__test_game_1.slp"
+    paths = [REPLAYS / "hohav-py-slippi__netplay_name.slp"] + [panicking] * panicking.is_file()
+    out = subprocess.run([sys.executable, str(ROOT / "bench.py"), "--parsers", *map(str, paths), "--rounds", "1",
+                          "--json", str(tmp_path / "p.json")], capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert out.returncode == 0, out.stderr
+    rows = json.loads((tmp_path / "p.json").read_text())["parsers"]
+    assert [r["replay"] for r in rows] == [p.name for p in paths]
+    for path, row in zip(paths, rows):
+        assert row["frames"] == len(exphil.read_replay(path, finalized=True).frame_ids)
+        assert set(row["fps"]) == ({"fallback", "console"} if path == panicking else {"peppi", "fallback", "console"})
+        assert all(v > 0 for v in row["fps"].values()) and row["fallback_vs_console"] > 0
+    assert ("cannot" in out.stdout) == (len(paths) == 2) and f"all {len(paths)} replays" in out.stdout
