@@ -2278,6 +2278,7 @@ def ingest(replays, out: str | os.PathLike, log=None, max_files: int = 0, worker
             for problem in dataset.check([r for r in dataset.rows() if r["hash"] in wanted]):
                 if log:
                     log(f"parsing again the games of a damaged shard: {problem}")
+            _forget_unread_by_libmelee(dataset, wanted)
             have, new = {r["hash"] for r in dataset.rows()}, {}
             for p, h in hashes.items():
                 if h not in have:
@@ -2292,6 +2293,15 @@ def ingest(replays, out: str | os.PathLike, log=None, max_files: int = 0, worker
                 "that calls exphil needs an `if __name__ == \"__main__\":` guard to use every core)")
         return ingest(replays, out, log, max_files, workers=1)
     return _Collection(paths, hashes, errors, unreadable, dataset)
+
+
+def _forget_unread_by_libmelee(dataset: Dataset, hashes: set) -> None:
+    """Forget the games of these contents that an exphil without the libmelee fallback recorded as
+    unreadable (their reason names peppi-py's error alone), so that they are parsed again."""
+    with dataset.db:
+        dataset.db.execute("BEGIN")
+        dataset.db.executemany("DELETE FROM games WHERE hash = ? AND shard IS NULL AND skipped LIKE 'unreadable (%' "
+                               "AND skipped NOT LIKE '%libmelee%'", [(h,) for h in hashes])
 
 
 def _parse_new(dataset: Dataset, new: list, sizes: dict, workers: int, log, mapped) -> None:

@@ -114,3 +114,25 @@ def test_bench_times_the_parsers(tmp_path):
         assert set(row["fps"]) == ({"fallback", "console"} if path == panicking else {"peppi", "fallback", "console"})
         assert all(v > 0 for v in row["fps"].values()) and row["fallback_vs_console"] > 0
     assert ("cannot" in out.stdout) == (len(paths) == 2) and f"all {len(paths)} replays" in out.stdout
+
+
+@needs_odd
+def test_games_an_older_exphil_could_not_read_are_parsed_again(tmp_path):
+    """A dataset that recorded a panicking game as unreadable (peppi-py's reason alone, as exphil
+    did before the fallback) reads it at the next ingestion; a reason that names libmelee stays."""
+    folder = tmp_path / "replays"
+    folder.mkdir()
+    shutil.copy(SHARED / "odd" / "altf4-libmelee__test_game_1.slp", folder)
+    shutil.copy(BROKEN / "hohav-peppi__corrupt.slp", folder)
+    exphil.ingest(folder, tmp_path / "data", workers=1)
+    dataset = exphil.Dataset(tmp_path / "data")
+    old = "unreadable (PanicException: called `Result::unwrap()` on an `Err` value: OutOfSpec(...))"
+    dataset.db.execute("UPDATE games SET skipped = ?, shard = NULL, start = NULL, frames = NULL WHERE path LIKE "
+                       "'%test_game_1.slp'", (old,))
+    lines = []
+    exphil.ingest(folder, tmp_path / "data", log=lines.append, workers=1)
+    rows = {r["path"].rsplit("/", 1)[1]: r for r in dataset.rows()}
+    assert rows["altf4-libmelee__test_game_1.slp"]["skipped"] is None
+    assert rows["altf4-libmelee__test_game_1.slp"]["frames"] == 1038
+    assert "libmelee" in rows["hohav-peppi__corrupt.slp"]["skipped"]
+    assert any(line.startswith("parsed 1 new replays (1,038 frames, 1 read by libmelee") for line in lines), lines
