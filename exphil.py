@@ -1605,20 +1605,19 @@ def _checked(game: Game) -> Game:
 
 
 # libmelee's physical buttons, as the bits of a Slippi pre-frame's physical button field
-_MELEE_BUTTON_BITS = tuple((Button["BUTTON_" + b], bit) for b, bit in (
+_MELEE_BUTTON_BITS = {Button["BUTTON_" + b]: bit for b, bit in (
     ("D_LEFT", 0x1), ("D_RIGHT", 0x2), ("D_DOWN", 0x4), ("D_UP", 0x8), ("Z", 0x10), ("R", 0x20), ("L", 0x40),
-    ("A", 0x100), ("B", 0x200), ("X", 0x400), ("Y", 0x800), ("START", 0x1000)))
+    ("A", 0x100), ("B", 0x200), ("X", 0x400), ("Y", 0x800), ("START", 0x1000))}
 
 
 def _melee_values(p) -> tuple:
     """One libmelee PlayerState's values, in the order of _from_melee_values."""
     cs = p.controller_state
-    b = cs.button
     return (p.character.value, p.action.value, p.position.x, p.position.y, p.percent, p.shield_strength, p.stock,
             p.facing, p.action_frame, p.hitstun_frames_left, p.on_ground, p.jumps_left, p.invulnerable,
             p.hitlag_left, p.speed_air_x_self, p.speed_y_self, p.speed_x_attack, p.speed_y_attack,
             p.speed_ground_x_self, *cs.main_stick, *cs.c_stick, cs.l_shoulder,
-            sum(bit for button, bit in _MELEE_BUTTON_BITS if b[button]))
+            sum(_MELEE_BUTTON_BITS.get(button, 0) for button, pressed in cs.button.items() if pressed))
 
 
 def _from_melee_values(v: np.ndarray) -> dict:
