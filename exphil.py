@@ -2049,7 +2049,7 @@ def parse_replays(task: tuple) -> tuple[list[dict], float]:
             continue
         codes = game.info.get("codes", {})
         row.update(frames=eps[0].frames, stage=game.stage, slippi=game.info.get("slippi"), date=game.info.get("date"),
-                   shard=name, start=at, parser=game.info["parser"])  # (the parser is reported, not recorded)
+                   shard=name, start=at, parser=game.info.get("parser"))  # (the parser is reported, not recorded)
         for i, ep in enumerate(eps, 1):
             row.update({f"port_{i}": ep.port, f"character_{i}": int(ep.cat[0, 2]), f"code_{i}": codes.get(ep.port)})
         rows.append(row)
