@@ -13,6 +13,8 @@
                                          # data at scale: collections of distinct copies of
                                          # ../shared/replays, ingested, described and trained on
                                          # (time to the first step, frames/s, peak RSS)
+    python bench.py --parsers            # replay reading speed: peppi-py, the libmelee fallback
+                                         # and libmelee's replay console alone (frames/s)
     python bench.py --train --replays DIR --max-steps 600
                                          # train every spec on the same games for the same number
                                          # of steps (or --budget-seconds), then rank them by their
@@ -731,6 +733,71 @@ def print_scale(rows: list[dict]) -> None:
               + " / ".join(f"{r['batch_ms'][k]:.1f}" for k in ("shards", "in_memory", "step")) + " |")
 
 
+def parser_speed(paths: list[Path], rounds: int = 3) -> list[dict]:
+    """Frames of a replay read per second of CPU time (this process's: what one core does, however
+    busy the machine is), medians of `rounds` rounds that read each replay once in each way:
+    peppi-py (read_replay, when peppi-py reads the file), the libmelee fallback
+    (read_replay_libmelee) and libmelee's replay console alone (every frame stepped through,
+    nothing kept). Frames are those read_replay keeps (finalized, as ingestion reads them)."""
+    import melee
+    import peppi_py
+
+    def console_alone(path):
+        console = melee.Console(path=str(path), is_dolphin=False, allow_old_version=True, skip_rollback_frames=False)
+        console.connect()
+        while console.step() is not None:
+            pass
+
+    def peppi_reads(path) -> bool:
+        try:
+            with exphil._quiet_fd2():
+                peppi_py.read_slippi(str(path))
+            return True
+        except BaseException:  # (peppi-py's panics are BaseExceptions)
+            return False
+
+    rows = []
+    for path in paths:
+        try:
+            game = exphil.read_replay_libmelee(path, finalized=True)
+        except exphil.ReplayError as e:
+            print(f"(not timed: {e})")
+            continue
+        ways = {"fallback": lambda: exphil.read_replay_libmelee(path, finalized=True),
+                "console": lambda: console_alone(path)}
+        if peppi_reads(path):
+            ways["peppi"] = lambda: exphil.read_replay(path, finalized=True)
+        seconds = {k: [] for k in ways}
+        for _ in range(rounds):
+            for k, read in ways.items():
+                t0 = time.process_time()
+                read()
+                seconds[k].append(time.process_time() - t0)
+        frames = len(game.frame_ids)
+        row = {"replay": path.name, "slippi": game.info["slippi"], "frames": frames, "seconds": {}, "fps": {}}
+        for k, times in seconds.items():
+            row["seconds"][k] = float(np.median(times))
+            row["fps"][k] = frames / row["seconds"][k]
+        row["fallback_vs_console"] = row["seconds"]["console"] / row["seconds"]["fallback"]
+        rows.append(row)
+        print_parser_row(row, header=len(rows) == 1)
+    if not rows:
+        return rows
+    total = {k: sum(r["seconds"][k] for r in rows) for k in ("fallback", "console")}
+    frames = sum(r["frames"] for r in rows)
+    print(f"{'all ' + str(len(rows)) + ' replays':<48}{frames:>8,}{'':>12}{frames / total['fallback']:>12,.0f}"
+          f"{frames / total['console']:>12,.0f}{total['console'] / total['fallback']:>10.2f}")
+    return rows
+
+
+def print_parser_row(row: dict, header: bool) -> None:
+    if header:
+        print(f"{'replay':<40}{'Slippi':>8}{'frames':>8}{'peppi-py':>12}{'fallback':>12}{'console':>12}{'ratio':>10}")
+    peppi = f"{row['fps']['peppi']:>12,.0f}" if "peppi" in row["fps"] else f"{'cannot':>12}"
+    print(f"{row['replay'][:39]:<40}{row['slippi']:>8}{row['frames']:>8,}{peppi}{row['fps']['fallback']:>12,.0f}"
+          f"{row['fps']['console']:>12,.0f}{row['fallback_vs_console']:>10.2f}", flush=True)
+
+
 def machine() -> dict:
     import onnxruntime as ort
 
@@ -793,6 +860,10 @@ def main(argv=None) -> int:
     parser.add_argument("--in-memory-up-to", type=int, default=10,
                         help="--scale: also train on in-memory arrays up to this size")
     parser.add_argument("--repeats", type=int, default=2, help="--scale: training runs of each kind (medians)")
+    parser.add_argument("--parsers", nargs="*", type=Path, metavar="REPLAY",
+                        help="replay reading speed: peppi-py, the libmelee fallback and libmelee's console alone "
+                             "(default: the shipped replays and the games of ../shared/collection/odd)")
+    parser.add_argument("--rounds", type=int, default=3, help="--parsers: rounds of reads (medians)")
     parser.add_argument("--json", help="also write every number to this file")
     args = parser.parse_args(argv)
     REPLAY = args.replay
@@ -803,7 +874,13 @@ def main(argv=None) -> int:
     print(f"{info['cpu']} ({info['cores']} cores), {info['os']}, Python {info['python']}, "
           f"onnxruntime {info['onnxruntime']}, providers: {', '.join(info['providers'])}")
     result, t0 = {"machine": info}, time.perf_counter()
-    if args.conditioning:
+    if args.parsers is not None:
+        paths = [p for a in args.parsers for p in exphil.find_replays(a)] or sorted(
+            [*(ROOT / "tests" / "replays").glob("*.slp"), *(ROOT.parent / "shared" / "collection" / "odd").glob("*.slp")])
+        print(f"\nreplay reading: frames per second of CPU time, medians of {args.rounds} rounds (read_replay's "
+              f"frames, finalized); ratio: console alone / fallback time\n")
+        result["parsers"] = parser_speed(paths, args.rounds)
+    elif args.conditioning:
         result["conditioning"] = conditioning(args.conditioning, args.replays)
         print(f"\n{args.conditioning}: mean probabilities per frame (players: shares of frames)\n")
         print_conditioning(result["conditioning"])

@@ -1389,7 +1389,8 @@ def load_params(path: str | os.PathLike) -> dict[str, np.ndarray]:
 # Two sources produce the same numbers for the same frame:
 #
 # * ``read_replay`` + ``game_features`` / ``game_labels``: vectorised over a whole Slippi replay
-#   parsed with peppi-py (training data).
+#   parsed with peppi-py (training data); libmelee's replay console reads the replays peppi-py
+#   cannot (``read_replay_libmelee``, same columns in libmelee's units).
 # * ``features_from_gamestate`` / ``encode_controller``: one libmelee ``GameState`` at a time
 #   (play time, and libmelee's replay console).
 #
@@ -1501,7 +1502,8 @@ class Game(NamedTuple):
     stage: int                 # libmelee Stage value
     frame_ids: np.ndarray      # int32[T]
     players: dict              # libmelee port -> {field: array[T] (speeds: float32[T, 5])}
-    info: dict = {}            # "slippi" version, "date" (as recorded), "codes": port -> player code
+    info: dict = {}            # "slippi" version, "date" (as recorded), "codes": port -> player code,
+                               # "parser" that read it: "peppi-py" or "libmelee"
 
     @property
     def ports(self):
@@ -1523,7 +1525,9 @@ def read_replay(path, finalized=False) -> Game:
     """Parse a .slp file into per-frame arrays for its two players; ReplayError if unusable.
 
     finalized=False keeps the first version of rolled-back frames (as libmelee does),
-    finalized=True the last one.
+    finalized=True the last one. peppi-py reads the file; one it cannot read (it panics on
+    Slippi 3.3-3.6 replays, for one) is read by libmelee's replay console instead
+    (`read_replay_libmelee`). info["parser"] says which one read it.
     """
     import peppi_py
 
@@ -1534,7 +1538,13 @@ def read_replay(path, finalized=False) -> Game:
     except (KeyboardInterrupt, SystemExit):
         raise
     except BaseException as e:  # peppi panics raise pyo3's PanicException (a BaseException)
-        raise ReplayError(path, f"unreadable ({type(e).__name__}: {str(e)[:160]})") from None
+        try:
+            return read_replay_libmelee(path, finalized)
+        except ReplayError as fallback:
+            if not fallback.reason.startswith(_UNREADABLE):  # read, but not a usable game
+                raise
+            raise ReplayError(path, f"{_UNREADABLE}peppi-py {_error_text(e)}; "
+                                    f"{fallback.reason.removeprefix(_UNREADABLE)}") from None
     start, frames = game.start, game.frames
     if len(start.players) != 2 or start.is_teams:
         raise ReplayError(path, f"not a 1v1: {len(start.players)} players, teams={start.is_teams}")
@@ -1544,22 +1554,15 @@ def read_replay(path, finalized=False) -> Game:
     if frames is None or len(frames.id) == 0 or len(frames.ports) != 2:
         raise ReplayError(path, "no frame data")
     ids = frames.id.to_numpy(zero_copy_only=False)
-    if finalized:  # last occurrence of each frame id, in id order
-        _, last = np.unique(ids[::-1], return_index=True)
-        keep = len(ids) - 1 - last
-    else:  # frames whose id is above every id seen before
-        first = np.ones(len(ids), bool)
-        first[1:] = ids[1:] > np.maximum.accumulate(ids)[:-1]
-        keep = np.flatnonzero(first)
-
+    keep = _kept_frames(ids, finalized)
     col = functools.partial(_column, keep=keep, path=path)
     players = {}
     for info, data in zip(start.players, frames.ports):
-        port, pre, post = info.port.value + 1, data.leader.pre, data.leader.post
+        pre, post = data.leader.pre, data.leader.post
         vel = post.velocities
         speeds = [col(None if vel is None else getattr(vel, k), "velocities", 0, np.float32)
                   for k in ("self_x_air", "self_y", "knockback_x", "knockback_y", "self_x_ground")]
-        players[port] = arrays = dict(
+        players[info.port.value + 1] = dict(
             character=col(post.character, "character"), action=col(post.state, "action state"),
             x=col(post.position.x, "position"), y=col(post.position.y, "position"),
             percent=col(post.percent, "percent"), shield=col(post.shield, "shield"),
@@ -1574,10 +1577,122 @@ def read_replay(path, finalized=False) -> Game:
             joy_x=col(pre.joystick.x, "joystick"), joy_y=col(pre.joystick.y, "joystick"),
             c_x=col(pre.cstick.x, "c-stick"), c_y=col(pre.cstick.y, "c-stick"),
             trigger=col(pre.triggers, "triggers"), buttons=col(pre.buttons_physical, "buttons"))
+    stage = enums.to_internal_stage(start.stage).value
+    return _checked(Game(path, stage, ids[keep], players, {**_replay_info(game), "parser": "peppi-py"}))
+
+
+_UNREADABLE = "unreadable ("  # how the reason for a file no parser could read starts
+
+
+def _error_text(e: BaseException) -> str:
+    return f"{type(e).__name__}: {str(e)[:160]}"
+
+
+def _kept_frames(ids: np.ndarray, finalized: bool) -> np.ndarray:
+    """Indices of the version of each frame id to keep from a replay's frames in file order."""
+    if finalized:  # last occurrence of each frame id, in id order
+        _, last = np.unique(ids[::-1], return_index=True)
+        return len(ids) - 1 - last
+    first = np.ones(len(ids), bool)  # frames whose id is above every id seen before
+    first[1:] = ids[1:] > np.maximum.accumulate(ids)[:-1]
+    return np.flatnonzero(first)
+
+
+def _checked(game: Game) -> Game:
+    for port, arrays in game.players.items():
         for k, v in arrays.items():  # (misc_as is NaN outside hitstun: libmelee reads that as 0)
             if k != "misc_as" and v.dtype.kind == "f" and not np.isfinite(v).all():
-                raise ReplayError(path, f"non-finite {k} values at port {port}")
-    return Game(path, enums.to_internal_stage(start.stage).value, ids[keep], players, _replay_info(game))
+                raise ReplayError(game.path, f"non-finite {k} values at port {port}")
+    return game
+
+
+# libmelee's physical buttons, as the bits of a Slippi pre-frame's physical button field
+_MELEE_BUTTON_BITS = {Button["BUTTON_" + b]: bit for b, bit in (
+    ("D_LEFT", 0x1), ("D_RIGHT", 0x2), ("D_DOWN", 0x4), ("D_UP", 0x8), ("Z", 0x10), ("R", 0x20), ("L", 0x40),
+    ("A", 0x100), ("B", 0x200), ("X", 0x400), ("Y", 0x800), ("START", 0x1000))}
+
+
+def _melee_values(p) -> tuple:
+    """One libmelee PlayerState's values, in the order of _from_melee_values."""
+    cs = p.controller_state
+    return (p.character.value, p.action.value, p.position.x, p.position.y, p.percent, p.shield_strength, p.stock,
+            p.facing, p.action_frame, p.hitstun_frames_left, p.on_ground, p.jumps_left, p.invulnerable,
+            p.hitlag_left, p.speed_air_x_self, p.speed_y_self, p.speed_x_attack, p.speed_y_attack,
+            p.speed_ground_x_self, *cs.main_stick, *cs.c_stick, cs.l_shoulder,
+            sum(_MELEE_BUTTON_BITS.get(button, 0) for button, pressed in cs.button.items() if pressed))
+
+
+def _from_melee_values(v: np.ndarray) -> dict:
+    """read_replay's columns of one player from _melee_values rows [T, 25] (float64: exact for
+    every value). libmelee's integers stand for peppi-py's floats (state age, hitstun, hitlag: the
+    features truncate them the same way), its booleans for flags (hurtbox: 1 for any invulnerability),
+    and its 0..1 sticks for peppi-py's -1..1 ones (the features map them back to the same float32)."""
+    f32 = lambda a: a.astype(np.float32)
+    character, action = v[:, 0].astype(np.uint8), v[:, 1].astype(np.uint16)
+    zero_indexed = np.isin(character.astype(np.int64) << 16 | action, _ZERO_INDEXED)
+    sticks = (f32(v[:, 19:23]) - np.float32(0.5)) * np.float32(2)
+    return dict(character=character, action=action, x=f32(v[:, 2]), y=f32(v[:, 3]), percent=f32(v[:, 4]),
+                shield=f32(v[:, 5]), stock=v[:, 6].astype(np.uint8), direction=f32(np.where(v[:, 7] > 0, 1, -1)),
+                state_age=f32(v[:, 8] - zero_indexed), misc_as=f32(v[:, 9]), airborne=(v[:, 10] == 0).astype(np.uint8),
+                jumps=v[:, 11].astype(np.uint8), hurtbox=v[:, 12].astype(np.uint8), hitlag=f32(v[:, 13]),
+                speeds=f32(v[:, 14:19]), joy_x=sticks[:, 0], joy_y=sticks[:, 1], c_x=sticks[:, 2], c_y=sticks[:, 3],
+                trigger=f32(v[:, 23]), buttons=v[:, 24].astype(np.uint16))
+
+
+_SLP_HEADER = b"{U\x03raw[$U#l"  # a .slp file's first bytes; then the length of its event stream (4 bytes)
+_PLAYER_TYPES = ("HUMAN", "CPU", "DEMO")  # a game start's player types (3: no player)
+
+
+def _human_ports(path: str) -> list[int]:
+    """The two ports of a 1v1 of two humans, from a replay's game start event (teams flag and
+    player types), which follows the event payload sizes at the start of its event stream
+    (libmelee 0.47 reads the teams flag together with the next byte and tells no player type)."""
+    with open(path, "rb") as f:
+        head = f.read(len(_SLP_HEADER) + 4 + 256 + 0x100)
+    events = head[len(_SLP_HEADER) + 4:]
+    at = events[1] + 1 if len(events) > 1 else 0
+    if not head.startswith(_SLP_HEADER) or len(events) < at + 0x100 or events[0] != 0x35 or events[at] != 0x36:
+        raise ValueError("no game start event at the start of the replay")
+    start = events[at:]
+    teams, types = bool(start[0xD]), [start[0x66 + 0x24 * i] for i in range(4)]
+    players = {i + 1: _PLAYER_TYPES[t] if t < 3 else str(t) for i, t in enumerate(types) if t != 3}
+    if len(players) != 2 or teams:
+        raise ReplayError(path, f"not a 1v1: {len(players)} players, teams={teams}")
+    if any(t != "HUMAN" for t in players.values()):
+        raise ReplayError(path, "not two human players: " + ", ".join(f"port {p} is {t}" for p, t in players.items()))
+    return list(players)
+
+
+def read_replay_libmelee(path, finalized=False) -> Game:
+    """read_replay through libmelee's replay console (what read_replay falls back to): every
+    version of every frame, kept as read_replay keeps them; ReplayError if unusable."""
+    import melee
+
+    path = os.fspath(path)
+    ids, first = [], None
+    try:
+        console = melee.Console(path=path, is_dolphin=False, allow_old_version=True, skip_rollback_frames=False)
+        console.connect()
+        rows = {p: [] for p in _human_ports(path)}
+        while (gs := console.step()) is not None:
+            if set(gs.players) != set(rows):
+                raise ReplayError(path, f"frame {gs.frame} holds ports {sorted(map(int, gs.players))}, not {list(rows)}")
+            if first is None:
+                first = gs
+            ids.append(gs.frame)
+            for p, r in rows.items():
+                r.append(_melee_values(gs.players[p]))
+    except ReplayError:
+        raise
+    except Exception as e:  # (libmelee raises what its reading code meets: decoder, type and value errors)
+        raise ReplayError(path, f"{_UNREADABLE}libmelee {_error_text(e)})") from None
+    if first is None:
+        raise ReplayError(path, "no frame data")
+    keep = _kept_frames(np.array(ids, np.int32), finalized)
+    columns = {p: _from_melee_values(np.array(r, np.float64)[keep]) for p, r in rows.items()}
+    codes = {p: first.players[p].connectCode.replace("\uff03", "#") for p in rows if first.players[p].connectCode}
+    info = {"slippi": console.slp_version, "date": first.startAt or None, "codes": codes, "parser": "libmelee"}
+    return _checked(Game(path, first.stage.value, np.array(ids, np.int32)[keep], columns, info))
 
 
 def _replay_info(game) -> dict:
@@ -1978,7 +2093,7 @@ def parse_replays(task: tuple) -> tuple[list[dict], float]:
             continue
         codes = game.info.get("codes", {})
         row.update(frames=eps[0].frames, stage=game.stage, slippi=game.info.get("slippi"), date=game.info.get("date"),
-                   shard=name, start=at)
+                   shard=name, start=at, parser=game.info.get("parser"))  # (the parser is reported, not recorded)
         for i, ep in enumerate(eps, 1):
             row.update({f"port_{i}": ep.port, f"character_{i}": int(ep.cat[0, 2]), f"code_{i}": codes.get(ep.port)})
         rows.append(row)
@@ -2268,6 +2383,7 @@ def ingest(replays, out: str | os.PathLike, log=None, max_files: int = 0, worker
             for problem in dataset.check([r for r in dataset.rows() if r["hash"] in wanted]):
                 if log:
                     log(f"parsing again the games of a damaged shard: {problem}")
+            _forget_unread_by_libmelee(dataset, wanted)
             have, new, sizes = {r["hash"] for r in dataset.rows()}, {}, {}
             for p, h in hashes.items():
                 if h not in have and h not in new:
@@ -2289,10 +2405,19 @@ def ingest(replays, out: str | os.PathLike, log=None, max_files: int = 0, worker
     return _Collection(paths, hashes, errors, unreadable, dataset)
 
 
+def _forget_unread_by_libmelee(dataset: Dataset, hashes: set) -> None:
+    """Forget the games of these contents that an exphil without the libmelee fallback recorded as
+    unreadable (their reason names peppi-py's error alone), so that they are parsed again."""
+    with dataset.db:
+        dataset.db.execute("BEGIN")
+        dataset.db.executemany("DELETE FROM games WHERE hash = ? AND shard IS NULL AND skipped LIKE 'unreadable (%' "
+                               "AND skipped NOT LIKE '%libmelee%'", [(h,) for h in hashes])
+
+
 def _parse_new(dataset: Dataset, new: list, sizes: dict, workers: int, log, mapped) -> dict:
     """Parse the new contents [(hash, path)] into the dataset; returns {path: (hash, error)} of
     the files that held another content when parsed (hash None: could not be read whole)."""
-    t0, frames, busy, done = time.perf_counter(), 0, 0.0, 0
+    t0, frames, busy, fallback = time.perf_counter(), 0, 0.0, 0
     bar = Progress(len(new), "parsing replays", quiet=log in (None, _silent))
     tasks, asked, changed = _tasks(dataset.folder, new, sizes, workers), {str(p): h for h, p in new}, {}
     try:
@@ -2302,12 +2427,14 @@ def _parse_new(dataset: Dataset, new: list, sizes: dict, workers: int, log, mapp
             busy += seconds
             for r in rows:
                 frames += r["frames"] or 0
+                fallback += r.get("parser") == "libmelee"
                 bar.update(r["frames"] or 0)
     finally:
         bar.close()
     seconds = time.perf_counter() - t0
     if log and frames:
-        log(f"parsed {len(new)} new replays ({frames:,} frames) in {seconds:.1f} s on {workers} core(s): "
+        read_by = f", {fallback} read by libmelee as peppi-py could not" if fallback else ""
+        log(f"parsed {len(new)} new replays ({frames:,} frames{read_by}) in {seconds:.1f} s on {workers} core(s): "
             f"{frames / seconds:,.0f} frames/s ({frames / busy:,.0f} per core: frames per second of parsing CPU time)")
     return changed
 
