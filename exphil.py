@@ -3926,30 +3926,60 @@ class Stepper:
         return {h: v[0] for h, v in self.heads.items()}
 
 
+# One uniform number per button and per class head decides a frame's action (inverse CDF).
+UNIFORMS = len(BUTTONS) + len(HEADS) - 1
+
+
+FIXED_FRAMES = 1 << 16  # the deterministic rule's numbers repeat after this many frames (18 minutes)
+
+
+@functools.cache
+def _fixed_table() -> np.ndarray:
+    return np.random.default_rng(0).random((FIXED_FRAMES, UNIFORMS))
+
+
+def fixed_uniforms(frames) -> np.ndarray:
+    """[..., UNIFORMS]: the numbers the deterministic rule uses at frame index `frames` of a game
+    (0 at its first frame): one fixed table of independent uniform numbers, the same for every
+    game. (A low-discrepancy sequence, tried instead, correlates consecutive frames and biases
+    how long inputs are held: see the README's decision rule.)"""
+    return _fixed_table()[np.asarray(frames) % FIXED_FRAMES]
+
+
+def sample_actions(logits: dict[str, np.ndarray], u: np.ndarray, temperature: float = 1.0) -> np.ndarray:
+    """Actions [B, UNIFORMS] int64 (8 buttons 0/1, then the class of each other head in HEADS
+    order) from head logits [B, k] and uniform numbers u [B, UNIFORMS]: button i is pressed when
+    u_i < sigmoid(b_i / T), a class head picks the class where its cumulative softmax(x / T) passes
+    its number. Independent uniform u gives a sample of the model's distribution."""
+    out = np.empty((len(u), UNIFORMS), np.int64)
+    b = logits["buttons"].astype(np.float64) / temperature
+    out[:, :8] = u[:, :8] < 1 / (1 + np.exp(-b))
+    for i, h in enumerate(list(HEADS)[1:], 8):
+        x = logits[h].astype(np.float64) / temperature
+        p = np.exp(x - x.max(-1, keepdims=True))
+        cdf = np.cumsum(p, -1)
+        out[:, i] = np.minimum((cdf < u[:, i, None] * cdf[:, -1:]).sum(-1), HEADS[h] - 1)
+    return out
+
+
+def action_dict(codes: np.ndarray) -> dict:
+    """One action's codes [UNIFORMS] -> an action dict (as `encode_controller` returns)."""
+    return {"buttons": codes[:8].astype(np.uint8), **{h: int(c) for h, c in zip(list(HEADS)[1:], codes[8:])}}
+
+
+def action_codes(action: dict) -> np.ndarray:
+    """An action dict -> its codes [UNIFORMS] (see `sample_actions`)."""
+    return np.array([*action["buttons"], *(action[h] for h in list(HEADS)[1:])], np.int64)
+
+
 def sample_action(logits: dict[str, np.ndarray], rng: np.random.Generator, temperature: float = 1.0,
-                  deterministic: bool = False, button_threshold: float = 0.5) -> dict:
-    """An action from head logits: Bernoulli buttons and categorical sticks/shoulder, at a
-    temperature; deterministic = the most likely class of each stick and shoulder head, and each
-    button pressed when its probability is above `button_threshold` (the run's, in an Agent)."""
-    b = logits["buttons"]
-    if deterministic:
-        action = {"buttons": (b > _logit(button_threshold)).astype(np.uint8)}
-        action.update({h: int(np.argmax(logits[h])) for h in HEADS if h != "buttons"})
-        return action
-    # Gumbel-max: argmax(x / T + Gumbel noise) is a sample of softmax(x / T); for a button,
-    # b / T + logistic noise > 0 happens with probability sigmoid(b / T). One draw for all heads.
-    u = rng.random(sum(HEADS.values()))
-    noise = np.log(u[:8] / (1 - u[:8]))
-    gumbel = -np.log(-np.log(u[8:]))
-    action = {"buttons": (b / temperature + noise > 0).astype(np.uint8)}
-    for h, part in _CLASS_HEADS:
-        action[h] = int(np.argmax(logits[h] / temperature + gumbel[part]))
-    return action
-
-
-# the categorical heads and their slice of the noise drawn after the 8 buttons (built once)
-_CLASS_HEADS = [(h, slice(o, o + k)) for (h, k), o in
-                zip(list(HEADS.items())[1:], np.cumsum([0, *list(HEADS.values())[1:]]))]
+                  deterministic: bool = False, frame: int = 0) -> dict:
+    """An action from one frame's head logits at a temperature: Bernoulli buttons, categorical
+    sticks and shoulder. deterministic: the same rule driven by `fixed_uniforms(frame)` instead
+    of `rng`: reproducible, and each input changes at the rate the model gives it (the most
+    likely class would repeat the current input forever, see the README's decision rule)."""
+    u = fixed_uniforms(frame) if deterministic else rng.random(UNIFORMS)
+    return action_dict(sample_actions({h: v[None] for h, v in logits.items()}, u[None], temperature)[0])
 
 
 # =================================================================================================
@@ -4041,7 +4071,8 @@ class Agent:
             raise UsageError(f"temperature must be a finite number >= 0 (0: deterministic), not {temperature}")
         self.step = Stepper(checked_step_graph(run, path, self.info), provider, threads)
         self.precision = precision
-        self.temperature, self.deterministic = temperature, deterministic or temperature == 0
+        # temperature 0 is deterministic play at the model's own distribution (temperature 1)
+        self.temperature, self.deterministic = temperature or 1.0, deterministic or temperature == 0
         self.rng = np.random.default_rng(seed)
         self.frame_delay = int(self.info.get("frame_delay", 0))
         self._last_frame: int | None = None
@@ -4065,6 +4096,7 @@ class Agent:
         self.step.reset()
         self._last_frame = None
         self.rtg, self._num = self.target_return, None  # the return still to earn; the last frame's features
+        self.frame = 0  # actions sampled this game: the deterministic rule's index
 
     def logits(self, gamestate, port: int, opponent_port: int | None = None) -> dict[str, np.ndarray]:
         """One frame's head logits. Logits that are not finite (a NaN in the game state) leave
@@ -4099,8 +4131,8 @@ class Agent:
         infinite are an error: no action is ever made from them."""
         if not np.isfinite(sum(float(v.sum()) for v in logits.values())):
             raise ExphilError("the model returned NaN or infinite logits")
-        return sample_action(logits, self.rng, self.temperature, self.deterministic,
-                             self.info.get("button_threshold", 0.5))
+        self.frame += 1
+        return sample_action(logits, self.rng, self.temperature, self.deterministic, self.frame - 1)
 
     def act(self, gamestate, port: int, opponent_port: int | None = None) -> dict:
         """The action for this frame (a dict like `encode_controller` returns)."""
@@ -4229,15 +4261,11 @@ def quantize_step(model, mode: str = "dynamic", calibration=None):
     return out
 
 
-def agreement(reference: Stepper, other: Stepper, frames,
-              button_threshold: float = 0.5) -> tuple[dict[str, float], np.ndarray, int]:
-    """Per-head top-1 agreement of two step graphs run side by side over frames in order (each
+def agreement(reference: Stepper, other: Stepper, frames) -> tuple[dict[str, float], np.ndarray, int]:
+    """Per-head agreement of the deterministic decisions (`sample_action`'s rule, frame t of a
+    game using `fixed_uniforms(t)`) of two step graphs run side by side over frames in order (each
     carrying its own state) on the frames marked counted, their per-call times in seconds
-    [frames, 2], and how many frames were counted.
-
-    Buttons agree when both are pressed or both are not (probability above `button_threshold`,
-    the run's, as in deterministic play); the other heads when they pick the same class."""
-    cut = _logit(button_threshold)
+    [frames, 2], and how many frames were counted. Buttons are compared one by one."""
     same = {h: [] for h in HEADS}
     times = []
     for t, cat, num, rtg, counted in frames:
@@ -4250,8 +4278,11 @@ def agreement(reference: Stepper, other: Stepper, frames,
         b = other(cat, num, rtg)
         times.append((t1 - t0, time.perf_counter() - t1))
         if counted:
-            for h in HEADS:
-                same[h].append((a[h] > cut) == (b[h] > cut) if h == "buttons" else [a[h].argmax() == b[h].argmax()])
+            u = fixed_uniforms(t)[None]
+            x, y = (sample_actions({h: v[None] for h, v in o.items()}, u)[0] for o in (a, b))
+            same["buttons"].append(x[:8] == y[:8])
+            for h, i in zip(list(HEADS)[1:], range(8, UNIFORMS)):
+                same[h].append([x[i] == y[i]])
     return {h: float(np.mean(np.concatenate(v))) for h, v in same.items()}, np.array(times), len(same["c_x"])
 
 
@@ -4288,8 +4319,7 @@ def quantize_run(run: str | os.PathLike, mode: str = "dynamic", calibration_repl
     precision = "fp16" if mode == "fp16" else "int8"
     fp32, low = Stepper(reference, provider), Stepper(proto.SerializeToString(), provider)
     log(f"comparing {precision} with fp32 on up to {max_frames} validation frames")
-    heads, times, counted = agreement(fp32, low, replay_frames(val, max_frames, returns),
-                                      info.get("button_threshold", 0.5))
+    heads, times, counted = agreement(fp32, low, replay_frames(val, max_frames, returns))
     ms = times * 1e3
     report = {"mode": mode, "precision": precision, "frames": counted, "agreement": heads,
               "min_agreement": min_agreement,
