@@ -4705,8 +4705,8 @@ def play(run: str | os.PathLike, dolphin: str | os.PathLike, iso: str | os.PathL
 #   distribution of buttons and main-stick region), bot beside the player of the same view.
 # * `SKILLS`: situations found from the player's action states, each with a window of frames
 #   where a well-defined input is correct; scored on the player's inputs and on the bot's.
-# * `field_scores`: single-label button classes and 37 two-dimensional main-stick clusters, as
-#   HAL and MIMIC publish their figures: macro-F1 and top-1.
+# * `field_labels`: single-label button classes and 37 two-dimensional main-stick clusters, as
+#   HAL and MIMIC publish their figures; `judge` scores them with macro-F1 and top-1.
 
 _NEUTRAL_CODES = action_codes(NEUTRAL)
 _CTRL_COLUMNS = slice(_CTRL, _CTRL + 13)
@@ -5027,8 +5027,8 @@ def judge(run: str | os.PathLike, replays=None, data: str | os.PathLike | None =
     episodes = [ep.in_memory() for g in games for ep in g]
     delay, threshold = int(info.get("frame_delay", 0)), info.get("button_threshold", 0.5)
     players = [episode_inputs(ep) for ep in episodes]
-    wanted = {name: how for name, how in BOT_ROWS.items() if (closed or skills or not how[1]) and
-              (how[0] == "bot" or "markov_tables" in info) and (closed or skills or not how[2])}
+    wanted = {name: how for name, how in BOT_ROWS.items()  # (the field scores read teacher-forced sampling only)
+              if (closed or skills or how[1:] == (False, False)) and (how[0] == "bot" or "markov_tables" in info)}
     log, runs = _log(quiet), {}
     for name, (who, own, det) in wanted.items():
         log(f"{name}: {len(episodes)} player views")
