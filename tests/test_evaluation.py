@@ -195,6 +195,28 @@ def test_skill_checks_score_a_scripted_input_sequence(views):
     assert own["wavedash"] == (3, 3) and own["ledge_option"][0] == 2
 
 
+def test_the_l_cancel_check_agrees_with_the_games_own_flag():
+    """On the shipped replays that record it, Melee's L-cancel flag of each aerial landing
+    (peppi's post.l_cancel: 1 done, 2 missed) matches the check on the players' inputs."""
+    import peppi_py
+
+    agree = total = 0
+    for path in (REPLAYS / "hohav-peppi__duplicate_game_end.slp", REPLAY):
+        game, raw = exphil.read_replay(path), peppi_py.read_slippi(str(path))
+        where = {int(f): k for k, f in enumerate(raw.frames.id.to_numpy())}  # (the last version of a frame)
+        for ep in exphil.load_replay(path):
+            port = [p.port.value + 1 for p in raw.start.players].index(ep.port)
+            flag = raw.frames.ports[port].leader.post.l_cancel.to_numpy(zero_copy_only=False)
+            inputs = exphil.episode_inputs(ep)
+            for t, a, b in exphil.skill_situations(ep)["l_cancel"]:
+                done = flag[where[int(game.frame_ids[t])]]
+                if done:
+                    only = {**dict.fromkeys(exphil.SKILLS, []), "l_cancel": [(t, a, b)]}
+                    hit = exphil.skill_scores([only], [inputs])["l_cancel"][1]
+                    agree, total = agree + (hit == (done == 1)), total + 1
+    assert total >= 70 and agree / total >= 0.95, (agree, total)
+
+
 # ---- field scores ---------------------------------------------------------------------------------
 
 def frames(*rows):
