@@ -5002,6 +5002,7 @@ FIELD_CLASSES = {"hal_buttons": len(HAL_BUTTONS), "mimic_buttons": len(MIMIC_BUT
 
 # ---- the report ---------------------------------------------------------------------------------
 
+VIEWS_AT_ONCE = 32  # player views walked together through one session (a batch)
 BOT_ROWS = {  # row -> (the bot or the Markov baseline, closed controller, deterministic)
     "bot, sampling, teacher-forced": ("bot", False, False), "bot, sampling, own inputs": ("bot", True, False),
     "bot, deterministic, teacher-forced": ("bot", False, True), "bot, deterministic, own inputs": ("bot", True, True),
@@ -5024,7 +5025,7 @@ def judge(run: str | os.PathLike, replays=None, data: str | os.PathLike | None =
     games, skipped = load_games(replays, log=_log(quiet), data=data)
     if not games:
         raise ExphilError(f"{data or replays}: no usable replay (skipped {len(skipped)})")
-    episodes = [ep.in_memory() for g in games for ep in g]
+    episodes = [ep for g in games for ep in g]
     delay, threshold = int(info.get("frame_delay", 0)), info.get("button_threshold", 0.5)
     players = [episode_inputs(ep) for ep in episodes]
     wanted = {name: how for name, how in BOT_ROWS.items()  # (the field scores read teacher-forced sampling only)
@@ -5032,9 +5033,11 @@ def judge(run: str | os.PathLike, replays=None, data: str | os.PathLike | None =
     log, runs = _log(quiet), {}
     for name, (who, own, det) in wanted.items():
         log(f"{name}: {len(episodes)} player views")
-        step = _graph_step(graph, len(episodes)) if who == "bot" else _markov_step(info["markov_tables"])
-        runs[name] = rollout(step, episodes, own, det, temperature, delay, seed,
-                             spec.returns if spec.returns.input else None, threshold)
+        runs[name] = []
+        for k, part in enumerate(chunks(episodes, VIEWS_AT_ONCE)):  # (memory: views x frames of features)
+            step = _graph_step(graph, len(part)) if who == "bot" else _markov_step(info["markov_tables"])
+            runs[name] += rollout(step, part, own, det, temperature, delay, seed + k,
+                                  spec.returns if spec.returns.input else None, threshold)
     res = {"games": len(games), "views": len(episodes), "frames": sum(ep.frames for ep in episodes),
            "frame_delay": delay, "temperature": temperature, "skipped": skipped}
     if closed:
