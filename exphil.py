@@ -3947,30 +3947,33 @@ def fixed_uniforms(frames) -> np.ndarray:
     return _fixed_table()[np.asarray(frames) % FIXED_FRAMES]
 
 
+_CLASS_HEADS = list(HEADS)[1:]
+_CLASS_SIZES = np.array([HEADS[h] for h in _CLASS_HEADS])
+
+
 def sample_actions(logits: dict[str, np.ndarray], u: np.ndarray, temperature: float = 1.0) -> np.ndarray:
     """Actions [B, UNIFORMS] int64 (8 buttons 0/1, then the class of each other head in HEADS
     order) from head logits [B, k] and uniform numbers u [B, UNIFORMS]: button i is pressed when
     u_i < sigmoid(b_i / T), a class head picks the class where its cumulative softmax(x / T) passes
     its number. Independent uniform u gives a sample of the model's distribution."""
     out = np.empty((len(u), UNIFORMS), np.int64)
-    b = logits["buttons"].astype(np.float64) / temperature
-    out[:, :8] = u[:, :8] < 1 / (1 + np.exp(-b))
-    for i, h in enumerate(list(HEADS)[1:], 8):
-        x = logits[h].astype(np.float64) / temperature
-        p = np.exp(x - x.max(-1, keepdims=True))
-        cdf = np.cumsum(p, -1)
-        out[:, i] = np.minimum((cdf < u[:, i, None] * cdf[:, -1:]).sum(-1), HEADS[h] - 1)
+    out[:, :8] = u[:, :8] * (1 + np.exp(-logits["buttons"].astype(np.float64) / temperature)) < 1
+    x = np.full((len(u), len(_CLASS_HEADS), STICK_CLASSES), -np.inf)  # the heads side by side, padded
+    for i, h in enumerate(_CLASS_HEADS):
+        x[:, i, :HEADS[h]] = logits[h]
+    cdf = np.cumsum(np.exp((x - x.max(-1, keepdims=True)) / temperature), -1)
+    out[:, 8:] = np.minimum((cdf < u[:, 8:, None] * cdf[:, :, -1:]).sum(-1), _CLASS_SIZES - 1)
     return out
 
 
 def action_dict(codes: np.ndarray) -> dict:
     """One action's codes [UNIFORMS] -> an action dict (as `encode_controller` returns)."""
-    return {"buttons": codes[:8].astype(np.uint8), **{h: int(c) for h, c in zip(list(HEADS)[1:], codes[8:])}}
+    return {"buttons": codes[:8].astype(np.uint8), **{h: int(c) for h, c in zip(_CLASS_HEADS, codes[8:])}}
 
 
 def action_codes(action: dict) -> np.ndarray:
     """An action dict -> its codes [UNIFORMS] (see `sample_actions`)."""
-    return np.array([*action["buttons"], *(action[h] for h in list(HEADS)[1:])], np.int64)
+    return np.array([*action["buttons"], *(action[h] for h in _CLASS_HEADS)], np.int64)
 
 
 def sample_action(logits: dict[str, np.ndarray], rng: np.random.Generator, temperature: float = 1.0,
@@ -4282,7 +4285,7 @@ def agreement(reference: Stepper, other: Stepper, frames) -> tuple[dict[str, flo
             u = fixed_uniforms(t)[None]
             x, y = (sample_actions({h: v[None] for h, v in o.items()}, u)[0] for o in (a, b))
             same["buttons"].append(x[:8] == y[:8])
-            for h, i in zip(list(HEADS)[1:], range(8, UNIFORMS)):
+            for h, i in zip(_CLASS_HEADS, range(8, UNIFORMS)):
                 same[h].append([x[i] == y[i]])
     return {h: float(np.mean(np.concatenate(v))) for h, v in same.items()}, np.array(times), len(same["c_x"])
 
@@ -4722,7 +4725,7 @@ def controller_features(codes: np.ndarray) -> np.ndarray:
 
 def episode_inputs(ep: Episode) -> np.ndarray:
     """The player's own inputs [T, UNIFORMS] of a view."""
-    return np.concatenate([ep.labels["buttons"], np.stack([ep.labels[h] for h in list(HEADS)[1:]], 1)],
+    return np.concatenate([ep.labels["buttons"], np.stack([ep.labels[h] for h in _CLASS_HEADS], 1)],
                           1).astype(np.int64)
 
 
