@@ -12,6 +12,7 @@ One module, in the order data flows; each section starts with a banner line of "
     Agent              a trained run playing one frame at a time
     Precision          INT8 and FP16 step graphs, checked against FP32
     Play               the sync and async runners over libmelee's Console and Controller
+    Judging play       closed-controller rollouts, skill checks mined from replays, field scores
     Command line       `python -m exphil ...`
 
 * A backbone is a TOML spec (``specs/*.toml``) validated by msgspec.
@@ -4250,30 +4251,63 @@ class Stepper:
         return {h: v[0] for h, v in self.heads.items()}
 
 
+# One uniform number per button and per class head decides a frame's action (inverse CDF).
+UNIFORMS = len(BUTTONS) + len(HEADS) - 1
+
+
+FIXED_FRAMES = 1 << 16  # the deterministic rule's numbers repeat after this many frames (18 minutes)
+
+
+@functools.cache
+def _fixed_table() -> np.ndarray:
+    return np.random.default_rng(0).random((FIXED_FRAMES, UNIFORMS))
+
+
+def fixed_uniforms(frames) -> np.ndarray:
+    """[..., UNIFORMS]: the numbers the deterministic rule uses at frame index `frames` of a game
+    (0 at its first frame): one fixed table of independent uniform numbers, the same for every
+    game. (A low-discrepancy sequence, tried instead, correlates consecutive frames and biases
+    how long inputs are held: see the README's decision rule.)"""
+    return _fixed_table()[np.asarray(frames) % FIXED_FRAMES]
+
+
+_CLASS_HEADS = list(HEADS)[1:]
+_CLASS_SIZES = np.array([HEADS[h] for h in _CLASS_HEADS])
+
+
+def sample_actions(logits: dict[str, np.ndarray], u: np.ndarray, temperature: float = 1.0) -> np.ndarray:
+    """Actions [B, UNIFORMS] int64 (8 buttons 0/1, then the class of each other head in HEADS
+    order) from head logits [B, k] and uniform numbers u [B, UNIFORMS]: button i is pressed when
+    u_i < sigmoid(b_i / T), a class head picks the class where its cumulative softmax(x / T) passes
+    its number. Independent uniform u gives a sample of the model's distribution."""
+    out = np.empty((len(u), UNIFORMS), np.int64)
+    out[:, :8] = u[:, :8] * (1 + np.exp(-logits["buttons"].astype(np.float64) / temperature)) < 1
+    x = np.full((len(u), len(_CLASS_HEADS), STICK_CLASSES), -np.inf)  # the heads side by side, padded
+    for i, h in enumerate(_CLASS_HEADS):
+        x[:, i, :HEADS[h]] = logits[h]
+    cdf = np.cumsum(np.exp((x - x.max(-1, keepdims=True)) / temperature), -1)
+    out[:, 8:] = np.minimum((cdf < u[:, 8:, None] * cdf[:, :, -1:]).sum(-1), _CLASS_SIZES - 1)
+    return out
+
+
+def action_dict(codes: np.ndarray) -> dict:
+    """One action's codes [UNIFORMS] -> an action dict (as `encode_controller` returns)."""
+    return {"buttons": codes[:8].astype(np.uint8), **{h: int(c) for h, c in zip(_CLASS_HEADS, codes[8:])}}
+
+
+def action_codes(action: dict) -> np.ndarray:
+    """An action dict -> its codes [UNIFORMS] (see `sample_actions`)."""
+    return np.array([*action["buttons"], *(action[h] for h in _CLASS_HEADS)], np.int64)
+
+
 def sample_action(logits: dict[str, np.ndarray], rng: np.random.Generator, temperature: float = 1.0,
-                  deterministic: bool = False, button_threshold: float = 0.5) -> dict:
-    """An action from head logits: Bernoulli buttons and categorical sticks/shoulder, at a
-    temperature; deterministic = the most likely class of each stick and shoulder head, and each
-    button pressed when its probability is above `button_threshold` (the run's, in an Agent)."""
-    b = logits["buttons"]
-    if deterministic:
-        action = {"buttons": (b > _logit(button_threshold)).astype(np.uint8)}
-        action.update({h: int(np.argmax(logits[h])) for h in HEADS if h != "buttons"})
-        return action
-    # Gumbel-max: argmax(x / T + Gumbel noise) is a sample of softmax(x / T); for a button,
-    # b / T + logistic noise > 0 happens with probability sigmoid(b / T). One draw for all heads.
-    u = rng.random(sum(HEADS.values()))
-    noise = np.log(u[:8] / (1 - u[:8]))
-    gumbel = -np.log(-np.log(u[8:]))
-    action = {"buttons": (b / temperature + noise > 0).astype(np.uint8)}
-    for h, part in _CLASS_HEADS:
-        action[h] = int(np.argmax(logits[h] / temperature + gumbel[part]))
-    return action
-
-
-# the categorical heads and their slice of the noise drawn after the 8 buttons (built once)
-_CLASS_HEADS = [(h, slice(o, o + k)) for (h, k), o in
-                zip(list(HEADS.items())[1:], np.cumsum([0, *list(HEADS.values())[1:]]))]
+                  deterministic: bool = False, frame: int = 0) -> dict:
+    """An action from one frame's head logits at a temperature: Bernoulli buttons, categorical
+    sticks and shoulder. deterministic: the same rule driven by `fixed_uniforms(frame)` instead
+    of `rng`: reproducible, and each input changes at the rate the model gives it (the most
+    likely class would repeat the current input forever, see the README's decision rule)."""
+    u = fixed_uniforms(frame) if deterministic else rng.random(UNIFORMS)
+    return action_dict(sample_actions({h: v[None] for h, v in logits.items()}, u[None], temperature)[0])
 
 
 # =================================================================================================
@@ -4365,7 +4399,8 @@ class Agent:
             raise UsageError(f"temperature must be a finite number >= 0 (0: deterministic), not {temperature}")
         self.step = Stepper(checked_step_graph(run, path, self.info), provider, threads)
         self.precision = precision
-        self.temperature, self.deterministic = temperature, deterministic or temperature == 0
+        # temperature 0 is deterministic play at the model's own distribution (temperature 1)
+        self.temperature, self.deterministic = temperature or 1.0, deterministic or temperature == 0
         self.rng = np.random.default_rng(seed)
         self.frame_delay = int(self.info.get("frame_delay", 0))
         self._last_frame: int | None = None
@@ -4389,6 +4424,7 @@ class Agent:
         self.step.reset()
         self._last_frame = None
         self.rtg, self._num = self.target_return, None  # the return still to earn; the last frame's features
+        self.frame = 0  # actions sampled this game: the deterministic rule's index
 
     def logits(self, gamestate, port: int, opponent_port: int | None = None) -> dict[str, np.ndarray]:
         """One frame's head logits. Logits that are not finite (a NaN in the game state) leave
@@ -4423,8 +4459,8 @@ class Agent:
         infinite are an error: no action is ever made from them."""
         if not np.isfinite(sum(float(v.sum()) for v in logits.values())):
             raise ExphilError("the model returned NaN or infinite logits")
-        return sample_action(logits, self.rng, self.temperature, self.deterministic,
-                             self.info.get("button_threshold", 0.5))
+        self.frame += 1
+        return sample_action(logits, self.rng, self.temperature, self.deterministic, self.frame - 1)
 
     def act(self, gamestate, port: int, opponent_port: int | None = None) -> dict:
         """The action for this frame (a dict like `encode_controller` returns)."""
@@ -4553,15 +4589,11 @@ def quantize_step(model, mode: str = "dynamic", calibration=None):
     return out
 
 
-def agreement(reference: Stepper, other: Stepper, frames,
-              button_threshold: float = 0.5) -> tuple[dict[str, float], np.ndarray, int]:
-    """Per-head top-1 agreement of two step graphs run side by side over frames in order (each
+def agreement(reference: Stepper, other: Stepper, frames) -> tuple[dict[str, float], np.ndarray, int]:
+    """Per-head agreement of the deterministic decisions (`sample_action`'s rule, frame t of a
+    game using `fixed_uniforms(t)`) of two step graphs run side by side over frames in order (each
     carrying its own state) on the frames marked counted, their per-call times in seconds
-    [frames, 2], and how many frames were counted.
-
-    Buttons agree when both are pressed or both are not (probability above `button_threshold`,
-    the run's, as in deterministic play); the other heads when they pick the same class."""
-    cut = _logit(button_threshold)
+    [frames, 2], and how many frames were counted. Buttons are compared one by one."""
     same = {h: [] for h in HEADS}
     times = []
     for t, cat, num, rtg, counted in frames:
@@ -4574,8 +4606,11 @@ def agreement(reference: Stepper, other: Stepper, frames,
         b = other(cat, num, rtg)
         times.append((t1 - t0, time.perf_counter() - t1))
         if counted:
-            for h in HEADS:
-                same[h].append((a[h] > cut) == (b[h] > cut) if h == "buttons" else [a[h].argmax() == b[h].argmax()])
+            u = fixed_uniforms(t)[None]
+            x, y = (sample_actions({h: v[None] for h, v in o.items()}, u)[0] for o in (a, b))
+            same["buttons"].append(x[:8] == y[:8])
+            for h, i in zip(_CLASS_HEADS, range(8, UNIFORMS)):
+                same[h].append([x[i] == y[i]])
     return {h: float(np.mean(np.concatenate(v))) for h, v in same.items()}, np.array(times), len(same["c_x"])
 
 
@@ -4612,8 +4647,7 @@ def quantize_run(run: str | os.PathLike, mode: str = "dynamic", calibration_repl
     precision = "fp16" if mode == "fp16" else "int8"
     fp32, low = Stepper(reference, provider), Stepper(proto.SerializeToString(), provider)
     log(f"comparing {precision} with fp32 on up to {max_frames} validation frames")
-    heads, times, counted = agreement(fp32, low, replay_frames(val, max_frames, returns),
-                                      info.get("button_threshold", 0.5))
+    heads, times, counted = agreement(fp32, low, replay_frames(val, max_frames, returns))
     ms = times * 1e3
     report = {"mode": mode, "precision": precision, "frames": counted, "agreement": heads,
               "min_agreement": min_agreement,
@@ -4983,6 +5017,424 @@ def play(run: str | os.PathLike, dolphin: str | os.PathLike, iso: str | os.PathL
 
 
 # =================================================================================================
+# Judging play: closed-controller rollouts, skill checks, field scores
+# =================================================================================================
+# Every number of `evaluate` is teacher-forced: frame t's controller columns come from the replay.
+# In play they hold what the bot itself pressed. Melee cannot run here, so these measures come as
+# close as a replay allows; all work on "inputs": int64 codes [T, UNIFORMS] per frame (8 buttons,
+# then main_x, main_y, c_x, c_y, shoulder classes), the controller in effect at each frame.
+#
+# * `rollout` walks player views (batched) frame by frame through a step graph with the Agent's
+#   decision rule: game state from the replay, and the controller columns either the replay's
+#   (teacher-forced) or the bot's own earlier decisions, as `features_from_gamestate` would read
+#   them in play (closed-controller). The decision at frame t is the input at t + 1 + delay.
+# * `input_stats`: how a sequence of inputs moves (changes per second, holds, the joint
+#   distribution of buttons and main-stick region), bot beside the player of the same view.
+# * `SKILLS`: situations found from the player's action states, each with a window of frames
+#   where a well-defined input is correct; scored on the player's inputs and on the bot's.
+# * `field_labels`: single-label button classes and 37 two-dimensional main-stick clusters, as
+#   HAL and MIMIC publish their figures; `judge` scores them with macro-F1 and top-1.
+
+_NEUTRAL_CODES = action_codes(NEUTRAL)
+_CTRL_COLUMNS = slice(_CTRL, _CTRL + 13)
+
+
+def controller_features(codes: np.ndarray) -> np.ndarray:
+    """The controller columns [B, 13] (num 36-48) that `features_from_gamestate` reads when the
+    controller holds these actions (codes [B, UNIFORMS]): every class round-trips through
+    libmelee's pipe and the game (test_actions), a stick class c reads back as c / 16."""
+    raw = np.concatenate([codes[:, :8], codes[:, 8:12] / 16, codes[:, 12:] / 4], 1).astype(np.float32)
+    return (raw - _OFFSET[_CTRL_COLUMNS]) * _SCALE[_CTRL_COLUMNS]
+
+
+def episode_inputs(ep: Episode) -> np.ndarray:
+    """The player's own inputs [T, UNIFORMS] of a view."""
+    return np.concatenate([ep.labels["buttons"], np.stack([ep.labels[h] for h in _CLASS_HEADS], 1)],
+                          1).astype(np.int64)
+
+
+def _graph_step(graph: bytes, views: int):
+    """step(cat [V, C], num [V, F], rtg [V]) -> head logits for a step graph, carrying the
+    state of `views` player views at once."""
+    sess = session(graph, "cpu")
+    inputs = {i.name: i for i in sess.get_inputs()}
+    names = [o.name for o in sess.get_outputs()]
+    state = {n: np.zeros([views, *inputs[n].shape[1:]], np.float32) for n in inputs if n.startswith("state_in.")}
+
+    def step(cat, num, rtg):
+        feeds = {"cat": cat, "num": num, **state, **({"rtg": rtg} if "rtg" in inputs else {})}
+        out = dict(zip(names, sess.run(None, feeds)))
+        state.update({"state_in." + n[len("state_out."):]: v for n, v in out.items() if n.startswith("state_out.")})
+        return out
+    return step
+
+
+def _markov_step(tables: dict):
+    """The Markov baseline as a step: each head's logits are the row of the run's "next input
+    given current input" table (`markov_tables`) picked by the current controller columns."""
+    tables = {h: np.asarray(v, np.float64) for h, v in tables.items()}
+
+    def step(cat, num, rtg):
+        ctrl = num[:, _CTRL_COLUMNS] / _SCALE[_CTRL_COLUMNS] + _OFFSET[_CTRL_COLUMNS]
+        p = tables["buttons"][(ctrl[:, :8] > 0.5).astype(np.int64), np.arange(8)]
+        out = {"buttons": np.log(p) - np.log1p(-p)}
+        for (h, k), v in zip(list(HEADS.items())[1:], ctrl[:, 8:].T):
+            out[h] = np.log(tables[h][np.clip(np.rint(v * (k - 1)), 0, k - 1).astype(np.int64)])
+        return out
+    return step
+
+
+def rollout(step, episodes: list[Episode], closed: bool = False, deterministic: bool = False,
+            temperature: float = 1.0, delay: int = 0, seed: int = 0, returns: Returns | None = None,
+            button_threshold: float = 0.5) -> list[dict[str, np.ndarray]]:
+    """Walk the episodes (all at once, one frame per call of `step`: `_graph_step` or
+    `_markov_step`) with the Agent's decision rule (`sample_action`, the deterministic one at
+    frame index t), and return per episode its decisions placed where they take effect:
+    "inputs" [T, UNIFORMS] (the first 1 + delay frames neutral), and the head-wise guesses the
+    field scores read: "buttons" [T, 8] (probability above `button_threshold`) and "main" [T]
+    (the most likely of the 37 main-stick clusters). closed: the controller columns hold the
+    bot's own inputs instead of the replay's. returns: feed each frame's return-to-go."""
+    V, T = len(episodes), max(ep.frames for ep in episodes)
+    cat, num = np.zeros((T, V, len(CAT_FIELDS)), np.int64), np.zeros((T, V, len(NUM_FIELDS)), np.float32)
+    rtg = np.zeros((T, V), np.float32)
+    for v, ep in enumerate(episodes):
+        cat[:ep.frames, v], num[:ep.frames, v] = ep.cat, ep.num
+        if returns is not None:
+            rtg[:ep.frames, v] = ep.rtg(returns)
+    rng, lag = np.random.default_rng(seed), 1 + delay
+    inputs = np.broadcast_to(_NEUTRAL_CODES, (T, V, UNIFORMS)).copy()
+    pressed, main = np.zeros((T, V, 8), bool), np.zeros((T, V), np.int64)
+    cut = _logit(button_threshold)
+    for t in range(T):
+        x = num[t]
+        if closed:
+            x = x.copy()
+            x[:, _CTRL_COLUMNS] = controller_features(inputs[t])
+        out = step(cat[t], x, rtg[t])
+        if t + lag < T:
+            u = fixed_uniforms(np.full(V, t)) if deterministic else rng.random((V, UNIFORMS))
+            inputs[t + lag] = sample_actions(out, u, temperature)
+            pressed[t + lag], main[t + lag] = out["buttons"] > cut, _main_cluster_guess(out)
+    return [{"inputs": inputs[:ep.frames, v], "buttons": pressed[:ep.frames, v], "main": main[:ep.frames, v]}
+            for v, ep in enumerate(episodes)]
+
+
+# ---- how inputs move ------------------------------------------------------------------------------
+
+STICK_REGION_DEADZONE = 2  # stick classes within 2 of the centre (|value| <= 0.25) are neutral
+
+
+def stick_region(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Main-stick region 0..8 of stick classes: 4 = neutral, else one of 8 directions."""
+    side = lambda c: np.where(np.abs(c - 8) <= STICK_REGION_DEADZONE, 0, np.sign(c - 8)) + 1
+    return side(x) * 3 + side(y)
+
+
+def _runs(x: np.ndarray) -> np.ndarray:
+    """Lengths of the runs of identical rows of x [T, ...]."""
+    change = np.flatnonzero((x[1:] != x[:-1]).reshape(len(x) - 1, -1).any(1)) + 1
+    return np.diff(np.concatenate([[0], change, [len(x)]]))
+
+
+def input_stats(inputs: list[np.ndarray], players: list[np.ndarray] | None = None, start: int = 123) -> dict:
+    """How inputs (one [T, UNIFORMS] array per view, from frame `start`: after the countdown)
+    move: button and main-stick changes per second, the share of buttons pressed, the share of
+    frames with a neutral main stick, the longest unchanged input (seconds: mean over views, max),
+    and the joint distribution of (buttons, main-stick region) as counts; with the players'
+    inputs of the same views, the share of frames where the input equals the player's."""
+    n = changes_b = changes_m = pressed = neutral = same = 0
+    longest, joint = [], np.zeros(256 * 9)
+    for v, x in enumerate(inputs):
+        x = x[start:]
+        if len(x) < 2:
+            continue
+        n += len(x)
+        changes_b += (x[1:, :8] != x[:-1, :8]).any(1).sum()
+        changes_m += (x[1:, 8:10] != x[:-1, 8:10]).any(1).sum()
+        pressed += x[:, :8].sum()
+        region = stick_region(x[:, 8], x[:, 9])
+        neutral += (region == 4).sum()
+        longest.append(_runs(x).max() / FPS)
+        joint += np.bincount((x[:, :8] << np.arange(8)).sum(1) * 9 + region, minlength=256 * 9)
+        if players is not None:
+            same += (x == players[v][start:]).all(1).sum()
+    seconds = max(n, 1) / FPS
+    res = {"frames": n, "button_changes_per_s": changes_b / seconds, "main_changes_per_s": changes_m / seconds,
+           "press_share": pressed / max(8 * n, 1), "neutral_share": neutral / max(n, 1),
+           "longest_s_mean": float(np.mean(longest)) if longest else 0.0,
+           "longest_s_max": float(np.max(longest)) if longest else 0.0, "joint": joint}
+    if players is not None:
+        res["same_as_player"] = same / max(n, 1)
+    return {k: float(v) if k != "joint" else v for k, v in res.items()}
+
+
+def js_divergence(p: np.ndarray, q: np.ndarray) -> float:
+    """Jensen-Shannon divergence (bits, 0..1) of two count vectors."""
+    p, q = p / max(p.sum(), 1), q / max(q.sum(), 1)
+    m = (p + q) / 2
+    kl = lambda a: float(np.sum(a[a > 0] * np.log2(a[a > 0] / m[a > 0])))
+    return (kl(p) + kl(q)) / 2
+
+
+# ---- skill checks ---------------------------------------------------------------------------------
+
+_AERIALS, _AERIAL_LANDINGS = range(65, 70), range(70, 75)  # NAIR..DAIR, NAIR_LANDING..DAIR_LANDING
+_GROUND_HITS = (183, 191, 199, 200, 201)  # TECH_MISS_UP, TECH_MISS_DOWN, NEUTRAL/FORWARD/BACKWARD_TECH
+_JUMP_SQUAT, _AIRDODGE, _LANDING_SPECIAL, _EDGE_CATCHING = 24, 236, 43, 252
+
+
+def _starts(action: np.ndarray, states) -> np.ndarray:
+    """Frames where the action enters one of `states` (from an action outside them)."""
+    inside = np.isin(action, list(states))
+    return np.flatnonzero(inside[1:] & ~inside[:-1]) + 1
+
+
+def _l_cancel(action):
+    """An aerial attack landing (aerial -> its landing lag): a new press of L, R or Z (or the
+    analog trigger) on one of the 7 frames ending with touchdown. On 368 landings of 8 games this
+    agrees with the game's own L-cancel flag 96.5% of the time."""
+    return [(s, s - 6, s + 1) for s in _starts(action, _AERIAL_LANDINGS) if action[s - 1] in _AERIALS]
+
+
+def _tech(action):
+    """Hitting the ground in tumble (a tech or a missed tech begins): a new press of L or R (or
+    the analog trigger) in the 20 frames before. On 422 of them in 24 games this agrees with
+    whether the player teched 86.7% of the time (the game also locks out early presses)."""
+    return [(s, s - 20, s) for s in _starts(action, _GROUND_HITS)]
+
+
+def _wavedash(action):
+    """A jump squat that ends in an airdodge (or a special landing) within 2 frames: a new press
+    of L or R from the first jump-squat frame to the airdodge's first frame."""
+    found = []
+    for s in _starts(action, (_JUMP_SQUAT,)):
+        end = s + int(np.argmax(action[s:] != _JUMP_SQUAT))  # the first frame after the squat
+        dodge = [e for e in range(end, min(end + 3, len(action))) if action[e] in (_AIRDODGE, _LANDING_SPECIAL)]
+        if end > s and dodge:
+            found.append((s, s, dodge[0] + 1))
+    return found
+
+
+def _ledge(action):
+    """A ledge grab (EDGE_CATCHING begins): any ledge option held (A, B, X, Y, L or R, or the main
+    stick out of neutral) within 37 frames: the catch and the ledge invincibility after it."""
+    return [(s, s, s + 37) for s in _starts(action, (_EDGE_CATCHING,))]
+
+
+def _trigger(x, z=False):
+    return (x[:, 5] | x[:, 6] | (x[:, 12] > 0) | (x[:, 4] if z else 0)) > 0
+
+
+def _ledge_input(x):
+    return x[:, :4].any(1) | (x[:, 5] > 0) | (x[:, 6] > 0) | (stick_region(x[:, 8], x[:, 9]) != 4)
+
+
+# name -> (situations(the player's action ids [T]) -> [(frame, first, end)],
+#          correct(inputs [n, UNIFORMS]) -> [n] bool, only a new press counts)
+SKILLS = {
+    "l_cancel": (_l_cancel, lambda x: _trigger(x, z=True), True),
+    "tech": (_tech, _trigger, True),
+    "wavedash": (_wavedash, _trigger, True),
+    "ledge_option": (_ledge, _ledge_input, False),
+}
+
+
+def skill_situations(ep: Episode) -> dict[str, list[tuple[int, int, int]]]:
+    """Per skill, its situations in a player view: (frame, first, end) with the window of frames
+    [first, end) where the correct input counts, inside the game."""
+    action = np.asarray(ep.cat[:, 0], np.int64)
+    return {name: [w for w in find(action) if w[1] >= 1 and w[2] <= ep.frames] for name, (find, *_) in SKILLS.items()}
+
+
+def skill_scores(situations: list[dict], inputs: list[np.ndarray]) -> dict[str, tuple[int, int]]:
+    """Per skill, (situations, how many of them the inputs [T, UNIFORMS] of each view got right:
+    the correct input on at least one frame of the window, pressed anew where the skill asks)."""
+    res = {}
+    for name, (_, correct, new) in SKILLS.items():
+        hits = []
+        for found, x in zip(situations, inputs):
+            for _, a, b in found[name]:
+                ok = correct(x[a - 1:b])  # (from the frame before the window: was it already held?)
+                hits.append(bool((ok[1:] & ~ok[:-1] if new else ok[1:]).any()))
+        res[name] = (len(hits), sum(hits))
+    return res
+
+
+# ---- scores comparable with HAL and MIMIC ---------------------------------------------------------
+
+# HAL's 37 main-stick cluster centres (its STICK_XY_CLUSTER_CENTERS_V2), in -1..1 stick units.
+STICK_CLUSTERS = np.array(
+    [[0, 0], [.35, 0], [-.35, 0], [0, .35], [0, -.35], [.675, 0], [-.675, 0], [0, .675], [0, -.675],
+     [1, 0], [0, 1], [-1, 0], [0, -1], [.95, -.3], [-.95, -.3], [.95, .3], [-.95, .3],
+     [.85, -.5], [.85, .5], [-.85, -.5], [-.85, .5], [.7, -.7], [-.7, -.7], [.7, .7], [-.7, .7],
+     [.5, .5], [-.5, .5], [.5, -.5], [-.5, -.5], [.5, .85], [-.5, .85], [.5, -.85], [-.5, -.85],
+     [.3, -.95], [.3, .95], [-.3, -.95], [-.3, .95]])
+_GRID = np.stack(np.meshgrid(np.arange(17), np.arange(17), indexing="ij"), -1).reshape(-1, 2) / 8 - 1
+GRID_CLUSTER = np.argmin(((_GRID[:, None] - STICK_CLUSTERS[None]) ** 2).sum(-1), 1).reshape(17, 17)
+_GRID_ONE_HOT = np.eye(len(STICK_CLUSTERS))[GRID_CLUSTER.ravel()]  # [289, 37]
+
+# Single-label buttons: groups of exphil's buttons (A B X Y Z L R D_UP), in tie-break order.
+HAL_BUTTONS = ("A", "B", "jump", "Z", "none")
+MIMIC_BUTTONS = ("A", "B", "jump", "Z", "trigger", "shield_grab", "none")
+_BUTTON_GROUPS = [[0], [1], [2, 3], [4], [5, 6]]  # A, B, jump = X or Y, Z, trigger = L or R
+
+
+def _main_cluster_guess(logits: dict[str, np.ndarray]) -> np.ndarray:
+    """[B] the most likely main-stick cluster under the heads' joint p(main_x) p(main_y)."""
+    p = [np.exp(logits[h] - logits[h].max(-1, keepdims=True)) for h in ("main_x", "main_y")]
+    return ((p[0][:, :, None] * p[1][:, None, :]).reshape(len(p[0]), -1) @ _GRID_ONE_HOT).argmax(1)
+
+
+def button_classes(pressed: np.ndarray, before: np.ndarray, mimic: bool = False) -> np.ndarray:
+    """[T] single-label button classes of frames whose buttons are `pressed` [T, 8], the true
+    buttons of every frame before each being `before` [T, 8] (rows 0..t-1 of the player's own
+    inputs, `before[t]` the frame just before): of the groups held (A, B, jump = X or Y, Z, and
+    for MIMIC trigger = L or R), the most recently pressed one wins (ties: that order), else none.
+    MIMIC: the trigger held together with A is shield-grab."""
+    groups = len(_BUTTON_GROUPS) - (0 if mimic else 1)
+    group = lambda b: np.stack([b[:, g].any(1) for g in _BUTTON_GROUPS[:groups]], 1)
+    held, prev = group(pressed), group(before)
+    T = len(held)
+    onset = np.where(prev & ~np.vstack([np.zeros((1, groups), bool), prev[:-1]]), np.arange(T)[:, None], -1)
+    onset = np.maximum.accumulate(onset, 0)  # when each group was last pressed, up to the frame before
+    when = np.where(held, np.where(prev, onset, T), -2)  # a press new on this frame is the newest
+    cls = np.where(held.any(1), np.argmax(when, 1), groups)  # argmax: ties go to the first group
+    if mimic:
+        cls = np.where(held[:, 4] & held[:, 0], 5, np.where(cls == groups, 6, cls))
+    return cls
+
+
+def classification_scores(pred: np.ndarray, true: np.ndarray, classes: int) -> dict:
+    """Top-1 and macro-F1 (over the classes that occur in either) of class guesses."""
+    f1 = []
+    for c in range(classes):
+        tp, fp, fn = ((pred == c) & (true == c)).sum(), ((pred == c) & (true != c)).sum(), ((pred != c) & (true == c)).sum()
+        if tp + fp + fn:
+            f1.append(2 * tp / (2 * tp + fp + fn))
+    return {"top1": float((pred == true).mean()) if len(true) else 0.0, "macro_f1": float(np.mean(f1)) if f1 else 0.0}
+
+
+def field_labels(inputs: np.ndarray, buttons: np.ndarray | None = None, main: np.ndarray | None = None) -> dict:
+    """The field classes of one view's frames: HAL buttons, MIMIC buttons and main-stick cluster,
+    from the player's inputs [T, UNIFORMS] (the truth), or of guesses for those frames: `buttons`
+    [T, 8] pressed and `main` [T] clusters, read against the player's earlier inputs."""
+    before = np.vstack([np.zeros((1, 8), np.int64), inputs[:-1, :8]]) > 0
+    pressed = inputs[:, :8] > 0 if buttons is None else buttons
+    return {"hal_buttons": button_classes(pressed, before), "mimic_buttons": button_classes(pressed, before, True),
+            "main_stick": GRID_CLUSTER[inputs[:, 8], inputs[:, 9]] if main is None else main}
+
+
+FIELD_CLASSES = {"hal_buttons": len(HAL_BUTTONS), "mimic_buttons": len(MIMIC_BUTTONS), "main_stick": len(STICK_CLUSTERS)}
+
+
+# ---- the report ---------------------------------------------------------------------------------
+
+VIEWS_AT_ONCE = 32  # player views walked together through one session (a batch)
+BOT_ROWS = {  # row -> (the bot or the Markov baseline, closed controller, deterministic)
+    "bot, sampling, teacher-forced": ("bot", False, False), "bot, sampling, own inputs": ("bot", True, False),
+    "bot, deterministic, teacher-forced": ("bot", False, True), "bot, deterministic, own inputs": ("bot", True, True),
+    "Markov, sampling, teacher-forced": ("markov", False, False), "Markov, sampling, own inputs": ("markov", True, False)}
+
+
+def judge(run: str | os.PathLike, replays=None, data: str | os.PathLike | None = None, closed: bool = True,
+          skills: bool = True, field: bool = True, seed: int = 0, temperature: float = 1.0,
+          quiet: bool = False) -> dict:
+    """Judge a run the way it plays, on replays (or a dataset): closed-controller rollouts
+    (`input_stats` of the bot beside the players, teacher-forced and reading back its own inputs,
+    sampling and deterministic, and the Markov baseline), skill checks (`SKILLS`) and field scores
+    (`field_labels`); the FP32 step graph with the Agent's rule at `temperature`."""
+    if not (math.isfinite(temperature) and temperature > 0):
+        raise UsageError(f"temperature must be a finite number > 0, not {temperature}")
+    run = Path(run)
+    info = json.loads((run / "run.json").read_text()) if (run / "run.json").exists() else {}
+    graph = checked_step_graph(run, step_path(run), info)
+    spec = load_spec(run / "spec.toml")
+    games, skipped = load_games(replays, log=_log(quiet), data=data)
+    if not games:
+        raise ExphilError(f"{data or replays}: no usable replay (skipped {len(skipped)})")
+    episodes = [ep for g in games for ep in g]
+    delay, threshold = int(info.get("frame_delay", 0)), info.get("button_threshold", 0.5)
+    players = [episode_inputs(ep) for ep in episodes]
+    wanted = {name: how for name, how in BOT_ROWS.items()  # (the field scores read teacher-forced sampling only)
+              if (closed or skills or how[1:] == (False, False)) and (how[0] == "bot" or "markov_tables" in info)}
+    log, runs = _log(quiet), {}
+    for name, (who, own, det) in wanted.items():
+        log(f"{name}: {len(episodes)} player views")
+        runs[name] = []
+        for k, part in enumerate(chunks(episodes, VIEWS_AT_ONCE)):  # (memory: views x frames of features)
+            step = _graph_step(graph, len(part)) if who == "bot" else _markov_step(info["markov_tables"])
+            runs[name] += rollout(step, part, own, det, temperature, delay, seed + k,
+                                  spec.returns if spec.returns.input else None, threshold)
+    res = {"games": len(games), "views": len(episodes), "frames": sum(ep.frames for ep in episodes),
+           "frame_delay": delay, "temperature": temperature, "skipped": skipped}
+    if closed:
+        res["closed_controller"] = _closed_rows(players, runs)
+    if skills:
+        found = [skill_situations(ep) for ep in episodes]
+        res["skills"] = {"players": skill_scores(found, players),
+                         **{name: skill_scores(found, [r["inputs"] for r in rows]) for name, rows in runs.items()}}
+    if field:
+        res["field_scores"] = _field_rows(players, runs, delay)
+    return res
+
+
+def _closed_rows(players: list[np.ndarray], runs: dict) -> dict:
+    ref = input_stats(players)
+    rows = {"players": ref}
+    for name, out in runs.items():
+        rows[name] = input_stats([r["inputs"] for r in out], players)
+        rows[name]["joint_divergence"] = js_divergence(rows[name]["joint"], ref["joint"])
+    for row in rows.values():
+        row.pop("joint")
+    return rows
+
+
+def _field_rows(players: list[np.ndarray], runs: dict, delay: int, start: int = 123) -> dict:
+    """Field scores of the bot's teacher-forced guesses beside copy ("the input lag + 1 frames
+    earlier"), the Markov table's guesses and the most common class of these frames."""
+    first = max(start, 1 + delay)
+    cut = lambda parts: {k: np.concatenate([p[k][first:] for p in parts]) for k in FIELD_CLASSES}
+    truth = cut([field_labels(x) for x in players])
+    copy = [np.vstack([np.broadcast_to(_NEUTRAL_CODES, (1 + delay, UNIFORMS)), x[:-1 - delay]]) for x in players]
+    guesses = {"copy": cut([field_labels(x, c[:, :8] > 0, GRID_CLUSTER[c[:, 8], c[:, 9]]) for x, c in zip(players, copy)])}
+    for who, name in (("bot", "bot, sampling, teacher-forced"), ("Markov", "Markov, sampling, teacher-forced")):
+        if name in runs:
+            guesses[who] = cut([field_labels(x, r["buttons"], r["main"]) for x, r in zip(players, runs[name])])
+    rows = {who: {k: classification_scores(g[k], truth[k], n) for k, n in FIELD_CLASSES.items()}
+            for who, g in guesses.items()}
+    rows["most common class"] = {k: classification_scores(np.full(len(truth[k]), np.bincount(truth[k]).argmax()),
+                                                          truth[k], n) for k, n in FIELD_CLASSES.items()}
+    return {"frames": len(truth["main_stick"]), "rows": rows}
+
+
+def judge_tables(res: dict) -> str:
+    """The report of `judge` as text tables."""
+    lines = [f"{res['games']} games, {res['views']} player views, {res['frames']:,} frames; frame t decides the "
+             f"input at t + {1 + res['frame_delay']}; temperature {res['temperature']:g}"]
+    if "closed_controller" in res:
+        lines += ["", f"{'inputs':<36}{'buttons/s':>10}{'main/s':>8}{'press':>7}{'neutral':>8}"
+                      f"{'longest mean/max s':>19}{'JS div':>8}{'= player':>9}"]
+        for name, r in res["closed_controller"].items():
+            extra = f"{r['joint_divergence']:>8.3f}{r['same_as_player']:>9.1%}" if name != "players" else ""
+            lines.append(f"{name:<36}{r['button_changes_per_s']:>10.2f}{r['main_changes_per_s']:>8.2f}"
+                         f"{r['press_share']:>7.1%}{r['neutral_share']:>8.1%}"
+                         f"{r['longest_s_mean']:>10.1f} / {r['longest_s_max']:<6.1f}{extra}")
+    if "skills" in res:
+        names = list(SKILLS)
+        lines += ["", f"{'skill checks (rate, situations)':<36}" + "".join(f"{n:>14}" for n in names)]
+        for who, scores in res["skills"].items():
+            lines.append(f"{who:<36}" + "".join(f"{k / n if n else 0:>9.1%} ({n:>3})" for n, k in
+                                                (scores[s] for s in names)))
+    if "field_scores" in res:
+        f = res["field_scores"]
+        lines += ["", f"{'field scores, ' + format(f['frames'], ',') + ' frames':<36}"
+                      + "".join(f"{k + ' F1/top-1':>26}" for k in FIELD_CLASSES)]
+        for who, r in f["rows"].items():
+            lines.append(f"{who:<36}" + "".join(f"{r[k]['macro_f1']:>17.3f} / {r[k]['top1']:.3f}" for k in FIELD_CLASSES))
+    return "\n".join(lines)
+
+
+# =================================================================================================
 # Command line
 # =================================================================================================
 
@@ -5326,6 +5778,16 @@ def _parser() -> argparse.ArgumentParser:
     source.add_argument("--replays", help="a .slp file or a directory (searched recursively)")
     source.add_argument("--data", help="a dataset folder (`exphil ingest`)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
+    judged = p.add_argument_group("judge the bot the way it plays (instead of the teacher-forced scores; README: "
+                                  "judging play)")
+    judged.add_argument("--closed-controller", action="store_true", help="walk the replays reading back the "
+                        "bot's own inputs: input changes, holds, divergence from the players'")
+    judged.add_argument("--skills", action="store_true", help="L-cancel, tech, wavedash and ledge-option "
+                        "rates of the bot beside the players'")
+    judged.add_argument("--field-scores", action="store_true", help="HAL/MIMIC-style button classes and 37 "
+                        "main-stick clusters: macro-F1 and top-1")
+    judged.add_argument("--temperature", type=float, default=1.0, help="the Agent's sampling temperature")
+    judged.add_argument("--seed", type=int, default=0, help="seed of the sampling rows")
 
     p = sub.add_parser("compile", help="write a spec's untrained window and step graphs")
     p.add_argument("spec", help="spec file or built-in spec name")
@@ -5414,6 +5876,10 @@ def _command(args) -> int:
             rep = res.info["distillation"]
             print("agreement with the teacher: " + ", ".join(f"{h} {v:.3f}" for h, v in rep["agreement"].items()))
             print("step latency p50: " + ", ".join(f"{k} {v['p50_ms']:.3f} ms" for k, v in rep["step_latency_ms"].items()))
+    elif args.command == "eval" and (args.closed_controller or args.skills or args.field_scores):
+        res = judge(args.run, args.replays, args.data, args.closed_controller, args.skills, args.field_scores,
+                    args.seed, args.temperature)
+        print(json.dumps(res, indent=2) if args.json else f"{args.run}: " + judge_tables(res))
     elif args.command == "eval":
         res = evaluate(args.run, args.replays, data=args.data)
         if args.json:
