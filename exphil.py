@@ -3403,7 +3403,7 @@ def _resume_settings(out: Path, spec, replays, data, given: dict) -> tuple[dict,
     run; a spec.toml edited since the run started is refused. Every difference is named."""
     if not (out / "run.json").exists() or not has_checkpoint(out / "train"):
         raise ExphilError(f"{out}: nothing to resume (no run.json and checkpoint)")
-    info = json.loads((out / "run.json").read_text())
+    info = read_run_info(out)
     recorded, run_spec = info["config"], load_spec(out / "spec.toml")
     if "spec_settings" in info and msgspec.convert(info["spec_settings"], Spec) != run_spec:  # (fields added
         # to the format since then take their defaults on both sides)
@@ -3451,7 +3451,7 @@ def _train(spec, replays, data, out: Path, resume: bool, quiet: bool, cache, con
     log = _log(quiet)
     if resume:
         settings, spec, replays, data = _resume_settings(out, spec, replays, data, config)
-        info = json.loads((out / "run.json").read_text())
+        info = read_run_info(out)
         extending = settings["epochs"] > info["config"]["epochs"]
         recorded_fingerprint = info.get("fingerprint")
         config = TrainConfig(**settings)
@@ -3720,13 +3720,69 @@ def recorded_games(info: dict, which: str, log=None) -> list[list[Episode]]:
     return games
 
 
+MAX_FRAME_DELAY = 1 << 16  # frames (18 minutes): longer than a game of Melee's default 8-minute timer
+
+
+class _RunReplays(msgspec.Struct, frozen=True):
+    source: list[str] = []
+    data: Union[str, None] = None
+    train: list[str] = []
+    val: list[str] = []
+    skipped: list[dict] = []
+
+
+class _RunFrames(msgspec.Struct, frozen=True):
+    train: Annotated[int, msgspec.Meta(ge=0)] = 0
+    val: Annotated[int, msgspec.Meta(ge=0)] = 0
+
+
+class RunInfo(msgspec.Struct):
+    """What exphil reads back from a run.json (which holds more: metrics, reports, ...), checked as
+    a spec is: a wrong type or a value out of range is refused, naming the field."""
+
+    feature_version: int = FEATURE_VERSION
+    spec: str = ""
+    frame_delay: Annotated[int, msgspec.Meta(ge=0, le=MAX_FRAME_DELAY)] = 0
+    delay_range: Annotated[list[Annotated[int, msgspec.Meta(ge=0, le=MAX_FRAME_DELAY)]],
+                           msgspec.Meta(min_length=2, max_length=2)] = msgspec.field(default_factory=lambda: [0, 0])
+    button_threshold: Annotated[float, msgspec.Meta(gt=0, lt=1)] = 0.5
+    config: Union[TrainConfig, None] = None
+    replays: _RunReplays = _RunReplays()
+    frames: _RunFrames = _RunFrames()
+    label_frequencies: Union[dict[str, list[Annotated[float, msgspec.Meta(ge=0, le=1)]]], None] = None
+    markov_tables: Union[dict[str, list], None] = None
+    returns: dict[str, Any] = {}
+    graphs: dict[str, str] = {}
+    fingerprint: Union[str, None] = None
+    status: str = "finished"
+
+
+def read_run_info(run: str | os.PathLike) -> dict:
+    """A run folder's run.json ({} if it has none), checked (RunInfo): one line naming the file
+    and the field otherwise. run.json is input: it may have been edited or damaged."""
+    path = Path(run) / "run.json"
+    if not path.exists():
+        return {}
+    try:
+        info = json.loads(path.read_bytes())
+        msgspec.convert(info, RunInfo)
+        unknown = sorted(set(info.get("config") or {}) - {f.name for f in dataclasses.fields(TrainConfig)})
+        if unknown:
+            raise ExphilError(f"unknown setting `$.config.{unknown[0]}`")
+        if info.get("button_threshold", 0.5) not in BUTTON_THRESHOLDS:
+            raise ExphilError(f"`$.button_threshold` must be one of {', '.join(map(str, BUTTON_THRESHOLDS))}")
+    except (ValueError, msgspec.ValidationError, ExphilError) as e:  # (json's errors are ValueErrors)
+        raise ExphilError(f"{path}: not a valid run.json: {e}") from None
+    return info
+
+
 def load_run(run: str | os.PathLike) -> tuple[Model, dict]:
     """The model of a run folder with its exported weights, and its run.json."""
     run = Path(run)
     for f in ("spec.toml", "window.onnx"):
         if not (run / f).exists():
             raise ExphilError(f"{run}: not a finished run folder (no {f})")
-    info = json.loads((run / "run.json").read_text()) if (run / "run.json").exists() else {}
+    info = read_run_info(run)
     return Model(load_spec(run / "spec.toml"), load_params(run / "window.onnx")), info
 
 
@@ -4032,7 +4088,7 @@ class Agent:
                  precision: str = "fp32", target_return: float | None = None):
         run = Path(run)
         path = step_path(run, precision)
-        self.info = json.loads((run / "run.json").read_text()) if (run / "run.json").exists() else {}
+        self.info = read_run_info(run)
         version = self.info.get("feature_version", FEATURE_VERSION)
         if version != FEATURE_VERSION:
             raise ExphilError(f"{run}: trained with feature layout v{version}; this exphil reads "
@@ -4267,7 +4323,7 @@ def quantize_run(run: str | os.PathLike, mode: str = "dynamic", calibration_repl
     log = _log(quiet)
     run = Path(run)
     reference = step_path(run, "fp32")
-    info = json.loads((run / "run.json").read_text()) if (run / "run.json").exists() else {}
+    info = read_run_info(run)
     returns = load_spec(run / "spec.toml").returns if (run / "spec.toml").exists() else None
     returns = returns if returns and returns.input else None  # what the step graph reads
 
@@ -4849,7 +4905,7 @@ def plot(run: str | os.PathLike) -> Path:
     rows = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines() if l.strip()]
     if not rows:
         raise ExphilError(f"{run}: metrics.jsonl has no epoch yet")
-    info = json.loads((run / "run.json").read_text()) if (run / "run.json").exists() else {}
+    info = read_run_info(run)
     epochs = [r["epoch"] for r in rows]
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
     for key, label in (("train_loss", "train"), ("val_loss", "validation")):

@@ -354,3 +354,40 @@ def test_an_empty_batch_is_an_error_not_a_crash(tmp_path):
     eps = exphil.load_replay(REPLAYS / "hohav-py-slippi__netplay_name.slp")
     with pytest.raises(exphil.ExphilError, match="no windows"):
         trainer.step(exphil.make_batch(eps, [], 8))
+
+
+@pytest.mark.parametrize("edit, field", [
+    (lambda text: text[:len(text) // 2], "Expecting"),
+    (lambda text: "[]", "Expected `object`, got `array`"),
+    ({"button_threshold": 5}, "`$.button_threshold`"),
+    ({"button_threshold": 0.33}, "`$.button_threshold`"),
+    ({"frame_delay": 10 ** 9}, "`$.frame_delay`"),
+    ({"frame_delay": "2"}, "`$.frame_delay`"),
+    ({"feature_version": None}, "`$.feature_version`"),
+    ({"replays": {"source": [], "val": "x.slp"}}, "`$.replays.val`"),
+    ({"frames": {"train": -5, "val": 0}}, "`$.frames.train`"),
+    ({"graphs": {"step.onnx": 7}}, "`$.graphs[...]`"),
+    ({"config": {"batch_size": -4}}, "batch-size must be >= 1"),
+    ({"config": {"epochs": "many"}}, "`$.config.epochs`"),
+    ({"config": {"surprise": 1}}, "unknown setting `$.config.surprise`"),
+])
+def test_a_tampered_run_json_is_one_line_naming_the_file_and_the_field(tmp_path, mlp_run, edit, field):
+    """Agent, eval, quantize and resume read run.json as input: a copy of a run trained by this
+    exphil loads; the same copy with a broken or edited run.json is refused by each of them."""
+    out = tmp_path / "run"
+    shutil.copytree(mlp_run.path, out)
+    good = json.loads((out / "run.json").read_text())
+    assert exphil.Agent(out).info == good  # as this exphil wrote it
+    if callable(edit):
+        (out / "run.json").write_text(edit((out / "run.json").read_text()))
+    else:
+        edited = {k: {**good[k], **v} if isinstance(v, dict) else v for k, v in edit.items()}
+        (out / "run.json").write_text(json.dumps({**good, **edited}))
+    message = rf"^{out / 'run.json'}: not a valid run.json: .*{__import__('re').escape(field)}"
+    for call in (lambda: exphil.Agent(out), lambda: exphil.evaluate(out, REPLAYS, quiet=True),
+                 lambda: exphil.quantize_run(out, quiet=True), lambda: exphil.train(out=out, resume=True, quiet=True)):
+        with pytest.raises(exphil.ExphilError, match=message):
+            call()
+    res = cli("eval", out, "--replays", REPLAYS)
+    assert res.returncode == 1 and res.stderr.count("\n") == 1 and "Traceback" not in res.stderr, res.stderr
+    assert field in res.stderr
