@@ -35,7 +35,9 @@ import logging
 import math
 import os
 import queue
+import re
 import shutil
+import signal
 import sys
 import tempfile
 import threading
@@ -1905,14 +1907,19 @@ def release_pages(frames: int = 0, every: int = 1 << 12) -> None:
 def _write_shard(folder: Path, name: str, episodes: list[Episode]) -> None:
     """Write the episodes' columns as shard `name`: under a temporary name, renamed when complete."""
     tmp = folder / f".tmp-{name}"
-    tmp.mkdir(parents=True)
     labels = np.concatenate([np.column_stack([ep.labels["buttons"]] + [ep.labels[h] for h in HEADS if h != "buttons"])
                              for ep in episodes])
     columns = {"cat": np.concatenate([ep.cat for ep in episodes]),
                "num": np.concatenate([ep.num for ep in episodes]), "labels": labels}
-    for column, dtype in SHARD_COLUMNS.items():
-        np.save(tmp / f"{column}.npy", columns[column].astype(dtype, copy=False))
-    os.rename(tmp, folder / name)
+    try:
+        tmp.mkdir(parents=True)
+        for column, dtype in SHARD_COLUMNS.items():
+            np.save(tmp / f"{column}.npy", columns[column].astype(dtype, copy=False))
+        os.rename(tmp, folder / name)
+    except OSError as e:  # (a full disk: numpy's message names no file and no error)
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise ExphilError(f"{folder.parent}: cannot write shard {name}: {e.strerror or e}"
+                          + ("" if e.errno else " (is the disk full?)")) from None
 
 
 def parse_replays(task: tuple) -> tuple[list[dict], float]:
@@ -1954,22 +1961,79 @@ def _file_hash(path: Path) -> tuple[str | None, str | None]:
         return None, f"cannot read file: {e.strerror}"
 
 
+def _manifest(method):
+    """A Dataset method that uses the manifest: SQLite's errors (a damaged file, a full disk)
+    become one line naming the dataset."""
+    @functools.wraps(method)
+    def checked(self, *args, **kw):
+        import sqlite3
+
+        try:
+            return method(self, *args, **kw)
+        except sqlite3.DatabaseError as e:
+            damaged = "" if isinstance(e, sqlite3.OperationalError) else \
+                " (damaged: ingest the replays into a new dataset folder)"
+            raise ExphilError(f"{self.label}: manifest.sqlite: {e}{damaged}") from None
+    return checked
+
+
+def _row_problem(row: dict) -> str | None:
+    """What is wrong with a manifest row (types, ranges, known ids, a shard name inside the
+    dataset), or None."""
+    text = lambda f: row[f] is None or isinstance(row[f], str)
+    integer = lambda f, ok: isinstance(row[f], int) and ok(row[f])
+    if not (isinstance(row["hash"], str) and isinstance(row["path"], str) and text("skipped")):
+        return "hash, path and skipped must be text"
+    if row["skipped"] is not None:
+        return None
+    valid = {"frames": integer("frames", lambda v: v > 0), "start": integer("start", lambda v: v >= 0),
+             "stage": integer("stage", lambda v: v in _KNOWN_STAGES),
+             **{f"port_{i}": integer(f"port_{i}", lambda v: 1 <= v <= 4) for i in (1, 2)},
+             **{f"character_{i}": integer(f"character_{i}", lambda v: v in _KNOWN_CHARACTERS) for i in (1, 2)},
+             **{f: text(f) for f in ("slippi", "date", "code_1", "code_2")},
+             "shard": isinstance(row["shard"], str) and bool(_SHARD_NAME.fullmatch(row["shard"]))
+             and ".." not in row["shard"]}
+    bad = next((f for f, ok in valid.items() if not ok), None)
+    return bad and f"{bad} {row[bad]!r} is not valid" + (" (a folder name inside the dataset's shards/)"
+                                                          if bad == "shard" else "")
+
+
+_KNOWN_STAGES = {s.value for s in enums.Stage}
+_KNOWN_CHARACTERS = {c.value for c in enums.Character}
+_SHARD_NAME = re.compile(r"\w[\w.-]*")  # a folder of shards/ (no separators, no leading dot)
+
+
 class Dataset:
     """A dataset folder (see above) and its manifest (SQLite, WAL; each write one short
-    transaction, so several processes can share it).
+    transaction, so several processes can share it). Opened to read (`create` False), it is
+    never written (a read-only folder can be read); `label` names it in errors.
 
     `files`: the content hash of each replay file at a given size and modification time, so a
     file is read again only when new or changed. `games`: one row per distinct content: source
     path, frames, stage, Slippi version, date, and per player view (1 and 2) its port, character
     and player code; where its frames are (shard and first row); or why it was skipped."""
 
-    def __init__(self, folder: str | os.PathLike, create: bool = False):
-        import sqlite3
-
-        self.folder = Path(folder)
+    def __init__(self, folder: str | os.PathLike, create: bool = False, label: str | None = None):
+        self.folder, self.label, self.inside = Path(folder), label or str(folder), set()
         if not create and not (self.folder / "manifest.sqlite").is_file():
             raise ExphilError(f"{self.folder}: not a dataset (no manifest.sqlite); build one with "
                               f"`exphil ingest REPLAYS --out {self.folder}`")
+        self._open(create)
+
+    @_manifest
+    def _open(self, create: bool) -> None:
+        import sqlite3
+        from urllib.parse import quote
+
+        if not create:  # read only; where SQLite cannot even add its shared-memory file (a read-only
+            uri = "file:" + quote(str(self.folder.absolute() / "manifest.sqlite"))  # folder), as unchanging
+            try:
+                self.db = sqlite3.connect(uri + "?mode=ro", uri=True, timeout=60, isolation_level=None)
+                self.db.execute("SELECT count(*) FROM sqlite_master").fetchone()
+            except sqlite3.OperationalError:
+                self.db = sqlite3.connect(uri + "?immutable=1", uri=True, isolation_level=None)
+            self._check_layout()
+            return
         (self.folder / "shards").mkdir(parents=True, exist_ok=True)
         self.db = sqlite3.connect(self.folder / "manifest.sqlite", timeout=60, isolation_level=None)
         self.db.execute("PRAGMA journal_mode=WAL")
@@ -1979,26 +2043,44 @@ class Dataset:
         self.db.execute("CREATE TABLE IF NOT EXISTS games (hash TEXT PRIMARY KEY, path TEXT, frames INT, stage INT, "
                         "slippi TEXT, date TEXT, port_1 INT, character_1 INT, code_1 TEXT, port_2 INT, "
                         "character_2 INT, code_2 TEXT, shard TEXT, start INT, skipped TEXT)")
+        self.db.execute("INSERT OR IGNORE INTO meta VALUES ('layout', ?)", (f"{FEATURE_VERSION}.{DATA_VERSION}",))
+        self._check_layout()
+
+    def _check_layout(self) -> None:
         layout = f"{FEATURE_VERSION}.{DATA_VERSION}"
-        self.db.execute("INSERT OR IGNORE INTO meta VALUES ('layout', ?)", (layout,))
-        found = self.db.execute("SELECT value FROM meta WHERE key = 'layout'").fetchone()[0]
+        found = (self.db.execute("SELECT value FROM meta WHERE key = 'layout'").fetchone() or [None])[0]
         if found != layout:
             raise ExphilError(f"{self.folder}: a dataset of layout {found}; this exphil reads layout {layout}: "
                               "ingest the replays into a new folder")
 
+    @_manifest
     def known_files(self) -> dict[str, tuple[int, int, str]]:
         return {p: (size, mtime, h) for p, size, mtime, h in self.db.execute("SELECT * FROM files")}
 
+    @_manifest
     def record_files(self, rows: list[tuple]) -> None:
         with self.db:
             self.db.execute("BEGIN")
             self.db.executemany("INSERT OR REPLACE INTO files VALUES (?, ?, ?, ?)", rows)
 
+    @_manifest
     def rows(self, where: str = "", args: tuple = ()) -> list[dict]:
+        """The manifest's game rows, checked: the manifest is input (it may have been edited)."""
         cur = self.db.execute(f"SELECT * FROM games {where}", args)
         names = [c[0] for c in cur.description]
-        return [dict(zip(names, r)) for r in cur]
+        missing = [f for f in GAME_FIELDS if f not in names]
+        if missing:
+            raise ExphilError(f"{self.label}: manifest.sqlite: its games table has no column {missing[0]} "
+                              "(damaged: ingest the replays into a new dataset folder)")
+        rows = [dict(zip(names, r)) for r in cur]
+        for row in rows:
+            problem = _row_problem(row)
+            if problem:
+                raise ExphilError(f"{self.label}: manifest row of game {row['hash']!r} ({row['path']}): {problem}; "
+                                  "the manifest was edited or damaged: ingest the replays into a new dataset folder")
+        return rows
 
+    @_manifest
     def commit(self, rows: list[dict]) -> None:
         """Record parsed games (their shard already in place); a content already recorded by
         another process stays as it was."""
@@ -2008,8 +2090,17 @@ class Dataset:
                                 [tuple(r[f] for f in GAME_FIELDS) for r in rows])
 
     def columns(self, shard: str) -> dict[str, np.ndarray]:
-        return {c: _mapped(self.folder / "shards" / shard / f"{c}.npy") for c in SHARD_COLUMNS}
+        paths = {c: self.folder / "shards" / shard / f"{c}.npy" for c in SHARD_COLUMNS}
+        if shard not in self.inside:  # (checked once per shard: no link leads out of the dataset)
+            base = os.path.realpath(self.folder / "shards")
+            for path in paths.values():
+                if os.path.commonpath([base, os.path.realpath(path)]) != base:
+                    raise ExphilError(f"{self.label}: shard {shard}: {path.name} leads outside the dataset "
+                                      f"(to {os.path.realpath(path)}); refused")
+            self.inside.add(shard)
+        return {c: _mapped(path) for c, path in paths.items()}
 
+    @_manifest
     def check(self, rows: list[dict]) -> list[str]:
         """Shards of these rows that are missing or damaged (from their headers and sizes):
         their games are forgotten, to be parsed again."""
@@ -2050,6 +2141,7 @@ class Dataset:
                                {h: labels[:, c] for h, c in LABEL_COLUMNS.items()}))
         return out
 
+    @_manifest
     def remove_unreferenced(self) -> None:
         """Shards no manifest row points at, and temporary ones, left by processes that ended
         (killed while ingesting, or beaten to a game by another process)."""
@@ -2121,18 +2213,18 @@ def _tasks(folder: Path, new: list[tuple[str, Path]], sizes: dict, workers: int)
 
 
 def ingest(replays, out: str | os.PathLike, log=None, max_files: int = 0, workers: int | None = None,
-           ray: str | None = None) -> _Collection:
+           ray: str | None = None, label: str | None = None) -> _Collection:
     """Add the new and changed replays under `replays` to the dataset in `out` (created if need
     be), parsing on every core (with `ray`, a cluster's address: as Ray tasks on its cores; the
     replays and `out` must then be folders every node reaches). A file whose path, size and
     modification time the manifest knows is not read; a new file is hashed once, and a content
     already in the dataset (a copy) is not parsed again. Unusable replays are recorded with
-    their reason and reported."""
+    their reason and reported. label: how errors name the dataset (default: its folder)."""
     unreadable = []
     paths = [p for r in ([replays] if isinstance(replays, (str, os.PathLike)) else replays)
              for p in find_replays(r, unreadable)]
     paths = paths[:max_files] if max_files else paths
-    dataset = Dataset(out, create=True)
+    dataset = Dataset(out, create=True, label=label)
     known, hashes, errors, stats, unknown = dataset.known_files(), {}, {}, {}, []
     for p in paths:
         try:
@@ -2211,7 +2303,8 @@ def _selected(replays=None, data=None, cache: Path | None = None, log=None, max_
         dataset = Dataset(data)
         rows = dataset.rows("ORDER BY path, hash")[:max_files or None]
         return dataset, [(r["path"], r) for r in rows], []
-    col = ingest(replays, _cache_dataset(cache), log, max_files, workers, ray)
+    folder = _cache_dataset(cache)
+    col = ingest(replays, folder, log, max_files, workers, ray, label=f"the replay cache's dataset {folder}")
     by_hash = {r["hash"]: r for r in col.dataset.rows()}
     chosen, seen = [], set()
     skipped = [*col.unreadable, *({"path": str(p), "reason": reason} for p, reason in col.errors.items())]
