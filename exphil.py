@@ -46,6 +46,9 @@ import weakref
 from pathlib import Path
 from typing import Annotated, Any, Callable, Literal, NamedTuple, Sequence, Union
 
+if __name__ == "__main__":  # `python -m exphil`: Ctrl-C while it starts is one line too (then main() answers it)
+    signal.signal(signal.SIGINT, lambda *_: os._exit(print("exphil: interrupted", file=sys.stderr) or 130))
+
 import msgspec
 import numpy as np
 
@@ -2155,12 +2158,35 @@ class Dataset:
 
 def _die_with_parent(parent: int) -> None:
     """Worker initializer: exit as soon as the process that started the worker is gone (even
-    killed with SIGKILL, which gives it no chance to stop its workers)."""
+    killed with SIGKILL, which gives it no chance to stop its workers), and quietly on Ctrl-C
+    (held back until now, see `_ctrl_c_held`): the parent says it, in one line."""
+    import signal
+
+    signal.signal(signal.SIGINT, lambda *_: os._exit(1))
+    if hasattr(signal, "pthread_sigmask"):
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+
     def watch():
         while os.getppid() == parent:
             time.sleep(0.5)
         os._exit(1)
     threading.Thread(target=watch, daemon=True).start()
+
+
+@contextlib.contextmanager
+def _ctrl_c_held():
+    """Hold Ctrl-C (SIGINT) back while worker processes start: they inherit it held, so that no
+    worker is interrupted while it imports (a traceback each); here it arrives on leaving."""
+    import signal
+
+    if not hasattr(signal, "pthread_sigmask") or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, held)
 
 
 @contextlib.contextmanager
@@ -2187,7 +2213,8 @@ def _mapper(workers: int, ray: str | None = None):
 
             pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
                                        initializer=_die_with_parent, initargs=(os.getpid(),))
-        return pool.map(function, items, chunksize=chunksize)
+        with _ctrl_c_held():  # (workers start as tasks are submitted)
+            return pool.map(function, items, chunksize=chunksize)
     try:
         yield mapped
     finally:
@@ -5186,7 +5213,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """The command line: exit code 0 ok, 1 runtime error, 2 usage error, 130 interrupted."""
     argv = list(sys.argv[1:] if argv is None else argv)
     bench = argv[:1] == ["bench"]  # bench.py parses its own flags
-    args = None if bench else _parser().parse_args(argv)
+    args = None
     handler = logging.StreamHandler()  # the library's messages, one per line on stderr
     handler.setFormatter(logging.Formatter("%(message)s"))
     logger.addHandler(handler)
@@ -5194,6 +5221,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logger.setLevel(logging.INFO)
     logger.propagate = False  # not twice where a dependency configured the root logger
     try:
+        args = None if bench else _parser().parse_args(argv)
         return _bench().main(argv[1:]) if bench else _command(args)
     except ExphilError as e:
         print(f"exphil: error: {e}", file=sys.stderr)
@@ -5293,4 +5321,5 @@ def _command(args) -> int:
 
 
 if __name__ == "__main__":
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     sys.exit(main())

@@ -391,3 +391,32 @@ def test_a_tampered_run_json_is_one_line_naming_the_file_and_the_field(tmp_path,
     res = cli("eval", out, "--replays", REPLAYS)
     assert res.returncode == 1 and res.stderr.count("\n") == 1 and "Traceback" not in res.stderr, res.stderr
     assert field in res.stderr
+
+
+@pytest.mark.parametrize("after", [0.0, 0.2, 0.5, 1.0, 2.0])
+def test_ctrl_c_while_parsing_workers_start_is_one_line(tmp_path, after):
+    """Ctrl-C (SIGINT to the whole process group, as a terminal sends it) at moments from the
+    first worker's start (still importing) to parsing: one line, exit 130, and no worker left."""
+    import os
+
+    import bench
+
+    folder = tmp_path / "many"
+    folder.mkdir()
+    for k in range(24):  # distinct contents: hashed and parsed on the workers
+        assert bench.distinct_copy(REPLAYS / "hohav-py-slippi__netplay_name.slp", folder / f"{k}.slp", k)
+    proc = subprocess.Popen([sys.executable, "-m", "exphil", "ingest", folder, "--out", tmp_path / "data",
+                             "--workers", "2"], cwd=ROOT, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    deadline, workers = time.time() + 60, []
+    while not workers and time.time() < deadline and proc.poll() is None:
+        workers = _children(proc.pid)
+        time.sleep(0.01)
+    assert workers, "no worker started"
+    time.sleep(after)
+    os.killpg(proc.pid, signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and err == "exphil: interrupted\n", err
+    deadline = time.time() + 10
+    while any(map(_alive, workers)) and time.time() < deadline:
+        time.sleep(0.1)
+    assert not any(map(_alive, workers))
