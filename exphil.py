@@ -1907,6 +1907,34 @@ def release_pages(frames: int = 0, every: int = 1 << 12) -> None:
         _MAPPED_ROWS[0] = 0
 
 
+class ShardCutShort(ExphilError):
+    """A shard's file became shorter than its mapping while in use (see `check_shards`)."""
+
+
+def check_shards(episodes) -> None:
+    """Raise ShardCutShort if a shard column these episodes are views of became shorter than its
+    mapping (a restore or a copy over the dataset while it is in use): the next read of a page
+    past the file's new end would end this process with SIGBUS, which Python cannot catch.
+    Checked before each batch is read (one fstat per column in use); a cut during the read
+    itself still ends the process so."""
+    import mmap
+
+    maps = {}
+    for ep in {id(ep): ep for ep in episodes}.values():
+        for a in (ep.cat, ep.num, ep.labels["buttons"]):
+            while isinstance(a, (np.ndarray, memoryview)):  # (a view of a memoryview of the mapping)
+                a = a.base if isinstance(a, np.ndarray) else a.obj
+            if isinstance(a, mmap.mmap):
+                maps[id(a)] = a
+    for mm in maps.values():
+        if mm.size() < len(mm):
+            key = next(k for k, (m, _) in _MAPS.items() if m is mm)
+            del _MAPS[key]  # (mapped again, and found damaged, if the shard is used again)
+            path = Path(key)
+            raise ShardCutShort(f"{path.parent.parent.parent}: shard {path.parent.name} was cut short while in use "
+                                f"({path.name}: {mm.size():,} of {len(mm):,} bytes)")
+
+
 def _write_shard(folder: Path, name: str, episodes: list[Episode]) -> None:
     """Write the episodes' columns as shard `name`: under a temporary name, renamed when complete."""
     tmp = folder / f".tmp-{name}"
@@ -2490,6 +2518,7 @@ def make_batch(episodes: list[Episode], wins: Sequence[tuple[int, int] | None], 
     if returns is not None:
         batch["rtg"] = batch["target.value"] = np.zeros((B, length), np.float32)
     release_pages(B * length)  # windows of a dataset's shards: their pages are not kept
+    check_shards(episodes[w[0]] for w in wins if w is not None)
     for b, win in enumerate(wins):
         if win is None:  # padding: an idle stream in stateful training
             continue
@@ -3490,6 +3519,11 @@ def train(spec: Spec | str | os.PathLike | None = None, replays=None, out: str |
     with RunLock(Path(out)):
         try:
             return _train(spec, replays, data, Path(out), resume, quiet, cache, config, ray, workers)
+        except ShardCutShort as e:
+            kept = (f"its last checkpoint is kept: once `exphil ingest` has parsed the shard's replays into the dataset "
+                    f"again, continue with `exphil train --resume --out {out}`" if has_checkpoint(Path(out) / "train")
+                    else "no checkpoint was written yet")
+            raise ExphilError(f"{e}; the training stopped, {kept}") from None
         except OSError as e:
             if e.filename:
                 raise

@@ -279,3 +279,28 @@ def test_a_full_disk_while_ingesting_is_one_line_naming_the_dataset_and_leaves_n
             assert res.returncode == 0 and json.loads(res.stdout)["games"] == 1, res.stderr
     finally:
         subprocess.run(["umount", disk])
+
+
+def test_a_shard_cut_short_under_a_running_training_stops_it_with_one_line_and_keeps_the_checkpoint(tmp_path):
+    """A real training on a dataset; once it has a checkpoint, one of its shard's files is cut
+    short in place. The cut is smaller than the file's last page, so no read can fault before the
+    check sees it (a deeper cut landing during the read of a batch itself still ends the process
+    with SIGBUS, as the README says)."""
+    data, out = _small_dataset(tmp_path), tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "exphil", "train", "mlp", "--data", data, "--epochs", "1000",
+                             "--out", out, "--quiet"], cwd=ROOT, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 120
+        while not (out / "train" / "checkpoint").exists() and time.time() < deadline and proc.poll() is None:
+            time.sleep(0.1)
+        assert proc.poll() is None and (out / "train" / "checkpoint").exists(), "no checkpoint"
+        cut = next(f for f in sorted((data / "shards").glob("*/*.npy")) if f.stat().st_size % 4096 > 1)
+        os.truncate(cut, cut.stat().st_size - 1)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 1 and "Traceback" not in err and err.count("\n") == 1, err
+    assert err.startswith(f"exphil: error: {data}: shard {cut.parent.name} was cut short while in use ({cut.name}: "), err
+    assert err.rstrip().endswith(f"its last checkpoint is kept: once `exphil ingest` has parsed the shard's replays "
+                                 f"into the dataset again, continue with `exphil train --resume --out {out}`"), err
+    assert exphil.has_checkpoint(out / "train")
