@@ -2002,8 +2002,7 @@ def _manifest(method):
         try:
             return method(self, *args, **kw)
         except sqlite3.DatabaseError as e:
-            damaged = "" if isinstance(e, sqlite3.OperationalError) else \
-                " (damaged: ingest the replays into a new dataset folder)"
+            damaged = "" if isinstance(e, sqlite3.OperationalError) else f" (damaged: {self.remedy})"
             raise ExphilError(f"{self.label}: manifest.sqlite: {e}{damaged}") from None
     return checked
 
@@ -2037,15 +2036,19 @@ _SHARD_NAME = re.compile(r"\w[\w.-]*")  # a folder of shards/ (no separators, no
 class Dataset:
     """A dataset folder (see above) and its manifest (SQLite, WAL; each write one short
     transaction, so several processes can share it). Opened to read (`create` False), it is
-    never written (a read-only folder can be read); `label` names it in errors.
+    never written (a read-only folder can be read). in_cache: the replay cache's dataset (see
+    `_selected`), named as such in errors.
 
     `files`: the content hash of each replay file at a given size and modification time, so a
     file is read again only when new or changed. `games`: one row per distinct content: source
     path, frames, stage, Slippi version, date, and per player view (1 and 2) its port, character
     and player code; where its frames are (shard and first row); or why it was skipped."""
 
-    def __init__(self, folder: str | os.PathLike, create: bool = False, label: str | None = None):
-        self.folder, self.label, self.inside = Path(folder), label or str(folder), set()
+    def __init__(self, folder: str | os.PathLike, create: bool = False, in_cache: bool = False):
+        self.folder, self.inside = Path(folder), set()
+        self.label = f"the replay cache's dataset {folder}" if in_cache else str(folder)
+        self.remedy = "delete that folder to rebuild it from the replays" if in_cache else \
+            "ingest the replays into a new dataset folder"
         if not create and not (self.folder / "manifest.sqlite").is_file():
             raise ExphilError(f"{self.folder}: not a dataset (no manifest.sqlite); build one with "
                               f"`exphil ingest REPLAYS --out {self.folder}`")
@@ -2102,13 +2105,13 @@ class Dataset:
         missing = [f for f in GAME_FIELDS if f not in names]
         if missing:
             raise ExphilError(f"{self.label}: manifest.sqlite: its games table has no column {missing[0]} "
-                              "(damaged: ingest the replays into a new dataset folder)")
+                              f"(damaged: {self.remedy})")
         rows = [dict(zip(names, r)) for r in cur]
         for row in rows:
             problem = _row_problem(row)
             if problem:
                 raise ExphilError(f"{self.label}: manifest row of game {row['hash']!r} ({row['path']}): {problem}; "
-                                  "the manifest was edited or damaged: ingest the replays into a new dataset folder")
+                                  f"the manifest was edited or damaged: {self.remedy}")
         return rows
 
     @_manifest
@@ -2188,8 +2191,6 @@ def _die_with_parent(parent: int) -> None:
     """Worker initializer: exit as soon as the process that started the worker is gone (even
     killed with SIGKILL, which gives it no chance to stop its workers), and quietly on Ctrl-C
     (held back until now, see `_ctrl_c_held`): the parent says it, in one line."""
-    import signal
-
     signal.signal(signal.SIGINT, lambda *_: os._exit(1))
     if hasattr(signal, "pthread_sigmask"):
         signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
@@ -2205,8 +2206,6 @@ def _die_with_parent(parent: int) -> None:
 def _ctrl_c_held():
     """Hold Ctrl-C (SIGINT) back while worker processes start: they inherit it held, so that no
     worker is interrupted while it imports (a traceback each); here it arrives on leaving."""
-    import signal
-
     if not hasattr(signal, "pthread_sigmask") or threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -2268,18 +2267,18 @@ def _tasks(folder: Path, new: list[tuple[str, Path]], sizes: dict, workers: int)
 
 
 def ingest(replays, out: str | os.PathLike, log=None, max_files: int = 0, workers: int | None = None,
-           ray: str | None = None, label: str | None = None) -> _Collection:
+           ray: str | None = None, in_cache: bool = False) -> _Collection:
     """Add the new and changed replays under `replays` to the dataset in `out` (created if need
     be), parsing on every core (with `ray`, a cluster's address: as Ray tasks on its cores; the
     replays and `out` must then be folders every node reaches). A file whose path, size and
     modification time the manifest knows is not read; a new file is hashed once, and a content
     already in the dataset (a copy) is not parsed again. Unusable replays are recorded with
-    their reason and reported. label: how errors name the dataset (default: its folder)."""
+    their reason and reported. in_cache: `out` is the replay cache's dataset (see Dataset)."""
     unreadable = []
     paths = [p for r in ([replays] if isinstance(replays, (str, os.PathLike)) else replays)
              for p in find_replays(r, unreadable)]
     paths = paths[:max_files] if max_files else paths
-    dataset = Dataset(out, create=True, label=label)
+    dataset = Dataset(out, create=True, in_cache=in_cache)
     known, hashes, errors, stats, unknown = dataset.known_files(), {}, {}, {}, []
     for p in paths:
         try:
@@ -2321,7 +2320,7 @@ def ingest(replays, out: str | os.PathLike, log=None, max_files: int = 0, worker
         if log:
             log("parsing on one core: the worker processes stopped (killed, or they could not start: a script "
                 "that calls exphil needs an `if __name__ == \"__main__\":` guard to use every core)")
-        return ingest(replays, out, log, max_files, workers=1)
+        return ingest(replays, out, log, max_files, workers=1, in_cache=in_cache)
     return _Collection(paths, hashes, errors, unreadable, dataset)
 
 
@@ -2358,8 +2357,7 @@ def _selected(replays=None, data=None, cache: Path | None = None, log=None, max_
         dataset = Dataset(data)
         rows = dataset.rows("ORDER BY path, hash")[:max_files or None]
         return dataset, [(r["path"], r) for r in rows], []
-    folder = _cache_dataset(cache)
-    col = ingest(replays, folder, log, max_files, workers, ray, label=f"the replay cache's dataset {folder}")
+    col = ingest(replays, _cache_dataset(cache), log, max_files, workers, ray, in_cache=True)
     by_hash = {r["hash"]: r for r in col.dataset.rows()}
     chosen, seen = [], set()
     skipped = [*col.unreadable, *({"path": str(p), "reason": reason} for p, reason in col.errors.items())]

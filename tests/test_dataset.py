@@ -215,15 +215,17 @@ def test_a_damaged_manifest_is_one_line_naming_the_dataset(tmp_path):
     env = {**os.environ, "EXPHIL_CACHE": str(tmp_path / "cache")}
     assert cli("data", NETPLAY, env=env).returncode == 0
     cached = exphil._cache_dataset(tmp_path / "cache")
-    for folder, name, args in ((data, str(data), ["data", data]), (data, str(data), ["train", "mlp", "--data", data]),
-                               (cached, f"the replay cache's dataset {cached}", ["data", NETPLAY])):
+    remedy, rebuild = "ingest the replays into a new dataset folder", "delete that folder to rebuild it from the replays"
+    for folder, name, args, fix in ((data, str(data), ["data", data], remedy),
+                                    (data, str(data), ["train", "mlp", "--data", data], remedy),
+                                    (cached, f"the replay cache's dataset {cached}", ["data", NETPLAY], rebuild)):
         manifest = folder / "manifest.sqlite"
         good = manifest.read_bytes()
         for damaged in (good[:len(good) // 2], b"not a database, a note " * 400):
             manifest.write_bytes(damaged)
             res = cli(*args, "--out", tmp_path / "run", env=env) if args[0] == "train" else cli(*args, env=env)
             _one_error_line(res, f"{name}: manifest.sqlite: ")
-            assert "damaged: ingest the replays into a new dataset folder" in res.stderr
+            assert f"(damaged: {fix})" in res.stderr
         manifest.write_bytes(good)
     assert not (tmp_path / "run").exists()
 
