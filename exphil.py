@@ -2234,13 +2234,15 @@ def _mapper(workers: int, ray: str | None = None):
         nonlocal pool
         if workers <= 1 or len(items) <= 1:
             return map(function, items)
-        if pool is None:
-            from concurrent.futures import ProcessPoolExecutor
-            import multiprocessing
+        # workers (started as tasks are submitted) start with Ctrl-C held, and with their output
+        # silenced (their errors reach this process as exceptions): a Ctrl-C is one line from here
+        with _ctrl_c_held(), _quiet_fd2():
+            if pool is None:
+                from concurrent.futures import ProcessPoolExecutor
+                import multiprocessing
 
-            pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
-                                       initializer=_die_with_parent, initargs=(os.getpid(),))
-        with _ctrl_c_held():  # (workers start as tasks are submitted)
+                pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                                           initializer=_die_with_parent, initargs=(os.getpid(),))
             return pool.map(function, items, chunksize=chunksize)
     try:
         yield mapped
