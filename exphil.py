@@ -37,7 +37,9 @@ import logging
 import math
 import os
 import queue
+import re
 import shutil
+import signal
 import stat
 import sys
 import tempfile
@@ -46,6 +48,9 @@ import time
 import weakref
 from pathlib import Path
 from typing import Annotated, Any, Callable, Literal, NamedTuple, Sequence, Union
+
+if __name__ == "__main__":  # `python -m exphil`: Ctrl-C while it starts is one line too (then main() answers it)
+    signal.signal(signal.SIGINT, lambda *_: os._exit(print("exphil: interrupted", file=sys.stderr) or 130))
 
 import msgspec
 import numpy as np
@@ -2055,17 +2060,50 @@ def release_pages(frames: int = 0, every: int = 1 << 12) -> None:
         _MAPPED_ROWS[0] = 0
 
 
+class ShardCutShort(ExphilError):
+    """A shard's file became shorter than its mapping while in use (see `check_shards`)."""
+
+
+def check_shards(episodes) -> None:
+    """Raise ShardCutShort if a shard column these episodes are views of became shorter than its
+    mapping (a restore or a copy over the dataset while it is in use): the next read of a page
+    past the file's new end would end this process with SIGBUS, which Python cannot catch.
+    Checked before each batch is read (one fstat per column in use); a cut during the read
+    itself still ends the process so."""
+    import mmap
+
+    maps = {}
+    for ep in {id(ep): ep for ep in episodes}.values():
+        for a in (ep.cat, ep.num, ep.labels["buttons"]):
+            while isinstance(a, (np.ndarray, memoryview)):  # (a view of a memoryview of the mapping)
+                a = a.base if isinstance(a, np.ndarray) else a.obj
+            if isinstance(a, mmap.mmap):
+                maps[id(a)] = a
+    for mm in maps.values():
+        if mm.size() < len(mm):
+            key = next(k for k, (m, _) in _MAPS.items() if m is mm)
+            del _MAPS[key]  # (mapped again, and found damaged, if the shard is used again)
+            path = Path(key)
+            raise ShardCutShort(f"{path.parent.parent.parent}: shard {path.parent.name} was cut short while in use "
+                                f"({path.name}: {mm.size():,} of {len(mm):,} bytes)")
+
+
 def _write_shard(folder: Path, name: str, episodes: list[Episode]) -> None:
     """Write the episodes' columns as shard `name`: under a temporary name, renamed when complete."""
     tmp = folder / f".tmp-{name}"
-    tmp.mkdir(parents=True)
     labels = np.concatenate([np.column_stack([ep.labels["buttons"]] + [ep.labels[h] for h in HEADS if h != "buttons"])
                              for ep in episodes])
     columns = {"cat": np.concatenate([ep.cat for ep in episodes]),
                "num": np.concatenate([ep.num for ep in episodes]), "labels": labels}
-    for column, dtype in SHARD_COLUMNS.items():
-        np.save(tmp / f"{column}.npy", columns[column].astype(dtype, copy=False))
-    os.rename(tmp, folder / name)
+    try:
+        tmp.mkdir(parents=True)
+        for column, dtype in SHARD_COLUMNS.items():
+            np.save(tmp / f"{column}.npy", columns[column].astype(dtype, copy=False))
+        os.rename(tmp, folder / name)
+    except OSError as e:  # (a full disk: numpy's message names no file and no error)
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise ExphilError(f"{folder.parent}: cannot write shard {name}: {e.strerror or e}"
+                          + ("" if e.errno else " (is the disk full?)")) from None
 
 
 def parse_replays(task: tuple) -> tuple[list[dict], float]:
@@ -2163,22 +2201,82 @@ def _file_hash(path: Path) -> tuple[str | None, str | None]:
         return None, str(e)
 
 
+def _manifest(method):
+    """A Dataset method that uses the manifest: SQLite's errors (a damaged file, a full disk)
+    become one line naming the dataset."""
+    @functools.wraps(method)
+    def checked(self, *args, **kw):
+        import sqlite3
+
+        try:
+            return method(self, *args, **kw)
+        except sqlite3.DatabaseError as e:
+            damaged = "" if isinstance(e, sqlite3.OperationalError) else f" (damaged: {self.remedy})"
+            raise ExphilError(f"{self.label}: manifest.sqlite: {e}{damaged}") from None
+    return checked
+
+
+def _row_problem(row: dict) -> str | None:
+    """What is wrong with a manifest row (types, ranges, known ids, a shard name inside the
+    dataset), or None."""
+    text = lambda f: row[f] is None or isinstance(row[f], str)
+    integer = lambda f, ok: isinstance(row[f], int) and ok(row[f])
+    if not (isinstance(row["hash"], str) and isinstance(row["path"], str) and text("skipped")):
+        return "hash, path and skipped must be text"
+    if row["skipped"] is not None:
+        return None
+    valid = {"frames": integer("frames", lambda v: v > 0), "start": integer("start", lambda v: v >= 0),
+             "stage": integer("stage", lambda v: v in _KNOWN_STAGES),
+             **{f"port_{i}": integer(f"port_{i}", lambda v: 1 <= v <= 4) for i in (1, 2)},
+             **{f"character_{i}": integer(f"character_{i}", lambda v: v in _KNOWN_CHARACTERS) for i in (1, 2)},
+             **{f: text(f) for f in ("slippi", "date", "code_1", "code_2")},
+             "shard": isinstance(row["shard"], str) and bool(_SHARD_NAME.fullmatch(row["shard"]))
+             and ".." not in row["shard"]}
+    bad = next((f for f, ok in valid.items() if not ok), None)
+    return bad and f"{bad} {row[bad]!r} is not valid" + (" (a folder name inside the dataset's shards/)"
+                                                          if bad == "shard" else "")
+
+
+_KNOWN_STAGES = {s.value for s in enums.Stage}
+_KNOWN_CHARACTERS = {c.value for c in enums.Character}
+_SHARD_NAME = re.compile(r"\w[\w.-]*")  # a folder of shards/ (no separators, no leading dot)
+
+
 class Dataset:
     """A dataset folder (see above) and its manifest (SQLite, WAL; each write one short
-    transaction, so several processes can share it).
+    transaction, so several processes can share it). Opened to read (`create` False), it is
+    never written (a read-only folder can be read). in_cache: the replay cache's dataset (see
+    `_selected`), named as such in errors.
 
     `files`: the content hash of each replay file at a given size and modification time, so a
     file is read again only when new or changed. `games`: one row per distinct content: source
     path, frames, stage, Slippi version, date, and per player view (1 and 2) its port, character
     and player code; where its frames are (shard and first row); or why it was skipped."""
 
-    def __init__(self, folder: str | os.PathLike, create: bool = False):
-        import sqlite3
-
-        self.folder = Path(folder)
+    def __init__(self, folder: str | os.PathLike, create: bool = False, in_cache: bool = False):
+        self.folder, self.inside = Path(folder), set()
+        self.label = f"the replay cache's dataset {folder}" if in_cache else str(folder)
+        self.remedy = "delete that folder to rebuild it from the replays" if in_cache else \
+            "ingest the replays into a new dataset folder"
         if not create and not (self.folder / "manifest.sqlite").is_file():
             raise ExphilError(f"{self.folder}: not a dataset (no manifest.sqlite); build one with "
                               f"`exphil ingest REPLAYS --out {self.folder}`")
+        self._open(create)
+
+    @_manifest
+    def _open(self, create: bool) -> None:
+        import sqlite3
+        from urllib.parse import quote
+
+        if not create:  # read only; where SQLite cannot even add its shared-memory file (a read-only
+            uri = "file:" + quote(str(self.folder.absolute() / "manifest.sqlite"))  # folder), as unchanging
+            try:
+                self.db = sqlite3.connect(uri + "?mode=ro", uri=True, timeout=60, isolation_level=None)
+                self.db.execute("SELECT count(*) FROM sqlite_master").fetchone()
+            except sqlite3.OperationalError:
+                self.db = sqlite3.connect(uri + "?immutable=1", uri=True, isolation_level=None)
+            self._check_layout()
+            return
         (self.folder / "shards").mkdir(parents=True, exist_ok=True)
         self.db = sqlite3.connect(self.folder / "manifest.sqlite", timeout=60, isolation_level=None)
         self.db.execute("PRAGMA journal_mode=WAL")
@@ -2188,26 +2286,44 @@ class Dataset:
         self.db.execute("CREATE TABLE IF NOT EXISTS games (hash TEXT PRIMARY KEY, path TEXT, frames INT, stage INT, "
                         "slippi TEXT, date TEXT, port_1 INT, character_1 INT, code_1 TEXT, port_2 INT, "
                         "character_2 INT, code_2 TEXT, shard TEXT, start INT, skipped TEXT)")
+        self.db.execute("INSERT OR IGNORE INTO meta VALUES ('layout', ?)", (f"{FEATURE_VERSION}.{DATA_VERSION}",))
+        self._check_layout()
+
+    def _check_layout(self) -> None:
         layout = f"{FEATURE_VERSION}.{DATA_VERSION}"
-        self.db.execute("INSERT OR IGNORE INTO meta VALUES ('layout', ?)", (layout,))
-        found = self.db.execute("SELECT value FROM meta WHERE key = 'layout'").fetchone()[0]
+        found = (self.db.execute("SELECT value FROM meta WHERE key = 'layout'").fetchone() or [None])[0]
         if found != layout:
             raise ExphilError(f"{self.folder}: a dataset of layout {found}; this exphil reads layout {layout}: "
                               "ingest the replays into a new folder")
 
+    @_manifest
     def known_files(self) -> dict[str, tuple[int, int, str]]:
         return {p: (size, mtime, h) for p, size, mtime, h in self.db.execute("SELECT * FROM files")}
 
+    @_manifest
     def record_files(self, rows: list[tuple]) -> None:
         with self.db:
             self.db.execute("BEGIN")
             self.db.executemany("INSERT OR REPLACE INTO files VALUES (?, ?, ?, ?)", rows)
 
+    @_manifest
     def rows(self, where: str = "", args: tuple = ()) -> list[dict]:
+        """The manifest's game rows, checked: the manifest is input (it may have been edited)."""
         cur = self.db.execute(f"SELECT * FROM games {where}", args)
         names = [c[0] for c in cur.description]
-        return [dict(zip(names, r)) for r in cur]
+        missing = [f for f in GAME_FIELDS if f not in names]
+        if missing:
+            raise ExphilError(f"{self.label}: manifest.sqlite: its games table has no column {missing[0]} "
+                              f"(damaged: {self.remedy})")
+        rows = [dict(zip(names, r)) for r in cur]
+        for row in rows:
+            problem = _row_problem(row)
+            if problem:
+                raise ExphilError(f"{self.label}: manifest row of game {row['hash']!r} ({row['path']}): {problem}; "
+                                  f"the manifest was edited or damaged: {self.remedy}")
+        return rows
 
+    @_manifest
     def commit(self, rows: list[dict]) -> None:
         """Record parsed games (their shard already in place); a content already recorded by
         another process stays as it was."""
@@ -2217,8 +2333,17 @@ class Dataset:
                                 [tuple(r[f] for f in GAME_FIELDS) for r in rows])
 
     def columns(self, shard: str) -> dict[str, np.ndarray]:
-        return {c: _mapped(self.folder / "shards" / shard / f"{c}.npy") for c in SHARD_COLUMNS}
+        paths = {c: self.folder / "shards" / shard / f"{c}.npy" for c in SHARD_COLUMNS}
+        if shard not in self.inside:  # (checked once per shard: no link leads out of the dataset)
+            base = os.path.realpath(self.folder / "shards")
+            for path in paths.values():
+                if os.path.commonpath([base, os.path.realpath(path)]) != base:
+                    raise ExphilError(f"{self.label}: shard {shard}: {path.name} leads outside the dataset "
+                                      f"(to {os.path.realpath(path)}); refused")
+            self.inside.add(shard)
+        return {c: _mapped(path) for c, path in paths.items()}
 
+    @_manifest
     def check(self, rows: list[dict]) -> list[str]:
         """Shards of these rows that are missing or damaged (from their headers and sizes):
         their games are forgotten, to be parsed again."""
@@ -2259,6 +2384,7 @@ class Dataset:
                                {h: labels[:, c] for h, c in LABEL_COLUMNS.items()}, row[f"code_{i}"], row["hash"]))
         return out
 
+    @_manifest
     def remove_unreferenced(self) -> None:
         """Shards no manifest row points at, and temporary ones, left by processes that ended
         (killed while ingesting, or beaten to a game by another process). A shard's name starts
@@ -2282,12 +2408,31 @@ class Dataset:
 
 def _die_with_parent(parent: int) -> None:
     """Worker initializer: exit as soon as the process that started the worker is gone (even
-    killed with SIGKILL, which gives it no chance to stop its workers)."""
+    killed with SIGKILL, which gives it no chance to stop its workers), and quietly on Ctrl-C
+    (held back until now, see `_ctrl_c_held`): the parent says it, in one line."""
+    signal.signal(signal.SIGINT, lambda *_: os._exit(1))
+    if hasattr(signal, "pthread_sigmask"):
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+
     def watch():
         while os.getppid() == parent:
             time.sleep(0.5)
         os._exit(1)
     threading.Thread(target=watch, daemon=True).start()
+
+
+@contextlib.contextmanager
+def _ctrl_c_held():
+    """Hold Ctrl-C (SIGINT) back while worker processes start: they inherit it held, so that no
+    worker is interrupted while it imports (a traceback each); here it arrives on leaving."""
+    if not hasattr(signal, "pthread_sigmask") or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, held)
 
 
 @contextlib.contextmanager
@@ -2308,13 +2453,16 @@ def _mapper(workers: int, ray: str | None = None):
         nonlocal pool
         if workers <= 1 or len(items) <= 1:
             return map(function, items)
-        if pool is None:
-            from concurrent.futures import ProcessPoolExecutor
-            import multiprocessing
+        # workers (started as tasks are submitted) start with Ctrl-C held, and with their output
+        # silenced (their errors reach this process as exceptions): a Ctrl-C is one line from here
+        with _ctrl_c_held(), _quiet_fd2():
+            if pool is None:
+                from concurrent.futures import ProcessPoolExecutor
+                import multiprocessing
 
-            pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
-                                       initializer=_die_with_parent, initargs=(os.getpid(),))
-        return pool.map(function, items, chunksize=chunksize)
+                pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                                           initializer=_die_with_parent, initargs=(os.getpid(),))
+            return pool.map(function, items, chunksize=chunksize)
     try:
         yield mapped
     finally:
@@ -2341,7 +2489,7 @@ def _tasks(folder: Path, new: list[tuple[str, Path]], sizes: dict, workers: int)
 
 
 def ingest(replays, out: str | os.PathLike, log=None, max_files: int = 0, workers: int | None = None,
-           ray: str | None = None) -> _Collection:
+           ray: str | None = None, in_cache: bool = False) -> _Collection:
     """Add the new and changed replays under `replays` to the dataset in `out` (created if need
     be), parsing on every core (with `ray`, a cluster's address: as Ray tasks on its cores; the
     replays and `out` must then be folders every node reaches). A file whose path, size and
@@ -2349,12 +2497,13 @@ def ingest(replays, out: str | os.PathLike, log=None, max_files: int = 0, worker
     memory), and a content already in the dataset (a copy) is not parsed again. A new content is
     hashed again after parsing: each game is recorded under the content it was parsed from, also
     when its file was replaced meanwhile (one that keeps changing is reported). Unusable replays
-    are recorded with their reason and reported."""
+    are recorded with their reason and reported. in_cache: `out` is the replay cache's dataset
+    (see Dataset)."""
     unreadable = []
     paths = [p for r in ([replays] if isinstance(replays, (str, os.PathLike)) else replays)
              for p in find_replays(r, unreadable)]
     paths = paths[:max_files] if max_files else paths
-    dataset = Dataset(out, create=True)
+    dataset = Dataset(out, create=True, in_cache=in_cache)
     known, hashes, errors, stats, unknown = dataset.known_files(), {}, {}, {}, []
     for p in paths:
         try:
@@ -2402,7 +2551,7 @@ def ingest(replays, out: str | os.PathLike, log=None, max_files: int = 0, worker
         if log:
             log("parsing on one core: the worker processes stopped (killed, or they could not start: a script "
                 "that calls exphil needs an `if __name__ == \"__main__\":` guard to use every core)")
-        return ingest(replays, out, log, max_files, workers=1)
+        return ingest(replays, out, log, max_files, workers=1, in_cache=in_cache)
     return _Collection(paths, hashes, errors, unreadable, dataset)
 
 
@@ -2454,7 +2603,7 @@ def _selected(replays=None, data=None, cache: Path | None = None, log=None, max_
         dataset = Dataset(data)
         rows = dataset.rows("ORDER BY path, hash")[:max_files or None]
         return dataset, [(r["path"], r) for r in rows], []
-    col = ingest(replays, _cache_dataset(cache), log, max_files, workers, ray)
+    col = ingest(replays, _cache_dataset(cache), log, max_files, workers, ray, in_cache=True)
     by_hash = {r["hash"]: r for r in col.dataset.rows()}
     chosen, seen = [], set()
     skipped = [*col.unreadable, *({"path": str(p), "reason": reason} for p, reason in col.errors.items())]
@@ -2651,6 +2800,7 @@ def make_batch(episodes: list[Episode], wins: Sequence[tuple[int, int] | None], 
     if returns is not None:
         batch["rtg"] = batch["target.value"] = np.zeros((B, length), np.float32)
     release_pages(B * length)  # windows of a dataset's shards: their pages are not kept
+    check_shards(episodes[w[0]] for w in wins if w is not None)
     for b, win in enumerate(wins):
         if win is None:  # padding: an idle stream in stateful training
             continue
@@ -3670,6 +3820,11 @@ def train(spec: Spec | str | os.PathLike | None = None, replays=None, out: str |
     with RunLock(Path(out)):
         try:
             return _train(spec, replays, data, Path(out), resume, quiet, cache, config, ray, workers)
+        except ShardCutShort as e:
+            kept = (f"its last checkpoint is kept: once `exphil ingest` has parsed the shard's replays into the dataset "
+                    f"again, continue with `exphil train --resume --out {out}`" if has_checkpoint(Path(out) / "train")
+                    else "no checkpoint was written yet")
+            raise ExphilError(f"{e}; the training stopped, {kept}") from None
         except OSError as e:
             if e.filename:
                 raise
@@ -3703,7 +3858,7 @@ def _resume_settings(out: Path, spec, replays, data, given: dict) -> tuple[dict,
     run; a spec.toml edited since the run started is refused. Every difference is named."""
     if not (out / "run.json").exists() or not has_checkpoint(out / "train"):
         raise ExphilError(f"{out}: nothing to resume (no run.json and checkpoint)")
-    info = json.loads((out / "run.json").read_text())
+    info = read_run_info(out)
     recorded, run_spec = info["config"], load_spec(out / "spec.toml")
     if "spec_settings" in info and msgspec.convert(info["spec_settings"], Spec) != run_spec:  # (fields added
         # to the format since then take their defaults on both sides)
@@ -3755,7 +3910,7 @@ def _train(spec, replays, data, out: Path, resume: bool, quiet: bool, cache, con
     log = _log(quiet)
     if resume:
         settings, spec, replays, data = _resume_settings(out, spec, replays, data, config)
-        info = json.loads((out / "run.json").read_text())
+        info = read_run_info(out)
         extending = settings["epochs"] > info["config"]["epochs"]
         recorded_fingerprint = info.get("fingerprint")
         config = TrainConfig(**settings)
@@ -4045,13 +4200,70 @@ def recorded_games(info: dict, which: str, log=None) -> list[list[Episode]]:
     return games
 
 
+MAX_FRAME_DELAY = 1 << 16  # frames (18 minutes): longer than a game of Melee's default 8-minute timer
+
+
+class _RunReplays(msgspec.Struct, frozen=True):
+    source: list[str] = []
+    data: Union[str, None] = None
+    train: list[str] = []
+    val: list[str] = []
+    skipped: list[dict] = []
+    hashes: dict[str, list[str]] = {}  # content hashes of the train and val games
+
+
+class _RunFrames(msgspec.Struct, frozen=True):
+    train: Annotated[int, msgspec.Meta(ge=0)] = 0
+    val: Annotated[int, msgspec.Meta(ge=0)] = 0
+
+
+class RunInfo(msgspec.Struct):
+    """What exphil reads back from a run.json (which holds more: metrics, reports, ...), checked as
+    a spec is: a wrong type or a value out of range is refused, naming the field."""
+
+    feature_version: int = FEATURE_VERSION
+    spec: str = ""
+    frame_delay: Annotated[int, msgspec.Meta(ge=0, le=MAX_FRAME_DELAY)] = 0
+    delay_range: Annotated[list[Annotated[int, msgspec.Meta(ge=0, le=MAX_FRAME_DELAY)]],
+                           msgspec.Meta(min_length=2, max_length=2)] = msgspec.field(default_factory=lambda: [0, 0])
+    button_threshold: Annotated[float, msgspec.Meta(gt=0, lt=1)] = 0.5
+    config: Union[TrainConfig, None] = None
+    replays: _RunReplays = _RunReplays()
+    frames: _RunFrames = _RunFrames()
+    label_frequencies: Union[dict[str, list[Annotated[float, msgspec.Meta(ge=0, le=1)]]], None] = None
+    markov_tables: Union[dict[str, list], None] = None
+    returns: dict[str, Any] = {}
+    graphs: dict[str, str] = {}
+    fingerprint: Union[str, None] = None
+    status: str = "finished"
+
+
+def read_run_info(run: str | os.PathLike) -> dict:
+    """A run folder's run.json ({} if it has none), checked (RunInfo): one line naming the file
+    and the field otherwise. run.json is input: it may have been edited or damaged."""
+    path = Path(run) / "run.json"
+    if not path.exists():
+        return {}
+    try:
+        info = json.loads(path.read_bytes())
+        msgspec.convert(info, RunInfo)
+        unknown = sorted(set(info.get("config") or {}) - {f.name for f in dataclasses.fields(TrainConfig)})
+        if unknown:
+            raise ExphilError(f"unknown setting `$.config.{unknown[0]}`")
+        if info.get("button_threshold", 0.5) not in BUTTON_THRESHOLDS:
+            raise ExphilError(f"`$.button_threshold` must be one of {', '.join(map(str, BUTTON_THRESHOLDS))}")
+    except (ValueError, msgspec.ValidationError, ExphilError) as e:  # (json's errors are ValueErrors)
+        raise ExphilError(f"{path}: not a valid run.json: {e}") from None
+    return info
+
+
 def load_run(run: str | os.PathLike) -> tuple[Model, dict]:
     """The model of a run folder with its exported weights, and its run.json."""
     run = Path(run)
     for f in ("spec.toml", "window.onnx"):
         if not (run / f).exists():
             raise ExphilError(f"{run}: not a finished run folder (no {f})")
-    info = json.loads((run / "run.json").read_text()) if (run / "run.json").exists() else {}
+    info = read_run_info(run)
     return Model(load_spec(run / "spec.toml"), load_params(run / "window.onnx")), info
 
 
@@ -4390,7 +4602,7 @@ class Agent:
                  precision: str = "fp32", target_return: float | None = None):
         run = Path(run)
         path = step_path(run, precision)
-        self.info = json.loads((run / "run.json").read_text()) if (run / "run.json").exists() else {}
+        self.info = read_run_info(run)
         version = self.info.get("feature_version", FEATURE_VERSION)
         if version != FEATURE_VERSION:
             raise ExphilError(f"{run}: trained with feature layout v{version}; this exphil reads "
@@ -4626,7 +4838,7 @@ def quantize_run(run: str | os.PathLike, mode: str = "dynamic", calibration_repl
     log = _log(quiet)
     run = Path(run)
     reference = step_path(run, "fp32")
-    info = json.loads((run / "run.json").read_text()) if (run / "run.json").exists() else {}
+    info = read_run_info(run)
     returns = load_spec(run / "spec.toml").returns if (run / "spec.toml").exists() else None
     returns = returns if returns and returns.input else None  # what the step graph reads
 
@@ -5627,7 +5839,7 @@ def plot(run: str | os.PathLike) -> Path:
     rows = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines() if l.strip()]
     if not rows:
         raise ExphilError(f"{run}: metrics.jsonl has no epoch yet")
-    info = json.loads((run / "run.json").read_text()) if (run / "run.json").exists() else {}
+    info = read_run_info(run)
     epochs = [r["epoch"] for r in rows]
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
     for key, label in (("train_loss", "train"), ("val_loss", "validation")):
@@ -5825,7 +6037,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """The command line: exit code 0 ok, 1 runtime error, 2 usage error, 130 interrupted."""
     argv = list(sys.argv[1:] if argv is None else argv)
     bench = argv[:1] == ["bench"]  # bench.py parses its own flags
-    args = None if bench else _parser().parse_args(argv)
+    args = None
     handler = logging.StreamHandler()  # the library's messages, one per line on stderr
     handler.setFormatter(logging.Formatter("%(message)s"))
     logger.addHandler(handler)
@@ -5833,6 +6045,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logger.setLevel(logging.INFO)
     logger.propagate = False  # not twice where a dependency configured the root logger
     try:
+        args = None if bench else _parser().parse_args(argv)
         return _bench().main(argv[1:]) if bench else _command(args)
     except ExphilError as e:
         print(f"exphil: error: {e}", file=sys.stderr)
@@ -5936,4 +6149,5 @@ def _command(args) -> int:
 
 
 if __name__ == "__main__":
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     sys.exit(main())

@@ -262,3 +262,161 @@ def test_unusable_names_and_links_are_skipped_and_reported(tmp_path):
     assert res.returncode == 0, res.stderr
     skipped = json.loads((tmp_path / "run" / "run.json").read_text())["replays"]["skipped"]
     assert {f"{s['path']}: {s['reason']}" for s in skipped} == expected
+
+
+def _small_dataset(tmp_path):
+    """A real dataset of two games, written by another process (its manifest closed and whole)."""
+    data, folder = tmp_path / "data", tmp_path / "replays"
+    folder.mkdir()
+    for replay in (NETPLAY, NINTENDONT):
+        shutil.copy(replay, folder)
+    res = cli("ingest", folder, "--out", data, "--workers", "1", "--quiet")
+    assert res.returncode == 0, res.stderr
+    return data
+
+
+def _one_error_line(res, start):
+    assert res.returncode == 1 and "Traceback" not in res.stderr, res.stderr
+    assert res.stderr.count("\n") == 1 and res.stderr.startswith(f"exphil: error: {start}"), res.stderr
+
+
+@pytest.mark.parametrize("sql, problem", [
+    ("UPDATE games SET shard = '{outside}/' || shard", "shard '/"),  # an absolute path
+    ("UPDATE games SET shard = '../../outside/shards/' || shard", "shard '../../outside"),
+    ("UPDATE games SET shard = '..'", "shard '..'"),
+    ("UPDATE games SET start = -1", "start -1 is not valid"),
+    ("UPDATE games SET start = 'zero'", "start 'zero' is not valid"),
+    ("UPDATE games SET frames = 'many'", "frames 'many' is not valid"),
+    ("UPDATE games SET character_1 = 200", "character_1 200 is not valid"),
+    ("UPDATE games SET stage = 999", "stage 999 is not valid"),
+    ("UPDATE games SET port_2 = 2.5", "port_2 2.5 is not valid"),
+    ("UPDATE games SET path = x'2f746d70'", "hash, path and skipped must be text"),
+    ("ALTER TABLE games DROP COLUMN code_2", "its games table has no column code_2"),
+])
+def test_tampered_manifest_rows_are_refused_naming_the_dataset_and_the_row(tmp_path, sql, problem):
+    """Manifest rows are input: a shard outside the dataset is never opened (another real dataset
+    lies beside it), and wrong values or types are one line naming the dataset and the row."""
+    import re
+
+    data = _small_dataset(tmp_path)
+    shutil.copytree(data, tmp_path / "outside")
+    with sqlite3.connect(data / "manifest.sqlite") as db:
+        db.execute(sql.format(outside=tmp_path / "outside" / "shards"))
+    db.close()
+    row = "" if "column" in problem else r"manifest row of game '\w+' \(.*\): "
+    with pytest.raises(exphil.ExphilError, match=rf"^{re.escape(str(data))}: (manifest.sqlite: )?{row}{re.escape(problem)}"):
+        exphil.load_games(data=data)
+    res = cli("train", "mlp", "--data", data, "--max-steps", "1", "--out", tmp_path / "run")
+    _one_error_line(res, f"{data}: ")
+    assert problem in res.stderr and not (tmp_path / "run").exists()
+
+
+def test_a_shard_linked_outside_the_dataset_is_refused(tmp_path):
+    data = _small_dataset(tmp_path)
+    shard = next((data / "shards").iterdir())
+    shutil.move(shard, tmp_path / "elsewhere")
+    shard.symlink_to(tmp_path / "elsewhere")  # the same files, reached through a link that leaves the dataset
+    with pytest.raises(exphil.ExphilError, match=rf"^{data}: shard {shard.name}: \w+\.npy leads outside the dataset"):
+        exphil.load_games(data=data)
+    res = cli("train", "mlp", "--data", data, "--max-steps", "1", "--out", tmp_path / "run")
+    _one_error_line(res, f"{data}: shard {shard.name}: ")
+
+
+def test_a_damaged_manifest_is_one_line_naming_the_dataset(tmp_path):
+    """A truncated or overwritten manifest.sqlite, of a dataset folder and of the replay cache's
+    dataset behind --replays (named as such)."""
+    data = _small_dataset(tmp_path)
+    env = {**os.environ, "EXPHIL_CACHE": str(tmp_path / "cache")}
+    assert cli("data", NETPLAY, env=env).returncode == 0
+    cached = exphil._cache_dataset(tmp_path / "cache")
+    remedy, rebuild = "ingest the replays into a new dataset folder", "delete that folder to rebuild it from the replays"
+    for folder, name, args, fix in ((data, str(data), ["data", data], remedy),
+                                    (data, str(data), ["train", "mlp", "--data", data], remedy),
+                                    (cached, f"the replay cache's dataset {cached}", ["data", NETPLAY], rebuild)):
+        manifest = folder / "manifest.sqlite"
+        good = manifest.read_bytes()
+        for damaged in (good[:len(good) // 2], b"not a database, a note " * 400):
+            manifest.write_bytes(damaged)
+            res = cli(*args, "--out", tmp_path / "run", env=env) if args[0] == "train" else cli(*args, env=env)
+            _one_error_line(res, f"{name}: manifest.sqlite: ")
+            assert f"(damaged: {fix})" in res.stderr
+        manifest.write_bytes(good)
+    assert not (tmp_path / "run").exists()
+
+
+def _mounted(tmp_path, *mount):
+    """A folder of tmp_path with a file system mounted on it (root only; skips the test otherwise)."""
+    folder = tmp_path / "mnt"
+    folder.mkdir(exist_ok=True)
+    if os.geteuid() != 0 or subprocess.run(["mount", *mount, folder], capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a file system here")
+    return folder
+
+
+def test_a_read_only_dataset_can_be_read_trained_on_and_evaluated_on(tmp_path):
+    data = _small_dataset(tmp_path)
+    ro = _mounted(tmp_path, "--bind", data)
+    try:
+        assert subprocess.run(["mount", "-o", "remount,bind,ro", ro]).returncode == 0
+        before = sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in data.rglob("*"))
+        res = cli("data", ro, "--json")
+        assert res.returncode == 0 and json.loads(res.stdout)["games"] == 2, res.stderr
+        res = cli("train", "mlp", "--data", ro, "--max-steps", "2", "--batch-size", "8", "--out", tmp_path / "run",
+                  "--quiet")
+        assert res.returncode == 0, res.stderr
+        res = cli("eval", tmp_path / "run", "--data", ro, "--json")
+        assert res.returncode == 0 and json.loads(res.stdout)["games"] == 2, res.stderr
+        assert sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in data.rglob("*")) == before
+    finally:
+        subprocess.run(["umount", ro])
+
+
+def test_a_full_disk_while_ingesting_is_one_line_naming_the_dataset_and_leaves_no_temporaries(tmp_path):
+    """A dataset on a 24 MB file system, filled up: first with room for the manifest but not for
+    the new shard, then with no room at all (a new dataset's manifest cannot be written)."""
+    disk = _mounted(tmp_path, "-t", "tmpfs", "-o", "size=24m", "tmpfs")
+    data = disk / "data"
+    try:
+        res = cli("ingest", NETPLAY, "--out", data, "--quiet")
+        assert res.returncode == 0, res.stderr
+        for room in (256 << 10, 0):
+            with open(disk / "filler", "ab") as f:  # fill the disk, leaving `room` bytes
+                try:
+                    while (free := shutil.disk_usage(disk).free) > room:
+                        f.write(b"\0" * min(1 << 20, max(4096, free - room)))
+                        f.flush()
+                except OSError:  # full
+                    pass
+            res = cli("ingest", NINTENDONT, "--out", data if room else disk / "new", "--quiet")
+            _one_error_line(res, f"{data}: cannot write shard " if room else f"{disk / 'new'}: manifest.sqlite: ")
+            assert not [p for p in (data / "shards").iterdir() if p.name.startswith(".tmp")]
+            (disk / "filler").unlink()
+            res = cli("data", data, "--json")  # the dataset as it was
+            assert res.returncode == 0 and json.loads(res.stdout)["games"] == 1, res.stderr
+    finally:
+        subprocess.run(["umount", disk])
+
+
+def test_a_shard_cut_short_under_a_running_training_stops_it_with_one_line_and_keeps_the_checkpoint(tmp_path):
+    """A real training on a dataset; once it has a checkpoint, one of its shard's files is cut
+    short in place. The cut is smaller than the file's last page, so no read can fault before the
+    check sees it (a deeper cut landing during the read of a batch itself still ends the process
+    with SIGBUS, as the README says)."""
+    data, out = _small_dataset(tmp_path), tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "exphil", "train", "mlp", "--data", data, "--epochs", "1000",
+                             "--out", out, "--quiet"], cwd=ROOT, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 120
+        while not (out / "train" / "checkpoint").exists() and time.time() < deadline and proc.poll() is None:
+            time.sleep(0.1)
+        assert proc.poll() is None and (out / "train" / "checkpoint").exists(), "no checkpoint"
+        cut = next(f for f in sorted((data / "shards").glob("*/*.npy")) if f.stat().st_size % 4096 > 1)
+        os.truncate(cut, cut.stat().st_size - 1)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 1 and "Traceback" not in err and err.count("\n") == 1, err
+    assert err.startswith(f"exphil: error: {data}: shard {cut.parent.name} was cut short while in use ({cut.name}: "), err
+    assert err.rstrip().endswith(f"its last checkpoint is kept: once `exphil ingest` has parsed the shard's replays "
+                                 f"into the dataset again, continue with `exphil train --resume --out {out}`"), err
+    assert exphil.has_checkpoint(out / "train")

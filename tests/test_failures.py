@@ -412,3 +412,69 @@ def test_resume_and_recorded_games_refuse_a_replay_whose_content_changed(tmp_pat
     which = "train" if str(target) in info["replays"]["train"] else "val"
     with pytest.raises(exphil.ExphilError, match=f"{target}: not the content of the run's {which} game"):
         exphil.recorded_games(info, which)
+
+
+@pytest.mark.parametrize("edit, field", [
+    (lambda text: text[:len(text) // 2], "Expecting"),
+    (lambda text: "[]", "Expected `object`, got `array`"),
+    ({"button_threshold": 5}, "`$.button_threshold`"),
+    ({"button_threshold": 0.33}, "`$.button_threshold`"),
+    ({"frame_delay": 10 ** 9}, "`$.frame_delay`"),
+    ({"frame_delay": "2"}, "`$.frame_delay`"),
+    ({"feature_version": None}, "`$.feature_version`"),
+    ({"replays": {"source": [], "val": "x.slp"}}, "`$.replays.val`"),
+    ({"frames": {"train": -5, "val": 0}}, "`$.frames.train`"),
+    ({"graphs": {"step.onnx": 7}}, "`$.graphs[...]`"),
+    ({"config": {"batch_size": -4}}, "batch-size must be >= 1"),
+    ({"config": {"epochs": "many"}}, "`$.config.epochs`"),
+    ({"config": {"surprise": 1}}, "unknown setting `$.config.surprise`"),
+])
+def test_a_tampered_run_json_is_one_line_naming_the_file_and_the_field(tmp_path, mlp_run, edit, field):
+    """Agent, eval, quantize and resume read run.json as input: a copy of a run trained by this
+    exphil loads; the same copy with a broken or edited run.json is refused by each of them."""
+    out = tmp_path / "run"
+    shutil.copytree(mlp_run.path, out)
+    good = json.loads((out / "run.json").read_text())
+    assert exphil.Agent(out).info == good  # as this exphil wrote it
+    if callable(edit):
+        (out / "run.json").write_text(edit((out / "run.json").read_text()))
+    else:
+        edited = {k: {**good[k], **v} if isinstance(v, dict) else v for k, v in edit.items()}
+        (out / "run.json").write_text(json.dumps({**good, **edited}))
+    message = rf"^{out / 'run.json'}: not a valid run.json: .*{__import__('re').escape(field)}"
+    for call in (lambda: exphil.Agent(out), lambda: exphil.evaluate(out, REPLAYS, quiet=True),
+                 lambda: exphil.quantize_run(out, quiet=True), lambda: exphil.train(out=out, resume=True, quiet=True)):
+        with pytest.raises(exphil.ExphilError, match=message):
+            call()
+    res = cli("eval", out, "--replays", REPLAYS)
+    assert res.returncode == 1 and res.stderr.count("\n") == 1 and "Traceback" not in res.stderr, res.stderr
+    assert field in res.stderr
+
+
+@pytest.mark.parametrize("after", [0.0, 0.2, 0.5, 1.0, 2.0])
+def test_ctrl_c_while_parsing_workers_start_is_one_line(tmp_path, after):
+    """Ctrl-C (SIGINT to the whole process group, as a terminal sends it) at moments from the
+    first worker's start (still importing) to parsing: one line, exit 130, and no worker left."""
+    import os
+
+    import bench
+
+    folder = tmp_path / "many"
+    folder.mkdir()
+    for k in range(24):  # distinct contents: hashed and parsed on the workers
+        assert bench.distinct_copy(REPLAYS / "hohav-py-slippi__netplay_name.slp", folder / f"{k}.slp", k)
+    proc = subprocess.Popen([sys.executable, "-m", "exphil", "ingest", folder, "--out", tmp_path / "data",
+                             "--workers", "2"], cwd=ROOT, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    deadline, workers = time.time() + 60, []
+    while not workers and time.time() < deadline and proc.poll() is None:
+        workers = _children(proc.pid)
+        time.sleep(0.01)
+    assert workers, "no worker started"
+    time.sleep(after)
+    os.killpg(proc.pid, signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and err == "exphil: interrupted\n", err
+    deadline = time.time() + 10
+    while any(map(_alive, workers)) and time.time() < deadline:
+        time.sleep(0.1)
+    assert not any(map(_alive, workers))
