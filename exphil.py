@@ -1854,7 +1854,7 @@ def _pid_alive(pid: int) -> bool:
 
 
 _MAPS: dict[str, tuple] = {}  # shard column file -> (mmap, array): opened once per process
-_MAPPED_ROWS = [0]  # frames read from shards since their pages were last released
+_MAPPED_ROWS = [0]  # reads of shards since their pages were last released
 
 
 def _mapped(path: Path) -> np.ndarray:
@@ -1879,6 +1879,15 @@ def _mapped(path: Path) -> np.ndarray:
     return _MAPS[key][1]
 
 
+def _unmap(path: Path) -> None:
+    """Close the mapping of a file that exphil wrote itself, and remove the file."""
+    mm, _ = _MAPS.pop(str(path), (None, None))
+    if mm is not None:
+        with contextlib.suppress(BufferError):  # (views of it still in use keep it open until they go)
+            mm.close()
+    path.unlink(missing_ok=True)
+
+
 def _room_for_maps() -> None:
     """Each mapping holds a file descriptor: near the soft limit, raise it to the hard one."""
     try:
@@ -1891,13 +1900,14 @@ def _room_for_maps() -> None:
             resource.setrlimit(resource.RLIMIT_NOFILE, (hard if hard != resource.RLIM_INFINITY else 10240, hard))
 
 
-def release_pages(frames: int = 0, every: int = 1 << 12) -> None:
-    """Count `frames` read from shards; past `every` (about one batch), drop the mapped shard
-    pages from this process (the OS keeps them in its page cache), so its memory stays flat in
-    the dataset's size. (Often: a page fault maps a whole large page-cache folio, up to 2 MB.)"""
+def release_pages(reads: int = 0, every: int = 128) -> None:
+    """Count `reads` of shards (a window counts one, a whole episode read in order its frames);
+    past `every` (two batches of 64), drop the mapped shard pages from this process (the OS keeps
+    them in its page cache), so its memory stays flat in the dataset's size. A read costs pages
+    whatever its length: a page fault often maps a whole large page-cache folio, up to 2 MB."""
     import mmap
 
-    _MAPPED_ROWS[0] += frames
+    _MAPPED_ROWS[0] += reads
     if _MAPPED_ROWS[0] >= every and hasattr(mmap, "MADV_DONTNEED"):
         for mm, _ in list(_MAPS.values()):
             mm.madvise(mmap.MADV_DONTNEED)
@@ -2369,10 +2379,46 @@ def split_games(games: list, val_split: float, seed: int, by: str = "game") -> t
     return [g for i, g in enumerate(games) if i not in val], [g for i, g in enumerate(games) if i in val]
 
 
-def windows(episodes: list[Episode], length: int, delay: int = 0) -> list[tuple[int, int]]:
-    """(episode, first frame) of consecutive windows. Frame t is trained to predict the
-    controller at t + 1 + delay, so the last 1 + delay frames of an episode have no target."""
-    return [(i, s) for i, ep in enumerate(episodes) for s in range(0, ep.frames - 1 - delay, length)]
+class Windows:
+    """The consecutive windows of episodes, numbered in order (episode by episode); window k is
+    (episode, first frame), found by a binary search over one count per episode, so a plan of
+    windows is an array of numbers and nothing is held per window. Frame t is trained to predict
+    the controller at t + 1 + delay, so the last 1 + delay frames of an episode have no target."""
+
+    def __init__(self, episodes: list[Episode], length: int, delay: int = 0):
+        counts = -(-np.array([max(ep.frames - 1 - delay, 0) for ep in episodes], np.int64) // length)
+        self.length, self.ends = length, np.cumsum(counts)
+        self.firsts = self.ends - counts
+
+    def __len__(self) -> int:
+        return int(self.ends[-1]) if len(self.ends) else 0
+
+    def __getitem__(self, k) -> np.ndarray:
+        """[n, 2] (episode, first frame) of window numbers k (an array or a slice; [2] for one number)."""
+        k = np.arange(*k.indices(len(self))) if isinstance(k, slice) else np.asarray(k, np.int64) % max(len(self), 1)
+        i = np.searchsorted(self.ends, k, side="right")
+        return np.stack([i, (k - self.firsts[i]) * self.length], -1)
+
+
+class Batches:
+    """An epoch's batches of windows in a seeded order: batch k is windows[order[k * size:(k + 1) * size]],
+    the order one number per window (the same order as `rng.permutation(len(windows))`)."""
+
+    def __init__(self, wins: Windows, size: int, rng: np.random.Generator):
+        n = len(wins)
+        self.wins, self.size = wins, size
+        self.order = rng.permutation(np.arange(n, dtype=np.uint32 if n < 1 << 32 else np.int64))
+
+    def __len__(self) -> int:
+        return -(-len(self.order) // self.size)
+
+    def __getitem__(self, k: int) -> np.ndarray:
+        return self.wins[self.order[k * self.size:(k + 1) * self.size]]
+
+
+def windows(episodes: list[Episode], length: int, delay: int = 0) -> Windows:
+    """(episode, first frame) of the consecutive windows of episodes (see Windows)."""
+    return Windows(episodes, length, delay)
 
 
 # Left/right mirror: these feature columns change sign, and stick x classes k <-> 16 - k.
@@ -2383,14 +2429,14 @@ MIRROR_SIGN = np.array([-1.0 if n in MIRROR_COLUMNS else 1.0 for n in NUM_FIELDS
 MIRROR_HEADS = ("main_x", "c_x")
 
 
-def make_batch(episodes: list[Episode], wins: Sequence[tuple[int, int] | None], length: int,
+def make_batch(episodes: list[Episode], wins: np.ndarray | Sequence[tuple[int, int]], length: int,
                delay: int | Sequence[int] = 0, mirror: Sequence[bool] | None = None, smoothing: float = 0.0,
                teacher: dict | None = None, change_weight: float = 1.0,
                controller_dropout: tuple[float, int] | None = None, returns: Returns | None = None,
                ) -> dict[str, np.ndarray]:
     """Inputs, targets (probabilities), a frame mask (0 for padding past an episode's end) and
     each frame's current controller classes `current.<head>` (what "repeat the current input"
-    predicts) for windows; a window given as None is all padding.
+    predicts) for windows, [n, 2] (episode, first frame); a window of episode -1 is all padding.
 
     delay: per batch or per window (frame t predicts the controller at t + 1 + delay).
     mirror: per window, flip left and right. smoothing: label smoothing of the targets.
@@ -2400,6 +2446,7 @@ def make_batch(episodes: list[Episode], wins: Sequence[tuple[int, int] | None], 
     teacher: {"logits": per-episode [T, sum(HEADS)] arrays, "temperature": T} adds the
     teacher's soft targets `soft.<head>` (distillation). returns: add each frame's return-to-go
     (`rtg`, the input of return-conditioned specs, and `target.value`, the same array)."""
+    wins = np.asarray(wins, np.int64).reshape(-1, 2)
     B, C, F = len(wins), len(CAT_FIELDS), len(NUM_FIELDS)
     delays = np.broadcast_to(np.asarray(delay), (B,))
     batch = {"cat": np.zeros((B, length, C), np.int64), "num": np.zeros((B, length, F), np.float32),
@@ -2409,12 +2456,11 @@ def make_batch(episodes: list[Episode], wins: Sequence[tuple[int, int] | None], 
     soft = teacher and np.zeros((B, length, sum(HEADS.values())), np.float32)
     if returns is not None:
         batch["rtg"] = batch["target.value"] = np.zeros((B, length), np.float32)
-    release_pages(B * length)  # windows of a dataset's shards: their pages are not kept
-    for b, win in enumerate(wins):
-        if win is None:  # padding: an idle stream in stateful training
+    release_pages(B)  # windows of a dataset's shards: their pages are not kept
+    for b, (i, s) in enumerate(wins.tolist()):
+        if i < 0:  # padding: an idle stream in stateful training
             continue
-        (i, s), d = win, int(delays[b])
-        ep = episodes[i]
+        ep, d = episodes[i], int(delays[b])
         n = min(length, ep.frames - 1 - d - s)
         if n <= 0:
             continue
@@ -2460,11 +2506,12 @@ def make_batch(episodes: list[Episode], wins: Sequence[tuple[int, int] | None], 
 
 
 def streams(episodes: list[Episode], length: int, batch_size: int, delay: int = 0,
-            rng: np.random.Generator | None = None) -> list[list[tuple[int, int] | None]]:
-    """Batches for stateful training: each batch row is a stream that walks whole episodes in
-    consecutive windows, so the state a window ends with is where the next one starts. Episodes
-    are dealt to at most `batch_size` streams (in shuffled order when `rng` is given), using as
-    few streams as keeps their lengths balanced; a stream that runs out is padded with None."""
+            rng: np.random.Generator | None = None) -> np.ndarray:
+    """Batches for stateful training, [steps, streams, 2] windows (episode, first frame): each
+    batch row is a stream that walks whole episodes in consecutive windows, so the state a window
+    ends with is where the next one starts. Episodes are dealt to at most `batch_size` streams
+    (in shuffled order when `rng` is given), using as few streams as keeps their lengths
+    balanced; a stream that runs out is padded with windows of episode -1."""
     per_stream = math.ceil(len(episodes) / batch_size)
     n = math.ceil(len(episodes) / per_stream)  # as many streams as keep them equally long
     dealt, loads = [[] for _ in range(n)], np.zeros(n)
@@ -2475,9 +2522,13 @@ def streams(episodes: list[Episode], length: int, batch_size: int, delay: int = 
     if rng is not None:
         for d in dealt:
             rng.shuffle(d)
-    rows = [[(i, s) for i in d for s in range(0, episodes[i].frames - 1 - delay, length)] for d in dealt]
-    steps = max(len(r) for r in rows)
-    return [[r[k] if k < len(r) else None for r in rows] for k in range(steps)]
+    wins = Windows(episodes, length, delay)
+    rows = [wins[np.concatenate([np.arange(wins.firsts[i], wins.ends[i]) for i in d] or [[]]).astype(np.int64)]
+            for d in dealt]
+    plan = np.full((max(len(r) for r in rows), n, 2), -1, np.int64)
+    for b, r in enumerate(rows):
+        plan[:len(r), b] = r
+    return plan
 
 
 def carry_state(batch: dict, previous: dict | None, wins: Sequence, model: Model) -> dict:
@@ -2485,7 +2536,8 @@ def carry_state(batch: dict, previous: dict | None, wins: Sequence, model: Model
     where a row starts a new episode (or is padding): there the state is zero."""
     if previous is None:
         return batch
-    fresh = np.array([w is None or w[1] == 0 for w in wins])
+    wins = np.asarray(wins, np.int64).reshape(-1, 2)
+    fresh = (wins[:, 0] < 0) | (wins[:, 1] == 0)
     for n, _ in model.states:
         state = previous[f"state_out.{n}"].copy()
         state[fresh] = 0
@@ -3162,11 +3214,12 @@ def evaluate_batches(run, batches, metrics: Metrics | None = None) -> Metrics:
     return metrics
 
 
-def stream_batches(model: Model, episodes, length, delay, run, **batch_args):
+def stream_batches(model: Model, episodes, length, delay, run, batch_size: int = 64, **batch_args):
     """Batches walking each game from its start in consecutive windows, the state carried
-    from one to the next (what the step graph sees playing the games frame by frame)."""
+    from one to the next (what the step graph sees playing the games frame by frame); at most
+    `batch_size` games at once, a row taking the next game when its game ends."""
     previous, batch_args = None, {"returns": model.spec.returns_used, **batch_args}
-    for wins in streams(episodes, length, len(episodes), delay):
+    for wins in streams(episodes, length, batch_size, delay):
         batch = carry_state(make_batch(episodes, wins, length, delay, **batch_args), previous, wins, model)
         previous = run(batch)
         yield wins, batch, previous
@@ -3182,7 +3235,7 @@ def score_games(run, model: Model, episodes, length: int, delay: int, metrics: M
         return evaluate_batches(run, (make_batch(episodes, w, length, delay, **batch_args)
                                       for w in chunks(windows(episodes, length, delay), batch_size)), metrics)
     metrics = metrics or Metrics()
-    for _, batch, out in stream_batches(model, episodes, length, delay, run, **batch_args):
+    for _, batch, out in stream_batches(model, episodes, length, delay, run, batch_size, **batch_args):
         metrics.add(out, batch)
     return metrics
 
@@ -3252,6 +3305,7 @@ class TrainConfig:
     seed: int = 0
     split_seed: int | None = None  # the seed of the train/validation split (None: `seed`)
     split_by: str = "game"  # what validation holds out: games, players or sources (see `split_games`)
+    val_sample: int = 200_000  # validation frames scored per epoch, a fixed sample (0: all; all at the end)
     frame_delay: int = 0  # frame t predicts the controller at frame t + 1 + frame_delay
     online_robust: bool = False  # a random delay in [delay_min, delay_max] per window instead
     delay_min: int = 0
@@ -3302,13 +3356,17 @@ class TrainConfig:
                    "online-robust needs a delay range: add --delay-max (and --delay-min), e.g. 0 and 4"),
                   (0 < self.distill_alpha <= 1 and self.distill_temperature > 0,
                    "distillation needs 0 < alpha <= 1 and temperature > 0"),
-                  (min(self.max_files, self.save_every, self.max_steps, self.warmup_steps, self.min_frames,
+                  (min(self.max_files, self.save_every, self.max_steps, self.warmup_steps, self.min_frames, self.val_sample,
                        self.budget_seconds) >= 0, "counts and limits must be >= 0"),
                   (self.patience >= 1, "patience must be >= 1"),
                   (not (self.early_stopping and self.val_split == 0), "early stopping needs a validation split")]
         for ok, message in checks:
             if not ok:
                 raise UsageError(f"invalid training setting: {message}")
+
+    @property
+    def split_seed_used(self) -> int:
+        return self.seed if self.split_seed is None else self.split_seed
 
     @property
     def delays(self) -> tuple[int, int]:
@@ -3329,20 +3387,30 @@ class RunResult:
     info: dict  # the contents of run.json
 
 
-def _teacher_logits(teacher: str | os.PathLike, episodes: list[Episode]) -> tuple[list[np.ndarray], Model]:
+TEACHER_LOGITS = "teacher-logits.npy"  # in a distilling run's train/ folder, while it trains
+
+
+def _teacher_logits(teacher: str | os.PathLike, episodes: list[Episode], path: Path,
+                    batch_size: int = 64) -> tuple[list[np.ndarray], Model]:
     """The teacher's logits for every frame of every episode, from its window graph with the
-    state carried from each game's start (what its step graph would output in play)."""
+    state carried from each game's start (what its step graph would output in play): written
+    to `path` (.npy) as they come, and returned as per-episode views of it, memory-mapped like a
+    dataset's shards (so they take no memory of their own)."""
     model, _ = load_run(teacher)
-    L, out = model.spec.window, [np.zeros((ep.frames, sum(HEADS.values())), np.float32) for ep in episodes]
-    # delay -1: windows cover every frame (their targets are not used)
-    for wins, _, result in stream_batches(model, episodes, L, -1, _window_runner(model)):
-        logits = np.concatenate([result[h] for h in HEADS], -1)
-        for b, win in enumerate(wins):
-            if win is not None:
-                i, s = win
-                n = min(L, episodes[i].frames - s)
-                out[i][s:s + n] = logits[b, :n]
-    return out, model
+    L, K, ends = model.spec.window, sum(HEADS.values()), np.cumsum([0] + [ep.frames for ep in episodes])
+    _unmap(path)
+    with open(path, "wb") as f:
+        np.lib.format.write_array_header_1_0(f, {"descr": "<f4", "fortran_order": False, "shape": (int(ends[-1]), K)})
+        at = f.tell()
+        f.truncate(at + int(ends[-1]) * K * 4)
+        # delay -1: windows cover every frame (their targets are not used)
+        for wins, _, result in stream_batches(model, episodes, L, -1, _window_runner(model), batch_size):
+            logits = np.concatenate([result[h] for h in HEADS], -1).astype("<f4")
+            for b, (i, s) in enumerate(wins.tolist()):
+                if i >= 0:
+                    os.pwrite(f.fileno(), logits[b, :min(L, episodes[i].frames - s)].tobytes(), at + (int(ends[i]) + s) * K * 4)
+    table = _mapped(path)
+    return [table[a:b] for a, b in zip(ends[:-1], ends[1:])], model
 
 
 class RunLock:
@@ -3486,9 +3554,8 @@ def _games(replays, data, cache, log, config: TrainConfig, ray: str | None = Non
                           f"{config.opponent_character}, stage {config.stage}, min frames {config.min_frames})")
     if len(games) < 2 and config.val_split > 0:
         raise ExphilError(f"{replays}: need at least 2 usable games to hold one out for validation")
-    split_seed = config.seed if config.split_seed is None else config.split_seed
     try:
-        return (*split_games(games, config.val_split, split_seed, config.split_by), skipped)
+        return (*split_games(games, config.val_split, config.split_seed_used, config.split_by), skipped)
     except UsageError as e:
         raise UsageError(f"{replays}: {e}") from None
 
@@ -3516,8 +3583,8 @@ def _train(spec, replays, data, out: Path, resume: bool, quiet: bool, cache, con
         raise UsageError(f"--controller-dropout hides the current controller that the Markov heads of spec "
                           f"{spec.name!r} read; set `markov = false` under [heads] to use it")
     L, (d_lo, d_hi) = spec.window, config.delays
-    train_wins = windows(train_eps, L, d_hi)
-    if not train_wins or (val_eps and not windows(val_eps, L, d_lo)):
+    train_wins, val_wins = Windows(train_eps, L, d_hi), Windows(val_eps, L, d_lo)
+    if not len(train_wins) or (val_eps and not len(val_wins)):
         which, d = ("training", d_hi) if not train_wins else ("validation", d_lo)
         raise ExphilError(f"{data or replays}: no {which} frame has a target at frame delay {d}: the {which} games are "
                           f"all {1 + d} frames or shorter")
@@ -3556,7 +3623,9 @@ def _train(spec, replays, data, out: Path, resume: bool, quiet: bool, cache, con
         if (d_lo, d_hi) != (teacher_delay, teacher_delay):
             raise ExphilError(f"teacher {config.teacher} was trained with frame delay {teacher_delay}; "
                               f"distill with the same --frame-delay (and without --online-robust)")
-        logits, teacher_model = _teacher_logits(config.teacher, train_eps + val_eps)
+        (out / "train").mkdir(exist_ok=True)
+        logits, teacher_model = _teacher_logits(config.teacher, train_eps + val_eps, out / "train" / TEACHER_LOGITS,
+                                                config.batch_size)
         teacher = {"temperature": config.distill_temperature, "train": logits[:len(train_eps)],
                    "val": logits[len(train_eps):], "model": teacher_model}
     distill = (config.distill_temperature, config.distill_alpha) if teacher else None
@@ -3577,13 +3646,20 @@ def _train(spec, replays, data, out: Path, resume: bool, quiet: bool, cache, con
         (out / "metrics.jsonl").write_text("".join(r + "\n" for r in rows))
     stateful = config.stateful and bool(model.states)
 
-    def plan(epoch: int) -> list:  # the batches of an epoch: a function of (seed, epoch) only
+    def plan(epoch: int):  # the batches of an epoch (batch k: plan[k]): a function of (seed, epoch) only
         rng = np.random.default_rng([config.seed, epoch])
         if stateful:
             return streams(train_eps, L, config.batch_size, d_hi, rng)
-        order = rng.permutation(len(train_wins))
-        return [[train_wins[i] for i in order[k:k + config.batch_size]]
-                for k in range(0, len(order), config.batch_size)]
+        return Batches(train_wins, config.batch_size, rng)
+
+    def validate(run, threshold: float, sample: np.ndarray | None = None) -> dict:  # on the validation
+        # windows `sample`, or on every validation frame (whole games, the state carried)
+        metrics, vt = Metrics(baselines, button_threshold=threshold), teacher and {**teacher, "logits": teacher["val"]}
+        if sample is None:
+            return score_games(run, model, val_eps, L, d_lo, metrics, config.batch_size, teacher=vt).result("val")
+        batches = (make_batch(val_eps, val_wins[w], L, d_lo, teacher=vt, returns=returns)
+                   for w in chunks(sample, config.batch_size))
+        return evaluate_batches(run, batches, metrics).result("val") | {"val_sampled": True}
 
     def batch_for(wins, rng, eps_teacher, flipped):
         n = len(wins)
@@ -3599,10 +3675,15 @@ def _train(spec, replays, data, out: Path, resume: bool, quiet: bool, cache, con
                           controller_dropout=(config.controller_dropout, int(rng.integers(1 << 62)))
                           if config.controller_dropout else None, returns=returns)
 
-    steps_per_epoch = len(plan(1))
-    total_steps = steps_per_epoch * config.epochs
-    if config.max_steps:
-        total_steps = min(total_steps, config.max_steps)
+    steps_per_epoch = len(streams(train_eps, L, config.batch_size, d_hi)) if stateful else \
+        -(-len(train_wins) // config.batch_size)
+    epochs = -(-config.max_steps // steps_per_epoch) if config.max_steps else config.epochs  # --max-steps decides
+    total_steps = config.max_steps or steps_per_epoch * epochs
+    # per epoch, a fixed sample of the validation windows when the games hold more frames than --val-sample
+    sample = None
+    if config.val_sample and len(val_wins) * L > config.val_sample:
+        sample = np.sort(np.random.default_rng([config.split_seed_used, 1 << 31]).choice(
+            len(val_wins), max(config.val_sample // L, 1), replace=False))
     step = progress.get("step", 0)
     epoch, start = progress.get("epoch", 1), progress.get("batch", 0)
     best = progress.get("best", {"val_loss": float("inf"), "epoch": 0})
@@ -3620,13 +3701,15 @@ def _train(spec, replays, data, out: Path, resume: bool, quiet: bool, cache, con
             trainer.save_checkpoint(progress)
 
     log(f"{spec.name}: {len(train_games)} train games ({info['frames']['train']:,} frames), "
-        f"{len(val_games)} validation games (split by {config.split_by}), {steps_per_epoch} steps of {config.batch_size} x {L} frames per epoch"
+        f"{len(val_games)} validation games (split by {config.split_by}), {steps_per_epoch} steps of {config.batch_size} x {L} frames per epoch, "
+        + (f"{total_steps} steps in all (--max-steps)" if config.max_steps else f"{epochs} epochs")
+        + (f"; validation on {len(sample) * L:,} sampled frames per epoch, on all at the end" if sample is not None else "")
         + (f"; resuming at epoch {epoch}, step {step}" if progress else ""))
+    bar = Progress(total_steps - step, "", quiet)  # the whole run (its ETA too)
 
-    while epoch <= config.epochs and not stopped:
+    while epoch <= epochs and not stopped:
         batches, metrics = plan(epoch), Metrics(sums=progress.get("sums") if start else None)
-        steps = min(len(batches) - start, config.max_steps - step) if config.max_steps else len(batches) - start
-        bar, t0, frames = Progress(steps, f"epoch {epoch}/{config.epochs}", quiet), time.perf_counter(), 0
+        bar.label, t0, frames = f"epoch {epoch}/{epochs}", time.perf_counter(), 0
         previous = None
         flipped = np.random.default_rng([config.seed, epoch, 1 << 30]).random(len(train_eps)) < config.mirror_prob
         if stateful and start:
@@ -3671,9 +3754,7 @@ def _train(spec, replays, data, out: Path, resume: bool, quiet: bool, cache, con
                "button_threshold": metrics.best_button_threshold(),  # chosen on this epoch's training batches
                "frames_per_s": round(frames / max(seconds, 1e-9), 1), "lr": config.learning_rate(step, total_steps)}
         if val_eps:
-            vt = teacher and {**teacher, "logits": teacher["val"]}
-            row.update(score_games(trainer.evaluate, model, val_eps, L, d_lo, Metrics(baselines, button_threshold=row[
-                "button_threshold"]), config.batch_size, teacher=vt).result("val"))
+            row.update(validate(trainer.evaluate, row["button_threshold"], sample))
             if row["val_loss"] < best["val_loss"] - 1e-4:  # an improvement, not noise
                 best, stale = {"val_loss": row["val_loss"], "epoch": epoch}, 0
                 np.savez(out / "train" / "best.tmp.npz", **trainer.params())
@@ -3687,7 +3768,7 @@ def _train(spec, replays, data, out: Path, resume: bool, quiet: bool, cache, con
         epoch, start = epoch + 1, 0
         checkpoint({"step": step, "epoch": epoch, "batch": 0, "best": best, "stale": stale, "fingerprint": info["fingerprint"],
                                  "stopped": stopped})
-        log(f"epoch {row['epoch']}/{config.epochs}: train loss {row['train_loss']:.4f}, "
+        log(f"epoch {row['epoch']}/{epochs}: train loss {row['train_loss']:.4f}, "
             + (summary_line(row, "val") if val_eps else "no validation games")
             + f" | {row['frames_per_s']:,.0f} frames/s" + (f" ({stopped})" if stopped else ""))
 
@@ -3707,6 +3788,10 @@ def _train(spec, replays, data, out: Path, resume: bool, quiet: bool, cache, con
     info["graphs"] = {f: graph_digest(out / f) for f in ("window.onnx", "step.onnx")}
     history = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines() if l.strip()]
     exported = next((r for r in history if r["epoch"] == best["epoch"]), history[-1] if history else None)
+    if sample is not None and exported:  # the exported weights on every validation frame
+        runner = _window_runner(model, loss_graph(distill, spec.returns.value_weight))
+        exported = {**exported, **validate(runner, exported["button_threshold"]), "val_sampled": False}
+        log("exported weights on all validation frames: " + summary_line(exported, "val"))
     info.update({"status": "finished", "final": history[-1] if history else None, "best": best,
                  "exported_metrics": exported, "button_threshold": (exported or {}).get("button_threshold", 0.5),
                  "exported": "best validation epoch" if best_file.exists() else "last step",
@@ -3714,6 +3799,7 @@ def _train(spec, replays, data, out: Path, resume: bool, quiet: bool, cache, con
     if teacher:
         eps, logits = (val_eps, teacher["val"]) if val_eps else (train_eps, teacher["train"])
         info["distillation"] = distillation_report(out, eps, logits, teacher["model"], d_lo)
+        _unmap(out / "train" / TEACHER_LOGITS)
     _write_json(out / "run.json", info)
     return RunResult(out, info)
 
@@ -4780,6 +4866,9 @@ def _training_flags(p: argparse.ArgumentParser) -> None:
     d.add_argument("--stage", help="keep games on this stage (e.g. final_destination)")
     d.add_argument("--min-frames", type=int, help="drop games shorter than this many frames")
     d.add_argument("--val-split", type=float, help="fraction of games held out for validation")
+    d.add_argument("--val-sample", type=int, metavar="FRAMES", help="validation frames scored per epoch: a fixed "
+                   "sample of the validation windows when the games hold more (every frame at the end; 0: every "
+                   "frame every epoch)")
     d.add_argument("--seed", type=int, help="seed for the split, the data order and the initial weights")
     d.add_argument("--split-seed", type=int, help="seed for the split alone (default: --seed): other seeds, same games")
     d.add_argument("--split-by", choices=SPLITS, help="what validation holds out: whole games, players (connect "
@@ -4788,7 +4877,8 @@ def _training_flags(p: argparse.ArgumentParser) -> None:
     for flag in ("window-size", "hidden", "num-layers", *(f.replace("_", "-") for f in SPEC_FLAGS)):
         m.add_argument(f"--{flag}", type=int, help="(default: the spec's)")
     o = p.add_argument_group("optimisation")
-    o.add_argument("--epochs", type=int, help="passes over the training windows")
+    o.add_argument("--epochs", type=int, help="passes over the training windows (--max-steps, when given, "
+                                              "decides alone)")
     o.add_argument("--batch-size", type=int, help="windows per step")
     o.add_argument("--lr", type=float, help="peak learning rate")
     o.add_argument("--lr-schedule", choices=["constant", "cosine"], help="after the warm-up")
@@ -4810,7 +4900,8 @@ def _training_flags(p: argparse.ArgumentParser) -> None:
                    help="share of training frames whose current-controller inputs are zeroed")
     o.add_argument("--stateful", action="store_true", default=None,
                    help="carry recurrent state across consecutive windows of each game (truncated BPTT)")
-    o.add_argument("--max-steps", type=int, help="stop after this many steps (0: no limit)")
+    o.add_argument("--max-steps", type=int, help="train this many steps in all, over as many epochs as they take "
+                                                 "(0: --epochs decides)")
     o.add_argument("--budget-seconds", type=float, help="stop training after this many seconds (0: no limit)")
     r = p.add_argument_group("run")
     r.add_argument("--out", required=True, help="run folder")
