@@ -3240,6 +3240,57 @@ def score_games(run, model: Model, episodes, length: int, delay: int, metrics: M
     return metrics
 
 
+GROUPINGS: dict[str, Callable[[Episode], str]] = {  # the groups of player views that reports compare
+    "character": lambda ep: enums.Character(int(ep.cat[0, 2])).name.lower(),  # the player's own character
+    "opponent": lambda ep: enums.Character(int(ep.cat[0, 3])).name.lower(),  # the opponent's character
+    "player": lambda ep: ep.code or "(no code)",  # the player's connect code
+}
+
+
+def score_groups(run, model: Model, episodes, length: int, delay: int, new_metrics: Callable[[], Metrics],
+                 by: str, top: int = 8, batch_size: int = 64, **batch_args) -> tuple[Metrics, dict]:
+    """`score_games` per group of player views (`by`, one of GROUPINGS): the `top` groups with
+    the most frames by name, the rest pooled as "(others)". Returns the metrics of all the
+    views (the groups' sums) and a report per group (`group_report`)."""
+    groups = collections.defaultdict(list)
+    for ep in episodes:
+        groups[GROUPINGS[by](ep)].append(ep)
+    ranked = sorted(groups, key=lambda g: (-sum(e.frames for e in groups[g]), g))
+    parts = {g: groups[g] for g in ranked[:top]} | ({"(others)": [e for g in ranked[top:] for e in groups[g]]}
+                                                  if ranked[top:] else {})
+    total, report = new_metrics(), {}
+    for name, eps in parts.items():
+        metrics = score_games(run, model, eps, length, delay, new_metrics(), batch_size, **batch_args)
+        report[name] = group_report(metrics, eps)
+        for k, v in metrics.sums.items():
+            total.sums[k] = total.sums.get(k, 0.0) + v
+    return total, report
+
+
+def group_report(metrics: Metrics, episodes) -> dict:
+    """A group's frames and games, loss beside Markov's, stick top-1 and button F1 beside copy's,
+    and the top-1 on frames where the input changes."""
+    r = metrics.result("g")
+    return {"games": len({e.source for e in episodes}), "views": len(episodes), "frames": r["g_frames"],
+            "loss": r["g_loss"], "markov_loss": (r.get("g_markov") or {}).get("loss"),
+            "accuracy": r["g_accuracy"], "copy_accuracy": r["g_copy"]["accuracy"],
+            "button_f1": r["g_button_f1"], "copy_button_f1": r["g_copy"]["button_f1"],
+            "change_accuracy": r["g_change"]["accuracy"]}
+
+
+def group_table(report: dict, by: str) -> str:
+    """Per group, one line: frames and games, loss and its margin under Markov, main_x, main_y and
+    button F1 beside copy's, main_x top-1 on change frames."""
+    rows = [f"  {by:<16}{'games':>6}{'frames':>11}{'loss':>7}{'vs markov':>10}  {'main_x (copy)':>15}"
+            f"{'main_y (copy)':>15}{'buttons F1 (copy)':>19}{'main_x on changes':>19}"]
+    for name, g in report.items():
+        margin = f"{100 * (g['loss'] / g['markov_loss'] - 1):+.1f}%" if g["markov_loss"] else "-"
+        rows.append(f"  {name[:16]:<16}{g['games']:>6}{g['frames']:>11,}{g['loss']:>7.3f}{margin:>10}  "
+                    + "".join(f"{g['accuracy'][h]:>7.3f} ({g['copy_accuracy'][h]:.3f})" for h in ("main_x", "main_y"))
+                    + f"{g['button_f1']:>11.3f} ({g['copy_button_f1']:.3f}){g['change_accuracy']['main_x']:>19.3f}")
+    return "\n".join(rows)
+
+
 def _write_json(path: Path, data) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(json.dumps(data, indent=2) + "\n")
@@ -3788,10 +3839,16 @@ def _train(spec, replays, data, out: Path, resume: bool, quiet: bool, cache, con
     info["graphs"] = {f: graph_digest(out / f) for f in ("window.onnx", "step.onnx")}
     history = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines() if l.strip()]
     exported = next((r for r in history if r["epoch"] == best["epoch"]), history[-1] if history else None)
-    if sample is not None and exported:  # the exported weights on every validation frame
+    if val_eps and exported:  # the exported weights on every validation frame, per group of player views
         runner = _window_runner(model, loss_graph(distill, spec.returns.value_weight))
-        exported = {**exported, **validate(runner, exported["button_threshold"]), "val_sampled": False}
-        log("exported weights on all validation frames: " + summary_line(exported, "val"))
+        vt = teacher and {**teacher, "logits": teacher["val"]}
+        new_metrics = lambda: Metrics(baselines, button_threshold=exported["button_threshold"])
+        groups = {by: score_groups(runner, model, val_eps, L, d_lo, new_metrics, by, batch_size=config.batch_size,
+                                   teacher=vt) for by in GROUPINGS}
+        info["val_by"] = {by: report for by, (_, report) in groups.items()}
+        if sample is not None:
+            exported = {**exported, **groups["character"][0].result("val"), "val_sampled": False}
+            log("exported weights on all validation frames: " + summary_line(exported, "val"))
     info.update({"status": "finished", "final": history[-1] if history else None, "best": best,
                  "exported_metrics": exported, "button_threshold": (exported or {}).get("button_threshold", 0.5),
                  "exported": "best validation epoch" if best_file.exists() else "last step",
@@ -3874,10 +3931,11 @@ def _window_runner(model: Model, extra=None):
 
 
 def evaluate(run: str | os.PathLike, replays=None, batch_size: int = 64, cache: Path | None = None,
-             quiet: bool = False, data: str | os.PathLike | None = None) -> dict:
+             quiet: bool = False, data: str | os.PathLike | None = None, by: str | None = None, top: int = 8) -> dict:
     """Loss, button F1 and accuracies of a trained run on replays (every game, each played
     from its start with the state carried), beside its baselines on the same frames: copy,
-    the run's Markov table and label frequencies (see Metrics), and on change frames."""
+    the run's Markov table and label frequencies (see Metrics), and on change frames.
+    by: also per group of player views ("by": see `score_groups`), one of GROUPINGS."""
     model, info = load_run(run)
     games, skipped = load_games(replays, cache, _log(quiet), data=data)
     if not games:
@@ -3888,11 +3946,14 @@ def evaluate(run: str | os.PathLike, replays=None, batch_size: int = 64, cache: 
                  if "label_frequencies" in info else None)
     if baselines and "returns" in info:
         baselines["mean_return"] = info["returns"]["mean_return"]
-    metrics = Metrics(baselines=baselines, button_threshold=info.get("button_threshold", 0.5))
-    loss = loss_graph(value_weight=model.spec.returns.value_weight)
-    score_games(_window_runner(model, loss), model, episodes, L, delay, metrics, batch_size)
+    new_metrics = lambda: Metrics(baselines=baselines, button_threshold=info.get("button_threshold", 0.5))
+    runner = _window_runner(model, loss_graph(value_weight=model.spec.returns.value_weight))
+    if by:
+        metrics, report = score_groups(runner, model, episodes, L, delay, new_metrics, by, top, batch_size)
+    else:
+        metrics, report = score_games(runner, model, episodes, L, delay, new_metrics(), batch_size), None
     res = {k.removeprefix("eval_"): v for k, v in metrics.result("eval").items()}
-    return {**res, "frame_delay": delay, "target": f"frame t predicts the controller at frame t + {1 + delay}",
+    return {**res, **({"by": {by: report}} if by else {}), "frame_delay": delay, "target": f"frame t predicts the controller at frame t + {1 + delay}",
             "games": len(games), "game_frames": sum(e.frames for e in episodes), "skipped": skipped}
 
 
@@ -4925,10 +4986,12 @@ EXAMPLES = {
               "exphil train --preset quick --replays tests/replays --out runs/quick",
               "exphil train my.toml --replays ~/Slippi --character fox --frame-delay 2 --out runs/fox",
               "exphil train mamba --data data/ranked --character fox --out runs/fox",
+              "exphil train mamba --data data/mine --split-by player --max-steps 3000 --out runs/m",
               "exphil train --resume --out runs/mamba --epochs 10",
               "exphil train mamba --data /shared/data/ranked --ray auto --workers 8 --out /shared/runs/mamba"],
     "distill": ["exphil distill --teacher runs/mamba --student mlp --replays ~/Slippi --out runs/mlp-student"],
-    "eval": ["exphil eval runs/mamba --replays ~/Slippi/held-out", "exphil eval runs/mamba --replays game.slp --json"],
+    "eval": ["exphil eval runs/mamba --replays ~/Slippi/held-out", "exphil eval runs/mamba --replays game.slp --json",
+             "exphil eval runs/mamba --data data/other --by character"],
     "compile": ["exphil compile mamba --out build/mamba", "exphil compile my.toml --out build/my --window 30"],
     "ingest": ["exphil ingest ~/Slippi --out data/ranked", "exphil ingest /shared/replays --out /shared/data/ranked --ray auto"],
     "data": ["exphil data data/ranked", "exphil data ~/Slippi --json"],
@@ -5139,6 +5202,10 @@ def _parser() -> argparse.ArgumentParser:
     source.add_argument("--replays", help="a .slp file or a directory (searched recursively)")
     source.add_argument("--data", help="a dataset folder (`exphil ingest`)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.add_argument("--by", choices=GROUPINGS, help="also per group of player views: the player's character, the "
+                   "opponent's character or the player's connect code")
+    p.add_argument("--top", type=int, default=8, help="--by: the groups with the most frames shown by name, the rest "
+                   "pooled (default: 8)")
 
     p = sub.add_parser("compile", help="write a spec's untrained window and step graphs")
     p.add_argument("spec", help="spec file or built-in spec name")
@@ -5228,13 +5295,17 @@ def _command(args) -> int:
             print("agreement with the teacher: " + ", ".join(f"{h} {v:.3f}" for h, v in rep["agreement"].items()))
             print("step latency p50: " + ", ".join(f"{k} {v['p50_ms']:.3f} ms" for k, v in rep["step_latency_ms"].items()))
     elif args.command == "eval":
-        res = evaluate(args.run, args.replays, data=args.data)
+        if args.top < 1:
+            raise UsageError(f"--top {args.top}: must be at least 1")
+        res = evaluate(args.run, args.replays, data=args.data, by=args.by, top=args.top)
         if args.json:
             print(json.dumps(res, indent=2))
         else:
             print(f"{args.run}: {res['games']} games, {res['frames']:,} scored frames, {res['target']}")
             print("  " + summary_line({f"eval_{k}": v for k, v in res.items()}, "eval"))
             print(scoreboard(res))
+            if args.by:
+                print(group_table(res["by"][args.by], args.by))
     elif args.command == "compile":
         model = Model(_spec_arg(args.spec))
         for path in model.save(args.out, args.window):
