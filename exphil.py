@@ -3357,6 +3357,7 @@ class TrainConfig:
     split_seed: int | None = None  # the seed of the train/validation split (None: `seed`)
     split_by: str = "game"  # what validation holds out: games, players or sources (see `split_games`)
     val_sample: int = 200_000  # validation frames scored per epoch, a fixed sample (0: all; all at the end)
+    train_games: int = 0  # train on this many of the training games, a seeded choice (0: all; validation unchanged)
     frame_delay: int = 0  # frame t predicts the controller at frame t + 1 + frame_delay
     online_robust: bool = False  # a random delay in [delay_min, delay_max] per window instead
     delay_min: int = 0
@@ -3407,8 +3408,8 @@ class TrainConfig:
                    "online-robust needs a delay range: add --delay-max (and --delay-min), e.g. 0 and 4"),
                   (0 < self.distill_alpha <= 1 and self.distill_temperature > 0,
                    "distillation needs 0 < alpha <= 1 and temperature > 0"),
-                  (min(self.max_files, self.save_every, self.max_steps, self.warmup_steps, self.min_frames, self.val_sample,
-                       self.budget_seconds) >= 0, "counts and limits must be >= 0"),
+                  (min(self.max_files, self.save_every, self.max_steps, self.warmup_steps, self.min_frames,
+                       self.val_sample, self.train_games, self.budget_seconds) >= 0, "counts and limits must be >= 0"),
                   (self.patience >= 1, "patience must be >= 1"),
                   (not (self.early_stopping and self.val_split == 0), "early stopping needs a validation split")]
         for ok, message in checks:
@@ -3606,9 +3607,13 @@ def _games(replays, data, cache, log, config: TrainConfig, ray: str | None = Non
     if len(games) < 2 and config.val_split > 0:
         raise ExphilError(f"{replays}: need at least 2 usable games to hold one out for validation")
     try:
-        return (*split_games(games, config.val_split, config.split_seed_used, config.split_by), skipped)
+        train, val = split_games(games, config.val_split, config.split_seed_used, config.split_by)
     except UsageError as e:
         raise UsageError(f"{replays}: {e}") from None
+    if config.train_games:  # the first of a seeded order: a smaller number takes a subset of a larger one's
+        order = np.random.default_rng([config.split_seed_used, 2]).permutation(len(train))
+        train = [train[i] for i in sorted(order[:config.train_games])]
+    return train, val, skipped
 
 
 def _train(spec, replays, data, out: Path, resume: bool, quiet: bool, cache, config, ray=None, workers=1) -> RunResult:
@@ -4927,6 +4932,8 @@ def _training_flags(p: argparse.ArgumentParser) -> None:
     d.add_argument("--stage", help="keep games on this stage (e.g. final_destination)")
     d.add_argument("--min-frames", type=int, help="drop games shorter than this many frames")
     d.add_argument("--val-split", type=float, help="fraction of games held out for validation")
+    d.add_argument("--train-games", type=int, help="train on this many of the training games, a seeded choice "
+                   "(a smaller number takes a subset of a larger one's; validation unchanged; 0: all)")
     d.add_argument("--val-sample", type=int, metavar="FRAMES", help="validation frames scored per epoch: a fixed "
                    "sample of the validation windows when the games hold more (every frame at the end; 0: every "
                    "frame every epoch)")
