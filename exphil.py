@@ -1900,11 +1900,12 @@ def _room_for_maps() -> None:
             resource.setrlimit(resource.RLIMIT_NOFILE, (hard if hard != resource.RLIM_INFINITY else 10240, hard))
 
 
-def release_pages(reads: int = 0, every: int = 128) -> None:
+def release_pages(reads: int = 0, every: int = 16) -> None:
     """Count `reads` of shards (a window counts one, a whole episode read in order its frames);
-    past `every` (two batches of 64), drop the mapped shard pages from this process (the OS keeps
-    them in its page cache), so its memory stays flat in the dataset's size. A read costs pages
-    whatever its length: a page fault often maps a whole large page-cache folio, up to 2 MB."""
+    past `every`, drop the mapped shard pages from this process (the OS keeps them in its page
+    cache), so its memory stays flat in the dataset's size. A read costs pages whatever its
+    length: a page fault often maps a whole large page-cache folio, up to 2 MB (on a dataset just
+    written, 64 windows mapped ~300 MB)."""
     import mmap
 
     _MAPPED_ROWS[0] += reads
@@ -2456,10 +2457,10 @@ def make_batch(episodes: list[Episode], wins: np.ndarray | Sequence[tuple[int, i
     soft = teacher and np.zeros((B, length, sum(HEADS.values())), np.float32)
     if returns is not None:
         batch["rtg"] = batch["target.value"] = np.zeros((B, length), np.float32)
-    release_pages(B)  # windows of a dataset's shards: their pages are not kept
     for b, (i, s) in enumerate(wins.tolist()):
         if i < 0:  # padding: an idle stream in stateful training
             continue
+        release_pages(1)  # windows of a dataset's shards: their pages are not kept
         ep, d = episodes[i], int(delays[b])
         n = min(length, ep.frames - 1 - d - s)
         if n <= 0:
@@ -3898,8 +3899,9 @@ def _diverged(out: Path, info: dict, what: str, config: TrainConfig):
                       f"train again into another --out with other settings")
 
 
-def chunks(items: list, size: int) -> list[list]:
-    return [items[k:k + size] for k in range(0, len(items), size)]
+def chunks(items, size: int):
+    """Consecutive slices of `size` items (a list, an array, Windows), one at a time."""
+    return (items[k:k + size] for k in range(0, len(items), size))
 
 
 def recorded_games(info: dict, which: str, log=None) -> list[list[Episode]]:
