@@ -3845,6 +3845,7 @@ def _train(spec, replays, data, out: Path, resume: bool, quiet: bool, cache, con
     info["graphs"] = {f: graph_digest(out / f) for f in ("window.onnx", "step.onnx")}
     history = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines() if l.strip()]
     exported = next((r for r in history if r["epoch"] == best["epoch"]), history[-1] if history else None)
+    trainer = None  # (its session's memory goes before the scoring session's comes)
     if val_eps and exported:  # the exported weights on every validation frame, per group of player views
         runner = _window_runner(model, loss_graph(distill, spec.returns.value_weight))
         vt = teacher and {**teacher, "logits": teacher["val"]}
