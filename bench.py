@@ -21,6 +21,9 @@
                                          # margin under the Markov baseline (the architecture table)
     python bench.py --train --data DATASET --max-steps 600 --split-by player
                                          # the same on a dataset, validated on players never trained on
+    python bench.py --learning-curve --data DATASET --games 25 100 300 all --max-steps 3000
+                                         # one spec (--specs, default mamba) on more and more of the
+                                         # training games, the same steps and validation games
     python bench.py --train --replays DIR --max-steps 600 --ray auto
                                          # the same, the specs trained as parallel Ray tasks
     python bench.py --data-parallel      # data-parallel training on 2 Ray workers: per step, compute
@@ -414,24 +417,38 @@ def architecture_table(paths: list[str], replays: str | None, budget_seconds: fl
     return rows
 
 
+def learning_curve(path: str, data: str, sizes: list[int], max_steps: int, seed: int, batch_size: int,
+                   frame_delay: int = 0, split_by: str = "player") -> list[dict]:
+    """One spec trained for the same steps on more and more of a dataset's training games (`sizes`,
+    0 for all: nested seeded choices, see --train-games), each scored on the same validation
+    games (the split of the whole dataset) beside every baseline."""
+    rows = []
+    for n in sizes:
+        print(f"training {Path(path).stem} on {n or 'all'} training games ({max_steps} steps) ...", file=sys.stderr,
+              flush=True)
+        rows.append(architecture_row(path, None, 0, seed, batch_size, max_steps, frame_delay, data, split_by, n))
+    return rows
+
+
 def architecture_row(path: str, replays: str | None, budget_seconds: float, seed: int, batch_size: int, max_steps: int,
-                     frame_delay: int, data: str | None = None, split_by: str = "game") -> dict:
-    """One spec of the architecture table, trained in a temporary run folder."""
+                     frame_delay: int, data: str | None = None, split_by: str = "game", train_games: int = 0) -> dict:
+    """One spec of the architecture table (or of the learning curve), trained in a temporary run folder."""
     spec = exphil.load_spec(path)
     with tempfile.TemporaryDirectory() as tmp:
         run = exphil.train(spec, replays, out=Path(tmp) / spec.name, epochs=10_000, seed=seed,
                            batch_size=batch_size, budget_seconds=budget_seconds, max_steps=max_steps,
-                           frame_delay=frame_delay, data=data, split_by=split_by, quiet=True)
+                           frame_delay=frame_delay, data=data, split_by=split_by, train_games=train_games, quiet=True)
         history = [json.loads(l) for l in (run.path / "metrics.jsonl").read_text().splitlines()]
         best = run.info["exported_metrics"]
         frames_done = sum(r["frames_per_s"] * r["seconds"] for r in history)
         latency = exphil.step_latency(exphil.load_run(run.path)[0])
-    return {"spec": spec.name, "val_loss": best["val_loss"],
+    return {"spec": spec.name, "train_games": len(run.info["replays"]["train"]), "val_games": len(run.info["replays"]["val"]),
+            "train_frames": run.info["frames"]["train"], "val_frames": best["val_frames"], "val_loss": best["val_loss"],
             "markov_loss": best["val_markov"]["loss"],
             "margin": 1 - best["val_loss"] / best["val_markov"]["loss"],
             "button_f1": best["val_button_f1"], "copy_button_f1": best["val_copy"]["button_f1"],
             "accuracy": best["val_accuracy"], "copy_accuracy": best["val_copy"]["accuracy"],
-            "change_accuracy": best["val_change"]["accuracy"],
+            "change_accuracy": best["val_change"]["accuracy"], "common_accuracy": best["val_frequency"]["accuracy"],
             "baseline_loss": run.info["baseline_loss"]["total"], "steps": run.info["steps"],
             "train_frames_per_s": frames_done / sum(r["seconds"] for r in history),
             "step_p50_ms": latency["p50_ms"], "step_p99_ms": latency["p99_ms"]}
@@ -509,6 +526,18 @@ def print_architectures(rows: list[dict]) -> None:
               f"{acc['main_x']:.3f} ({copy['main_x']:.3f}) | {acc['main_y']:.3f} ({copy['main_y']:.3f}) | "
               f"{r['button_f1']:.3f} ({r['copy_button_f1']:.3f}) | {r['change_accuracy']['main_x']:.3f} | {r['steps']} | "
               f"{r['train_frames_per_s']:,.0f} | {r['step_p50_ms']:.3f} | {verdict(r['step_p99_ms'])} |")
+
+
+def print_learning_curve(rows: list[dict]) -> None:
+    print("| training games | training frames | val loss | markov | vs markov | main_x (copy) | main_y (copy) | "
+          "button F1 (copy) | main_x on changes | most common main_x / main_y |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        acc, copy, common = r["accuracy"], r["copy_accuracy"], r["common_accuracy"]
+        print(f"| {r['train_games']} | {r['train_frames']:,} | {r['val_loss']:.3f} | {r['markov_loss']:.3f} | "
+              f"{-100 * r['margin']:+.1f}% | {acc['main_x']:.3f} ({copy['main_x']:.3f}) | "
+              f"{acc['main_y']:.3f} ({copy['main_y']:.3f}) | {r['button_f1']:.3f} ({r['copy_button_f1']:.3f}) | "
+              f"{r['change_accuracy']['main_x']:.3f} | {common['main_x']:.3f} / {common['main_y']:.3f} |")
 
 
 def _sigmoid(x):
@@ -633,16 +662,17 @@ if __name__ == "__main__":
 
 
 def train_run(data: Path, out: Path, spec: str, steps: int, in_memory: bool = False, replays: Path | None = None,
-              cache: Path | None = None) -> dict:
-    """One training process on a dataset (or on a replay folder through the cache): wall time,
+              cache: Path | None = None, val_split: float = 0.2) -> dict:
+    """One training process on a dataset (or on a replay folder through the cache) as a user runs
+    it (the spec's own window, batch 64, validation on `val_split` of the games): wall time,
     steady frames/s (its metrics row), peak RSS."""
     import shutil
 
     shutil.rmtree(out, ignore_errors=True)
     head = [sys.executable, "-c", IN_MEMORY] if in_memory else [sys.executable, "-m", "exphil"]
     source = ["--replays", replays] if replays else ["--data", data]
-    res = timed_process([*head, "train", spec, *source, "--val-split", "0", "--max-steps", steps, "--batch-size", 64,
-                         "--window-size", 60, "--out", out, "--quiet"], {"EXPHIL_CACHE": str(cache)} if cache else None)
+    res = timed_process([*head, "train", spec, *source, "--val-split", val_split, "--max-steps", steps, "--batch-size",
+                         64, "--out", out, "--quiet"], {"EXPHIL_CACHE": str(cache)} if cache else None)
     row = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
     return {"seconds": res["seconds"], "frames_per_s": row["frames_per_s"], "peak_rss_mb": res["peak_rss_mb"]}
 
@@ -673,8 +703,9 @@ def scale_table(source: Path, work: Path, sizes: list[int], spec: str, steps: in
                           "frames_per_s": frames / ing["seconds"],
                           "frames_per_s_per_core": int(parsed.group(4).replace(",", ""))},
                "data_seconds": described["seconds"]}
-        row["first_step_s"] = {"data": train_run(data, work / "run", spec, 1)["seconds"],
-                               "replays": train_run(data, work / "run", spec, 1, replays=replays, cache=cache)["seconds"]}
+        row["first_step_s"] = {"data": train_run(data, work / "run", spec, 1, val_split=0)["seconds"],
+                               "replays": train_run(data, work / "run", spec, 1, replays=replays, cache=cache,
+                                                    val_split=0)["seconds"]}
         row["ingest"]["peak_rss_mb"] = ing["peak_rss_mb"]
         runs = {"shards": [], **({"in_memory": []} if n <= in_memory_up_to else {})}
         for _ in range(repeats):  # alternated, so both kinds see the same load on the machine
@@ -830,10 +861,15 @@ def main(argv=None) -> int:
     parser.add_argument("--seconds", type=float, default=4.0,
                         help="--throughput: timing per spec and framework, at least (more steps when fast)")
     parser.add_argument("--train", action="store_true", help="the architecture table (needs --replays or --data)")
+    parser.add_argument("--learning-curve", action="store_true", help="the first of --specs (default mamba) trained "
+                        "for --max-steps on --games of --data's training games, scored on the same validation games")
+    parser.add_argument("--games", nargs="*", default=["25", "100", "300", "all"],
+                        help="--learning-curve: numbers of training games (all: every one)")
     parser.add_argument("--replays", help="replays for --train")
     parser.add_argument("--data", help="--train: a dataset folder (`exphil ingest`) instead of --replays")
-    parser.add_argument("--split-by", choices=exphil.SPLITS, default="game",
-                        help="--train: what validation holds out (see exphil train --split-by)")
+    parser.add_argument("--split-by", choices=exphil.SPLITS,
+                        help="--train, --learning-curve: what validation holds out (see exphil train --split-by; "
+                             "default: game for --train, player for --learning-curve)")
     parser.add_argument("--max-steps", type=int, default=0,
                         help="optimizer steps per spec for --train (comparable across machines)")
     parser.add_argument("--budget-seconds", type=float, default=0,
@@ -891,14 +927,28 @@ def main(argv=None) -> int:
                            args.in_memory_up_to, args.repeats)
         print_scale(rows)
         result["scale"] = rows
+    elif args.learning_curve:
+        if not (args.data and args.max_steps):
+            parser.error("--learning-curve needs --data and --max-steps")
+        if not all(g == "all" or g.isdigit() and int(g) > 0 for g in args.games):
+            parser.error(f"--games: numbers of games or all, not {' '.join(args.games)}")
+        path = (args.specs or [str(exphil.SPECS_DIR / "mamba.toml")])[0]
+        rows = learning_curve(path, args.data, [0 if g == "all" else int(g) for g in args.games], args.max_steps,
+                              args.seed, args.batch_size, args.frame_delay, args.split_by or "player")
+        print(f"\n{Path(path).stem}, {args.max_steps} optimizer steps each, seed {args.seed}, batch {args.batch_size}, "
+              f"frame delay {args.frame_delay}; the same {rows[0]['val_games']} validation games "
+              f"({rows[0]['val_frames']:,} frames, split by {args.split_by or 'player'}); the Markov baseline is "
+              "counted on each row's training games\n")
+        print_learning_curve(rows)
+        result["learning_curve"] = rows
     elif args.train:
         if bool(args.replays) == bool(args.data):
             parser.error("--train needs --replays or --data (one of them)")
         if not (args.max_steps or args.budget_seconds):
             parser.error("--train needs --max-steps or --budget-seconds")
         rows = architecture_table(specs, args.replays, args.budget_seconds, args.seed, args.batch_size,
-                                  args.max_steps, args.frame_delay, args.ray, args.data, args.split_by)
-        print(f"\nsame games (validation split by {args.split_by}), seed {args.seed}, batch {args.batch_size}, "
+                                  args.max_steps, args.frame_delay, args.ray, args.data, args.split_by or "game")
+        print(f"\nsame games (validation split by {args.split_by or 'game'}), seed {args.seed}, batch {args.batch_size}, "
               + (f"{args.max_steps} optimizer steps" if args.max_steps else f"{args.budget_seconds:.0f} s")
               + f" each, frame delay {args.frame_delay}; ranked by the margin of the validation loss under the "
               f"Markov baseline (frequency baseline {rows[0]['baseline_loss']:.3f})\n")

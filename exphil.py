@@ -2010,7 +2010,7 @@ def _pid_alive(pid: int) -> bool:
 
 
 _MAPS: dict[str, tuple] = {}  # shard column file -> (mmap, array): opened once per process
-_MAPPED_ROWS = [0]  # frames read from shards since their pages were last released
+_MAPPED_ROWS = [0]  # reads of shards since their pages were last released
 
 
 def _mapped(path: Path) -> np.ndarray:
@@ -2035,6 +2035,15 @@ def _mapped(path: Path) -> np.ndarray:
     return _MAPS[key][1]
 
 
+def _unmap(path: Path) -> None:
+    """Close the mapping of a file that exphil wrote itself, and remove the file."""
+    mm, _ = _MAPS.pop(str(path), (None, None))
+    if mm is not None:
+        with contextlib.suppress(BufferError):  # (views of it still in use keep it open until they go)
+            mm.close()
+    path.unlink(missing_ok=True)
+
+
 def _room_for_maps() -> None:
     """Each mapping holds a file descriptor: near the soft limit, raise it to the hard one."""
     try:
@@ -2047,13 +2056,15 @@ def _room_for_maps() -> None:
             resource.setrlimit(resource.RLIMIT_NOFILE, (hard if hard != resource.RLIM_INFINITY else 10240, hard))
 
 
-def release_pages(frames: int = 0, every: int = 1 << 12) -> None:
-    """Count `frames` read from shards; past `every` (about one batch), drop the mapped shard
-    pages from this process (the OS keeps them in its page cache), so its memory stays flat in
-    the dataset's size. (Often: a page fault maps a whole large page-cache folio, up to 2 MB.)"""
+def release_pages(reads: int = 0, every: int = 16) -> None:
+    """Count `reads` of shards (a window counts one, a whole episode read in order its frames);
+    past `every`, drop the mapped shard pages from this process (the OS keeps them in its page
+    cache), so its memory stays flat in the dataset's size. A read costs pages whatever its
+    length: a page fault often maps a whole large page-cache folio, up to 2 MB (on a dataset just
+    written, 64 windows mapped ~300 MB)."""
     import mmap
 
-    _MAPPED_ROWS[0] += frames
+    _MAPPED_ROWS[0] += reads
     if _MAPPED_ROWS[0] >= every and hasattr(mmap, "MADV_DONTNEED"):
         for mm, _ in list(_MAPS.values()):
             mm.madvise(mmap.MADV_DONTNEED)
@@ -2759,10 +2770,46 @@ def split_games(games: list, val_split: float, seed: int, by: str = "game") -> t
     return [g for i, g in enumerate(games) if i not in val], [g for i, g in enumerate(games) if i in val]
 
 
-def windows(episodes: list[Episode], length: int, delay: int = 0) -> list[tuple[int, int]]:
-    """(episode, first frame) of consecutive windows. Frame t is trained to predict the
-    controller at t + 1 + delay, so the last 1 + delay frames of an episode have no target."""
-    return [(i, s) for i, ep in enumerate(episodes) for s in range(0, ep.frames - 1 - delay, length)]
+class Windows:
+    """The consecutive windows of episodes, numbered in order (episode by episode); window k is
+    (episode, first frame), found by a binary search over one count per episode, so a plan of
+    windows is an array of numbers and nothing is held per window. Frame t is trained to predict
+    the controller at t + 1 + delay, so the last 1 + delay frames of an episode have no target."""
+
+    def __init__(self, episodes: list[Episode], length: int, delay: int = 0):
+        counts = -(-np.array([max(ep.frames - 1 - delay, 0) for ep in episodes], np.int64) // length)
+        self.length, self.ends = length, np.cumsum(counts)
+        self.firsts = self.ends - counts
+
+    def __len__(self) -> int:
+        return int(self.ends[-1]) if len(self.ends) else 0
+
+    def __getitem__(self, k) -> np.ndarray:
+        """[n, 2] (episode, first frame) of window numbers k (an array or a slice; [2] for one number)."""
+        k = np.arange(*k.indices(len(self))) if isinstance(k, slice) else np.asarray(k, np.int64) % max(len(self), 1)
+        i = np.searchsorted(self.ends, k, side="right")
+        return np.stack([i, (k - self.firsts[i]) * self.length], -1)
+
+
+class Batches:
+    """An epoch's batches of windows in a seeded order: batch k is windows[order[k * size:(k + 1) * size]],
+    the order one number per window (the same order as `rng.permutation(len(windows))`)."""
+
+    def __init__(self, wins: Windows, size: int, rng: np.random.Generator):
+        n = len(wins)
+        self.wins, self.size = wins, size
+        self.order = rng.permutation(np.arange(n, dtype=np.uint32 if n < 1 << 32 else np.int64))
+
+    def __len__(self) -> int:
+        return -(-len(self.order) // self.size)
+
+    def __getitem__(self, k: int) -> np.ndarray:
+        return self.wins[self.order[k * self.size:(k + 1) * self.size]]
+
+
+def windows(episodes: list[Episode], length: int, delay: int = 0) -> Windows:
+    """(episode, first frame) of the consecutive windows of episodes (see Windows)."""
+    return Windows(episodes, length, delay)
 
 
 # Left/right mirror: these feature columns change sign, and stick x classes k <-> 16 - k.
@@ -2773,14 +2820,14 @@ MIRROR_SIGN = np.array([-1.0 if n in MIRROR_COLUMNS else 1.0 for n in NUM_FIELDS
 MIRROR_HEADS = ("main_x", "c_x")
 
 
-def make_batch(episodes: list[Episode], wins: Sequence[tuple[int, int] | None], length: int,
+def make_batch(episodes: list[Episode], wins: np.ndarray | Sequence[tuple[int, int]], length: int,
                delay: int | Sequence[int] = 0, mirror: Sequence[bool] | None = None, smoothing: float = 0.0,
                teacher: dict | None = None, change_weight: float = 1.0,
                controller_dropout: tuple[float, int] | None = None, returns: Returns | None = None,
                ) -> dict[str, np.ndarray]:
     """Inputs, targets (probabilities), a frame mask (0 for padding past an episode's end) and
     each frame's current controller classes `current.<head>` (what "repeat the current input"
-    predicts) for windows; a window given as None is all padding.
+    predicts) for windows, [n, 2] (episode, first frame); a window of episode -1 is all padding.
 
     delay: per batch or per window (frame t predicts the controller at t + 1 + delay).
     mirror: per window, flip left and right. smoothing: label smoothing of the targets.
@@ -2790,6 +2837,7 @@ def make_batch(episodes: list[Episode], wins: Sequence[tuple[int, int] | None], 
     teacher: {"logits": per-episode [T, sum(HEADS)] arrays, "temperature": T} adds the
     teacher's soft targets `soft.<head>` (distillation). returns: add each frame's return-to-go
     (`rtg`, the input of return-conditioned specs, and `target.value`, the same array)."""
+    wins = np.asarray(wins, np.int64).reshape(-1, 2)
     B, C, F = len(wins), len(CAT_FIELDS), len(NUM_FIELDS)
     delays = np.broadcast_to(np.asarray(delay), (B,))
     batch = {"cat": np.zeros((B, length, C), np.int64), "num": np.zeros((B, length, F), np.float32),
@@ -2799,13 +2847,12 @@ def make_batch(episodes: list[Episode], wins: Sequence[tuple[int, int] | None], 
     soft = teacher and np.zeros((B, length, sum(HEADS.values())), np.float32)
     if returns is not None:
         batch["rtg"] = batch["target.value"] = np.zeros((B, length), np.float32)
-    release_pages(B * length)  # windows of a dataset's shards: their pages are not kept
-    check_shards(episodes[w[0]] for w in wins if w is not None)
-    for b, win in enumerate(wins):
-        if win is None:  # padding: an idle stream in stateful training
+    check_shards(episodes[i] for i, _ in wins.tolist() if i >= 0)
+    for b, (i, s) in enumerate(wins.tolist()):
+        if i < 0:  # padding: an idle stream in stateful training
             continue
-        (i, s), d = win, int(delays[b])
-        ep = episodes[i]
+        release_pages(1)  # windows of a dataset's shards: their pages are not kept
+        ep, d = episodes[i], int(delays[b])
         n = min(length, ep.frames - 1 - d - s)
         if n <= 0:
             continue
@@ -2851,11 +2898,12 @@ def make_batch(episodes: list[Episode], wins: Sequence[tuple[int, int] | None], 
 
 
 def streams(episodes: list[Episode], length: int, batch_size: int, delay: int = 0,
-            rng: np.random.Generator | None = None) -> list[list[tuple[int, int] | None]]:
-    """Batches for stateful training: each batch row is a stream that walks whole episodes in
-    consecutive windows, so the state a window ends with is where the next one starts. Episodes
-    are dealt to at most `batch_size` streams (in shuffled order when `rng` is given), using as
-    few streams as keeps their lengths balanced; a stream that runs out is padded with None."""
+            rng: np.random.Generator | None = None) -> np.ndarray:
+    """Batches for stateful training, [steps, streams, 2] windows (episode, first frame): each
+    batch row is a stream that walks whole episodes in consecutive windows, so the state a window
+    ends with is where the next one starts. Episodes are dealt to at most `batch_size` streams
+    (in shuffled order when `rng` is given), using as few streams as keeps their lengths
+    balanced; a stream that runs out is padded with windows of episode -1."""
     per_stream = math.ceil(len(episodes) / batch_size)
     n = math.ceil(len(episodes) / per_stream)  # as many streams as keep them equally long
     dealt, loads = [[] for _ in range(n)], np.zeros(n)
@@ -2866,9 +2914,13 @@ def streams(episodes: list[Episode], length: int, batch_size: int, delay: int = 
     if rng is not None:
         for d in dealt:
             rng.shuffle(d)
-    rows = [[(i, s) for i in d for s in range(0, episodes[i].frames - 1 - delay, length)] for d in dealt]
-    steps = max(len(r) for r in rows)
-    return [[r[k] if k < len(r) else None for r in rows] for k in range(steps)]
+    wins = Windows(episodes, length, delay)
+    rows = [wins[np.concatenate([np.arange(wins.firsts[i], wins.ends[i]) for i in d] or [[]]).astype(np.int64)]
+            for d in dealt]
+    plan = np.full((max(len(r) for r in rows), n, 2), -1, np.int64)
+    for b, r in enumerate(rows):
+        plan[:len(r), b] = r
+    return plan
 
 
 def carry_state(batch: dict, previous: dict | None, wins: Sequence, model: Model) -> dict:
@@ -2876,7 +2928,8 @@ def carry_state(batch: dict, previous: dict | None, wins: Sequence, model: Model
     where a row starts a new episode (or is padding): there the state is zero."""
     if previous is None:
         return batch
-    fresh = np.array([w is None or w[1] == 0 for w in wins])
+    wins = np.asarray(wins, np.int64).reshape(-1, 2)
+    fresh = (wins[:, 0] < 0) | (wins[:, 1] == 0)
     for n, _ in model.states:
         state = previous[f"state_out.{n}"].copy()
         state[fresh] = 0
@@ -3553,11 +3606,12 @@ def evaluate_batches(run, batches, metrics: Metrics | None = None) -> Metrics:
     return metrics
 
 
-def stream_batches(model: Model, episodes, length, delay, run, **batch_args):
+def stream_batches(model: Model, episodes, length, delay, run, batch_size: int = 64, **batch_args):
     """Batches walking each game from its start in consecutive windows, the state carried
-    from one to the next (what the step graph sees playing the games frame by frame)."""
+    from one to the next (what the step graph sees playing the games frame by frame); at most
+    `batch_size` games at once, a row taking the next game when its game ends."""
     previous, batch_args = None, {"returns": model.spec.returns_used, **batch_args}
-    for wins in streams(episodes, length, len(episodes), delay):
+    for wins in streams(episodes, length, batch_size, delay):
         batch = carry_state(make_batch(episodes, wins, length, delay, **batch_args), previous, wins, model)
         previous = run(batch)
         yield wins, batch, previous
@@ -3573,9 +3627,60 @@ def score_games(run, model: Model, episodes, length: int, delay: int, metrics: M
         return evaluate_batches(run, (make_batch(episodes, w, length, delay, **batch_args)
                                       for w in chunks(windows(episodes, length, delay), batch_size)), metrics)
     metrics = metrics or Metrics()
-    for _, batch, out in stream_batches(model, episodes, length, delay, run, **batch_args):
+    for _, batch, out in stream_batches(model, episodes, length, delay, run, batch_size, **batch_args):
         metrics.add(out, batch)
     return metrics
+
+
+GROUPINGS: dict[str, Callable[[Episode], str]] = {  # the groups of player views that reports compare
+    "character": lambda ep: enums.Character(int(ep.cat[0, 2])).name.lower(),  # the player's own character
+    "opponent": lambda ep: enums.Character(int(ep.cat[0, 3])).name.lower(),  # the opponent's character
+    "player": lambda ep: ep.code or "(no code)",  # the player's connect code
+}
+
+
+def score_groups(run, model: Model, episodes, length: int, delay: int, new_metrics: Callable[[], Metrics],
+                 by: str, top: int = 8, batch_size: int = 64, **batch_args) -> tuple[Metrics, dict]:
+    """`score_games` per group of player views (`by`, one of GROUPINGS): the `top` groups with
+    the most frames by name, the rest pooled as "(others)". Returns the metrics of all the
+    views (the groups' sums) and a report per group (`group_report`)."""
+    groups = collections.defaultdict(list)
+    for ep in episodes:
+        groups[GROUPINGS[by](ep)].append(ep)
+    ranked = sorted(groups, key=lambda g: (-sum(e.frames for e in groups[g]), g))
+    parts = {g: groups[g] for g in ranked[:top]} | ({"(others)": [e for g in ranked[top:] for e in groups[g]]}
+                                                  if ranked[top:] else {})
+    total, report = new_metrics(), {}
+    for name, eps in parts.items():
+        metrics = score_games(run, model, eps, length, delay, new_metrics(), batch_size, **batch_args)
+        report[name] = group_report(metrics, eps)
+        for k, v in metrics.sums.items():
+            total.sums[k] = total.sums.get(k, 0.0) + v
+    return total, report
+
+
+def group_report(metrics: Metrics, episodes) -> dict:
+    """A group's frames and games, loss beside Markov's, stick top-1 and button F1 beside copy's,
+    and the top-1 on frames where the input changes."""
+    r = metrics.result("g")
+    return {"games": len({e.source for e in episodes}), "views": len(episodes), "frames": r["g_frames"],
+            "loss": r["g_loss"], "markov_loss": (r.get("g_markov") or {}).get("loss"),
+            "accuracy": r["g_accuracy"], "copy_accuracy": r["g_copy"]["accuracy"],
+            "button_f1": r["g_button_f1"], "copy_button_f1": r["g_copy"]["button_f1"],
+            "change_accuracy": r["g_change"]["accuracy"]}
+
+
+def group_table(report: dict, by: str) -> str:
+    """Per group, one line: frames and games, loss and its margin under Markov, main_x, main_y and
+    button F1 beside copy's, main_x top-1 on change frames."""
+    rows = [f"  {by:<16}{'games':>6}{'frames':>11}{'loss':>7}{'vs markov':>10}  {'main_x (copy)':>15}"
+            f"{'main_y (copy)':>15}{'buttons F1 (copy)':>19}{'main_x on changes':>19}"]
+    for name, g in report.items():
+        margin = f"{100 * (g['loss'] / g['markov_loss'] - 1):+.1f}%" if g["markov_loss"] else "-"
+        rows.append(f"  {name[:16]:<16}{g['games']:>6}{g['frames']:>11,}{g['loss']:>7.3f}{margin:>10}  "
+                    + "".join(f"{g['accuracy'][h]:>7.3f} ({g['copy_accuracy'][h]:.3f})" for h in ("main_x", "main_y"))
+                    + f"{g['button_f1']:>11.3f} ({g['copy_button_f1']:.3f}){g['change_accuracy']['main_x']:>19.3f}")
+    return "\n".join(rows)
 
 
 def _write_json(path: Path, data) -> None:
@@ -3643,6 +3748,8 @@ class TrainConfig:
     seed: int = 0
     split_seed: int | None = None  # the seed of the train/validation split (None: `seed`)
     split_by: str = "game"  # what validation holds out: games, players or sources (see `split_games`)
+    val_sample: int = 200_000  # validation frames scored per epoch, a fixed sample (0: all; all at the end)
+    train_games: int = 0  # train on this many of the training games, a seeded choice (0: all; validation unchanged)
     frame_delay: int = 0  # frame t predicts the controller at frame t + 1 + frame_delay
     online_robust: bool = False  # a random delay in [delay_min, delay_max] per window instead
     delay_min: int = 0
@@ -3694,12 +3801,16 @@ class TrainConfig:
                   (0 < self.distill_alpha <= 1 and self.distill_temperature > 0,
                    "distillation needs 0 < alpha <= 1 and temperature > 0"),
                   (min(self.max_files, self.save_every, self.max_steps, self.warmup_steps, self.min_frames,
-                       self.budget_seconds) >= 0, "counts and limits must be >= 0"),
+                       self.val_sample, self.train_games, self.budget_seconds) >= 0, "counts and limits must be >= 0"),
                   (self.patience >= 1, "patience must be >= 1"),
                   (not (self.early_stopping and self.val_split == 0), "early stopping needs a validation split")]
         for ok, message in checks:
             if not ok:
                 raise UsageError(f"invalid training setting: {message}")
+
+    @property
+    def split_seed_used(self) -> int:
+        return self.seed if self.split_seed is None else self.split_seed
 
     @property
     def delays(self) -> tuple[int, int]:
@@ -3720,20 +3831,30 @@ class RunResult:
     info: dict  # the contents of run.json
 
 
-def _teacher_logits(teacher: str | os.PathLike, episodes: list[Episode]) -> tuple[list[np.ndarray], Model]:
+TEACHER_LOGITS = "teacher-logits.npy"  # in a distilling run's train/ folder, while it trains
+
+
+def _teacher_logits(teacher: str | os.PathLike, episodes: list[Episode], path: Path,
+                    batch_size: int = 64) -> tuple[list[np.ndarray], Model]:
     """The teacher's logits for every frame of every episode, from its window graph with the
-    state carried from each game's start (what its step graph would output in play)."""
+    state carried from each game's start (what its step graph would output in play): written
+    to `path` (.npy) as they come, and returned as per-episode views of it, memory-mapped like a
+    dataset's shards (so they take no memory of their own)."""
     model, _ = load_run(teacher)
-    L, out = model.spec.window, [np.zeros((ep.frames, sum(HEADS.values())), np.float32) for ep in episodes]
-    # delay -1: windows cover every frame (their targets are not used)
-    for wins, _, result in stream_batches(model, episodes, L, -1, _window_runner(model)):
-        logits = np.concatenate([result[h] for h in HEADS], -1)
-        for b, win in enumerate(wins):
-            if win is not None:
-                i, s = win
-                n = min(L, episodes[i].frames - s)
-                out[i][s:s + n] = logits[b, :n]
-    return out, model
+    L, K, ends = model.spec.window, sum(HEADS.values()), np.cumsum([0] + [ep.frames for ep in episodes])
+    _unmap(path)
+    with open(path, "wb") as f:
+        np.lib.format.write_array_header_1_0(f, {"descr": "<f4", "fortran_order": False, "shape": (int(ends[-1]), K)})
+        at = f.tell()
+        f.truncate(at + int(ends[-1]) * K * 4)
+        # delay -1: windows cover every frame (their targets are not used)
+        for wins, _, result in stream_batches(model, episodes, L, -1, _window_runner(model), batch_size):
+            logits = np.concatenate([result[h] for h in HEADS], -1).astype("<f4")
+            for b, (i, s) in enumerate(wins.tolist()):
+                if i >= 0:
+                    os.pwrite(f.fileno(), logits[b, :min(L, episodes[i].frames - s)].tobytes(), at + (int(ends[i]) + s) * K * 4)
+    table = _mapped(path)
+    return [table[a:b] for a, b in zip(ends[:-1], ends[1:])], model
 
 
 # The files and folders a training writes under temporary names in its run folder, renamed into
@@ -3899,11 +4020,14 @@ def _games(replays, data, cache, log, config: TrainConfig, ray: str | None = Non
                           f"{config.opponent_character}, stage {config.stage}, min frames {config.min_frames})")
     if len(games) < 2 and config.val_split > 0:
         raise ExphilError(f"{replays}: need at least 2 usable games to hold one out for validation")
-    split_seed = config.seed if config.split_seed is None else config.split_seed
     try:
-        return (*split_games(games, config.val_split, split_seed, config.split_by), skipped)
+        train, val = split_games(games, config.val_split, config.split_seed_used, config.split_by)
     except UsageError as e:
         raise UsageError(f"{replays}: {e}") from None
+    if config.train_games:  # the first of a seeded order: a smaller number takes a subset of a larger one's
+        order = np.random.default_rng([config.split_seed_used, 2]).permutation(len(train))
+        train = [train[i] for i in sorted(order[:config.train_games])]
+    return train, val, skipped
 
 
 def _train(spec, replays, data, out: Path, resume: bool, quiet: bool, cache, config, ray=None, workers=1) -> RunResult:
@@ -3933,8 +4057,8 @@ def _train(spec, replays, data, out: Path, resume: bool, quiet: bool, cache, con
         raise UsageError(f"--controller-dropout hides the current controller that the Markov heads of spec "
                           f"{spec.name!r} read; set `markov = false` under [heads] to use it")
     L, (d_lo, d_hi) = spec.window, config.delays
-    train_wins = windows(train_eps, L, d_hi)
-    if not train_wins or (val_eps and not windows(val_eps, L, d_lo)):
+    train_wins, val_wins = Windows(train_eps, L, d_hi), Windows(val_eps, L, d_lo)
+    if not len(train_wins) or (val_eps and not len(val_wins)):
         which, d = ("training", d_hi) if not train_wins else ("validation", d_lo)
         raise ExphilError(f"{data or replays}: no {which} frame has a target at frame delay {d}: the {which} games are "
                           f"all {1 + d} frames or shorter")
@@ -3974,7 +4098,9 @@ def _train(spec, replays, data, out: Path, resume: bool, quiet: bool, cache, con
         if (d_lo, d_hi) != (teacher_delay, teacher_delay):
             raise ExphilError(f"teacher {config.teacher} was trained with frame delay {teacher_delay}; "
                               f"distill with the same --frame-delay (and without --online-robust)")
-        logits, teacher_model = _teacher_logits(config.teacher, train_eps + val_eps)
+        (out / "train").mkdir(exist_ok=True)
+        logits, teacher_model = _teacher_logits(config.teacher, train_eps + val_eps, out / "train" / TEACHER_LOGITS,
+                                                config.batch_size)
         teacher = {"temperature": config.distill_temperature, "train": logits[:len(train_eps)],
                    "val": logits[len(train_eps):], "model": teacher_model}
     distill = (config.distill_temperature, config.distill_alpha) if teacher else None
@@ -3995,13 +4121,20 @@ def _train(spec, replays, data, out: Path, resume: bool, quiet: bool, cache, con
         (out / "metrics.jsonl").write_text("".join(r + "\n" for r in rows))
     stateful = config.stateful and bool(model.states)
 
-    def plan(epoch: int) -> list:  # the batches of an epoch: a function of (seed, epoch) only
+    def plan(epoch: int):  # the batches of an epoch (batch k: plan[k]): a function of (seed, epoch) only
         rng = np.random.default_rng([config.seed, epoch])
         if stateful:
             return streams(train_eps, L, config.batch_size, d_hi, rng)
-        order = rng.permutation(len(train_wins))
-        return [[train_wins[i] for i in order[k:k + config.batch_size]]
-                for k in range(0, len(order), config.batch_size)]
+        return Batches(train_wins, config.batch_size, rng)
+
+    def validate(run, threshold: float, sample: np.ndarray | None = None) -> dict:  # on the validation
+        # windows `sample`, or on every validation frame (whole games, the state carried)
+        metrics, vt = Metrics(baselines, button_threshold=threshold), teacher and {**teacher, "logits": teacher["val"]}
+        if sample is None:
+            return score_games(run, model, val_eps, L, d_lo, metrics, config.batch_size, teacher=vt).result("val")
+        batches = (make_batch(val_eps, val_wins[w], L, d_lo, teacher=vt, returns=returns)
+                   for w in chunks(sample, config.batch_size))
+        return evaluate_batches(run, batches, metrics).result("val") | {"val_sampled": True}
 
     def batch_for(wins, rng, eps_teacher, flipped):
         n = len(wins)
@@ -4017,10 +4150,15 @@ def _train(spec, replays, data, out: Path, resume: bool, quiet: bool, cache, con
                           controller_dropout=(config.controller_dropout, int(rng.integers(1 << 62)))
                           if config.controller_dropout else None, returns=returns)
 
-    steps_per_epoch = len(plan(1))
-    total_steps = steps_per_epoch * config.epochs
-    if config.max_steps:
-        total_steps = min(total_steps, config.max_steps)
+    steps_per_epoch = len(streams(train_eps, L, config.batch_size, d_hi)) if stateful else \
+        -(-len(train_wins) // config.batch_size)
+    epochs = -(-config.max_steps // steps_per_epoch) if config.max_steps else config.epochs  # --max-steps decides
+    total_steps = config.max_steps or steps_per_epoch * epochs
+    # per epoch, a fixed sample of the validation windows when the games hold more frames than --val-sample
+    sample = None
+    if config.val_sample and len(val_wins) * L > config.val_sample:
+        sample = np.sort(np.random.default_rng([config.split_seed_used, 1 << 31]).choice(
+            len(val_wins), max(config.val_sample // L, 1), replace=False))
     step = progress.get("step", 0)
     epoch, start = progress.get("epoch", 1), progress.get("batch", 0)
     best = progress.get("best", {"val_loss": float("inf"), "epoch": 0})
@@ -4038,13 +4176,15 @@ def _train(spec, replays, data, out: Path, resume: bool, quiet: bool, cache, con
             trainer.save_checkpoint(progress)
 
     log(f"{spec.name}: {len(train_games)} train games ({info['frames']['train']:,} frames), "
-        f"{len(val_games)} validation games (split by {config.split_by}), {steps_per_epoch} steps of {config.batch_size} x {L} frames per epoch"
+        f"{len(val_games)} validation games (split by {config.split_by}), {steps_per_epoch} steps of {config.batch_size} x {L} frames per epoch, "
+        + (f"{total_steps} steps in all (--max-steps)" if config.max_steps else f"{epochs} epochs")
+        + (f"; validation on {len(sample) * L:,} sampled frames per epoch, on all at the end" if sample is not None else "")
         + (f"; resuming at epoch {epoch}, step {step}" if progress else ""))
+    bar = Progress(total_steps - step, "", quiet)  # the whole run (its ETA too)
 
-    while epoch <= config.epochs and not stopped:
+    while epoch <= epochs and not stopped:
         batches, metrics = plan(epoch), Metrics(sums=progress.get("sums") if start else None)
-        steps = min(len(batches) - start, config.max_steps - step) if config.max_steps else len(batches) - start
-        bar, t0, frames = Progress(steps, f"epoch {epoch}/{config.epochs}", quiet), time.perf_counter(), 0
+        bar.label, t0, frames = f"epoch {epoch}/{epochs}", time.perf_counter(), 0
         previous = None
         flipped = np.random.default_rng([config.seed, epoch, 1 << 30]).random(len(train_eps)) < config.mirror_prob
         if stateful and start:
@@ -4089,9 +4229,7 @@ def _train(spec, replays, data, out: Path, resume: bool, quiet: bool, cache, con
                "button_threshold": metrics.best_button_threshold(),  # chosen on this epoch's training batches
                "frames_per_s": round(frames / max(seconds, 1e-9), 1), "lr": config.learning_rate(step, total_steps)}
         if val_eps:
-            vt = teacher and {**teacher, "logits": teacher["val"]}
-            row.update(score_games(trainer.evaluate, model, val_eps, L, d_lo, Metrics(baselines, button_threshold=row[
-                "button_threshold"]), config.batch_size, teacher=vt).result("val"))
+            row.update(validate(trainer.evaluate, row["button_threshold"], sample))
             if row["val_loss"] < best["val_loss"] - 1e-4:  # an improvement, not noise
                 best, stale = {"val_loss": row["val_loss"], "epoch": epoch}, 0
                 np.savez(out / "train" / "best.tmp.npz", **trainer.params())
@@ -4105,7 +4243,7 @@ def _train(spec, replays, data, out: Path, resume: bool, quiet: bool, cache, con
         epoch, start = epoch + 1, 0
         checkpoint({"step": step, "epoch": epoch, "batch": 0, "best": best, "stale": stale, "fingerprint": info["fingerprint"],
                                  "stopped": stopped})
-        log(f"epoch {row['epoch']}/{config.epochs}: train loss {row['train_loss']:.4f}, "
+        log(f"epoch {row['epoch']}/{epochs}: train loss {row['train_loss']:.4f}, "
             + (summary_line(row, "val") if val_eps else "no validation games")
             + f" | {row['frames_per_s']:,.0f} frames/s" + (f" ({stopped})" if stopped else ""))
 
@@ -4125,6 +4263,17 @@ def _train(spec, replays, data, out: Path, resume: bool, quiet: bool, cache, con
     info["graphs"] = {f: graph_digest(out / f) for f in ("window.onnx", "step.onnx")}
     history = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines() if l.strip()]
     exported = next((r for r in history if r["epoch"] == best["epoch"]), history[-1] if history else None)
+    trainer = None  # (its session's memory goes before the scoring session's comes)
+    if val_eps and exported:  # the exported weights on every validation frame, per group of player views
+        runner = _window_runner(model, loss_graph(distill, spec.returns.value_weight))
+        vt = teacher and {**teacher, "logits": teacher["val"]}
+        new_metrics = lambda: Metrics(baselines, button_threshold=exported["button_threshold"])
+        groups = {by: score_groups(runner, model, val_eps, L, d_lo, new_metrics, by, batch_size=config.batch_size,
+                                   teacher=vt) for by in GROUPINGS}
+        info["val_by"] = {by: report for by, (_, report) in groups.items()}
+        if sample is not None:
+            exported = {**exported, **groups["character"][0].result("val"), "val_sampled": False}
+            log("exported weights on all validation frames: " + summary_line(exported, "val"))
     info.update({"status": "finished", "final": history[-1] if history else None, "best": best,
                  "exported_metrics": exported, "button_threshold": (exported or {}).get("button_threshold", 0.5),
                  "exported": "best validation epoch" if best_file.exists() else "last step",
@@ -4132,6 +4281,7 @@ def _train(spec, replays, data, out: Path, resume: bool, quiet: bool, cache, con
     if teacher:
         eps, logits = (val_eps, teacher["val"]) if val_eps else (train_eps, teacher["train"])
         info["distillation"] = distillation_report(out, eps, logits, teacher["model"], d_lo)
+        _unmap(out / "train" / TEACHER_LOGITS)
     _write_json(out / "run.json", info)
     return RunResult(out, info)
 
@@ -4168,8 +4318,9 @@ def _diverged(out: Path, info: dict, what: str, config: TrainConfig):
                       f"train again into another --out with other settings")
 
 
-def chunks(items: list, size: int) -> list[list]:
-    return [items[k:k + size] for k in range(0, len(items), size)]
+def chunks(items, size: int):
+    """Consecutive slices of `size` items (a list, an array, Windows), one at a time."""
+    return (items[k:k + size] for k in range(0, len(items), size))
 
 
 def _check_games(recorded: list[str] | None, games: list[list[Episode]], which: str, advice: str) -> None:
@@ -4279,10 +4430,11 @@ def _window_runner(model: Model, extra=None):
 
 
 def evaluate(run: str | os.PathLike, replays=None, batch_size: int = 64, cache: Path | None = None,
-             quiet: bool = False, data: str | os.PathLike | None = None) -> dict:
+             quiet: bool = False, data: str | os.PathLike | None = None, by: str | None = None, top: int = 8) -> dict:
     """Loss, button F1 and accuracies of a trained run on replays (every game, each played
     from its start with the state carried), beside its baselines on the same frames: copy,
-    the run's Markov table and label frequencies (see Metrics), and on change frames."""
+    the run's Markov table and label frequencies (see Metrics), and on change frames.
+    by: also per group of player views ("by": see `score_groups`), one of GROUPINGS."""
     model, info = load_run(run)
     games, skipped = load_games(replays, cache, _log(quiet), data=data)
     if not games:
@@ -4293,11 +4445,14 @@ def evaluate(run: str | os.PathLike, replays=None, batch_size: int = 64, cache: 
                  if "label_frequencies" in info else None)
     if baselines and "returns" in info:
         baselines["mean_return"] = info["returns"]["mean_return"]
-    metrics = Metrics(baselines=baselines, button_threshold=info.get("button_threshold", 0.5))
-    loss = loss_graph(value_weight=model.spec.returns.value_weight)
-    score_games(_window_runner(model, loss), model, episodes, L, delay, metrics, batch_size)
+    new_metrics = lambda: Metrics(baselines=baselines, button_threshold=info.get("button_threshold", 0.5))
+    runner = _window_runner(model, loss_graph(value_weight=model.spec.returns.value_weight))
+    if by:
+        metrics, report = score_groups(runner, model, episodes, L, delay, new_metrics, by, top, batch_size)
+    else:
+        metrics, report = score_games(runner, model, episodes, L, delay, new_metrics(), batch_size), None
     res = {k.removeprefix("eval_"): v for k, v in metrics.result("eval").items()}
-    return {**res, "frame_delay": delay, "target": f"frame t predicts the controller at frame t + {1 + delay}",
+    return {**res, **({"by": {by: report}} if by else {}), "frame_delay": delay, "target": f"frame t predicts the controller at frame t + {1 + delay}",
             "games": len(games), "game_frames": sum(e.frames for e in episodes), "skipped": skipped}
 
 
@@ -5722,6 +5877,11 @@ def _training_flags(p: argparse.ArgumentParser) -> None:
     d.add_argument("--stage", help="keep games on this stage (e.g. final_destination)")
     d.add_argument("--min-frames", type=int, help="drop games shorter than this many frames")
     d.add_argument("--val-split", type=float, help="fraction of games held out for validation")
+    d.add_argument("--train-games", type=int, help="train on this many of the training games, a seeded choice "
+                   "(a smaller number takes a subset of a larger one's; validation unchanged; 0: all)")
+    d.add_argument("--val-sample", type=int, metavar="FRAMES", help="validation frames scored per epoch: a fixed "
+                   "sample of the validation windows when the games hold more (every frame at the end; 0: every "
+                   "frame every epoch)")
     d.add_argument("--seed", type=int, help="seed for the split, the data order and the initial weights")
     d.add_argument("--split-seed", type=int, help="seed for the split alone (default: --seed): other seeds, same games")
     d.add_argument("--split-by", choices=SPLITS, help="what validation holds out: whole games, players (connect "
@@ -5730,7 +5890,8 @@ def _training_flags(p: argparse.ArgumentParser) -> None:
     for flag in ("window-size", "hidden", "num-layers", *(f.replace("_", "-") for f in SPEC_FLAGS)):
         m.add_argument(f"--{flag}", type=int, help="(default: the spec's)")
     o = p.add_argument_group("optimisation")
-    o.add_argument("--epochs", type=int, help="passes over the training windows")
+    o.add_argument("--epochs", type=int, help="passes over the training windows (--max-steps, when given, "
+                                              "decides alone)")
     o.add_argument("--batch-size", type=int, help="windows per step")
     o.add_argument("--lr", type=float, help="peak learning rate")
     o.add_argument("--lr-schedule", choices=["constant", "cosine"], help="after the warm-up")
@@ -5752,7 +5913,8 @@ def _training_flags(p: argparse.ArgumentParser) -> None:
                    help="share of training frames whose current-controller inputs are zeroed")
     o.add_argument("--stateful", action="store_true", default=None,
                    help="carry recurrent state across consecutive windows of each game (truncated BPTT)")
-    o.add_argument("--max-steps", type=int, help="stop after this many steps (0: no limit)")
+    o.add_argument("--max-steps", type=int, help="train this many steps in all, over as many epochs as they take "
+                                                 "(0: --epochs decides)")
     o.add_argument("--budget-seconds", type=float, help="stop training after this many seconds (0: no limit)")
     r = p.add_argument_group("run")
     r.add_argument("--out", required=True, help="run folder")
@@ -5776,10 +5938,12 @@ EXAMPLES = {
               "exphil train --preset quick --replays tests/replays --out runs/quick",
               "exphil train my.toml --replays ~/Slippi --character fox --frame-delay 2 --out runs/fox",
               "exphil train mamba --data data/ranked --character fox --out runs/fox",
+              "exphil train mamba --data data/mine --split-by player --max-steps 3000 --out runs/m",
               "exphil train --resume --out runs/mamba --epochs 10",
               "exphil train mamba --data /shared/data/ranked --ray auto --workers 8 --out /shared/runs/mamba"],
     "distill": ["exphil distill --teacher runs/mamba --student mlp --replays ~/Slippi --out runs/mlp-student"],
-    "eval": ["exphil eval runs/mamba --replays ~/Slippi/held-out", "exphil eval runs/mamba --replays game.slp --json"],
+    "eval": ["exphil eval runs/mamba --replays ~/Slippi/held-out", "exphil eval runs/mamba --replays game.slp --json",
+             "exphil eval runs/mamba --data data/other --by character"],
     "compile": ["exphil compile mamba --out build/mamba", "exphil compile my.toml --out build/my --window 30"],
     "ingest": ["exphil ingest ~/Slippi --out data/ranked", "exphil ingest /shared/replays --out /shared/data/ranked --ray auto"],
     "data": ["exphil data data/ranked", "exphil data ~/Slippi --json"],
@@ -5990,6 +6154,10 @@ def _parser() -> argparse.ArgumentParser:
     source.add_argument("--replays", help="a .slp file or a directory (searched recursively)")
     source.add_argument("--data", help="a dataset folder (`exphil ingest`)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.add_argument("--by", choices=GROUPINGS, help="also per group of player views: the player's character, the "
+                   "opponent's character or the player's connect code")
+    p.add_argument("--top", type=int, default=8, help="--by: the groups with the most frames shown by name, the rest "
+                   "pooled (default: 8)")
     judged = p.add_argument_group("judge the bot the way it plays (instead of the teacher-forced scores; README: "
                                   "judging play)")
     judged.add_argument("--closed-controller", action="store_true", help="walk the replays reading back the "
@@ -6094,13 +6262,17 @@ def _command(args) -> int:
                     args.seed, args.temperature)
         print(json.dumps(res, indent=2) if args.json else f"{args.run}: " + judge_tables(res))
     elif args.command == "eval":
-        res = evaluate(args.run, args.replays, data=args.data)
+        if args.top < 1:
+            raise UsageError(f"--top {args.top}: must be at least 1")
+        res = evaluate(args.run, args.replays, data=args.data, by=args.by, top=args.top)
         if args.json:
             print(json.dumps(res, indent=2))
         else:
             print(f"{args.run}: {res['games']} games, {res['frames']:,} scored frames, {res['target']}")
             print("  " + summary_line({f"eval_{k}": v for k, v in res.items()}, "eval"))
             print(scoreboard(res))
+            if args.by:
+                print(group_table(res["by"][args.by], args.by))
     elif args.command == "compile":
         model = Model(_spec_arg(args.spec))
         for path in model.save(args.out, args.window):

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import exphil
-from conftest import REPLAYS, ROOT, SPECS
+from conftest import REPLAYS, ROOT, SHARED, SPECS
 
 
 def bench(*args):
@@ -131,3 +131,31 @@ def test_vs_torch_refuses_different_models(bench_module, capsys):
     bench_module.add_percent_of_peak(row, {"gflops": 100.0})
     bench_module.print_throughput_row("mlp", row, header=False, compared=True)
     assert "models differ: exphil " in capsys.readouterr().out
+
+
+@pytest.mark.skipif(not SHARED.is_dir(), reason=f"needs the shared replays in {SHARED}")
+def test_learning_curve_and_architecture_table_on_a_dataset_split_by_player(tmp_path):
+    """Tiny sizes: a dataset of 7 netplay games (4 of one player), one held out; the learning
+    curve trains on 1 and then all training games, scored on the same validation game (players
+    never trained on); the architecture table takes --data and --split-by player too."""
+    folder = tmp_path / "replays"
+    folder.mkdir()
+    for r in sorted(SHARED.glob("Walnut356-SlippiStats__Game_*.slp"))[:4] + sorted(SHARED.glob(
+            "project-slippi-slippi-js__*.slp")) + [SHARED / "PMcca-go-slippi__metadata.slp"]:
+        (folder / r.name).symlink_to(r)
+    exphil.ingest(folder, tmp_path / "data")
+    out = bench("--learning-curve", "--data", tmp_path / "data", "--games", "1", "all", "--max-steps", "2",
+                "--specs", "specs/mlp.toml", "--json", tmp_path / "c.json")
+    rows = json.loads((tmp_path / "c.json").read_text())["learning_curve"]
+    assert [r["train_games"] for r in rows] == [1, 6] and all(r["steps"] == 2 for r in rows)
+    assert rows[0]["val_games"] == rows[1]["val_games"] == 1 and rows[0]["val_frames"] == rows[1]["val_frames"]
+    assert rows[0]["train_frames"] < rows[1]["train_frames"]
+    for r in rows:
+        assert abs(r["margin"] - (1 - r["val_loss"] / r["markov_loss"])) < 1e-9
+        assert 0.5 < r["copy_accuracy"]["main_x"] < 1 and 0 < r["common_accuracy"]["main_x"] < 1
+    assert "| training games | training frames | val loss | markov |" in out and "split by player" in out
+    out = bench("--train", "--data", tmp_path / "data", "--split-by", "player", "--max-steps", "2",
+                "--specs", "specs/mlp.toml", "--json", tmp_path / "a.json")
+    (row,) = json.loads((tmp_path / "a.json").read_text())["architectures"]
+    assert row["spec"] == "mlp" and row["train_games"] == 6 and row["val_games"] == 1
+    assert "validation split by player" in out
