@@ -3644,14 +3644,18 @@ def score_groups(run, model: Model, episodes, length: int, delay: int, new_metri
     """`score_games` per group of player views (`by`, one of GROUPINGS): the `top` groups with
     the most frames by name, the rest pooled as "(others)". Returns the metrics of all the
     views (the groups' sums) and a report per group (`group_report`)."""
-    groups = collections.defaultdict(list)
-    for ep in episodes:
-        groups[GROUPINGS[by](ep)].append(ep)
-    ranked = sorted(groups, key=lambda g: (-sum(e.frames for e in groups[g]), g))
-    parts = {g: groups[g] for g in ranked[:top]} | ({"(others)": [e for g in ranked[top:] for e in groups[g]]}
+    groups = collections.defaultdict(list)  # the indices of each group's views in `episodes`
+    for k, ep in enumerate(episodes):
+        groups[GROUPINGS[by](ep)].append(k)
+    frames = lambda g: sum(episodes[k].frames for k in groups[g])
+    ranked = sorted(groups, key=lambda g: (-frames(g), g))
+    parts = {g: groups[g] for g in ranked[:top]} | ({"(others)": [k for g in ranked[top:] for k in groups[g]]}
                                                   if ranked[top:] else {})
-    total, report = new_metrics(), {}
-    for name, eps in parts.items():
+    total, report, teacher = new_metrics(), {}, batch_args.pop("teacher", None)
+    for name, ks in parts.items():
+        eps = [episodes[k] for k in ks]
+        if teacher:  # its logits are per episode: those of the group's views
+            batch_args["teacher"] = {**teacher, "logits": [teacher["logits"][k] for k in ks]}
         metrics = score_games(run, model, eps, length, delay, new_metrics(), batch_size, **batch_args)
         report[name] = group_report(metrics, eps)
         for k, v in metrics.sums.items():

@@ -278,3 +278,15 @@ def test_split_seed_keeps_the_games_while_the_seed_changes(tmp_path):
         run = exphil.train(SPEC / "mlp.toml", REPLAYS, max_steps=1, out=tmp_path / name, quiet=True, **kw)
         val[name] = run.info["replays"]["val"]
     assert val["s1_split0"] == val["s0"] != val["s1"]
+
+
+def test_distillation_scores_each_group_of_validation_views_with_its_own_teacher_logits(tmp_path, mlp_run):
+    """The per-character report at the end of a distillation pairs each validation view with the
+    teacher's logits of that view (two validation games of other lengths and characters)."""
+    res = subprocess.run([sys.executable, "-m", "exphil", "distill", "--teacher", str(mlp_run.path), "--student",
+                          str(SPEC / "mlp.toml"), "--hidden", "32", "--replays", str(REPLAYS), "--val-split", "0.67",
+                          "--max-steps", "2", "--out", str(tmp_path / "student"), "--quiet"], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    info = json.loads((tmp_path / "student" / "run.json").read_text())
+    groups = info["val_by"]["character"]
+    assert len(groups) > 1 and sum(g["frames"] for g in groups.values()) == info["exported_metrics"]["val_frames"]
