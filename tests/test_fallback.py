@@ -125,7 +125,7 @@ def test_games_an_older_exphil_could_not_read_are_parsed_again(tmp_path):
     shutil.copy(SHARED / "odd" / "altf4-libmelee__test_game_1.slp", folder)
     shutil.copy(BROKEN / "hohav-peppi__corrupt.slp", folder)
     exphil.ingest(folder, tmp_path / "data", workers=1)
-    dataset = exphil.Dataset(tmp_path / "data")
+    dataset = exphil.Dataset(tmp_path / "data", create=True)  # (opened for writing: edited below)
     old = "unreadable (PanicException: called `Result::unwrap()` on an `Err` value: OutOfSpec(...))"
     dataset.db.execute("UPDATE games SET skipped = ?, shard = NULL, start = NULL, frames = NULL WHERE path LIKE "
                        "'%test_game_1.slp'", (old,))
