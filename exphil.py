@@ -4372,6 +4372,11 @@ class _RunFrames(msgspec.Struct, frozen=True):
     val: Annotated[int, msgspec.Meta(ge=0)] = 0
 
 
+class _RunHold(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    buttons: Annotated[float, msgspec.Meta(ge=0, lt=1)] = 0.0  # (see `hold_vector`)
+    sticks: Annotated[float, msgspec.Meta(ge=0, lt=1)] = 0.0
+
+
 class RunInfo(msgspec.Struct):
     """What exphil reads back from a run.json (which holds more: metrics, reports, ...), checked as
     a spec is: a wrong type or a value out of range is refused, naming the field."""
@@ -4389,6 +4394,7 @@ class RunInfo(msgspec.Struct):
     markov_tables: Union[dict[str, list], None] = None
     returns: dict[str, Any] = {}
     graphs: dict[str, str] = {}
+    hold: _RunHold = _RunHold()
     fingerprint: Union[str, None] = None
     status: str = "finished"
 
@@ -4627,19 +4633,49 @@ UNIFORMS = len(BUTTONS) + len(HEADS) - 1
 
 
 FIXED_FRAMES = 1 << 16  # the deterministic rule's numbers repeat after this many frames (18 minutes)
+HOLD_GROUPS = {"buttons": slice(0, len(BUTTONS)), "sticks": slice(len(BUTTONS), UNIFORMS)}  # sticks: and shoulder
+
+
+def hold_vector(hold: dict | None) -> np.ndarray:
+    """[UNIFORMS]: the probability that each number of the decision rule is kept from one frame to
+    the next, from a run's `hold` ({"buttons": p, "sticks": p}; absent: 0, a new number every frame)."""
+    keep = np.zeros(UNIFORMS)
+    for group, p in (hold or {}).items():
+        if group not in HOLD_GROUPS or not 0 <= p < 1:
+            raise UsageError(f"hold {group}={p}: the groups are {', '.join(HOLD_GROUPS)}, each a number in [0, 1)")
+        keep[HOLD_GROUPS[group]] = p
+    return keep
+
+
+def next_uniforms(u: np.ndarray, keep: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """The decision rule's numbers for the next frame: each of u [..., UNIFORMS] kept with
+    probability `keep`, else drawn anew. Every frame's numbers stay uniform and independent of the
+    game, so every decision is still a sample of the model's distribution; a kept number changes
+    the action only when the distribution moves, not by the luck of a new draw."""
+    fresh = rng.random(u.shape)
+    return np.where(rng.random(u.shape) < keep, u, fresh) if keep.any() else fresh
 
 
 @functools.cache
-def _fixed_table() -> np.ndarray:
-    return np.random.default_rng(0).random((FIXED_FRAMES, UNIFORMS))
+def _fixed_table(keep: tuple = ()) -> np.ndarray:
+    rng = np.random.default_rng(0)
+    fresh = rng.random((FIXED_FRAMES, UNIFORMS))
+    if not any(keep):
+        return fresh
+    kept = rng.random((FIXED_FRAMES, UNIFORMS)) < np.array(keep)
+    kept[0] = False
+    drawn = np.maximum.accumulate(np.where(kept, 0, np.arange(FIXED_FRAMES)[:, None]), 0)  # the last draw
+    return np.take_along_axis(fresh, drawn, 0)
 
 
-def fixed_uniforms(frames) -> np.ndarray:
+def fixed_uniforms(frames, keep: np.ndarray | None = None) -> np.ndarray:
     """[..., UNIFORMS]: the numbers the deterministic rule uses at frame index `frames` of a game
-    (0 at its first frame): one fixed table of independent uniform numbers, the same for every
-    game. (A low-discrepancy sequence, tried instead, correlates consecutive frames and biases
-    how long inputs are held: see the README's decision rule.)"""
-    return _fixed_table()[np.asarray(frames) % FIXED_FRAMES]
+    (0 at its first frame): one fixed table of uniform numbers, the same for every game, each
+    number kept from the frame before with probability `keep` (`next_uniforms`; None: never).
+    (A low-discrepancy sequence, tried instead, correlates consecutive frames and biases how long
+    inputs are held: see the README's decision rule.)"""
+    keep = () if keep is None or not np.any(keep) else tuple(map(float, keep))
+    return _fixed_table(keep)[np.asarray(frames) % FIXED_FRAMES]
 
 
 _CLASS_HEADS = list(HEADS)[1:]
@@ -4671,14 +4707,32 @@ def action_codes(action: dict) -> np.ndarray:
     return np.array([*action["buttons"], *(action[h] for h in _CLASS_HEADS)], np.int64)
 
 
-def sample_action(logits: dict[str, np.ndarray], rng: np.random.Generator, temperature: float = 1.0,
-                  deterministic: bool = False, frame: int = 0) -> dict:
-    """An action from one frame's head logits at a temperature: Bernoulli buttons, categorical
-    sticks and shoulder. deterministic: the same rule driven by `fixed_uniforms(frame)` instead
-    of `rng`: reproducible, and each input changes at the rate the model gives it (the most
-    likely class would repeat the current input forever, see the README's decision rule)."""
-    u = fixed_uniforms(frame) if deterministic else rng.random(UNIFORMS)
-    return action_dict(sample_actions({h: v[None] for h, v in logits.items()}, u[None], temperature)[0])
+class DecisionRule:
+    """How a game's actions are picked from head logits, frame after frame, for `views` player
+    views at once: `sample_actions` at `temperature`, driven by numbers that are random (`rng`)
+    or, deterministic, the fixed table (`fixed_uniforms`: the same game state gives the same
+    actions), each kept from the frame before with probability `keep` ([UNIFORMS], `hold_vector`;
+    None: never)."""
+
+    def __init__(self, keep: np.ndarray | None = None, deterministic: bool = False,
+                 rng: np.random.Generator | None = None, temperature: float = 1.0, views: int = 1):
+        self.keep = np.zeros(UNIFORMS) if keep is None else np.asarray(keep, np.float64)
+        self.deterministic, self.temperature, self.views = deterministic, temperature, views
+        self.rng = rng if rng is not None else np.random.default_rng()
+        self.reset()
+
+    def reset(self) -> None:
+        """A new game: the deterministic rule starts its table again."""
+        self.frame, self.u = 0, None
+
+    def __call__(self, logits: dict[str, np.ndarray]) -> np.ndarray:
+        """Actions [views, UNIFORMS] (see `sample_actions`) from logits [views, k] per head."""
+        if self.deterministic:
+            self.u = fixed_uniforms(np.full(self.views, self.frame), self.keep)
+        else:
+            self.u = self.rng.random((self.views, UNIFORMS)) if self.u is None else next_uniforms(self.u, self.keep, self.rng)
+        self.frame += 1
+        return sample_actions(logits, self.u, self.temperature)
 
 
 # =================================================================================================
@@ -4758,7 +4812,7 @@ class Agent:
 
     def __init__(self, run: str | os.PathLike, provider: str = "auto", temperature: float = 1.0,
                  deterministic: bool = False, seed: int | None = None, threads: int = 1,
-                 precision: str = "fp32", target_return: float | None = None):
+                 precision: str = "fp32", target_return: float | None = None, hold: dict | None = None):
         run = Path(run)
         path = step_path(run, precision)
         self.info = read_run_info(run)
@@ -4773,6 +4827,8 @@ class Agent:
         # temperature 0 is deterministic play at the model's own distribution (temperature 1)
         self.temperature, self.deterministic = temperature or 1.0, deterministic or temperature == 0
         self.rng = np.random.default_rng(seed)
+        keep = hold_vector(self.info.get("hold") if hold is None else hold)
+        self.rule = DecisionRule(keep, self.deterministic, self.rng, self.temperature)
         self.frame_delay = int(self.info.get("frame_delay", 0))
         self._last_frame: int | None = None
         self._warned = False
@@ -4795,7 +4851,7 @@ class Agent:
         self.step.reset()
         self._last_frame = None
         self.rtg, self._num = self.target_return, None  # the return still to earn; the last frame's features
-        self.frame = 0  # actions sampled this game: the deterministic rule's index
+        self.rule.reset()
 
     def logits(self, gamestate, port: int, opponent_port: int | None = None) -> dict[str, np.ndarray]:
         """One frame's head logits. Logits that are not finite (a NaN in the game state) leave
@@ -4830,8 +4886,7 @@ class Agent:
         infinite are an error: no action is ever made from them."""
         if not np.isfinite(sum(float(v.sum()) for v in logits.values())):
             raise ExphilError("the model returned NaN or infinite logits")
-        self.frame += 1
-        return sample_action(logits, self.rng, self.temperature, self.deterministic, self.frame - 1)
+        return action_dict(self.rule({h: v[None] for h, v in logits.items()})[0])
 
     def act(self, gamestate, port: int, opponent_port: int | None = None) -> dict:
         """The action for this frame (a dict like `encode_controller` returns)."""
@@ -5457,10 +5512,10 @@ def _markov_step(tables: dict):
 
 def rollout(step, episodes: list[Episode], closed: bool = False, deterministic: bool = False,
             temperature: float = 1.0, delay: int = 0, seed: int = 0, returns: Returns | None = None,
-            button_threshold: float = 0.5) -> list[dict[str, np.ndarray]]:
+            button_threshold: float = 0.5, keep: np.ndarray | None = None) -> list[dict[str, np.ndarray]]:
     """Walk the episodes (all at once, one frame per call of `step`: `_graph_step` or
-    `_markov_step`) with the Agent's decision rule (`sample_action`, the deterministic one at
-    frame index t), and return per episode its decisions placed where they take effect:
+    `_markov_step`) with the Agent's decision rule (`DecisionRule`, numbers kept from frame to
+    frame with probability `keep`), and return per episode its decisions placed where they take effect:
     "inputs" [T, UNIFORMS] (the first 1 + delay frames neutral), and the head-wise guesses the
     field scores read: "buttons" [T, 8] (probability above `button_threshold`) and "main" [T]
     (the most likely of the 37 main-stick clusters). closed: the controller columns hold the
@@ -5472,7 +5527,7 @@ def rollout(step, episodes: list[Episode], closed: bool = False, deterministic: 
         cat[:ep.frames, v], num[:ep.frames, v] = ep.cat, ep.num
         if returns is not None:
             rtg[:ep.frames, v] = ep.rtg(returns)
-    rng, lag = np.random.default_rng(seed), 1 + delay
+    rule, lag = DecisionRule(keep, deterministic, np.random.default_rng(seed), temperature, V), 1 + delay
     inputs = np.broadcast_to(_NEUTRAL_CODES, (T, V, UNIFORMS)).copy()
     pressed, main = np.zeros((T, V, 8), bool), np.zeros((T, V), np.int64)
     cut = _logit(button_threshold)
@@ -5483,8 +5538,7 @@ def rollout(step, episodes: list[Episode], closed: bool = False, deterministic: 
             x[:, _CTRL_COLUMNS] = controller_features(inputs[t])
         out = step(cat[t], x, rtg[t])
         if t + lag < T:
-            u = fixed_uniforms(np.full(V, t)) if deterministic else rng.random((V, UNIFORMS))
-            inputs[t + lag] = sample_actions(out, u, temperature)
+            inputs[t + lag] = rule(out)
             pressed[t + lag], main[t + lag] = out["buttons"] > cut, _main_cluster_guess(out)
     return [{"inputs": inputs[:ep.frames, v], "buttons": pressed[:ep.frames, v], "main": main[:ep.frames, v]}
             for v, ep in enumerate(episodes)]
@@ -5709,11 +5763,12 @@ BOT_ROWS = {  # row -> (the bot or the Markov baseline, closed controller, deter
 
 def judge(run: str | os.PathLike, replays=None, data: str | os.PathLike | None = None, closed: bool = True,
           skills: bool = True, field: bool = True, seed: int = 0, temperature: float = 1.0,
-          quiet: bool = False) -> dict:
+          hold: dict | None = None, quiet: bool = False) -> dict:
     """Judge a run the way it plays, on replays (or a dataset): closed-controller rollouts
     (`input_stats` of the bot beside the players, teacher-forced and reading back its own inputs,
     sampling and deterministic, and the Markov baseline), skill checks (`SKILLS`) and field scores
-    (`field_labels`); the FP32 step graph with the Agent's rule at `temperature`."""
+    (`field_labels`); the FP32 step graph with the Agent's rule at `temperature`, holding its
+    numbers as `hold` says (None: as the run's `hold`; the Markov rows never hold them)."""
     if not (math.isfinite(temperature) and temperature > 0):
         raise UsageError(f"temperature must be a finite number > 0, not {temperature}")
     run = Path(run)
@@ -5725,6 +5780,7 @@ def judge(run: str | os.PathLike, replays=None, data: str | os.PathLike | None =
         raise ExphilError(f"{data or replays}: no usable replay (skipped {len(skipped)})")
     episodes = [ep for g in games for ep in g]
     delay, threshold = int(info.get("frame_delay", 0)), info.get("button_threshold", 0.5)
+    keep = hold_vector(info.get("hold") if hold is None else hold)
     players = [episode_inputs(ep) for ep in episodes]
     wanted = {name: how for name, how in BOT_ROWS.items()  # (the field scores read teacher-forced sampling only)
               if (closed or skills or how[1:] == (False, False)) and (how[0] == "bot" or "markov_tables" in info)}
@@ -5735,9 +5791,11 @@ def judge(run: str | os.PathLike, replays=None, data: str | os.PathLike | None =
         for k, part in enumerate(chunks(episodes, VIEWS_AT_ONCE)):  # (memory: views x frames of features)
             step = _graph_step(graph, len(part)) if who == "bot" else _markov_step(info["markov_tables"])
             runs[name] += rollout(step, part, own, det, temperature, delay, seed + k,
-                                  spec.returns if spec.returns.input else None, threshold)
+                                  spec.returns if spec.returns.input else None, threshold,
+                                  keep if who == "bot" else None)
     res = {"games": len(games), "views": len(episodes), "frames": sum(ep.frames for ep in episodes),
-           "frame_delay": delay, "temperature": temperature, "skipped": skipped}
+           "frame_delay": delay, "temperature": temperature, "skipped": skipped,
+           "hold": {g: float(keep[i.start]) for g, i in HOLD_GROUPS.items()}}
     if closed:
         res["closed_controller"] = _closed_rows(players, runs)
     if skills:
@@ -5747,6 +5805,54 @@ def judge(run: str | os.PathLike, replays=None, data: str | os.PathLike | None =
     if field:
         res["field_scores"] = _field_rows(players, runs, delay)
     return res
+
+
+HOLD_GAMES = 8  # training games whose closed-controller rollouts choose a run's hold
+HOLD_STEPS = 6  # bisection steps per group (the hold to within 1/64)
+
+
+def tune_hold(run: str | os.PathLike, replays=None, data: str | os.PathLike | None = None,
+              games: int = HOLD_GAMES, seed: int = 0, quiet: bool = False) -> dict:
+    """Choose the run's `hold` (`hold_vector`) so that the bot reading back its own inputs
+    (closed-controller rollouts, sampling) changes its buttons and its main stick as often as the
+    players do, on a seeded choice of `games` of its training games (or of the replays/dataset
+    given); a group the bot already changes no more often than the players gets 0 (holding only
+    slows changes). Bisection: the rates fall as the hold grows. Written into run.json."""
+    run, log = Path(run), _log(quiet)
+    info = read_run_info(run)
+    graph = checked_step_graph(run, step_path(run), info)
+    spec = load_spec(run / "spec.toml")
+    found = load_games(replays, log=log, data=data)[0] if replays or data else recorded_games(info, "train", log)
+    if not found:
+        raise ExphilError(f"{run}: no training games to choose its hold on (pass --replays or --data)")
+    chosen = [found[i] for i in sorted(np.random.default_rng(seed).permutation(len(found))[:games])]
+    episodes = [ep for g in chosen for ep in g]
+    players = input_stats([episode_inputs(ep) for ep in episodes])
+    rate = {"buttons": "button_changes_per_s", "sticks": "main_changes_per_s"}
+
+    def rates(hold: dict) -> dict:
+        inputs = rollout(_graph_step(graph, len(episodes)), episodes, True, delay=int(info.get("frame_delay", 0)),
+                         seed=seed, returns=spec.returns if spec.returns.input else None, keep=hold_vector(hold))
+        got = input_stats([r["inputs"] for r in inputs])
+        return {g: got[k] for g, k in rate.items()}
+
+    low, high = {g: 0.0 for g in rate}, {g: 1.0 for g in rate}
+    at_zero = rates(low)
+    for _ in range(HOLD_STEPS):
+        mid = {g: (low[g] + high[g]) / 2 if at_zero[g] > players[k] else 0.0 for g, k in rate.items()}
+        got = rates(mid)
+        for g, k in rate.items():
+            (low if got[g] > players[k] else high)[g] = mid[g]
+    hold = {g: round(low[g], 4) if at_zero[g] > players[k] else 0.0 for g, k in rate.items()}
+    report = {"games": len(chosen), "views": len(episodes), "players": {g: players[k] for g, k in rate.items()},
+              "without": at_zero, "with": rates(hold)}
+    info.update(hold=hold, hold_report=report)
+    _write_json(run / "run.json", info)
+    log(f"{run}: hold buttons {hold['buttons']:.3f}, sticks {hold['sticks']:.3f} (changes/s on {len(chosen)} "
+        f"training games, own inputs: buttons {at_zero['buttons']:.2f} -> {report['with']['buttons']:.2f}, "
+        f"main stick {at_zero['sticks']:.2f} -> {report['with']['sticks']:.2f}; players "
+        f"{players['button_changes_per_s']:.2f} and {players['main_changes_per_s']:.2f})")
+    return report
 
 
 def _closed_rows(players: list[np.ndarray], runs: dict) -> dict:
@@ -5781,7 +5887,8 @@ def _field_rows(players: list[np.ndarray], runs: dict, delay: int, start: int = 
 def judge_tables(res: dict) -> str:
     """The report of `judge` as text tables."""
     lines = [f"{res['games']} games, {res['views']} player views, {res['frames']:,} frames; frame t decides the "
-             f"input at t + {1 + res['frame_delay']}; temperature {res['temperature']:g}"]
+             f"input at t + {1 + res['frame_delay']}; temperature {res['temperature']:g}; hold "
+             + ", ".join(f"{g} {p:g}" for g, p in res["hold"].items())]
     if "closed_controller" in res:
         lines += ["", f"{'inputs':<36}{'buttons/s':>10}{'main/s':>8}{'press':>7}{'neutral':>8}"
                       f"{'longest mean/max s':>19}{'JS div':>8}{'= player':>9}"]
@@ -5947,7 +6054,9 @@ EXAMPLES = {
               "exphil train mamba --data /shared/data/ranked --ray auto --workers 8 --out /shared/runs/mamba"],
     "distill": ["exphil distill --teacher runs/mamba --student mlp --replays ~/Slippi --out runs/mlp-student"],
     "eval": ["exphil eval runs/mamba --replays ~/Slippi/held-out", "exphil eval runs/mamba --replays game.slp --json",
-             "exphil eval runs/mamba --data data/other --by character"],
+             "exphil eval runs/mamba --data data/other --by character",
+             "exphil eval runs/mamba --replays DIR --closed-controller --skills --field-scores"],
+    "hold": ["exphil hold runs/mamba", "exphil hold runs/mamba --data data/mine --games 16"],
     "compile": ["exphil compile mamba --out build/mamba", "exphil compile my.toml --out build/my --window 30"],
     "ingest": ["exphil ingest ~/Slippi --out data/ranked", "exphil ingest /shared/replays --out /shared/data/ranked --ray auto"],
     "data": ["exphil data data/ranked", "exphil data ~/Slippi --json"],
@@ -6073,7 +6182,7 @@ def _add_play_commands(sub) -> None:
     sampling.add_argument("--temperature", type=float, default=1.0,
                           help="sampling temperature; 0 is the same as --deterministic")
     sampling.add_argument("--deterministic", action="store_true",
-                          help="the most likely stick and shoulder classes, and buttons above the run's threshold")
+                          help="the reproducible decision rule: a fixed table of numbers instead of random ones")
     p.add_argument("--target-return", type=float, metavar="R",
                    help="return-conditioned runs (`returns.input`): the return to aim for at the start of a game, "
                         "decreased by the rewards earned (default: the median of the run's training games)")
@@ -6172,6 +6281,18 @@ def _parser() -> argparse.ArgumentParser:
                         "main-stick clusters: macro-F1 and top-1")
     judged.add_argument("--temperature", type=float, default=1.0, help="the Agent's sampling temperature")
     judged.add_argument("--seed", type=int, default=0, help="seed of the sampling rows")
+    judged.add_argument("--hold", type=float, nargs=2, metavar=("BUTTONS", "STICKS"), help="the decision rule's "
+                        "hold instead of the run's (0 0: a new number every frame; README: the decision rule)")
+
+    p = sub.add_parser("hold", help="choose how long the decision rule holds its numbers, so that the bot reading "
+                                    "back its own inputs changes them as often as players do (written to run.json)")
+    p.add_argument("run")
+    source = p.add_mutually_exclusive_group()
+    source.add_argument("--replays", help="games to choose it on (default: the run's training games)")
+    source.add_argument("--data", help="a dataset folder, instead of --replays")
+    p.add_argument("--games", type=int, default=HOLD_GAMES, help=f"how many of them (a seeded choice; default: "
+                   f"{HOLD_GAMES})")
+    p.add_argument("--quiet", action="store_true", help="no log lines")
 
     p = sub.add_parser("compile", help="write a spec's untrained window and step graphs")
     p.add_argument("spec", help="spec file or built-in spec name")
@@ -6262,8 +6383,9 @@ def _command(args) -> int:
             print("agreement with the teacher: " + ", ".join(f"{h} {v:.3f}" for h, v in rep["agreement"].items()))
             print("step latency p50: " + ", ".join(f"{k} {v['p50_ms']:.3f} ms" for k, v in rep["step_latency_ms"].items()))
     elif args.command == "eval" and (args.closed_controller or args.skills or args.field_scores):
+        hold = dict(zip(HOLD_GROUPS, args.hold)) if args.hold else None
         res = judge(args.run, args.replays, args.data, args.closed_controller, args.skills, args.field_scores,
-                    args.seed, args.temperature)
+                    args.seed, args.temperature, hold)
         print(json.dumps(res, indent=2) if args.json else f"{args.run}: " + judge_tables(res))
     elif args.command == "eval":
         if args.top < 1:
@@ -6277,6 +6399,10 @@ def _command(args) -> int:
             print(scoreboard(res))
             if args.by:
                 print(group_table(res["by"][args.by], args.by))
+    elif args.command == "hold":
+        if args.games < 1:
+            raise UsageError(f"--games {args.games}: must be at least 1")
+        tune_hold(args.run, args.replays, args.data, args.games, quiet=args.quiet)
     elif args.command == "compile":
         model = Model(_spec_arg(args.spec))
         for path in model.save(args.out, args.window):

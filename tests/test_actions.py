@@ -159,24 +159,27 @@ def test_auto_provider_is_the_cpu_without_a_gpu_provider():
 
 
 @pytest.mark.parametrize("deterministic", [False, True])
-def test_sampling_follows_the_model_distribution(deterministic):
+@pytest.mark.parametrize("hold", [0.0, 0.8])
+def test_sampling_follows_the_model_distribution(deterministic, hold):
     """Sampled actions follow softmax(x / T) per stick/shoulder head and sigmoid(b / T) per
-    button (40,000 draws, seeded), and so do the deterministic rule's actions over 40,000
-    frames of a game: the same action for the same frame index and logits, whatever the rng."""
+    button (seeded draws), and so do the deterministic rule's actions over 40,000 frames of a
+    game (the same action for the same frame index and logits, whatever the rng), whether or not
+    the rule holds its numbers from frame to frame; held numbers change the action less often."""
     rng = np.random.default_rng(1)
     logits = {h: rng.normal(0, 2, k).astype(np.float32) for h, k in exphil.HEADS.items()}
-    T, n = 1.5, 40_000
-    counts = {h: np.zeros(k) for h, k in exphil.HEADS.items()}
-    for t in range(n):
-        a = exphil.sample_action(logits, rng, temperature=T, deterministic=deterministic, frame=t)
-        counts["buttons"] += a["buttons"]
-        for h in exphil.HEADS:
-            if h != "buttons":
-                counts[h][a[h]] += 1
-    assert np.abs(counts["buttons"] / n - 1 / (1 + np.exp(-logits["buttons"] / T))).max() < 0.015
-    for h in exphil.HEADS:
-        if h != "buttons":
-            p = np.exp(logits[h] / T)
-            assert np.abs(counts[h] / n - p / p.sum()).max() < 0.015, h
-    once, again = (exphil.sample_action(logits, np.random.default_rng(s), deterministic=True, frame=7) for s in (2, 3))
-    assert exphil.action_codes(once).tolist() == exphil.action_codes(again).tolist()
+    T, views = 1.5, 1 if deterministic else 10
+    keep = exphil.hold_vector({"buttons": hold, "sticks": hold})
+    rule = exphil.DecisionRule(keep, deterministic, rng, T, views)
+    batch = {h: np.broadcast_to(v, (views, len(v))) for h, v in logits.items()}
+    codes = np.stack([rule(batch) for _ in range(40_000 // views)], 1).reshape(-1, exphil.UNIFORMS)
+    assert np.abs(codes[:, :8].mean(0) - 1 / (1 + np.exp(-logits["buttons"] / T))).max() < 0.015
+    for i, h in enumerate(list(exphil.HEADS)[1:], 8):
+        p = np.exp(logits[h] / T)
+        assert np.abs(np.bincount(codes[:, i], minlength=len(p)) / len(codes) - p / p.sum()).max() < 0.015, h
+    changes = (np.diff(codes.reshape(views, -1, exphil.UNIFORMS)[..., 8:], axis=1) != 0).mean()
+    probs = [np.exp(v / T) / np.exp(v / T).sum() for h, v in logits.items() if h != "buttons"]
+    fresh = np.mean([1 - p @ p for p in probs])  # how often an independent draw differs from the last
+    assert changes < 0.5 * fresh if hold else changes > 0.3 * fresh
+    once, again = (exphil.DecisionRule(keep, True, np.random.default_rng(s))({h: v[None] for h, v in logits.items()})
+                   for s in (2, 3))
+    assert once.tolist() == again.tolist()

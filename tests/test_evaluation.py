@@ -142,6 +142,34 @@ def test_the_deterministic_rule_does_not_freeze_with_its_own_inputs(mlp_run, vie
     assert frozen["button_changes_per_s"] == frozen["main_changes_per_s"] == 0
 
 
+def test_the_hold_is_chosen_so_the_bot_changes_its_inputs_as_often_as_the_players(mlp_run, tmp_path):
+    """`exphil hold` on a real game: for each group the bot (reading back its own inputs) changes
+    more often than the player does, it keeps its numbers from frame to frame just enough to come
+    down to the player's rate (within the bisection's step); the Agent and `eval` use it."""
+    run = tmp_path / "run"
+    shutil.copytree(mlp_run.path, run)
+    exphil.main(["hold", str(run), "--replays", str(REPLAY), "--quiet"])
+    info = exphil.read_run_info(run)
+    report, hold = info["hold_report"], info["hold"]
+    assert report["games"] == 1 and report["views"] == 2
+    for g in exphil.HOLD_GROUPS:
+        target, without, tuned = report["players"][g], report["without"][g], report["with"][g]
+        if without > target:
+            assert 0 < hold[g] < 1 and abs(tuned - target) < abs(without - target), (g, report)
+            assert abs(tuned - target) < 0.25 * target, (g, report)
+        else:
+            assert hold[g] == 0
+    assert any(hold.values())  # (this model twitches on this game: the test would not test anything otherwise)
+    print(report)
+    assert exphil.Agent(run).rule.keep.tolist() == exphil.hold_vector(hold).tolist()
+    judged = exphil.judge(run, REPLAY, skills=False, field=False, quiet=True)
+    assert judged["hold"] == hold
+    info["hold"] = {"sticks": 1.5}
+    (run / "run.json").write_text(json.dumps(info))
+    with pytest.raises(exphil.ExphilError, match=r"run.json: not a valid run.json: .*\$.hold.sticks"):
+        exphil.Agent(run)
+
+
 # ---- skill checks ---------------------------------------------------------------------------------
 
 # Situations marked by hand from the action states of the replay (frame: what happens):
