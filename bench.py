@@ -112,13 +112,15 @@ def graphs_for(source: str) -> tuple[str, exphil.Model, dict[str, bytes]]:
         fp32 = model.build(step=True).SerializeToString()
         name = model.spec.name
     out = {"fp32": fp32}
-    int8 = Path(source) / "step.int8.onnx"
-    out["int8"] = int8.read_bytes() if int8.exists() else exphil.quantize_step(onnx.ModelProto.FromString(fp32)).SerializeToString()
+    for precision, mode in (("int8", "dynamic"), ("int4", "int4")):
+        path = Path(source) / exphil.PRECISIONS[precision]
+        out[precision] = path.read_bytes() if path.exists() else \
+            exphil.quantize_step(onnx.ModelProto.FromString(fp32), mode).SerializeToString()
     return name, model, out
 
 
 def latency_table(sources: list[str], providers: list[str]) -> dict:
-    """Every source x provider x precision: FP32 and INT8 on the CPU, FP32 and FP16 on a GPU;
+    """Every source x provider x precision: FP32, INT8 and INT4 on the CPU, FP32 and FP16 on a GPU;
     a provider not installed here is reported as absent."""
     import onnx
 
@@ -134,7 +136,7 @@ def latency_table(sources: list[str], providers: list[str]) -> dict:
             except exphil.ExphilError:
                 row["cells"][provider] = {"absent": True}
                 continue
-            precisions = ["fp32", "int8"] if provider == "cpu" else ["fp32", "fp16"]
+            precisions = ["fp32", "int8", "int4"] if provider == "cpu" else ["fp32", "fp16"]
             for precision in precisions:
                 graph = graphs.get(precision) or exphil.quantize_step(onnx.ModelProto.FromString(graphs["fp32"]),
                                                                       "fp16").SerializeToString()

@@ -4262,7 +4262,7 @@ def _train(spec, replays, data, out: Path, resume: bool, quiet: bool, cache, con
         info["ray"] = {"workers": workers, "hosts": [h for h, _ in trainer.hosts]}
         trainer.close()
     model.save(out)
-    for stale in (out / PRECISIONS[p] for p in ("int8", "fp16")):  # made from the weights before this export
+    for stale in (out / f for p, f in PRECISIONS.items() if p != "fp32"):  # made from the weights before this export
         stale.unlink(missing_ok=True)
     info["graphs"] = {f: graph_digest(out / f) for f in ("window.onnx", "step.onnx")}
     history = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines() if l.strip()]
@@ -4633,7 +4633,8 @@ UNIFORMS = len(BUTTONS) + len(HEADS) - 1
 
 
 FIXED_FRAMES = 1 << 16  # the deterministic rule's numbers repeat after this many frames (18 minutes)
-HOLD_GROUPS = {"buttons": slice(0, len(BUTTONS)), "sticks": slice(len(BUTTONS), UNIFORMS)}  # sticks: and shoulder
+# the numbers each hold applies to: the buttons and the analog trigger (presses), the two sticks
+HOLD_GROUPS = {"buttons": [*range(len(BUTTONS)), UNIFORMS - 1], "sticks": list(range(len(BUTTONS), UNIFORMS - 1))}
 
 
 def hold_vector(hold: dict | None) -> np.ndarray:
@@ -4739,7 +4740,8 @@ class DecisionRule:
 # Agent: libmelee GameState -> action -> libmelee Controller
 # =================================================================================================
 
-PRECISIONS = {"fp32": "step.onnx", "int8": "step.int8.onnx", "fp16": "step.fp16.onnx"}
+PRECISIONS = {"fp32": "step.onnx", "int8": "step.int8.onnx", "int4": "step.int4.onnx", "fp16": "step.fp16.onnx"}
+QUANTIZE_MODES = {"dynamic": "int8", "static": "int8", "int4": "int4", "fp16": "fp16"}  # -> precision
 
 
 def graph_digest(path: Path) -> str:
@@ -4973,23 +4975,78 @@ def _fp16(model):
     return convert_float_to_float16(model, keep_io_types=True)
 
 
+INT4_BLOCK = 32  # weights per scale and zero point, along K (MatMulNBits' block_size)
+INT4_ACCURACY = 4  # MatMulNBits' accuracy_level: 4 quantizes the activations to int8 (the fast CPU path)
+
+
+def _int4_blocks(w: np.ndarray, block: int = INT4_BLOCK) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A weight [K, N] in MatMulNBits' 4-bit layout: per output column, blocks of `block` rows
+    (zero-padded) with their own scale and zero point (asymmetric, 0..15, 0 exact); two values
+    per byte, the first in the low nibble. Returns (packed [N, blocks, block / 2] uint8, scales
+    [N * blocks] float32, zero points [N * ceil(blocks / 2)] uint8)."""
+    K, N = w.shape
+    blocks = -(-K // block)
+    x = np.zeros((blocks * block, N), np.float32)
+    x[:K] = w
+    x = x.T.reshape(N, blocks, block)
+    low, high = np.minimum(x.min(-1), 0), np.maximum(x.max(-1), 0)
+    scale = np.where(high > low, (high - low) / 15, 1).astype(np.float32)
+    zero = np.clip(np.round(-low / scale), 0, 15).astype(np.uint8)
+    q = np.clip(np.round(x / scale[..., None]) + zero[..., None], 0, 15).astype(np.uint8)
+    zeros = np.zeros((N, blocks + blocks % 2), np.uint8)
+    zeros[:, :blocks] = zero
+    return q[..., 0::2] | (q[..., 1::2] << 4), scale.ravel(), (zeros[:, 0::2] | (zeros[:, 1::2] << 4)).ravel()
+
+
+def _int4(model):
+    """The graph with every MatMul by a constant 2-D weight replaced by onnxruntime's 4-bit
+    weight-only MatMulNBits (`_int4_blocks`); the rest stays float32."""
+    from onnx import helper, numpy_helper
+
+    weights = {t.name: t for t in model.graph.initializer}
+    packed, nodes = {}, []
+    for node in model.graph.node:
+        w = weights.get(node.input[1]) if node.op_type == "MatMul" else None
+        if w is None or len(w.dims) != 2:
+            nodes.append(node)
+            continue
+        names = [f"{w.name}.int4", f"{w.name}.scales", f"{w.name}.zero_points"]
+        if w.name not in packed:
+            packed[w.name] = [numpy_helper.from_array(a, n) for a, n in
+                              zip(_int4_blocks(numpy_helper.to_array(w)), names)]
+        nodes.append(helper.make_node("MatMulNBits", [node.input[0], *names], node.output, name=node.name,
+                                      domain="com.microsoft", K=w.dims[0], N=w.dims[1], bits=4,
+                                      block_size=INT4_BLOCK, accuracy_level=INT4_ACCURACY))
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    used = {i for n in nodes for i in n.input}
+    kept = [t for t in model.graph.initializer if t.name in used] + [t for ts in packed.values() for t in ts]
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(kept)
+    model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+    return model
+
+
 def quantize_step(model, mode: str = "dynamic", calibration=None):
     """A step graph (path or onnx.ModelProto) at lower precision, as an onnx.ModelProto.
 
     mode: "dynamic" (INT8 weights), "static" (INT8 QDQ; `calibration` = iterable of input feeds,
-    see `calibration_feeds`) or "fp16". Inputs and outputs stay float32, so a Stepper runs any."""
+    see `calibration_feeds`), "int4" (4-bit weights, `_int4`) or "fp16". Inputs and outputs stay
+    float32, so a Stepper runs any."""
     import onnx
     import onnx.version_converter
     from onnxruntime.quantization import QuantFormat, quantize_dynamic, quantize_static
 
-    if mode not in ("dynamic", "static", "fp16"):
-        raise UsageError(f"quantization mode {mode!r}: choose dynamic, static or fp16")
+    if mode not in QUANTIZE_MODES:
+        raise UsageError(f"quantization mode {mode!r}: choose {', '.join(QUANTIZE_MODES)}")
     if mode == "static" and calibration is None:
         raise UsageError("static quantization needs calibration frames")
     model = onnx.load(str(model)) if isinstance(model, (str, os.PathLike)) else onnx.ModelProto.FromString(
         model.SerializeToString())  # a copy: the conversions below edit the proto they are given
     if mode == "fp16":
         out = _fp16(model)
+    elif mode == "int4":
+        out = _int4(model)
     else:
         # INT8 for the MatMuls with a weight operand, where the time goes: quantising the other
         # ops too (or the activation x activation MatMuls) costs agreement and gains nothing.
@@ -5016,7 +5073,7 @@ def quantize_step(model, mode: str = "dynamic", calibration=None):
 
 
 def agreement(reference: Stepper, other: Stepper, frames) -> tuple[dict[str, float], np.ndarray, int]:
-    """Per-head agreement of the deterministic decisions (`sample_action`'s rule, frame t of a
+    """Per-head agreement of the deterministic decisions (`DecisionRule`'s numbers at frame t of a
     game using `fixed_uniforms(t)`) of two step graphs run side by side over frames in order (each
     carrying its own state) on the frames marked counted, their per-call times in seconds
     [frames, 2], and how many frames were counted. Buttons are compared one by one."""
@@ -5070,7 +5127,7 @@ def quantize_run(run: str | os.PathLike, mode: str = "dynamic", calibration_repl
         log(f"calibrating on {calibration_frames} frames of the training replays")
         calibration = calibration_feeds(reference, episodes(calibration_replays, "train"), calibration_frames, returns)
     proto = quantize_step(reference, mode, calibration)
-    precision = "fp16" if mode == "fp16" else "int8"
+    precision = QUANTIZE_MODES[mode]
     fp32, low = Stepper(reference, provider), Stepper(proto.SerializeToString(), provider)
     log(f"comparing {precision} with fp32 on up to {max_frames} validation frames")
     heads, times, counted = agreement(fp32, low, replay_frames(val, max_frames, returns))
@@ -5795,7 +5852,7 @@ def judge(run: str | os.PathLike, replays=None, data: str | os.PathLike | None =
                                   keep if who == "bot" else None)
     res = {"games": len(games), "views": len(episodes), "frames": sum(ep.frames for ep in episodes),
            "frame_delay": delay, "temperature": temperature, "skipped": skipped,
-           "hold": {g: float(keep[i.start]) for g, i in HOLD_GROUPS.items()}}
+           "hold": {g: float(keep[i[0]]) for g, i in HOLD_GROUPS.items()}}
     if closed:
         res["closed_controller"] = _closed_rows(players, runs)
     if skills:
@@ -6151,6 +6208,8 @@ def _add_play_commands(sub) -> None:
     kind = p.add_mutually_exclusive_group()
     kind.add_argument("--static", action="store_true",
                       help="static INT8 (QDQ) calibrated on real frames (default: dynamic INT8)")
+    kind.add_argument("--int4", action="store_true", help="4-bit weights (onnxruntime's MatMulNBits): "
+                      "smaller; faster only for wide models (README: INT4)")
     kind.add_argument("--fp16", action="store_true", help="an FP16 graph, for GPUs")
     p.add_argument("--calibration-replays", help="replays to calibrate --static on (default: the run's "
                                                  "training replays)")
@@ -6195,7 +6254,7 @@ def _add_play_commands(sub) -> None:
 
 def _run_play_command(args) -> None:
     if args.command == "quantize":
-        mode = "fp16" if args.fp16 else "static" if args.static else "dynamic"
+        mode = "fp16" if args.fp16 else "static" if args.static else "int4" if args.int4 else "dynamic"
         if args.calibration_replays and mode != "static":
             raise UsageError("--calibration-replays only applies to --static")
         report = quantize_run(args.run, mode, calibration_replays=args.calibration_replays,

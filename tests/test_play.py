@@ -173,6 +173,51 @@ def test_static_int8_and_fp16_graphs(mlp_copy):
     assert exphil.Agent(mlp_copy, precision="fp16").step.session.get_providers() == ["CPUExecutionProvider"]
 
 
+def test_int4_blocks_round_trip_through_onnxruntime(monkeypatch):
+    """A MatMul by a [K, N] weight (K not a multiple of the block) rewritten as MatMulNBits: with
+    accuracy level 0 (float activations) onnxruntime computes exactly x @ the weight dequantized
+    from `_int4_blocks`' layout by hand, which is within half a step of the original weight."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    monkeypatch.setattr(exphil, "INT4_ACCURACY", 0)
+    rng = np.random.default_rng(0)
+    K, N = 70, 33
+    w, x = rng.normal(0, 1, (K, N)).astype(np.float32), rng.normal(0, 1, (5, K)).astype(np.float32)
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["B", K])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["B", N])],
+                              initializer=[numpy_helper.from_array(w, "w")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", exphil.OPSET)])
+    model.ir_version = exphil.IR_VERSION
+    sess = exphil.session(exphil._int4(model).SerializeToString(), "cpu")
+    assert [n.op_type for n in onnx.ModelProto.FromString(exphil._int4(model).SerializeToString()).graph.node] == \
+        ["MatMulNBits"]
+    packed, scales, zeros = exphil._int4_blocks(w)
+    blocks = -(-K // exphil.INT4_BLOCK)
+    q = np.stack([packed & 15, packed >> 4], -1).reshape(N, blocks, exphil.INT4_BLOCK).astype(np.float32)
+    z = np.stack([zeros.reshape(N, -1) & 15, zeros.reshape(N, -1) >> 4], -1).reshape(N, -1)[:, :blocks]
+    step = scales.reshape(N, blocks)
+    back = ((q - z[..., None]) * step[..., None]).reshape(N, -1)[:, :K].T
+    assert np.abs(back - w).max() <= step.max() / 2 + 1e-6
+    assert np.allclose(sess.run(None, {"x": x})[0], x @ back, atol=1e-4)
+
+
+def test_int4_graph_is_checked_like_int8(mlp_copy):
+    """`exphil quantize --int4` on a real run: written with its agreement when every head agrees
+    with FP32 on enough frames (MatMulNBits in place of the weight MatMuls; the Agent plays it),
+    refused with one line otherwise."""
+    with pytest.raises(exphil.ExphilError, match=r"int4 graph not written: head '\w+' agrees with FP32 on"):
+        exphil.quantize_run(mlp_copy, "int4", min_agreement=1.01, max_frames=500, quiet=True)
+    assert not (mlp_copy / "step.int4.onnx").exists()
+    report = exphil.quantize_run(mlp_copy, "int4", min_agreement=0.9, max_frames=1000, quiet=True)
+    graph = onnx.load(mlp_copy / "step.int4.onnx")
+    assert "MatMulNBits" in {n.op_type for n in graph.graph.node}
+    assert "MatMul" not in {n.op_type for n in graph.graph.node}  # (every MatMul of the mlp has a weight)
+    assert report["precision"] == "int4" and min(report["agreement"].values()) >= 0.9
+    agent = exphil.Agent(mlp_copy, precision="int4", deterministic=True)
+    assert set(agent.act(exphil.ReplayGame(REPLAY, fps=None).step(), 1, 2)) == set(exphil.HEADS)
+
+
 def test_static_calibration_carries_the_recurrent_state(lstm_folder):
     """Calibration feeds are real frames spread over whole games (after the countdown), each
     with the state the FP32 graph carries into it from stepping through every frame before it."""
