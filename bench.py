@@ -3,6 +3,8 @@
     python bench.py                      # every spec in specs/: each provider and precision here
     python bench.py --markdown           # the same table in Markdown (for a README)
     python bench.py --runs runs/lstm     # trained runs instead of random weights
+    python bench.py --specs specs/mamba.toml --hidden 256 1024
+                                         # one spec at several widths (where INT4 starts to pay)
     python bench.py --loop               # the full decision loop through libmelee (replay + FIFO)
     python bench.py --throughput         # training frames/s per spec (batch 64, window 60) and
                                          # % of this machine's MatMul peak
@@ -26,6 +28,8 @@
                                          # training games, the same steps and validation games
     python bench.py --train --replays DIR --max-steps 600 --ray auto
                                          # the same, the specs trained as parallel Ray tasks
+    python bench.py --warm-start RUN     # the first seconds of unseen games from a zero state (as
+                                         # trained) or a mean state of training games per matchup
     python bench.py --data-parallel      # data-parallel training on 2 Ray workers: per step, compute
                                          # versus gradient exchange, and the modelled scaling
 
@@ -99,8 +103,9 @@ def rerun_cell(model: exphil.Model, provider: str, cats, nums) -> dict:
     return exphil.timed(lambda: sess.run(None, feed), seconds=0.4)
 
 
-def graphs_for(source: str) -> tuple[str, exphil.Model, dict[str, bytes]]:
-    """(name, model, {precision: step graph}) for a spec file (random weights) or a run folder."""
+def graphs_for(source: str, hidden: int | None = None) -> tuple[str, exphil.Model, dict[str, bytes]]:
+    """(name, model, {precision: step graph}) for a spec file (random weights; `hidden`: at that
+    width) or a run folder."""
     import onnx
 
     if Path(source).is_dir():
@@ -108,9 +113,9 @@ def graphs_for(source: str) -> tuple[str, exphil.Model, dict[str, bytes]]:
         fp32 = (Path(source) / "step.onnx").read_bytes()
         name = Path(source).name
     else:
-        model = exphil.Model(exphil.load_spec(source))
+        model = exphil.Model(exphil.override_spec(exphil.load_spec(source), hidden=hidden))
         fp32 = model.build(step=True).SerializeToString()
-        name = model.spec.name
+        name = model.spec.name + (f" ({hidden} wide)" if hidden else "")
     out = {"fp32": fp32}
     for precision, mode in (("int8", "dynamic"), ("int4", "int4")):
         path = Path(source) / exphil.PRECISIONS[precision]
@@ -119,7 +124,7 @@ def graphs_for(source: str) -> tuple[str, exphil.Model, dict[str, bytes]]:
     return name, model, out
 
 
-def latency_table(sources: list[str], providers: list[str]) -> dict:
+def latency_table(sources: list[str], providers: list[str], widths: list[int | None] = (None,)) -> dict:
     """Every source x provider x precision: FP32, INT8 and INT4 on the CPU, FP32 and FP16 on a GPU;
     a provider not installed here is reported as absent."""
     import onnx
@@ -127,9 +132,10 @@ def latency_table(sources: list[str], providers: list[str]) -> dict:
     available = exphil.select_providers  # raises for a provider that is not installed
     cats, nums = frames()
     rows = {}
-    for source in sources:
-        name, model, graphs = graphs_for(source)
-        row = {"params": int(sum(v.size for v in model.params.values())), "window": model.spec.window, "cells": {}}
+    for source, hidden in ((s, h) for s in sources for h in widths):
+        name, model, graphs = graphs_for(source, hidden)
+        row = {"params": int(sum(v.size for v in model.params.values())), "window": model.spec.window, "cells": {},
+               "bytes": {p: len(g) for p, g in graphs.items()}}
         for provider in providers:
             try:
                 available(provider)
@@ -569,6 +575,74 @@ def action_rates(heads: dict, selected) -> dict:
             "B": p[:, button["B"]].sum(), "shield": (1 - no("L", "R") * released).sum(), "jump": (1 - no("X", "Y")).sum()}
 
 
+def _window_session(model, length: int, loss: bool = False):
+    """run(feeds) -> outputs of the model's window graph over `length` frames (with the loss)."""
+    extra = exphil.loss_graph(value_weight=model.spec.returns.value_weight) if loss else None
+    sess = exphil.session(model.build(length, extra=extra).SerializeToString(), "cpu", threads=0)
+    names, inputs = [o.name for o in sess.get_outputs()], [i.name for i in sess.get_inputs()]
+    return lambda feeds: dict(zip(names, sess.run(None, {n: feeds[n] for n in inputs})))
+
+
+def warm_states(model, episodes, frames: int, min_views: int = 4) -> dict:
+    """The mean carried state after the first `frames` frames of the episodes, per matchup (own
+    and opponent character ids, "own/opp") with at least `min_views` views, and over all ("all")."""
+    run, sums = _window_session(model, frames), {}
+    for part in exphil.chunks([ep for ep in episodes if ep.frames >= frames], 32):
+        batch = exphil.make_batch(part, [(i, 0) for i in range(len(part))], frames,
+                                  returns=model.spec.returns_used)
+        out = run(exphil.with_zero_state(batch, model))
+        for v, ep in enumerate(part):
+            for key in (f"{ep.cat[0, 2]}/{ep.cat[0, 3]}", "all"):
+                n, acc = sums.get(key, (0, {}))
+                sums[key] = (n + 1, {s: acc.get(s, 0) + out[f"state_out.{s}"][v] for s, _ in model.states})
+    return {k: {s: x / n for s, x in acc.items()} for k, (n, acc) in sums.items() if n >= min_views or k == "all"}
+
+
+def warm_start(run: str, seconds=(1, 3, 10), settle: float = 10.0, views: int = 256, seed: int = 0) -> dict:
+    """Loss against Markov on the first seconds of play (after the countdown) of the run's
+    validation games, every recurrent state started at zero (as in training) or at the mean state
+    of `views` training player views after `settle` seconds of play (per matchup, else overall)."""
+    model, info = exphil.load_run(run)
+    if not model.states:
+        raise SystemExit(f"{run}: spec {model.spec.name!r} carries no state")
+    train = [ep for g in exphil.recorded_games(info, "train") for ep in g]
+    chosen = [train[i] for i in np.random.default_rng(seed).permutation(len(train))[:views]]
+    states = warm_states(model, chosen, 123 + round(settle * exphil.FPS))
+    delay, length = int(info.get("frame_delay", 0)), 123 + exphil.FPS * max(seconds)
+    val = [ep for g in exphil.recorded_games(info, "val") for ep in g if g[0].frames > length + 1 + delay]
+    baselines = {"frequency": info["label_frequencies"], "markov": info["markov_tables"]}
+    run_ = _window_session(model, length, loss=True)
+    metrics = {(start, s): exphil.Metrics(baselines) for start in ("zero", "warm") for s in seconds}
+    for part in exphil.chunks(val, 32):
+        batch = exphil.make_batch(part, [(i, 0) for i in range(len(part))], length, delay,
+                                  returns=model.spec.returns_used)
+        warm = {f"state_in.{s}": np.stack([states.get(f"{ep.cat[0, 2]}/{ep.cat[0, 3]}", states["all"])[s]
+                                           for ep in part]) for s, _ in model.states}
+        for start in ("zero", "warm"):
+            for s in seconds:
+                mask = batch["mask"].copy()
+                mask[:, :123] = mask[:, 123 + exphil.FPS * s:] = 0
+                feeds = exphil.with_zero_state({**batch, "mask": mask, **(warm if start == "warm" else {})}, model)
+                metrics[start, s].add(run_(feeds), feeds)
+    rows = {}
+    for (start, s), m in metrics.items():
+        r = m.result("v")
+        rows.setdefault(start, {})[f"{s} s"] = {"loss": r["v_loss"], "markov": r["v_markov"]["loss"],
+                                                "frames": r["v_frames"]}
+    return {"run": str(run), "spec": model.spec.name, "views": len(val), "train_views": len(chosen),
+            "matchups": len(states) - 1, "settle_s": settle, "rows": rows}
+
+
+def print_warm_start(res: dict) -> None:
+    print(f"{res['run']} ({res['spec']}): {res['views']} validation player views; warm states from "
+          f"{res['train_views']} training views after {res['settle_s']:g} s of play ({res['matchups']} matchups)")
+    secs = list(res["rows"]["zero"])
+    print(f"{'start':<8}" + "".join(f"{'first ' + s:>26}" for s in secs))
+    for start, row in res["rows"].items():
+        print(f"{start:<8}" + "".join(f"{r['loss']:>12.3f} ({(r['loss'] / r['markov'] - 1):+.1%} vs Markov)"
+                                      for r in row.values()))
+
+
 def conditioning(run: str, replays=None, shifts=(-3.0, 3.0)) -> dict:
     """A return-conditioned run on its validation games (or `replays`), each walked whole with
     its state carried: the loss and mean action probabilities with each frame's recorded
@@ -855,6 +929,8 @@ def main(argv=None) -> int:
     parser.add_argument("--providers", nargs="*", default=["cpu", *GPU_PROVIDERS],
                         help="providers to try; those not installed are reported as absent")
     parser.add_argument("--markdown", action="store_true", help="print the table in Markdown")
+    parser.add_argument("--hidden", type=int, nargs="*", help="the latency table at these widths of each spec "
+                        "(e.g. --specs specs/mamba.toml --hidden 256 1024: where INT4 starts to pay)")
     parser.add_argument("--loop", action="store_true", help="the full decision loop (lstm and mamba by default)")
     parser.add_argument("--throughput", action="store_true", help="training frames/s (batch 64, window 60)")
     parser.add_argument("--vs-torch", action="store_true",
@@ -883,6 +959,8 @@ def main(argv=None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--replay", type=Path, default=REPLAY, help="the replay whose frames --loop, --throughput "
                         "and the latency table use (latency alone runs without one, on random inputs)")
+    parser.add_argument("--warm-start", metavar="RUN", help="loss against Markov on the first 1, 3 and 10 s of the "
+                        "run's validation games, the state started at zero or at a mean state of training games")
     parser.add_argument("--conditioning", metavar="RUN", help="a return-conditioned run: loss and action rates "
                         "on its validation games (or --replays) with the recorded return-to-go shifted")
     parser.add_argument("--data-parallel", action="store_true", help="gradient exchange versus compute per step "
@@ -918,6 +996,9 @@ def main(argv=None) -> int:
         print(f"\nreplay reading: frames per second of CPU time, medians of {args.rounds} rounds (read_replay's "
               f"frames, finalized); ratio: console alone / fallback time\n")
         result["parsers"] = parser_speed(paths, args.rounds)
+    elif args.warm_start:
+        result["warm_start"] = warm_start(args.warm_start)
+        print_warm_start(result["warm_start"])
     elif args.conditioning:
         result["conditioning"] = conditioning(args.conditioning, args.replays)
         print(f"\n{args.conditioning}: mean probabilities per frame (players: shares of frames)\n")
@@ -984,7 +1065,9 @@ def main(argv=None) -> int:
         result.update(throughput_table(specs, reference, args.steps, args.seconds))
         print_throughput(result, reference)
     else:
-        rows = latency_table(args.runs or specs, [p.lower() for p in args.providers])
+        if args.hidden and args.runs:
+            raise SystemExit("--hidden applies to specs, not to trained runs")
+        rows = latency_table(args.runs or specs, [p.lower() for p in args.providers], args.hidden or [None])
         print("\nstep latency, batch 1, one intra-op thread; cells: p50 ms and verdict from p99\n")
         print_table(rows, args.markdown)
         result["step"] = rows
