@@ -154,9 +154,13 @@ def latency_table(sources: list[str], providers: list[str], widths: list[int | N
     return rows
 
 
+ORDER = ["fp32", "int8", "int4", "fp16"]  # the precision columns, left to right
+
+
 def print_table(rows: dict, markdown: bool) -> None:
     columns = sorted({c for r in rows.values() for c, v in r["cells"].items() if "absent" not in v},
-                     key=lambda c: (c.split("/")[0] != "cpu", "re-run" in c, c))
+                     key=lambda c: (c.split("/")[0] != "cpu", "re-run" in c, ORDER.index(c.split("/")[-1].split()[0])
+                                    if "/" in c else 0, c))
     absent = sorted({c for r in rows.values() for c, v in r["cells"].items() if "absent" in v})
     head = ["spec", "params", *[f"{c} p50 ms" for c in columns], "headroom"]
     lines = []

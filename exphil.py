@@ -4810,7 +4810,11 @@ class Agent:
 
     A return-conditioned run (`returns.input` in its spec) aims for `target_return` from the
     start of each game (default: the median return of its training games), lowered after every
-    frame by the reward observed (`frame_rewards`)."""
+    frame by the reward observed (`frame_rewards`).
+
+    Actions come from the `DecisionRule` at `temperature` (random numbers from `seed`, or the
+    fixed table when `deterministic`), each number held from frame to frame as the run's `hold`
+    says (`exphil hold`; `hold` = {"buttons": p, "sticks": p} overrides it)."""
 
     def __init__(self, run: str | os.PathLike, provider: str = "auto", temperature: float = 1.0,
                  deterministic: bool = False, seed: int | None = None, threads: int = 1,
@@ -6248,7 +6252,7 @@ def _add_play_commands(sub) -> None:
     p.add_argument("--on-game-end", choices=["restart", "stop"], default="stop", help="after a game: another one, or stop")
     p.add_argument("--provider", default="auto", help="auto, cpu, cuda, rocm or coreml")
     p.add_argument("--precision", choices=list(PRECISIONS), default="fp32",
-                   help="which step graph: int8 and fp16 ones are written by `exphil quantize`")
+                   help="which step graph: int8, int4 and fp16 ones are written by `exphil quantize`")
     p.add_argument("--stats-every", type=float, default=10.0, metavar="SECONDS", help="0: no stats lines")
 
 

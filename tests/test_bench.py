@@ -25,8 +25,11 @@ def test_latency_table(tmp_path):
                 "--json", tmp_path / "b.json")
     data = json.loads((tmp_path / "b.json").read_text())
     assert set(data["step"]) == {"mlp", "lstm"} and "CPUExecutionProvider" in data["machine"]["providers"]
-    assert set(data["step"]["lstm"]["cells"]) == {"cpu/fp32", "cpu/int8", "cpu/fp32 re-run", "cuda", "coreml"}
-    assert set(data["step"]["mlp"]["cells"]) == {"cpu/fp32", "cpu/int8", "cuda", "coreml"}  # window 1: no re-run
+    assert set(data["step"]["lstm"]["cells"]) == {"cpu/fp32", "cpu/int8", "cpu/int4", "cpu/fp32 re-run", "cuda",
+                                                  "coreml"}
+    assert set(data["step"]["mlp"]["cells"]) == {"cpu/fp32", "cpu/int8", "cpu/int4", "cuda", "coreml"}  # no re-run
+    sizes = data["step"]["mlp"]["bytes"]
+    assert sizes["int4"] < sizes["int8"] < sizes["fp32"]
     absent = {p for p in ("cuda", "coreml") if exphil.PROVIDERS[p] not in data["machine"]["providers"]}
     for row in data["step"].values():
         assert {p for p in ("cuda", "coreml") if row["cells"][p] == {"absent": True}} == absent
@@ -35,8 +38,9 @@ def test_latency_table(tmp_path):
                 assert 0 < cell["p50_ms"] <= cell["p99_ms"] and cell["calls"] >= 300, name
     assert f"Not available here: {', '.join(sorted(absent))}" in out if absent else "Not available here" not in out
     assert "cpu/int8 p50 ms" in out and "headroom" in out
-    md = bench("--specs", "specs/mlp.toml", "--providers", "cpu", "--markdown")
-    assert "| spec | params | cpu/fp32 p50 ms | cpu/int8 p50 ms | headroom |" in md
+    md = bench("--specs", "specs/mlp.toml", "--providers", "cpu", "--markdown", "--hidden", "64", "128")
+    assert "| spec | params | cpu/fp32 p50 ms | cpu/int8 p50 ms | cpu/int4 p50 ms | headroom |" in md
+    assert "| mlp (64 wide) |" in md and "| mlp (128 wide) |" in md
 
 
 def test_architecture_table(tmp_path):
