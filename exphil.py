@@ -5869,7 +5869,8 @@ def judge(run: str | os.PathLike, replays=None, data: str | os.PathLike | None =
 
 
 HOLD_GAMES = 8  # training games whose closed-controller rollouts choose a run's hold
-HOLD_STEPS = 6  # bisection steps per group (the hold to within 1/64)
+HOLD_STEPS = 7  # bisection steps per group, on log2 of 1 - hold in [-10, 0] (to within 6% of 1 - hold)
+HOLD_RANGE = 10.0  # the longest hold tried keeps a number for about 2^10 frames
 
 
 def tune_hold(run: str | os.PathLike, replays=None, data: str | os.PathLike | None = None,
@@ -5878,7 +5879,8 @@ def tune_hold(run: str | os.PathLike, replays=None, data: str | os.PathLike | No
     (closed-controller rollouts, sampling) changes its buttons and its main stick as often as the
     players do, on a seeded choice of `games` of its training games (or of the replays/dataset
     given); a group the bot already changes no more often than the players gets 0 (holding only
-    slows changes). Bisection: the rates fall as the hold grows. Written into run.json."""
+    slows changes). Bisection on log2(1 - hold) (a bot that twitches at delay 18 needs a number
+    kept for about a second): the rates fall as the hold grows. Written into run.json."""
     run, log = Path(run), _log(quiet)
     info = read_run_info(run)
     graph = checked_step_graph(run, step_path(run), info)
@@ -5897,14 +5899,15 @@ def tune_hold(run: str | os.PathLike, replays=None, data: str | os.PathLike | No
         got = input_stats([r["inputs"] for r in inputs])
         return {g: got[k] for g, k in rate.items()}
 
-    low, high = {g: 0.0 for g in rate}, {g: 1.0 for g in rate}
-    at_zero = rates(low)
+    keep = lambda x: {g: 1 - 2.0 ** -v for g, v in x.items()}  # x: -log2(1 - hold) per group
+    low, high = {g: 0.0 for g in rate}, {g: HOLD_RANGE for g in rate}
+    at_zero = rates(keep(low))
     for _ in range(HOLD_STEPS):
         mid = {g: (low[g] + high[g]) / 2 if at_zero[g] > players[k] else 0.0 for g, k in rate.items()}
-        got = rates(mid)
+        got = rates(keep(mid))
         for g, k in rate.items():
             (low if got[g] > players[k] else high)[g] = mid[g]
-    hold = {g: round(low[g], 4) if at_zero[g] > players[k] else 0.0 for g, k in rate.items()}
+    hold = {g: round(p, 4) if at_zero[g] > players[k] else 0.0 for (g, p), k in zip(keep(low).items(), rate.values())}
     report = {"games": len(chosen), "views": len(episodes), "players": {g: players[k] for g, k in rate.items()},
               "without": at_zero, "with": rates(hold)}
     info.update(hold=hold, hold_report=report)

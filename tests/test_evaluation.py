@@ -160,7 +160,6 @@ def test_the_hold_is_chosen_so_the_bot_changes_its_inputs_as_often_as_the_player
         else:
             assert hold[g] == 0
     assert any(hold.values())  # (this model twitches on this game: the test would not test anything otherwise)
-    print(report)
     assert exphil.Agent(run).rule.keep.tolist() == exphil.hold_vector(hold).tolist()
     judged = exphil.judge(run, REPLAY, skills=False, field=False, quiet=True)
     assert judged["hold"] == hold

@@ -239,8 +239,8 @@ def test_precision_and_provider_errors(mlp_copy):
     with pytest.raises(exphil.ExphilError, match=r"no int8 step graph \(step.int8.onnx\); write it with "
                                                  r"`exphil quantize .*`; this folder has: fp32"):
         exphil.Agent(mlp_copy, precision="int8")
-    with pytest.raises(exphil.ExphilError, match="precision 'int4': choose one of fp32, int8, fp16"):
-        exphil.Agent(mlp_copy, precision="int4")
+    with pytest.raises(exphil.ExphilError, match="precision 'int2': choose one of fp32, int8, int4, fp16"):
+        exphil.Agent(mlp_copy, precision="int2")
     with pytest.raises(exphil.ExphilError, match="no fp32 step graph .* none"):
         exphil.Agent(mlp_copy.parent, precision="fp32")
     if GPU_PROVIDERS:
