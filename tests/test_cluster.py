@@ -86,15 +86,18 @@ def _wait_for(condition, seconds: float = 30) -> bool:
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="finds the worker processes in /proc")
 def test_killed_worker_stops_the_run_and_resume_is_exact(ray, tmp_path):
     """A Ray worker killed for real stops the run with a one-line message and the last
-    checkpoint intact; the run resumed on Ray ends where one process without Ray ends."""
-    settings = dict(batch_size=32, max_steps=240, save_every=10, seed=3, quiet=True)
+    checkpoint intact; the run resumed on Ray ends exactly where the same run on Ray, never
+    stopped, ends. (Not where one process ends: summing the workers' slices rounds otherwise
+    than one batch, and over 240 steps AdamW grows those 1e-7 differences; the test above
+    holds the two to 1e-5 over 20 steps.)"""
+    settings = dict(batch_size=32, max_steps=240, save_every=10, seed=3, quiet=True, ray="auto", workers=2)
     mlp = ROOT / "specs" / "mlp.toml"
-    alone = exphil.train(mlp, REPLAYS, out=tmp_path / "alone", **settings)
+    whole = exphil.train(mlp, REPLAYS, out=tmp_path / "whole", **settings)
     out, failure = tmp_path / "ray", []
 
     def run():
         try:
-            exphil.train(mlp, REPLAYS, out=out, ray="auto", workers=2, **settings)
+            exphil.train(mlp, REPLAYS, out=out, **settings)
         except exphil.ExphilError as e:
             failure.append(str(e))
 
@@ -113,14 +116,13 @@ def test_killed_worker_stops_the_run_and_resume_is_exact(ray, tmp_path):
     assert kept.progress["step"] % 10 == 0 and 0 < kept.progress["step"] < 240
     assert _wait_for(lambda: not _worker_pids())  # the other worker is stopped too
     resumed = exphil.train(out=out, resume=True, ray="auto", workers=2, quiet=True)
-    assert resumed.info["steps"] == alone.info["steps"] == 240
+    assert resumed.info["steps"] == whole.info["steps"] == 240
     assert resumed.info["ray"]["workers"] == 2
-    a, b = exphil.load_params(alone.path / "window.onnx"), exphil.load_params(out / "window.onnx")
-    assert max(np.abs(a[n] - b[n]).max() for n in a) <= 1e-5
-    rows = [[json.loads(l) for l in (p / "metrics.jsonl").read_text().splitlines()] for p in (alone.path, out)]
+    a, b = exphil.load_params(whole.path / "window.onnx"), exphil.load_params(out / "window.onnx")
+    assert all(np.array_equal(a[n], b[n]) for n in a)
+    rows = [[json.loads(l) for l in (p / "metrics.jsonl").read_text().splitlines()] for p in (whole.path, out)]
     assert len(rows[0]) == len(rows[1]) == 1
-    assert abs(rows[0][0]["train_loss"] - rows[1][0]["train_loss"]) < 1e-5
-    assert abs(rows[0][0]["val_loss"] - rows[1][0]["val_loss"]) < 1e-5
+    assert rows[0][0]["train_loss"] == rows[1][0]["train_loss"] and rows[0][0]["val_loss"] == rows[1][0]["val_loss"]
 
 
 def test_architecture_table_on_ray_equals_the_sequential_one(ray, monkeypatch, tmp_path):
