@@ -6,6 +6,9 @@
     python bench.py --specs specs/mamba.toml --hidden 256 1024
                                          # one spec at several widths (where INT4 starts to pay)
     python bench.py --loop               # the full decision loop through libmelee (replay + FIFO)
+    python bench.py --loop --specs specs/mlp.toml specs/mamba.toml --heads independent autoregressive
+                                         # the same (or the latency table) with both kinds of heads
+                                         # (autoregressive: the step graph samples the action)
     python bench.py --throughput         # training frames/s per spec (batch 64, window 60) and
                                          # % of this machine's MatMul peak
     python bench.py --throughput --vs-torch
@@ -52,6 +55,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import msgspec
@@ -103,9 +107,10 @@ def rerun_cell(model: exphil.Model, provider: str, cats, nums) -> dict:
     return exphil.timed(lambda: sess.run(None, feed), seconds=0.4)
 
 
-def graphs_for(source: str, hidden: int | None = None) -> tuple[str, exphil.Model, dict[str, bytes]]:
+def graphs_for(source: str, hidden: int | None = None, autoregressive: bool = False
+               ) -> tuple[str, exphil.Model, dict[str, bytes]]:
     """(name, model, {precision: step graph}) for a spec file (random weights; `hidden`: at that
-    width) or a run folder."""
+    width; `autoregressive`: with autoregressive heads, whose step graph samples) or a run folder."""
     import onnx
 
     if Path(source).is_dir():
@@ -113,9 +118,12 @@ def graphs_for(source: str, hidden: int | None = None) -> tuple[str, exphil.Mode
         fp32 = (Path(source) / "step.onnx").read_bytes()
         name = Path(source).name
     else:
-        model = exphil.Model(exphil.override_spec(exphil.load_spec(source), hidden=hidden))
+        spec = exphil.override_spec(exphil.load_spec(source), hidden=hidden)
+        if autoregressive:
+            spec = msgspec.structs.replace(spec, heads=msgspec.structs.replace(spec.heads, sampling="autoregressive"))
+        model = exphil.Model(spec)
         fp32 = model.build(step=True).SerializeToString()
-        name = model.spec.name + (f" ({hidden} wide)" if hidden else "")
+        name = model.spec.name + (f" ({hidden} wide)" if hidden else "") + (" autoregressive" if autoregressive else "")
     out = {"fp32": fp32}
     for precision, mode in (("int8", "dynamic"), ("int4", "int4")):
         path = Path(source) / exphil.PRECISIONS[precision]
@@ -124,16 +132,18 @@ def graphs_for(source: str, hidden: int | None = None) -> tuple[str, exphil.Mode
     return name, model, out
 
 
-def latency_table(sources: list[str], providers: list[str], widths: list[int | None] = (None,)) -> dict:
+def latency_table(sources: list[str], providers: list[str], widths: list[int | None] = (None,),
+                  kinds: Sequence[bool] = (False,)) -> dict:
     """Every source x provider x precision: FP32, INT8 and INT4 on the CPU, FP32 and FP16 on a GPU;
-    a provider not installed here is reported as absent."""
+    a provider not installed here is reported as absent. kinds: independent heads (False),
+    autoregressive ones (True), or both."""
     import onnx
 
     available = exphil.select_providers  # raises for a provider that is not installed
     cats, nums = frames()
     rows = {}
-    for source, hidden in ((s, h) for s in sources for h in widths):
-        name, model, graphs = graphs_for(source, hidden)
+    for source, hidden, autoregressive in ((s, h, k) for s in sources for h in widths for k in kinds):
+        name, model, graphs = graphs_for(source, hidden, autoregressive)
         row = {"params": int(sum(v.size for v in model.params.values())), "window": model.spec.window, "cells": {},
                "bytes": {p: len(g) for p, g in graphs.items()}}
         for provider in providers:
@@ -147,7 +157,7 @@ def latency_table(sources: list[str], providers: list[str], widths: list[int | N
                 graph = graphs.get(precision) or exphil.quantize_step(onnx.ModelProto.FromString(graphs["fp32"]),
                                                                       "fp16").SerializeToString()
                 row["cells"][f"{provider}/{precision}"] = exphil.step_latency(graph, provider, frames=(cats, nums))
-            if model.spec.window > 1:
+            if model.spec.window > 1 and not autoregressive:  # (a window graph cannot sample: it is teacher-forced)
                 row["cells"][f"{provider}/fp32 re-run"] = rerun_cell(model, provider, cats, nums)
         print(f"  measured {name}", file=sys.stderr, flush=True)
         rows[name] = row
@@ -184,7 +194,8 @@ def print_table(rows: dict, markdown: bool) -> None:
           + (f"  Not available here: {', '.join(absent)}." if absent else ""))
 
 
-def loop_latency(source: str, frames_: int = 1800, fps: float | None = None, precision: str = "fp32") -> dict:
+def loop_latency(source: str, frames_: int = 1800, fps: float | None = None, precision: str = "fp32",
+                 autoregressive: bool = False) -> dict:
     """The sync Runner's per-frame work: libmelee GameState -> features -> step -> sample ->
     controller commands flushed into a FIFO that another process drains, as Dolphin would.
     libmelee's Console streams a real replay as the game (back to back, or paced at `fps`)."""
@@ -193,7 +204,7 @@ def loop_latency(source: str, frames_: int = 1800, fps: float | None = None, pre
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        name, model, graphs = graphs_for(source)
+        name, model, graphs = graphs_for(source, autoregressive=autoregressive)
         model.save(tmp / "run")
         (tmp / "run" / "spec.toml").write_bytes(msgspec.toml.encode(model.spec))
         onnx.save(onnx.ModelProto.FromString(graphs["int8"]), tmp / "run" / "step.int8.onnx")
@@ -936,6 +947,8 @@ def main(argv=None) -> int:
     parser.add_argument("--hidden", type=int, nargs="*", help="the latency table at these widths of each spec "
                         "(e.g. --specs specs/mamba.toml --hidden 256 1024: where INT4 starts to pay)")
     parser.add_argument("--loop", action="store_true", help="the full decision loop (lstm and mamba by default)")
+    parser.add_argument("--heads", nargs="*", choices=["independent", "autoregressive"], default=["independent"],
+                        help="the latency table and --loop with these kinds of heads of each spec (both: side by side)")
     parser.add_argument("--throughput", action="store_true", help="training frames/s (batch 64, window 60)")
     parser.add_argument("--vs-torch", action="store_true",
                         help="--throughput: also the same models in PyTorch (when installed), checked and timed")
@@ -1055,12 +1068,14 @@ def main(argv=None) -> int:
         print("\nfull decision loop: GameState -> features -> step -> sample -> commands flushed to a FIFO "
               "(p50/p99 ms per frame, 1800 frames)\n")
         rows = {}
-        for source in sources:
-            cells = {f"{p} {'back to back' if fps is None else 'at 60 FPS'}": loop_latency(source, fps=fps, precision=p)
+        for source, kind in ((s, k) for s in sources for k in args.heads):
+            cells = {f"{p} {'back to back' if fps is None else 'at 60 FPS'}":
+                     loop_latency(source, fps=fps, precision=p, autoregressive=kind == "autoregressive")
                      for fps in (None, 60) for p in ("fp32", "int8")}
-            rows[source] = cells
-            print(f"{Path(source).stem:<10}" + "  ".join(f"{k}: {v['p50_ms']:.3f}/{v['p99_ms']:.3f}"
-                                                         for k, v in cells.items()), flush=True)
+            name = Path(source).stem + (" autoregressive" if kind == "autoregressive" else "")
+            rows[name] = cells
+            print(f"{name:<10}" + "  ".join(f"{k}: {v['p50_ms']:.3f}/{v['p99_ms']:.3f}" for k, v in cells.items()),
+                  flush=True)
         result["loop"] = rows
     elif args.throughput:
         reference = torch_reference() if args.vs_torch else None
@@ -1071,7 +1086,8 @@ def main(argv=None) -> int:
     else:
         if args.hidden and args.runs:
             raise SystemExit("--hidden applies to specs, not to trained runs")
-        rows = latency_table(args.runs or specs, [p.lower() for p in args.providers], args.hidden or [None])
+        rows = latency_table(args.runs or specs, [p.lower() for p in args.providers], args.hidden or [None],
+                             [kind == "autoregressive" for kind in args.heads])
         print("\nstep latency, batch 1, one intra-op thread; cells: p50 ms and verdict from p99\n")
         print_table(rows, args.markdown)
         result["step"] = rows

@@ -232,12 +232,27 @@ class Embeddings(_Strict):
     stage: Pos = 4
 
 
+# the controller's parts a model predicts: 8 buttons, each stick's axes in 17 classes, the trigger in 5
+HEADS = {"buttons": 8, "main_x": 17, "main_y": 17, "c_x": 17, "c_y": 17, "shoulder": 5}
+
+
 class Heads(_Strict):
     hidden: Annotated[int, msgspec.Meta(ge=0)] = 0  # width of a shared hidden layer (0 = none)
     # add to each head's logits a learned row picked by the current controller's class (a
     # "next input given current input" table, started at the training games' counts): the model
     # starts at the Markov baseline and learns what changes the input
     markov: bool = False
+    # "independent": each head's distribution from the features alone. "autoregressive": each head
+    # after the first in `order` also sees the values of the heads before it (a small MLP of the
+    # features and their one-hot values, `conditioning` wide, added to its logits): training feeds
+    # the true values (teacher forcing), the step graph samples the heads in order itself
+    sampling: Literal["independent", "autoregressive"] = "independent"
+    order: tuple[str, ...] = ("buttons", "main_x", "main_y", "c_x", "c_y", "shoulder")
+    conditioning: Pos = 64
+
+    def __post_init__(self):
+        if sorted(self.order) != sorted(HEADS):
+            raise ValueError(f"`order` must name each head once ({', '.join(HEADS)}), not {list(self.order)}")
 
 
 class Returns(_Strict):
@@ -334,9 +349,8 @@ def parse_spec(text: str | bytes, source: str = "<spec>") -> Spec:
 # gates, convolutions) runs on the whole window at once; true recurrences go through
 # `Graph.scan`, which unrolls a per-frame function over the L frames. The step graph is the same
 # code at L = 1 with the carried state as input, so a step reproduces a window frame by frame.
-# Only ops with gradients in onnxruntime-training 1.19 are used (no CumSum, Softplus, LSTM, Scan).
-
-HEADS = {"buttons": 8, "main_x": 17, "main_y": 17, "c_x": 17, "c_y": 17, "shoulder": 5}
+# Only ops with gradients in onnxruntime-training 1.19 are used (no CumSum, Softplus, LSTM, Scan),
+# except in the step graph's sampler (`Sampler`), which is never trained.
 
 
 class Graph:
@@ -352,6 +366,7 @@ class Graph:
         self.op = self.builder.op
         self.params = params
         self.length = length  # frames per window (1 in the step graph)
+        self.step = False  # the step graph: its heads work on [B, ...] (no frame axis)
         self.trained = False  # built for onnxruntime-training (gradients will be taken)
         self.shared: dict[str, Any] = {}  # values layers pass on within one frame (RWKV-7's first value)
         self.training = None  # the training graph's boolean input "training" (dropout on or off)
@@ -372,11 +387,11 @@ class Graph:
     def input(self, name: str, dtype: str, shape: Sequence):
         return self.builder.input(name, getattr(self.ir.DataType, dtype), list(shape))
 
-    def output(self, value, name: str, shape: Sequence):
-        """A float graph output with its declared shape (training tools require one)."""
+    def output(self, value, name: str, shape: Sequence, dtype: str = "FLOAT"):
+        """A graph output with its type and declared shape (training tools require one)."""
         if value in self.graph.inputs or value in self.graph.outputs:
             value = self.op.Identity(value)
-        value.dtype = self.ir.DataType.FLOAT
+        value.dtype = getattr(self.ir.DataType, dtype)
         value.shape = self.ir.Shape(list(shape))
         self.builder.add_output(value, name)
 
@@ -415,13 +430,16 @@ class Graph:
         return y
 
     def lookup(self, table: str, ids):
-        """Rows of a parameter table picked by integer ids. In a graph that is trained, a one-hot
-        MatMul: its gradient is a GEMM, where Gather's is a serial scatter (the slowest kernel of a
-        small model's training step). Elsewhere Gather, the fastest forward. Both are exact."""
-        weight = self.param(table)
+        """Rows of a parameter table picked by integer ids (see `lookup_value`)."""
+        return self.lookup_value(self.param(table), self.params[table].shape[0], ids)
+
+    def lookup_value(self, weight, rows: int, ids):
+        """Rows of a table (a graph value with `rows` rows) picked by integer ids. In a graph that
+        is trained, a one-hot MatMul: its gradient is a GEMM, where Gather's is a serial scatter
+        (the slowest kernel of a small model's training step). Elsewhere Gather, the fastest
+        forward. Both are exact."""
         if not self.trained:
             return self.op.Gather(weight, ids, axis=0)
-        rows = self.params[table].shape[0]
         return self.op.MatMul(self.op.OneHot(ids, self.const(rows, np.int64), self.const([0.0, 1.0]), axis=-1), weight)
 
     def silu(self, x):
@@ -1167,6 +1185,46 @@ def check_size(spec: Spec) -> None:
                         f"{4 * n / 2**30:,.1f} GiB in a graph file (ONNX holds at most 2 GiB)")
 
 
+def _true_values(g: Graph, action, head: str, logits):
+    """The one-hot value [B, L, k] of a head in an action's codes [B, L, UNIFORMS] (its 8 bits
+    for the buttons; see `sample_actions`)."""
+    op = g.op
+    if head == "buttons":
+        bits = op.Slice(action, g.const([0], np.int64), g.const([8], np.int64), g.const([-1], np.int64))
+        return op.Cast(bits, to=g.ir.DataType.FLOAT)
+    column = op.Gather(action, g.const(8 + _CLASS_HEADS.index(head), np.int64), axis=2)
+    return op.OneHot(column, g.const(HEADS[head], np.int64), g.const([0.0, 1.0]), axis=-1)
+
+
+class Sampler:
+    """Samples heads inside a step graph as `sample_actions` does, from the uniform numbers
+    `noise` [B, UNIFORMS] at `temperature`: a call samples one head from its logits [B, k] and
+    returns its one-hot value; `action()` joins the samples into codes [B, UNIFORMS]."""
+
+    def __init__(self, g: Graph, noise, temperature):
+        op = g.op
+        self.g, self.codes = g, {}
+        self.numbers = dict(zip(HEADS, g.split(noise, [8] + [1] * len(_CLASS_HEADS))))  # (HEADS order)
+        self.temperature = op.Max(temperature, g.const(1e-6))  # 0: the most likely value
+
+    def __call__(self, head: str, logits):
+        g, op = self.g, self.g.op
+        x = op.Div(logits, self.temperature)
+        if head == "buttons":  # pressed when u < sigmoid(x / T)
+            pressed = op.Less(self.numbers[head], op.Sigmoid(x))
+            self.codes[head] = op.Cast(pressed, to=g.ir.DataType.INT64)
+            return op.Cast(pressed, to=g.ir.DataType.FLOAT)
+        # the class where the cumulative softmax passes u (the last one if rounding leaves it under u)
+        k, last = HEADS[head], g.const([-1], np.int64)
+        below = op.Less(op.CumSum(op.Softmax(x, axis=-1), g.const(-1, np.int64)), self.numbers[head])
+        cls = op.Min(op.ReduceSum(op.Cast(below, to=g.ir.DataType.INT64), last, keepdims=1), g.const([k - 1], np.int64))
+        self.codes[head] = cls
+        return op.Cast(op.Equal(cls, g.const(np.arange(k), np.int64)), to=g.ir.DataType.FLOAT)
+
+    def action(self):
+        return self.g.op.Concat(*(self.codes[h] for h in HEADS), axis=-1)
+
+
 class Model:
     """A spec's parameters (name -> array) and the code that builds its graphs."""
 
@@ -1210,6 +1268,12 @@ class Model:
         if spec.heads.markov:
             for h, k in HEADS.items():
                 init(f"heads.markov.{h}", np.zeros((2, 8) if h == "buttons" else (k, k)))
+        if spec.heads.sampling == "autoregressive":  # (the conditioning starts at zero: independent heads)
+            r, order = spec.heads.conditioning, spec.heads.order
+            init.linear("heads.ar.features", spec.heads.hidden or d, r * (len(order) - 1))
+            for j, h in enumerate(order[1:], 1):
+                init(f"heads.ar.{h}.prefix", init.rng.normal(0, 1 / math.sqrt(j), (sum(HEADS[e] for e in order[:j]), r)))
+                init(f"heads.ar.{h}.out", np.zeros((r, HEADS[h])))
         self.params = init.params
         if params is not None:
             self.load(params)
@@ -1265,7 +1329,7 @@ class Model:
 
     def forward(self, g: Graph, cat, num, state: dict, rtg=None):
         """cat [B, L, C] int64, num [B, L, F] (and the return-to-go [B, L] of return-conditioned
-        specs) -> head logits [B, L, sum(HEADS)], new state, value [B, L] (or None)."""
+        specs) -> the heads' features [B, L, D], new state."""
         op, spec = g.op, self.spec
         feats = []
         for i, (_, table) in enumerate(CAT_FIELDS):
@@ -1288,30 +1352,56 @@ class Model:
         x = g.norm(spec.final_norm, x, "final_norm")
         if spec.heads.hidden:
             x = g.activation("gelu", g.linear(x, "heads.hidden"))
+        return x, new_state
+
+    def head_logits(self, g: Graph, x, num, choose: Callable) -> dict:
+        """Per head, its logits from the features x: the shared output layer (plus the Markov
+        lookup). Autoregressive heads: each head after the first in the spec's `order` adds an
+        MLP of x and the one-hot values `choose(head, logits)` gave the heads before it (the true
+        values in the window graph, samples in the step graph)."""
+        op, heads_spec = g.op, self.spec.heads
         logits = g.linear(x, "heads.out")
-        if spec.heads.markov:
+        if heads_spec.markov:
             logits = op.Add(logits, self.markov_logits(g, num))
-        value = op.Squeeze(g.linear(x, "heads.value"), g.const([-1], np.int64)) if spec.returns.value else None
-        return logits, new_state, value
+        heads = dict(zip(HEADS, g.split(logits, list(HEADS.values()))))
+        if heads_spec.sampling == "independent":
+            return heads
+        order = heads_spec.order
+        features = g.split(g.linear(x, "heads.ar.features"), [heads_spec.conditioning] * (len(order) - 1))
+        seen = []
+        for h, z in zip(order[1:], features):
+            seen.append(choose(order[len(seen)], heads[order[len(seen)]]))
+            prefix = seen[0] if len(seen) == 1 else op.Concat(*seen, axis=-1)
+            z = g.activation("gelu", op.Add(z, op.MatMul(prefix, g.param(f"heads.ar.{h}.prefix"))))
+            heads[h] = op.Add(heads[h], op.MatMul(z, g.param(f"heads.ar.{h}.out")))
+        return heads
 
     def markov_logits(self, g: Graph, num):
         """[B, L, sum(HEADS)]: per head, the row of its table picked by the current controller's
-        class, recovered from the controller features exactly as the labels encode it."""
+        class, recovered from the controller features exactly as the labels encode it. The
+        analog heads share one lookup: their tables stacked (padded to 17 columns; onnxruntime
+        folds that into one constant), one rounding and one gather for the five classes."""
         op = g.op
         ctrl = op.Slice(num, g.const([_CTRL], np.int64), g.const([_CTRL + 13], np.int64), g.const([-1], np.int64))
-        buttons, *analog = g.split(ctrl, [8, 1, 1, 1, 1, 1])
+        buttons, analog = g.split(ctrl, [8, 5])
         table = g.param("heads.markov.buttons")
         released = op.Gather(table, g.const(0, np.int64), axis=0)
         pressed = op.Gather(table, g.const(1, np.int64), axis=0)
-        parts = [op.Add(released, op.Mul(buttons, op.Sub(pressed, released)))]
-        last = g.const([-1], np.int64)
-        for (h, k), v in zip(list(HEADS.items())[1:], analog):
-            if h != "shoulder":  # the feature is (v - 0.5) * 2 for a stick value v in 0..1
-                v = op.Add(op.Mul(v, 0.5), 0.5)
-            cls = op.Round(op.Clip(op.Mul(v, float(k - 1)), g.const(0.0), g.const(float(k - 1))))
-            ids = op.Squeeze(op.Cast(cls, to=g.ir.DataType.INT64), last)
-            parts.append(g.lookup(f"heads.markov.{h}", ids))
-        return op.Concat(*parts, axis=-1)
+        heads = list(HEADS)[1:]  # a stick feature is (v - 0.5) * 2 for a value v in 0..1; the trigger is v
+        sticks = np.array([h != "shoulder" for h in heads])
+        top = np.array([HEADS[h] - 1 for h in heads], np.float32)
+        v = op.Add(op.Mul(analog, g.const(np.where(sticks, 0.5, 1.0))), g.const(np.where(sticks, 0.5, 0.0)))
+        cls = op.Round(op.Min(op.Max(op.Mul(v, g.const(top)), g.const(0.0)), g.const(top)))
+        first = np.cumsum([0] + [HEADS[h] for h in heads[:-1]])  # each head's first row in the stack
+        ids = op.Add(op.Cast(cls, to=g.ir.DataType.INT64), g.const(first, np.int64))
+        tables = [g.param(f"heads.markov.{h}") for h in heads]
+        tables = [t if HEADS[h] == STICK_CLASSES else op.Pad(t, g.const([0, 0, 0, STICK_CLASSES - HEADS[h]], np.int64))
+                  for h, t in zip(heads, tables)]
+        rows = g.lookup_value(op.Concat(*tables, axis=0), sum(HEADS[h] for h in heads), ids)  # [B, L, 5, 17]
+        rows = op.Reshape(rows, g.const([0] * (1 if g.step else 2) + [len(heads) * STICK_CLASSES], np.int64))
+        analog_logits = op.Slice(rows, g.const([0], np.int64), g.const([sum(HEADS[h] for h in heads)], np.int64),
+                                 g.const([-1], np.int64))
+        return op.Concat(op.Add(released, op.Mul(buttons, op.Sub(pressed, released))), analog_logits, axis=-1)
 
     def build(self, length: int | None = None, step: bool = False, extra=None, training: bool = False):
         """The window graph over `length` frames (default: the spec's window), or the step graph.
@@ -1322,7 +1412,7 @@ class Model:
         length = 1 if step else (length or self.spec.window)
         g = Graph(self.params, length, f"{self.spec.name}.{'step' if step else 'window'}")
         op = g.op
-        g.trained = training
+        g.trained, g.step = training, step
         if training and self.spec.dropout:
             g.training = g.input("training", "BOOL", [])
         C, F = len(CAT_FIELDS), len(NUM_FIELDS)
@@ -1338,18 +1428,31 @@ class Model:
         if self.spec.returns.input:
             rtg = g.input("rtg", "FLOAT", ["B"] if step else ["B", length])
             rtg = op.Unsqueeze(rtg, axis1) if step else rtg
-        logits, new_state, value = self.forward(g, cat, num, state, rtg)
-        if step:
-            logits = op.Squeeze(logits, axis1)
-            value = None if value is None else op.Squeeze(value, axis1)
-        heads = dict(zip(HEADS, g.split(logits, list(HEADS.values()))))
-        if value is not None:
-            heads["value"] = value
+        x, new_state = self.forward(g, cat, num, state, rtg)
+        if step:  # the heads work on [B, ...]: the frame axis goes once, before them
+            x, num = op.Squeeze(x, axis1), op.Squeeze(num, axis1)
+        sampler = None
+        if self.spec.heads.sampling == "independent":
+            choose = None
+        elif step:  # the step graph samples the heads in order: noise and temperature are inputs
+            sampler = choose = Sampler(g, g.input("noise", "FLOAT", ["B", UNIFORMS]), g.input("temperature", "FLOAT", []))
+        else:  # teacher forcing: the heads before each one take their true values
+            choose = functools.partial(_true_values, g, g.input("target.action", "INT64", ["B", length, UNIFORMS]))
+        heads = self.head_logits(g, x, num, choose)
+        if sampler:
+            last = self.spec.heads.order[-1]
+            sampler(last, heads[last])
+            heads["action"] = sampler.action()
+        if self.spec.returns.value:
+            heads["value"] = op.Squeeze(g.linear(x, "heads.value"), g.const([-1], np.int64))
         if extra is not None:
             extra(g, heads, new_state)
         lead = ["B"] if step else ["B", length]
         for name, value in heads.items():
-            g.output(value, name, lead + ([HEADS[name]] if name in HEADS else []))
+            if name == "action":
+                g.output(value, name, lead + [UNIFORMS], "INT64")
+            else:
+                g.output(value, name, lead + ([HEADS[name]] if name in HEADS else []))
         for n, shape in self.states:
             g.output(new_state[n], f"state_out.{n}", ["B", *shape])
         return g.to_proto()
@@ -2825,9 +2928,9 @@ def make_batch(episodes: list[Episode], wins: np.ndarray | Sequence[tuple[int, i
                teacher: dict | None = None, change_weight: float = 1.0,
                controller_dropout: tuple[float, int] | None = None, returns: Returns | None = None,
                ) -> dict[str, np.ndarray]:
-    """Inputs, targets (probabilities), a frame mask (0 for padding past an episode's end) and
-    each frame's current controller classes `current.<head>` (what "repeat the current input"
-    predicts) for windows, [n, 2] (episode, first frame); a window of episode -1 is all padding.
+    """Inputs, targets (probabilities, and the target action's codes `target.action`), a frame
+    mask (0 for padding past an episode's end) and each frame's current controller classes
+    `current.<head>` (what "repeat the current input" predicts) for windows, [n, 2] (episode, first frame); a window of episode -1 is all padding.
 
     delay: per batch or per window (frame t predicts the controller at t + 1 + delay).
     mirror: per window, flip left and right. smoothing: label smoothing of the targets.
@@ -2878,6 +2981,8 @@ def make_batch(episodes: list[Episode], wins: np.ndarray | Sequence[tuple[int, i
     if change_weight != 1:  # key frames: the controller changes between the current and the target frame
         changed = np.any([(labels[h] != current[h]).reshape(B, length, -1).any(-1) for h in HEADS], axis=0)
         batch["mask"] *= np.where(changed, np.float32(change_weight), np.float32(1))
+    # the target frame's action as codes (see `sample_actions`): what teacher forcing feeds autoregressive heads
+    batch["target.action"] = np.concatenate([labels["buttons"]] + [labels[h][..., None] for h in _CLASS_HEADS], -1)
     for h, k in HEADS.items():
         batch[f"current.{h}"] = current[h]
         y = labels[h].astype(np.float32) if h == "buttons" else np.eye(k, dtype=np.float32)[labels[h]]
@@ -3843,20 +3948,24 @@ def _teacher_logits(teacher: str | os.PathLike, episodes: list[Episode], path: P
     """The teacher's logits for every frame of every episode, from its window graph with the
     state carried from each game's start (what its step graph would output in play): written
     to `path` (.npy) as they come, and returned as per-episode views of it, memory-mapped like a
-    dataset's shards (so they take no memory of their own)."""
-    model, _ = load_run(teacher)
+    dataset's shards (so they take no memory of their own). Autoregressive heads are fed each
+    frame's target action (teacher forcing, as in training), so the frames without one (the
+    last 1 + delay of each game) keep zeros; they have no targets to distill either."""
+    model, info = load_run(teacher)
     L, K, ends = model.spec.window, sum(HEADS.values()), np.cumsum([0] + [ep.frames for ep in episodes])
+    # delay -1: windows cover every frame (their targets are not used)
+    delay = -1 if model.spec.heads.sampling == "independent" else int(info.get("frame_delay", 0))
     _unmap(path)
     with open(path, "wb") as f:
         np.lib.format.write_array_header_1_0(f, {"descr": "<f4", "fortran_order": False, "shape": (int(ends[-1]), K)})
         at = f.tell()
         f.truncate(at + int(ends[-1]) * K * 4)
-        # delay -1: windows cover every frame (their targets are not used)
-        for wins, _, result in stream_batches(model, episodes, L, -1, _window_runner(model), batch_size):
+        for wins, _, result in stream_batches(model, episodes, L, delay, _window_runner(model), batch_size):
             logits = np.concatenate([result[h] for h in HEADS], -1).astype("<f4")
             for b, (i, s) in enumerate(wins.tolist()):
                 if i >= 0:
-                    os.pwrite(f.fileno(), logits[b, :min(L, episodes[i].frames - s)].tobytes(), at + (int(ends[i]) + s) * K * 4)
+                    rows = logits[b, :min(L, episodes[i].frames - 1 - delay - s)]
+                    os.pwrite(f.fileno(), rows.tobytes(), at + (int(ends[i]) + s) * K * 4)
     table = _mapped(path)
     return [table[a:b] for a, b in zip(ends[:-1], ends[1:])], model
 
@@ -4517,9 +4626,10 @@ def step_latency(graph: Model | bytes | str | os.PathLike, provider: str = "cpu"
     cats, nums = frames
     counter = iter(range(1 << 62))
 
-    def call():
+    def call():  # (a graph that samples also draws its action, from the deterministic rule's numbers)
         k = next(counter) % len(cats)
-        stepper(cats[k], nums[k])
+        stepper(cats[k], nums[k], noise=numbers[k])
+    numbers = fixed_uniforms(np.arange(len(cats)))
     return timed(call, **timing)
 
 
@@ -4576,27 +4686,26 @@ class Stepper:
         self.session = session(path, provider, threads)
         dims = lambda shape: [d if isinstance(d, int) else 1 for d in shape]
         inputs = {i.name: i for i in self.session.get_inputs()}
-        self.cat = np.zeros(dims(inputs["cat"].shape), np.int64)
-        self.num = np.zeros(dims(inputs["num"].shape), np.float32)
-        self.rtg = np.zeros(dims(inputs["rtg"].shape), np.float32) if "rtg" in inputs else None
+        # the frame's inputs: features, and where the graph reads them the return-to-go and, in a
+        # graph that samples (autoregressive heads), the decision rule's numbers and temperature
+        self.inputs = {n: np.zeros(dims(inputs[n].shape), np.int64 if n == "cat" else np.float32)
+                       for n in ("cat", "num", "rtg", "noise", "temperature") if n in inputs}
+        self.cat, self.num, self.rtg = self.inputs["cat"], self.inputs["num"], self.inputs.get("rtg")
+        self.samples = "noise" in inputs
         self.state_names = [n[len("state_in."):] for n in inputs if n.startswith("state_in.")]
-        self.heads = {o.name: np.zeros(dims(o.shape), np.float32) for o in self.session.get_outputs()
-                      if o.name in HEADS or o.name == "value"}
+        self.heads = {o.name: np.zeros(dims(o.shape), np.int64 if o.name == "action" else np.float32)
+                      for o in self.session.get_outputs() if o.name in HEADS or o.name in ("value", "action")}
         buffers = [{n: np.zeros(dims(inputs[f"state_in.{n}"].shape), np.float32) for n in self.state_names}
                    for _ in range(2)]
         value = ort.OrtValue.ortvalue_from_numpy
-        self._keep = [value(a) for a in (self.cat, self.num, *self.heads.values())]
-        rtg = value(self.rtg) if self.rtg is not None else None
-        self._keep.append(rtg)  # (after the heads: the loop below pairs them with _keep[2:])
+        self._keep = [value(a) for a in (*self.inputs.values(), *self.heads.values())]
         self._bindings = []
         for src, dst in ((buffers[0], buffers[1]), (buffers[1], buffers[0])):
             io = self.session.io_binding()
-            io.bind_ortvalue_input("cat", self._keep[0])
-            io.bind_ortvalue_input("num", self._keep[1])
-            for (name, _), v in zip(self.heads.items(), self._keep[2:]):
-                io.bind_ortvalue_output(name, v)
-            if self.rtg is not None:
-                io.bind_ortvalue_input("rtg", rtg)
+            for n, v in zip(self.inputs, self._keep):
+                io.bind_ortvalue_input(n, v)
+            for n, v in zip(self.heads, self._keep[len(self.inputs):]):
+                io.bind_ortvalue_output(n, v)
             for n in self.state_names:
                 a, b = value(src[n]), value(dst[n])
                 self._keep += [a, b]
@@ -4614,14 +4723,22 @@ class Stepper:
         for a in self.state.values():
             a.fill(0)
 
-    def __call__(self, cat: np.ndarray, num: np.ndarray, rtg: float = 0.0) -> dict[str, np.ndarray]:
+    def __call__(self, cat: np.ndarray, num: np.ndarray, rtg: float = 0.0, noise: np.ndarray | None = None,
+                 temperature: float = 1.0) -> dict[str, np.ndarray]:
         """Logits per head for one frame (cat [C], num [F]; the return-to-go `rtg` for a graph
-        that reads one), and `value` for a graph with a value head; advances the state. The
-        returned arrays are reused by the next call."""
+        that reads one), and `value` for a graph with a value head; advances the state. A graph
+        that samples (`samples`) also returns the `action` it sampled from the numbers `noise`
+        [UNIFORMS] at `temperature` (see `DecisionRule`). The returned arrays are reused by the
+        next call."""
         self.cat[0] = cat
         self.num[0] = num
         if self.rtg is not None:
             self.rtg[0] = rtg
+        if self.samples:
+            if noise is None:
+                raise UsageError("this step graph samples its action (autoregressive heads): give it the frame's numbers")
+            self.inputs["noise"][0] = noise
+            self.inputs["temperature"][...] = temperature
         io, _ = self._bindings[self._turn]
         self.session.run_with_iobinding(io)
         self._turn ^= 1
@@ -4726,14 +4843,20 @@ class DecisionRule:
         """A new game: the deterministic rule starts its table again."""
         self.frame, self.u = 0, None
 
-    def __call__(self, logits: dict[str, np.ndarray]) -> np.ndarray:
-        """Actions [views, UNIFORMS] (see `sample_actions`) from logits [views, k] per head."""
+    def numbers(self) -> np.ndarray:
+        """The next frame's numbers [views, UNIFORMS]. A step graph that samples (autoregressive
+        heads) takes them as its `noise`: its `action` is this rule's decision."""
         if self.deterministic:
             self.u = fixed_uniforms(np.full(self.views, self.frame), self.keep)
         else:
             self.u = self.rng.random((self.views, UNIFORMS)) if self.u is None else next_uniforms(self.u, self.keep, self.rng)
         self.frame += 1
-        return sample_actions(logits, self.u, self.temperature)
+        return self.u
+
+    def __call__(self, logits: dict[str, np.ndarray]) -> np.ndarray:
+        """Actions [views, UNIFORMS] (see `sample_actions`) from logits [views, k] per head, with
+        the next frame's numbers."""
+        return sample_actions(logits, self.numbers(), self.temperature)
 
 
 # =================================================================================================
@@ -4773,11 +4896,13 @@ def checked_step_graph(run: Path, path: Path, info: dict) -> bytes:
         model = Model(load_spec(run / "spec.toml"), check=False)  # (its size was checked when it trained)
         states, what = model.states, f"the run's spec {model.spec.name!r}"
         scalars = [n for n, used in (("rtg", model.spec.returns.input), ("value", model.spec.returns.value)) if used]
+        samples = model.spec.heads.sampling == "autoregressive"
     else:  # at least a consistent interface
         states, what = [(k[len("state_in."):], v) for k, v in got.items() if k.startswith("state_in.")], "a step graph"
-        scalars = [n for n in ("rtg", "value") if n in got]
+        scalars, samples = [n for n in ("rtg", "value") if n in got], "noise" in got
     want = {"cat": [len(CAT_FIELDS)], "num": [len(NUM_FIELDS)], **{h: [k] for h, k in HEADS.items()},
-            **{f"state_{io}.{n}": list(shape) for n, shape in states for io in ("in", "out")}, **{n: [] for n in scalars}}
+            **{f"state_{io}.{n}": list(shape) for n, shape in states for io in ("in", "out")}, **{n: [] for n in scalars},
+            **({"noise": [UNIFORMS], "temperature": [], "action": [UNIFORMS]} if samples else {})}
     if got != want:
         wrong = sorted(f"{k} {got.get(k, 'missing')} (expected {want.get(k, 'none')})"
                        for k in set(got) | set(want) if got.get(k) != want.get(k))
@@ -4878,7 +5003,8 @@ class Agent:
                 reward = frame_rewards(np.stack([self._num, num]), self.returns)[0]
                 self.rtg = (self.rtg - reward) / self.returns.discount
             self._num = num.copy()
-        logits = self.step(cat, num, self.rtg if self.returns else 0.0)
+        noise = self.rule.numbers()[0] if self.step.samples else None  # (the graph samples the action)
+        logits = self.step(cat, num, self.rtg if self.returns else 0.0, noise, self.temperature)
         if not all(np.isfinite(v).all() for v in logits.values()):
             self.step.reset()
             if not self._warned:
@@ -4888,10 +5014,13 @@ class Agent:
         return logits
 
     def sample(self, logits: dict[str, np.ndarray]) -> dict:
-        """An action from one frame's logits, at the agent's temperature. Logits that are NaN or
-        infinite are an error: no action is ever made from them."""
+        """An action from one frame's logits, at the agent's temperature (autoregressive heads:
+        the action the step graph sampled with them). Logits that are NaN or infinite are an
+        error: no action is ever made from them."""
         if not np.isfinite(sum(float(v.sum()) for v in logits.values())):
             raise ExphilError("the model returned NaN or infinite logits")
+        if "action" in logits:
+            return action_dict(logits["action"])
         return action_dict(self.rule({h: v[None] for h, v in logits.items()})[0])
 
     def act(self, gamestate, port: int, opponent_port: int | None = None) -> dict:
@@ -4936,15 +5065,18 @@ def calibration_feeds(model: str | os.PathLike | bytes, episodes: Sequence, coun
                       returns: Returns | None = None):
     """About `count` step-graph inputs for static calibration, spread over whole games, each
     with the state that the FP32 graph carries into it from stepping through every frame
-    before it (and the frame's return-to-go under `returns` for a graph that reads one)."""
+    before it (and the frame's return-to-go under `returns` for a graph that reads one; the
+    deterministic rule's numbers for a graph that samples)."""
     stepper = Stepper(model, "cpu")
     for t, cat, num, rtg, counted in replay_frames(episodes, count, returns):
         if t == 0:
             stepper.reset()
+        u = fixed_uniforms(t)
         if counted:
+            sampling = {"noise": u[None].astype(np.float32), "temperature": np.array(1.0, np.float32)}
             yield {"cat": cat[None], "num": num[None], **({"rtg": np.array([rtg], np.float32)} if returns else {}),
-                   **{f"state_in.{n}": v.copy() for n, v in stepper.state.items()}}
-        stepper(cat, num, rtg)
+                   **(sampling if stepper.samples else {}), **{f"state_in.{n}": v.copy() for n, v in stepper.state.items()}}
+        stepper(cat, num, rtg, u)
 
 
 class _Feeds:
@@ -5078,23 +5210,25 @@ def quantize_step(model, mode: str = "dynamic", calibration=None):
 
 def agreement(reference: Stepper, other: Stepper, frames) -> tuple[dict[str, float], np.ndarray, int]:
     """Per-head agreement of the deterministic decisions (`DecisionRule`'s numbers at frame t of a
-    game using `fixed_uniforms(t)`) of two step graphs run side by side over frames in order (each
-    carrying its own state) on the frames marked counted, their per-call times in seconds
-    [frames, 2], and how many frames were counted. Buttons are compared one by one."""
+    game using `fixed_uniforms(t)`, from which graphs that sample draw their actions) of two step
+    graphs run side by side over frames in order (each carrying its own state) on the frames
+    marked counted, their per-call times in seconds [frames, 2], and how many frames were
+    counted. Buttons are compared one by one."""
     same = {h: [] for h in HEADS}
     times = []
     for t, cat, num, rtg, counted in frames:
         if t == 0:
             reference.reset()
             other.reset()
+        u = fixed_uniforms(t)  # (a graph that samples draws its action from them)
         t0 = time.perf_counter()
-        a = reference(cat, num, rtg)
+        a = reference(cat, num, rtg, u)
         t1 = time.perf_counter()
-        b = other(cat, num, rtg)
+        b = other(cat, num, rtg, u)
         times.append((t1 - t0, time.perf_counter() - t1))
         if counted:
-            u = fixed_uniforms(t)[None]
-            x, y = (sample_actions({h: v[None] for h, v in o.items()}, u)[0] for o in (a, b))
+            x, y = (o["action"] if "action" in o else sample_actions({h: o[h][None] for h in HEADS}, u[None])[0]
+                    for o in (a, b))
             same["buttons"].append(x[:8] == y[:8])
             for h, i in zip(_CLASS_HEADS, range(8, UNIFORMS)):
                 same[h].append([x[i] == y[i]])
@@ -5541,15 +5675,18 @@ def episode_inputs(ep: Episode) -> np.ndarray:
 
 
 def _graph_step(graph: bytes, views: int):
-    """step(cat [V, C], num [V, F], rtg [V]) -> head logits for a step graph, carrying the
+    """step(cat [V, C], num [V, F], rtg [V], noise [V, UNIFORMS], temperature) -> head logits
+    (and the `action` a graph that samples drew from `noise`) for a step graph, carrying the
     state of `views` player views at once."""
     sess = session(graph, "cpu")
     inputs = {i.name: i for i in sess.get_inputs()}
     names = [o.name for o in sess.get_outputs()]
     state = {n: np.zeros([views, *inputs[n].shape[1:]], np.float32) for n in inputs if n.startswith("state_in.")}
 
-    def step(cat, num, rtg):
-        feeds = {"cat": cat, "num": num, **state, **({"rtg": rtg} if "rtg" in inputs else {})}
+    def step(cat, num, rtg, noise, temperature):
+        given = {"cat": cat, "num": num, "rtg": rtg, "noise": noise.astype(np.float32),
+                 "temperature": np.array(temperature, np.float32)}
+        feeds = {**state, **{n: v for n, v in given.items() if n in inputs}}
         out = dict(zip(names, sess.run(None, feeds)))
         state.update({"state_in." + n[len("state_out."):]: v for n, v in out.items() if n.startswith("state_out.")})
         return out
@@ -5561,7 +5698,7 @@ def _markov_step(tables: dict):
     given current input" table (`markov_tables`) picked by the current controller columns."""
     tables = {h: np.asarray(v, np.float64) for h, v in tables.items()}
 
-    def step(cat, num, rtg):
+    def step(cat, num, rtg, noise, temperature):
         ctrl = num[:, _CTRL_COLUMNS] / _SCALE[_CTRL_COLUMNS] + _OFFSET[_CTRL_COLUMNS]
         p = tables["buttons"][(ctrl[:, :8] > 0.5).astype(np.int64), np.arange(8)]
         out = {"buttons": np.log(p) - np.log1p(-p)}
@@ -5597,9 +5734,10 @@ def rollout(step, episodes: list[Episode], closed: bool = False, deterministic: 
         if closed:
             x = x.copy()
             x[:, _CTRL_COLUMNS] = controller_features(inputs[t])
-        out = step(cat[t], x, rtg[t])
+        u = rule.numbers()
+        out = step(cat[t], x, rtg[t], u, temperature)
         if t + lag < T:
-            inputs[t + lag] = rule(out)
+            inputs[t + lag] = out["action"] if "action" in out else sample_actions(out, u, temperature)
             pressed[t + lag], main[t + lag] = out["buttons"] > cut, _main_cluster_guess(out)
     return [{"inputs": inputs[:ep.frames, v], "buttons": pressed[:ep.frames, v], "main": main[:ep.frames, v]}
             for v, ep in enumerate(episodes)]

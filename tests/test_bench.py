@@ -38,9 +38,10 @@ def test_latency_table(tmp_path):
                 assert 0 < cell["p50_ms"] <= cell["p99_ms"] and cell["calls"] >= 300, name
     assert f"Not available here: {', '.join(sorted(absent))}" in out if absent else "Not available here" not in out
     assert "cpu/int8 p50 ms" in out and "headroom" in out
-    md = bench("--specs", "specs/mlp.toml", "--providers", "cpu", "--markdown", "--hidden", "64", "128")
+    md = bench("--specs", "specs/mlp.toml", "--providers", "cpu", "--markdown", "--hidden", "64", "128",
+               "--heads", "independent", "autoregressive")
     assert "| spec | params | cpu/fp32 p50 ms | cpu/int8 p50 ms | cpu/int4 p50 ms | headroom |" in md
-    assert "| mlp (64 wide) |" in md and "| mlp (128 wide) |" in md
+    assert "| mlp (64 wide) |" in md and "| mlp (128 wide) |" in md and "| mlp (128 wide) autoregressive |" in md
 
 
 def test_architecture_table(tmp_path):

@@ -31,23 +31,26 @@ def real_frames():
             np.stack([e.rtg(exphil.Returns())[2000:2240] for e in eps]))
 
 
-def inputs(model, cat, num, rtg, state):
+def inputs(model, cat, num, rtg, state, **extra):
     return {"cat": cat, "num": num, **({"rtg": rtg} if model.spec.returns.input else {}),
-            **{f"state_in.{k}": v for k, v in state.items()}}
+            **{f"state_in.{k}": v for k, v in state.items()}, **extra}
 
 
-def run_window(model, length, cat, num, rtg, state):
+def run_window(model, length, cat, num, rtg, state, **extra):
     sess = exphil.session(model.build(length).SerializeToString())
-    out = sess.run(None, inputs(model, cat, num, rtg, state))
+    out = sess.run(None, inputs(model, cat, num, rtg, state, **extra))
     return dict(zip([o.name for o in sess.get_outputs()], out))
 
 
-def run_steps(model, cat, num, rtg, state):
+def run_steps(model, cat, num, rtg, state, noise=None, temperature=1.0):
+    """The step graph over the frames of cat [B, T, C] (a graph that samples: with the numbers
+    noise [B, T, UNIFORMS])."""
     step = exphil.session(model.build(step=True).SerializeToString())
     names = [o.name for o in step.get_outputs()]
     heads = {h: [] for h in names if not h.startswith("state_out.")}
     for t in range(cat.shape[1]):
-        out = dict(zip(names, step.run(None, inputs(model, cat[:, t], num[:, t], rtg[:, t], state))))
+        extra = {} if noise is None else {"noise": noise[:, t], "temperature": np.array(temperature, np.float32)}
+        out = dict(zip(names, step.run(None, inputs(model, cat[:, t], num[:, t], rtg[:, t], state, **extra))))
         state = {k: out[f"state_out.{k}"] for k in state}
         for h in heads:
             heads[h].append(out[h])
@@ -59,21 +62,54 @@ def with_value_head(path):
     return msgspec.structs.replace(spec, returns=exphil.Returns(value=True))
 
 
-@pytest.mark.parametrize("spec", [*SPECS, "gru with a value head"], ids=lambda p: getattr(p, "stem", p))
+AUTOREGRESSIVE_ORDER = ("main_x", "main_y", "buttons", "shoulder", "c_x", "c_y")  # (not the default)
+
+
+def autoregressive(path, order=AUTOREGRESSIVE_ORDER):
+    spec = exphil.load_spec(path)
+    return msgspec.structs.replace(spec, heads=msgspec.structs.replace(spec.heads, sampling="autoregressive",
+                                                                        order=order))
+
+
+VARIANTS = {"gru with a value head": lambda: with_value_head(ROOT / "specs" / "gru.toml"),
+            "gru with autoregressive heads": lambda: autoregressive(ROOT / "specs" / "gru.toml")}
+
+
+def variant(spec):
+    """A shipped spec (path) or one of VARIANTS (name)."""
+    return exphil.load_spec(spec) if isinstance(spec, Path) else VARIANTS[spec]()
+
+
+def conditioned(model, seed=0):
+    """The model, its autoregressive conditioning moved off its start (zero: independent heads)."""
+    rng = np.random.default_rng(seed)
+    for k, v in model.params.items():
+        if k.startswith("heads.ar.") and k.endswith(".out"):
+            model.params[k] = rng.normal(0, 0.5, v.shape).astype(np.float32)
+    return model
+
+
+@pytest.mark.parametrize("spec", [*SPECS, *VARIANTS], ids=lambda p: getattr(p, "stem", p))
 def test_step_graph_reproduces_window_graph(spec, real_frames):
     """120 frames fed one at a time to the step graph == the window graph over those frames,
     from a zero state and from the non-zero state left by 60 earlier frames (every head, and
-    the value head where there is one)."""
-    spec = exphil.load_spec(spec) if isinstance(spec, Path) else with_value_head(ROOT / "specs" / "gru.toml")
-    model = exphil.Model(spec, seed=1)
+    the value head where there is one). Autoregressive heads: the step graph samples each
+    frame's action, and the window graph fed those actions (teacher forcing) gives the logits
+    the step graph sampled them from."""
+    spec = variant(spec)
+    model = conditioned(exphil.Model(spec, seed=1))
     cat, num, rtg = real_frames
+    noise = np.random.default_rng(2).random((2, 180, exphil.UNIFORMS)).astype(np.float32) \
+        if spec.heads.sampling == "autoregressive" else None
     zero = model.zero_state(2)
-    _, warm = run_steps(model, cat[:, :60], num[:, :60], rtg[:, :60], zero)
+    _, warm = run_steps(model, cat[:, :60], num[:, :60], rtg[:, :60], zero, noise)
     if model.states:
         assert any(np.abs(v).max() > 1e-3 for v in warm.values())
     for state in (zero, warm):
-        window = run_window(model, 120, cat[:, 60:180], num[:, 60:180], rtg[:, 60:180], state)
-        steps, final = run_steps(model, cat[:, 60:180], num[:, 60:180], rtg[:, 60:180], state)
+        steps, final = run_steps(model, cat[:, 60:180], num[:, 60:180], rtg[:, 60:180], state,
+                                 None if noise is None else noise[:, 60:180])
+        teacher = {} if noise is None else {"target.action": steps.pop("action")}
+        window = run_window(model, 120, cat[:, 60:180], num[:, 60:180], rtg[:, 60:180], state, **teacher)
         assert set(steps) == set(exphil.HEADS) | ({"value"} if spec.returns.value else set())
         for h in steps:
             assert window[h].shape == steps[h].shape == (2, 120, *([exphil.HEADS[h]] if h in exphil.HEADS else []))
@@ -82,9 +118,59 @@ def test_step_graph_reproduces_window_graph(spec, real_frames):
             assert np.abs(window[f"state_out.{k}"] - final[k]).max() <= 1e-4, k
 
 
-@pytest.mark.parametrize("path", SPECS, ids=lambda p: p.stem)
+def test_autoregressive_step_graph_samples_like_the_numpy_rule(real_frames):
+    """With autoregressive heads the step graph samples the action itself: over 120 real frames
+    (state carried) its action equals `sample_actions` fed the same numbers and the logits the
+    graph returns (each head's given the values sampled before it), at temperatures 1 and 0.6;
+    at temperature 0 it is the most likely value of each head given those before it."""
+    model = conditioned(exphil.Model(autoregressive(ROOT / "specs" / "gru.toml"), seed=3))
+    cat, num, rtg = real_frames
+    noise = np.random.default_rng(5).random((2, 120, exphil.UNIFORMS)).astype(np.float32)
+    for temperature in (1.0, 0.6, 0.0):
+        steps, _ = run_steps(model, cat[:, :120], num[:, :120], rtg[:, :120], model.zero_state(2), noise, temperature)
+        logits = {h: steps[h].reshape(240, -1) for h in exphil.HEADS}
+        if temperature:
+            want = exphil.sample_actions(logits, noise.reshape(240, -1).astype(np.float64), temperature)
+        else:
+            want = np.concatenate([logits["buttons"] > 0, *(logits[h].argmax(-1)[:, None] for h in exphil.HEADS
+                                                            if h != "buttons")], 1)
+        assert (steps["action"].reshape(240, -1) == want).all(), temperature
+    assert len({tuple(a) for a in steps["action"].reshape(240, -1)}) > 10  # (the frames differ)
+
+
+def test_autoregressive_samples_follow_the_joint_distribution():
+    """20,000 samples of one frame from a small model with strongly conditioned heads: the
+    frequencies of (main_x, main_y), sampled in that order, match p(main_x) p(main_y | main_x),
+    the conditional read from the window graph fed each main_x value (teacher forcing)."""
+    spec = exphil.override_spec(autoregressive(ROOT / "specs" / "mlp.toml"), hidden=16)
+    model = conditioned(exphil.Model(spec, seed=4), seed=1)
+    model.params["heads.ar.main_y.out"] *= 6  # main_y leans hard on main_x
+    n, rng = 20000, np.random.default_rng(6)
+    eps = exphil.load_replay(REPLAYS / "hohav-py-slippi__netplay_name.slp")
+    cat, num = np.repeat(eps[0].cat[3000:3001], n, 0), np.repeat(eps[0].num[3000:3001], n, 0)
+    step = exphil.session(model.build(step=True).SerializeToString())
+    names = [o.name for o in step.get_outputs()]
+    out = dict(zip(names, step.run(None, {"cat": cat, "num": num, "noise": rng.random((n, exphil.UNIFORMS), np.float32),
+                                         "temperature": np.array(1.0, np.float32)})))
+    x, y = out["action"][:, 8], out["action"][:, 9]
+    window = exphil.session(model.build(1).SerializeToString())
+    action = np.zeros((17, 1, exphil.UNIFORMS), np.int64)
+    action[:, 0, 8] = np.arange(17)  # each main_x value, teacher-forced
+    wout = dict(zip([o.name for o in window.get_outputs()],
+                    window.run(None, {"cat": cat[:17, None], "num": num[:17, None], "target.action": action})))
+    softmax = lambda v: np.exp(v - v.max(-1, keepdims=True)) / np.exp(v - v.max(-1, keepdims=True)).sum(-1, keepdims=True)
+    joint = softmax(wout["main_x"][0, 0].astype(np.float64))[:, None] * softmax(wout["main_y"][:, 0].astype(np.float64))
+    counts = np.zeros((17, 17))
+    np.add.at(counts, (x, y), 1)
+    conditionals = softmax(wout["main_y"][:, 0].astype(np.float64))
+    assert np.abs(conditionals - conditionals[:1]).max() > 0.2  # main_y does depend on main_x
+    sigma = np.sqrt(joint * (1 - joint) / n)
+    assert (np.abs(counts / n - joint) <= 5 * sigma + 1e-4).all()
+
+
+@pytest.mark.parametrize("path", [*SPECS, *VARIANTS], ids=lambda p: getattr(p, "stem", p))
 def test_graph_format_limits(path):
-    model = exphil.Model(exphil.load_spec(path))
+    model = exphil.Model(variant(path))
     window, step, trained = model.build(), model.build(step=True), model.build(training=True)
     for proto in (window, step, trained):
         onnx.checker.check_model(proto)
@@ -520,18 +606,19 @@ def test_attention_matches_numpy_band_attention(alibi):
 
 
 @needs_training
-@pytest.mark.parametrize("spec", [*SPECS, "gru with a value head"], ids=lambda p: getattr(p, "stem", p))
+@pytest.mark.parametrize("spec", [*SPECS, *VARIANTS], ids=lambda p: getattr(p, "stem", p))
 def test_gradients_match_finite_differences(spec, tmp_path):
     """The training graph's gradient (onnxruntime-training's, through every op we emit, e.g. the
     one-hot embeddings and the unrolled scans) equals central differences of the evaluated loss,
     for the largest gradient entry of every parameter tensor of a tiny copy of each spec (and
-    of one with a value head, whose squared error joins the loss)."""
-    spec = exphil.load_spec(spec) if isinstance(spec, Path) else with_value_head(ROOT / "specs" / "gru.toml")
+    of one with a value head, whose squared error joins the loss, and one with autoregressive
+    heads, teacher-forced)."""
+    spec = variant(spec)
     kinds = {type(b.mixer) for b in spec.blocks}  # sizes that fit a width of 16, chunks shorter than the window
     tiny = {"head_dim": 8} if exphil.Mamba2 in kinds else {"head_size": 8} if exphil.RWKV7 in kinds else {}
     if kinds & {exphil.Mamba2, exphil.GLA, exphil.HGRN2}:
         tiny["chunk_size"] = 3
-    model = exphil.Model(exphil.override_spec(spec, window_size=8, hidden=16, **tiny))
+    model = conditioned(exphil.Model(exphil.override_spec(spec, window_size=8, hidden=16, **tiny)))
     trainer = exphil.Trainer(model, tmp_path / "t", length=8)
     eps = exphil.load_replay(REPLAYS / "hohav-py-slippi__netplay_name.slp")
     batch = exphil.make_batch(eps, exphil.windows(eps, 8)[1000:1002], 8, returns=spec.returns_used)

@@ -34,6 +34,8 @@ def edited(tmp_path, old, new, name="lstm"):
     ("window = 60", 'window = "sixty"', "window"),                     # wrong type
     ("repeat = 2", "repeat = 0", "blocks[0].repeat"),                  # out of range
     ('kind = "lstm"', 'kind = "lstmm"', "blocks[0].mixer.kind"),       # unknown layer kind
+    ("[heads]", '[heads]\nsampling = "autoregresive"', "heads.sampling"),  # not a kind of heads
+    ("[heads]", '[heads]\norder = ["buttons", "main_x"]', "`order` must name each head once"),  # a head missing
 ])
 def test_spec_errors_name_file_and_field(tmp_path, old, new, field):
     path = edited(tmp_path, old, new)
