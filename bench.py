@@ -1074,7 +1074,7 @@ def main(argv=None) -> int:
                      for fps in (None, 60) for p in ("fp32", "int8")}
             name = Path(source).stem + (" autoregressive" if kind == "autoregressive" else "")
             rows[name] = cells
-            print(f"{name:<10}" + "  ".join(f"{k}: {v['p50_ms']:.3f}/{v['p99_ms']:.3f}" for k, v in cells.items()),
+            print(f"{name:<22}" + "  ".join(f"{k}: {v['p50_ms']:.3f}/{v['p99_ms']:.3f}" for k, v in cells.items()),
                   flush=True)
         result["loop"] = rows
     elif args.throughput:

@@ -56,6 +56,9 @@ def test_the_readme_example_reproduces_the_agent_with_autoregressive_heads(ar_ru
     scope = {}
     exec(code.replace("runs/gru/step.onnx", str(ar_run.path / "step.onnx")), scope)
     agent, game = exphil.Agent(ar_run.path, deterministic=True), exphil.ReplayGame(REPLAY, fps=None, frames=200)
+    with pytest.raises(exphil.UsageError, match="samples its action .* give it the frame's numbers"):
+        exphil.Stepper(ar_run.path / "step.onnx")(*exphil.features_from_gamestate(game.step(), 1, 2))
+    game = exphil.ReplayGame(REPLAY, fps=None, frames=200)
     for t, gs in enumerate(iter(game.step, None)):
         want = agent.logits(gs, 1, 2)
         got = scope["step"](*exphil.features_from_gamestate(gs, 1, 2), noise=exphil.fixed_uniforms(t).astype(np.float32))
