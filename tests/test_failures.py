@@ -394,7 +394,7 @@ def test_resume_and_recorded_games_refuse_a_replay_whose_content_changed(tmp_pat
                       ("c.slp", "hohav-peppi__duplicate_game_end.slp")):
         shutil.copy(REPLAYS / src, folder / name)
     exphil.ingest(folder, data, workers=1)
-    common = ["--max-steps", "2", "--batch-size", "8", "--val-split", "0.34"]
+    common = ["--max-steps", "2", "--batch-size", "512", "--val-split", "0.34"]
     runs = {"replays": ["--replays", folder, "--out", tmp_path / "r"], "data": ["--data", data, "--out", tmp_path / "d"]}
     for args in runs.values():
         res = cli("train", "mlp", *args, *common)
