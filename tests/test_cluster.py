@@ -136,7 +136,7 @@ def test_architecture_table_on_ray_equals_the_sequential_one(ray, monkeypatch, t
         spec = exphil.override_spec(exphil.load_spec(ROOT / "specs" / f"{name}.toml"), **sizes)
         specs.append(tmp_path / f"{name}.toml")
         specs[-1].write_bytes(exphil.msgspec.toml.encode(spec))
-    args = dict(paths=[str(p) for p in specs], replays=str(REPLAYS), budget_seconds=0, seed=0, batch_size=8, max_steps=3)
+    args = dict(paths=[str(p) for p in specs], replays=str(REPLAYS), budget_seconds=0, seed=0, batch_size=64, max_steps=3)
     timings = ("train_frames_per_s", "step_p50_ms", "step_p99_ms")
     strip = lambda rows: [{k: v for k, v in r.items() if k not in timings} for r in rows]
     assert strip(bench.architecture_table(**args, ray="auto")) == strip(bench.architecture_table(**args))
