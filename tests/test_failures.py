@@ -242,8 +242,8 @@ def test_a_damaged_shard_is_parsed_again(tmp_path):
 
 def test_a_damaged_checkpoint_falls_back_to_the_one_before(tmp_path):
     out = tmp_path / "run"
-    base = ["train", "mlp", "--replays", REPLAYS, "--epochs", "2", "--batch-size", "512", "--save-every", "10",
-            "--out", out]
+    base = ["train", "mlp", "--replays", REPLAYS, "--epochs", "2", "--batch-size", "512", "--hidden", "64",
+            "--save-every", "10", "--out", out]
     assert cli(*base).returncode == 0
     complete = json.loads((out / "run.json").read_text())["steps"]
     (out / "train" / "checkpoint").write_bytes((out / "train" / "checkpoint").read_bytes()[:100])
