@@ -82,7 +82,8 @@ def test_a_run_folder_is_never_silently_reused(tmp_path, mlp_run):
 
 
 def test_early_stopping_keeps_the_best_epoch(tmp_path):
-    run = exphil.train(SPEC / "mlp.toml", REPLAYS, epochs=6, lr=1e-9, early_stopping=True, patience=2, batch_size=512,
+    small = exphil.override_spec(exphil.load_spec(SPEC / "mlp.toml"), hidden=64)
+    run = exphil.train(small, REPLAYS, epochs=6, lr=1e-9, early_stopping=True, patience=2, batch_size=512,
                        out=tmp_path / "run", quiet=True)
     rows = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 3 and "early stopping" in run.info["stopped"]
