@@ -138,7 +138,7 @@ def test_second_training_into_a_busy_folder_is_refused_and_a_killed_owner_leaves
 
 def test_resume_repeats_the_command_refuses_what_differs_and_extends(tmp_path):
     out = tmp_path / "run"
-    cmd = ["train", "mlp", "--replays", REPLAYS, "--epochs", "1", "--batch-size", "512", "--out", out]
+    cmd = ["train", "mlp", "--replays", REPLAYS, "--epochs", "1", "--batch-size", "512", "--hidden", "64", "--out", out]
     assert cli(*cmd).returncode == 0
     info = lambda: json.loads((out / "run.json").read_text())
     steps = info()["steps"]
@@ -153,9 +153,9 @@ def test_resume_repeats_the_command_refuses_what_differs_and_extends(tmp_path):
     rows = [json.loads(l)["epoch"] for l in (out / "metrics.jsonl").read_text().splitlines()]
     assert rows == [1, 2]
     spec = out / "spec.toml"
-    spec.write_text(spec.read_text().replace("hidden = 512", "hidden = 256"))
+    spec.write_text(spec.read_text().replace("hidden = 64", "hidden = 256"))
     res = cli("train", "--resume", "--out", out)
-    assert res.returncode == 1 and "spec.toml was edited since the run started (hidden: 512 -> 256)" in res.stderr
+    assert res.returncode == 1 and "spec.toml was edited since the run started (hidden: 64 -> 256)" in res.stderr
 
 
 def _run_copy(run, tmp_path):
