@@ -158,7 +158,7 @@ def test_train_command_on_ray(ray, tmp_path, capsys):
     """`exphil train ... --ray auto --workers 2` trains on the running Ray cluster."""
     out = tmp_path / "cli"
     assert exphil.main(["train", "mlp", "--replays", str(REPLAYS), "--ray", "auto", "--workers", "2",
-                        "--batch-size", "64", "--max-steps", "4", "--out", str(out), "--quiet"]) == 0
+                        "--batch-size", "512", "--max-steps", "4", "--out", str(out), "--quiet"]) == 0
     info = json.loads((out / "run.json").read_text())
     assert info["status"] == "finished" and info["steps"] == 4 and info["ray"]["workers"] == 2
 
