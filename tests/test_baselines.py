@@ -194,7 +194,8 @@ def test_cli_reports_the_scoreboard(tmp_path):
     """`exphil train` ends with the exported epoch beside its baselines; `eval` prints and
     returns them with the scored frames and the frame delay."""
     res = subprocess.run([sys.executable, "-m", "exphil", "train", "mlp", "--replays", REPLAYS, "--epochs", "2",
-                          "--budget-seconds", "600", "--change-weight", "2", "--out", tmp_path / "run"],
+                          "--batch-size", "512", "--hidden", "64", "--budget-seconds", "600", "--change-weight", "2",
+                          "--out", tmp_path / "run"],
                          capture_output=True, text=True, cwd=ROOT)
     assert res.returncode == 0, res.stderr
     info = json.loads((tmp_path / "run" / "run.json").read_text())

@@ -150,7 +150,7 @@ def test_learning_curve_and_architecture_table_on_a_dataset_split_by_player(tmp_
         (folder / r.name).symlink_to(r)
     exphil.ingest(folder, tmp_path / "data")
     out = bench("--learning-curve", "--data", tmp_path / "data", "--games", "1", "all", "--max-steps", "2",
-                "--specs", "specs/mlp.toml", "--json", tmp_path / "c.json")
+                "--batch-size", "512", "--specs", "specs/mlp.toml", "--json", tmp_path / "c.json")
     rows = json.loads((tmp_path / "c.json").read_text())["learning_curve"]
     assert [r["train_games"] for r in rows] == [1, 6] and all(r["steps"] == 2 for r in rows)
     assert rows[0]["val_games"] == rows[1]["val_games"] == 1 and rows[0]["val_frames"] == rows[1]["val_frames"]
@@ -160,7 +160,7 @@ def test_learning_curve_and_architecture_table_on_a_dataset_split_by_player(tmp_
         assert 0.5 < r["copy_accuracy"]["main_x"] < 1 and 0 < r["common_accuracy"]["main_x"] < 1
     assert "| training games | training frames | val loss | markov |" in out and "split by player" in out
     out = bench("--train", "--data", tmp_path / "data", "--split-by", "player", "--max-steps", "2",
-                "--specs", "specs/mlp.toml", "--json", tmp_path / "a.json")
+                "--batch-size", "512", "--specs", "specs/mlp.toml", "--json", tmp_path / "a.json")
     (row,) = json.loads((tmp_path / "a.json").read_text())["architectures"]
     assert row["spec"] == "mlp" and row["train_games"] == 6 and row["val_games"] == 1
     assert "validation split by player" in out

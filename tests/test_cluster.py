@@ -136,7 +136,7 @@ def test_architecture_table_on_ray_equals_the_sequential_one(ray, monkeypatch, t
         spec = exphil.override_spec(exphil.load_spec(ROOT / "specs" / f"{name}.toml"), **sizes)
         specs.append(tmp_path / f"{name}.toml")
         specs[-1].write_bytes(exphil.msgspec.toml.encode(spec))
-    args = dict(paths=[str(p) for p in specs], replays=str(REPLAYS), budget_seconds=0, seed=0, batch_size=8, max_steps=3)
+    args = dict(paths=[str(p) for p in specs], replays=str(REPLAYS), budget_seconds=0, seed=0, batch_size=64, max_steps=3)
     timings = ("train_frames_per_s", "step_p50_ms", "step_p99_ms")
     strip = lambda rows: [{k: v for k, v in r.items() if k not in timings} for r in rows]
     assert strip(bench.architecture_table(**args, ray="auto")) == strip(bench.architecture_table(**args))
@@ -158,7 +158,7 @@ def test_train_command_on_ray(ray, tmp_path, capsys):
     """`exphil train ... --ray auto --workers 2` trains on the running Ray cluster."""
     out = tmp_path / "cli"
     assert exphil.main(["train", "mlp", "--replays", str(REPLAYS), "--ray", "auto", "--workers", "2",
-                        "--batch-size", "64", "--max-steps", "4", "--out", str(out), "--quiet"]) == 0
+                        "--batch-size", "512", "--max-steps", "4", "--out", str(out), "--quiet"]) == 0
     info = json.loads((out / "run.json").read_text())
     assert info["status"] == "finished" and info["steps"] == 4 and info["ray"]["workers"] == 2
 

@@ -111,7 +111,7 @@ def test_train_and_describe_a_dataset_from_the_command_line(tmp_path):
     assert res.returncode == 0 and res.stdout.startswith(f"{data}: 3 replays found, 3 distinct, 0 skipped"), res.stderr
     res = cli("data", data, "--json")
     assert res.returncode == 0 and json.loads(res.stdout)["characters"] == {"falco": 4, "sheik": 1, "marth": 1}
-    res = cli("train", "mlp", "--data", data, "--character", "falco", "--max-steps", "2", "--batch-size", "8",
+    res = cli("train", "mlp", "--data", data, "--character", "falco", "--max-steps", "2", "--batch-size", "512",
               "--out", tmp_path / "run", "--quiet")
     assert res.returncode == 0, res.stderr
     info = json.loads((tmp_path / "run" / "run.json").read_text())
@@ -133,7 +133,7 @@ def test_a_run_on_a_dataset_reads_its_games_from_the_dataset_once_the_replays_ar
     shutil.copytree(REPLAYS, folder)
     exphil.ingest(folder, tmp_path / "data", workers=1)
     run = exphil.train(ROOT / "specs" / "mlp.toml", data=tmp_path / "data", out=tmp_path / "run", max_steps=2,
-                       batch_size=8, quiet=True)
+                       batch_size=512, quiet=True)
     shutil.rmtree(folder)
     val = exphil.recorded_games(run.info, "val")
     assert [g[0].source for g in val] == run.info["replays"]["val"]
@@ -231,8 +231,8 @@ def test_a_run_records_its_dataset_as_an_absolute_path(tmp_path):
     """A run trained on `--data data` (relative) is quantized from another folder."""
     exphil.ingest(REPLAYS, tmp_path / "data", workers=1)
     res = subprocess.run([sys.executable, "-m", "exphil", "train", "mlp", "--data", "data", "--max-steps", "2",
-                          "--batch-size", "8", "--out", "run", "--quiet"], cwd=tmp_path, capture_output=True, text=True,
-                         env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=300)
+                          "--batch-size", "512", "--out", "run", "--quiet"], cwd=tmp_path, capture_output=True,
+                         text=True, env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=300)
     assert res.returncode == 0, res.stderr
     assert json.loads((tmp_path / "run" / "run.json").read_text())["replays"]["data"] == str(tmp_path / "data")
     res = cli("quantize", tmp_path / "run", "--min-agreement", "0", "--max-frames", "300", "--json")
@@ -258,7 +258,7 @@ def test_unusable_names_and_links_are_skipped_and_reported(tmp_path):
     assert {l.removeprefix("skipped ") for l in res.stderr.splitlines() if l.startswith("skipped ")} == expected
     res = cli("data", folder, "--json")
     assert res.returncode == 0 and json.loads(res.stdout)["games"] == 3, res.stderr
-    res = cli("train", "mlp", "--replays", folder, "--max-steps", "1", "--batch-size", "8", "--out", tmp_path / "run")
+    res = cli("train", "mlp", "--replays", folder, "--max-steps", "1", "--batch-size", "512", "--out", tmp_path / "run")
     assert res.returncode == 0, res.stderr
     skipped = json.loads((tmp_path / "run" / "run.json").read_text())["replays"]["skipped"]
     assert {f"{s['path']}: {s['reason']}" for s in skipped} == expected
@@ -361,7 +361,7 @@ def test_a_read_only_dataset_can_be_read_trained_on_and_evaluated_on(tmp_path):
         before = sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in data.rglob("*"))
         res = cli("data", ro, "--json")
         assert res.returncode == 0 and json.loads(res.stdout)["games"] == 2, res.stderr
-        res = cli("train", "mlp", "--data", ro, "--max-steps", "2", "--batch-size", "8", "--out", tmp_path / "run",
+        res = cli("train", "mlp", "--data", ro, "--max-steps", "2", "--batch-size", "512", "--out", tmp_path / "run",
                   "--quiet")
         assert res.returncode == 0, res.stderr
         res = cli("eval", tmp_path / "run", "--data", ro, "--json")

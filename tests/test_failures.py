@@ -138,7 +138,7 @@ def test_second_training_into_a_busy_folder_is_refused_and_a_killed_owner_leaves
 
 def test_resume_repeats_the_command_refuses_what_differs_and_extends(tmp_path):
     out = tmp_path / "run"
-    cmd = ["train", "mlp", "--replays", REPLAYS, "--epochs", "1", "--batch-size", "512", "--out", out]
+    cmd = ["train", "mlp", "--replays", REPLAYS, "--epochs", "1", "--batch-size", "512", "--hidden", "64", "--out", out]
     assert cli(*cmd).returncode == 0
     info = lambda: json.loads((out / "run.json").read_text())
     steps = info()["steps"]
@@ -153,9 +153,9 @@ def test_resume_repeats_the_command_refuses_what_differs_and_extends(tmp_path):
     rows = [json.loads(l)["epoch"] for l in (out / "metrics.jsonl").read_text().splitlines()]
     assert rows == [1, 2]
     spec = out / "spec.toml"
-    spec.write_text(spec.read_text().replace("hidden = 512", "hidden = 256"))
+    spec.write_text(spec.read_text().replace("hidden = 64", "hidden = 256"))
     res = cli("train", "--resume", "--out", out)
-    assert res.returncode == 1 and "spec.toml was edited since the run started (hidden: 512 -> 256)" in res.stderr
+    assert res.returncode == 1 and "spec.toml was edited since the run started (hidden: 64 -> 256)" in res.stderr
 
 
 def _run_copy(run, tmp_path):
@@ -242,8 +242,8 @@ def test_a_damaged_shard_is_parsed_again(tmp_path):
 
 def test_a_damaged_checkpoint_falls_back_to_the_one_before(tmp_path):
     out = tmp_path / "run"
-    base = ["train", "mlp", "--replays", REPLAYS, "--epochs", "2", "--batch-size", "512", "--save-every", "10",
-            "--out", out]
+    base = ["train", "mlp", "--replays", REPLAYS, "--epochs", "2", "--batch-size", "512", "--hidden", "64",
+            "--save-every", "10", "--out", out]
     assert cli(*base).returncode == 0
     complete = json.loads((out / "run.json").read_text())["steps"]
     (out / "train" / "checkpoint").write_bytes((out / "train" / "checkpoint").read_bytes()[:100])
@@ -394,7 +394,7 @@ def test_resume_and_recorded_games_refuse_a_replay_whose_content_changed(tmp_pat
                       ("c.slp", "hohav-peppi__duplicate_game_end.slp")):
         shutil.copy(REPLAYS / src, folder / name)
     exphil.ingest(folder, data, workers=1)
-    common = ["--max-steps", "2", "--batch-size", "8", "--val-split", "0.34"]
+    common = ["--max-steps", "2", "--batch-size", "512", "--val-split", "0.34"]
     runs = {"replays": ["--replays", folder, "--out", tmp_path / "r"], "data": ["--data", data, "--out", tmp_path / "d"]}
     for args in runs.values():
         res = cli("train", "mlp", *args, *common)

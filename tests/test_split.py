@@ -99,7 +99,7 @@ def test_training_on_a_dataset_validates_on_players_it_never_trained_on(tmp_path
         (folder / r.name).symlink_to(r)
     exphil.ingest(folder, tmp_path / "data")
     run = exphil.train(ROOT / "specs" / "mlp.toml", data=tmp_path / "data", split_by="player", val_split=0.3,
-                       max_steps=1, out=tmp_path / "run", quiet=True)
+                       max_steps=1, batch_size=512, out=tmp_path / "run", quiet=True)
     rows = {r["path"]: {r["code_1"], r["code_2"]} - {None} for r in exphil.Dataset(tmp_path / "data").rows()}
     train, val = (set().union(*(rows[p] for p in run.info["replays"][k])) for k in ("train", "val"))
     assert run.info["replays"]["val"] and train and val and not train & val

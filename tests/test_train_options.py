@@ -82,7 +82,8 @@ def test_a_run_folder_is_never_silently_reused(tmp_path, mlp_run):
 
 
 def test_early_stopping_keeps_the_best_epoch(tmp_path):
-    run = exphil.train(SPEC / "mlp.toml", REPLAYS, epochs=6, lr=1e-9, early_stopping=True, patience=2,
+    small = exphil.override_spec(exphil.load_spec(SPEC / "mlp.toml"), hidden=64)
+    run = exphil.train(small, REPLAYS, epochs=6, lr=1e-9, early_stopping=True, patience=2, batch_size=512,
                        out=tmp_path / "run", quiet=True)
     rows = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 3 and "early stopping" in run.info["stopped"]
@@ -90,7 +91,8 @@ def test_early_stopping_keeps_the_best_epoch(tmp_path):
 
 
 def test_budget_and_step_limits(tmp_path):
-    run = exphil.train(SPEC / "mlp.toml", REPLAYS, epochs=3, max_steps=7, out=tmp_path / "run", quiet=True)
+    run = exphil.train(SPEC / "mlp.toml", REPLAYS, epochs=3, max_steps=7, batch_size=512, out=tmp_path / "run",
+                       quiet=True)
     assert run.info["steps"] == 7 and "budget" in run.info["stopped"]
 
 
@@ -266,7 +268,7 @@ def test_settings_that_would_be_ignored_are_errors():
 
 def test_online_robust_training_records_its_delays(tmp_path):
     run = exphil.train(SPEC / "mlp.toml", REPLAYS, online_robust=True, delay_min=1, delay_max=3, max_steps=20,
-                       out=tmp_path / "run", quiet=True)
+                       batch_size=512, out=tmp_path / "run", quiet=True)
     assert run.info["delay_range"] == [1, 3] and run.info["frame_delay"] == 1
     assert exphil.Agent(tmp_path / "run").frame_delay == 1
 
@@ -275,7 +277,8 @@ def test_split_seed_keeps_the_games_while_the_seed_changes(tmp_path):
     """--split-seed fixes the validation games; --seed alone also moves them."""
     val = {}
     for name, kw in (("s0", {"seed": 0}), ("s1", {"seed": 1}), ("s1_split0", {"seed": 1, "split_seed": 0})):
-        run = exphil.train(SPEC / "mlp.toml", REPLAYS, max_steps=1, out=tmp_path / name, quiet=True, **kw)
+        run = exphil.train(SPEC / "mlp.toml", REPLAYS, max_steps=1, batch_size=512, out=tmp_path / name, quiet=True,
+                           **kw)
         val[name] = run.info["replays"]["val"]
     assert val["s1_split0"] == val["s0"] != val["s1"]
 
@@ -285,7 +288,8 @@ def test_distillation_scores_each_group_of_validation_views_with_its_own_teacher
     teacher's logits of that view (two validation games of other lengths and characters)."""
     res = subprocess.run([sys.executable, "-m", "exphil", "distill", "--teacher", str(mlp_run.path), "--student",
                           str(SPEC / "mlp.toml"), "--hidden", "32", "--replays", str(REPLAYS), "--val-split", "0.67",
-                          "--max-steps", "2", "--out", str(tmp_path / "student"), "--quiet"], capture_output=True, text=True)
+                          "--max-steps", "2", "--batch-size", "512", "--out", str(tmp_path / "student"), "--quiet"],
+                         capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
     info = json.loads((tmp_path / "student" / "run.json").read_text())
     groups = info["val_by"]["character"]
