@@ -4066,10 +4066,10 @@ def train(spec: Spec | str | os.PathLike | None = None, replays=None, out: str |
 
 
 def _flat(tree, prefix: str = "") -> dict:
-    """{"a.b[0].c": value} for a nested dict/list."""
+    """{"a.b[0].c": value} for a nested dict/list (a tuple counts as a list)."""
     if isinstance(tree, dict):
         return {k: v for key, sub in tree.items() for k, v in _flat(sub, f"{prefix}.{key}" if prefix else key).items()}
-    if isinstance(tree, list):
+    if isinstance(tree, (list, tuple)):
         return {k: v for i, sub in enumerate(tree) for k, v in _flat(sub, f"{prefix}[{i}]").items()}
     return {prefix: tree}
 
