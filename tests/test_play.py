@@ -152,17 +152,20 @@ def test_agreement_measures_disagreement(mlp_copy, lstm_folder):
 
 def test_quantize_refuses_a_graph_below_the_threshold(mlp_copy):
     with pytest.raises(exphil.ExphilError, match=r"dynamic graph not written: head '\w+' agrees with FP32 on"):
-        exphil.quantize_run(mlp_copy, "dynamic", min_agreement=1.01, max_frames=500, quiet=True)
+        exphil.quantize_run(mlp_copy, "dynamic", min_agreement=1.01, max_frames=500, replays=REPLAY, quiet=True)
     assert not (mlp_copy / "step.int8.onnx").exists()
 
 
 def test_static_int8_and_fp16_graphs(mlp_copy):
-    static = exphil.quantize_run(mlp_copy, "static", max_frames=1000, calibration_frames=300, quiet=True)
+    # (checked on REPLAY, half as long as the run's validation game: agreement steps through every
+    # frame of the games; the dynamic test above checks on the default games)
+    static = exphil.quantize_run(mlp_copy, "static", max_frames=1000, calibration_frames=300, replays=REPLAY,
+                                 quiet=True)
     graph = onnx.load(mlp_copy / "step.int8.onnx")
     assert {"QuantizeLinear", "DequantizeLinear"} <= {n.op_type for n in graph.graph.node}
     assert static["mode"] == "static" and min(static["agreement"].values()) >= 0.98
 
-    fp16 = exphil.quantize_run(mlp_copy, "fp16", max_frames=1000, quiet=True)
+    fp16 = exphil.quantize_run(mlp_copy, "fp16", max_frames=1000, replays=REPLAY, quiet=True)
     graph = onnx.load(mlp_copy / "step.fp16.onnx")
     assert {t.data_type for t in graph.graph.initializer if t.name.endswith("weight")} == {onnx.TensorProto.FLOAT16}
     assert {i.type.tensor_type.elem_type for i in graph.graph.input if i.name != "cat"} == {onnx.TensorProto.FLOAT}
@@ -207,9 +210,9 @@ def test_int4_graph_is_checked_like_int8(mlp_copy):
     with FP32 on enough frames (MatMulNBits in place of the weight MatMuls; the Agent plays it),
     refused with one line otherwise."""
     with pytest.raises(exphil.ExphilError, match=r"int4 graph not written: head '\w+' agrees with FP32 on"):
-        exphil.quantize_run(mlp_copy, "int4", min_agreement=1.01, max_frames=500, quiet=True)
+        exphil.quantize_run(mlp_copy, "int4", min_agreement=1.01, max_frames=500, replays=REPLAY, quiet=True)
     assert not (mlp_copy / "step.int4.onnx").exists()
-    report = exphil.quantize_run(mlp_copy, "int4", min_agreement=0.9, max_frames=1000, quiet=True)
+    report = exphil.quantize_run(mlp_copy, "int4", min_agreement=0.9, max_frames=1000, replays=REPLAY, quiet=True)
     graph = onnx.load(mlp_copy / "step.int4.onnx")
     assert "MatMulNBits" in {n.op_type for n in graph.graph.node}
     assert "MatMul" not in {n.op_type for n in graph.graph.node}  # (every MatMul of the mlp has a weight)
