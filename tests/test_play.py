@@ -157,8 +157,8 @@ def test_quantize_refuses_a_graph_below_the_threshold(mlp_copy):
 
 
 def test_static_int8_and_fp16_graphs(mlp_copy):
-    # (checked on REPLAY, half as long as the run's validation game: every frame of the games is
-    # stepped; the default games are those of the dynamic test above)
+    # (checked on REPLAY, half as long as the run's validation game: agreement steps through every
+    # frame of the games; the dynamic test above checks on the default games)
     static = exphil.quantize_run(mlp_copy, "static", max_frames=1000, calibration_frames=300, replays=REPLAY,
                                  quiet=True)
     graph = onnx.load(mlp_copy / "step.int8.onnx")
