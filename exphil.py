@@ -1368,9 +1368,9 @@ class Model:
             return heads
         order = heads_spec.order
         features = g.split(g.linear(x, "heads.ar.features"), [heads_spec.conditioning] * (len(order) - 1))
-        seen = []
-        for h, z in zip(order[1:], features):
-            seen.append(choose(order[len(seen)], heads[order[len(seen)]]))
+        seen = []  # the one-hot values of the heads so far
+        for before, h, z in zip(order, order[1:], features):
+            seen.append(choose(before, heads[before]))
             prefix = seen[0] if len(seen) == 1 else op.Concat(*seen, axis=-1)
             z = g.activation("gelu", op.Add(z, op.MatMul(prefix, g.param(f"heads.ar.{h}.prefix"))))
             heads[h] = op.Add(heads[h], op.MatMul(z, g.param(f"heads.ar.{h}.out")))
