@@ -230,6 +230,7 @@ class Embeddings(_Strict):
     action: Pos = 32  # learned table per action state id
     character: Pos = 8
     stage: Pos = 4
+    item: Pos = 8  # per item and projectile type
 
 
 # the controller's parts a model predicts: 8 buttons, each stick's axes in 17 classes, the trigger in 5
@@ -1234,7 +1235,7 @@ class Model:
         self.spec = spec
         init = _Init({}, np.random.default_rng(seed))
         d = spec.hidden
-        widths = {"action": spec.embed.action, "character": spec.embed.character, "stage": spec.embed.stage}
+        widths = {table: getattr(spec.embed, table) for table in EMBED_TABLES}
         for table, vocab in EMBED_TABLES.items():
             init(f"embed.{table}", init.rng.normal(0, 1, (vocab, widths[table])))
         d_in = sum(widths[table] for _, table in CAT_FIELDS) + len(NUM_FIELDS) + spec.returns.input
@@ -1513,13 +1514,16 @@ def load_params(path: str | os.PathLike) -> dict[str, np.ndarray]:
 # holds the opponent's *predicted* inputs, so for training labels prefer
 # ``read_replay(path, finalized=True)``, which keeps the last (final) version of each frame.
 #
-# Layout, FEATURE_VERSION 1.  Categorical ids (``cat``, int64):
+# Layout, FEATURE_VERSION 2.  Categorical ids (``cat``, int64):
 #
 #     0 self_action     400  libmelee Action value; values outside the enum -> 399
 #     1 opp_action      400
 #     2 self_character   34  libmelee Character value (internal id); unknown -> 33
 #     3 opp_character    34
 #     4 stage            32  libmelee Stage value (NO_STAGE = 0 for stages it does not know)
+#     5 self_nana_action 400 Nana's action (Ice Climbers); 399 when there is no Nana
+#     6 opp_nana_action  400
+#     7-10 item{k}_type  256  the k-th nearest item or projectile's type + 1 (0: none; 255: type 254 and up)
 #
 # Floats (``num``, float32), feature = clip((raw - offset) * scale, -10, 10), raw in libmelee units:
 #
@@ -1535,11 +1539,20 @@ def load_params(path: str | os.PathLike) -> dict[str, np.ndarray]:
 #     +8  invulnerable         0/1            +17 speed_ground_x_self    *0.25
 #     own controller (36-48): buttons A B X Y Z L R D_UP (0/1, physical buttons), main_x, main_y,
 #     c_x, c_y ((v - 0.5) * 2, i.e. -1..1), shoulder (analog trigger 0..1).
+#     Nana (49-67 own, 68-86 the opponent's): exists (0/1), then the 18 player values (all 0 without one).
+#     items (87-118): ITEM_SLOTS = 4 slots of 8 values, the nearest to the player first (libmelee's
+#     ``GameState.projectiles``: projectiles and items alike): exists, mine (owned by the player's
+#     port), theirs (the opponent's), dx, dy (position - the player's, *0.02), speed x, y (*0.25),
+#     timer (``expiration_frames``, *0.01); owners are known from Slippi 3.6 on (both 0 before).
+#     Randall (119-121): on Yoshi's Story (exists 1) its centre x and height (*0.02) from the frame
+#     number (libmelee's ``stages.randall_position``); 0 elsewhere.
 #
 # libmelee reports one processed analog trigger for both shoulders (l_shoulder == r_shoulder), so
 # a single ``shoulder`` feature stands for both.  Buttons are the physical ones
 # (``controller_state.button``): in the processed bits Z also sets A, and the physical buttons are
-# what ``Controller.press_button`` drives.  Items, projectiles, Nana and platforms are not included.
+# what ``Controller.press_button`` drives.  Fountain of Dreams' moving platforms are not included
+# (peppi-py 0.8.6 does not read their events); every other stage's platforms are fixed, known from
+# the stage id.
 #
 # Labels: ``game_labels`` row t is ``encode_controller`` of that port's controller state at frame t,
 # the same state that feature row t carries in 36-48.  Shifting targets by 1 + delay frames is the
@@ -1549,13 +1562,16 @@ from melee import enums
 from melee.enums import Button
 from melee.stages import EDGE_GROUND_POSITION
 
-FEATURE_VERSION = 1
+FEATURE_VERSION = 2
 
-ACTION_VOCAB, CHARACTER_VOCAB, STAGE_VOCAB = 400, 34, 32
+ACTION_VOCAB, CHARACTER_VOCAB, STAGE_VOCAB, ITEM_VOCAB = 400, 34, 32, 256
 UNKNOWN_ACTION, UNKNOWN_CHARACTER = ACTION_VOCAB - 1, CHARACTER_VOCAB - 1
-EMBED_TABLES = {"action": ACTION_VOCAB, "character": CHARACTER_VOCAB, "stage": STAGE_VOCAB}
-CAT_FIELDS = [("self_action", "action"), ("opp_action", "action"), ("self_character", "character"),
-              ("opp_character", "character"), ("stage", "stage")]  # (name, embedding table)
+ITEM_SLOTS = 4  # the items and projectiles a frame shows (4 or fewer on 99.9% of a Falco ditto's frames)
+EMBED_TABLES = {"action": ACTION_VOCAB, "character": CHARACTER_VOCAB, "stage": STAGE_VOCAB, "item": ITEM_VOCAB}
+CAT_FIELDS = ([("self_action", "action"), ("opp_action", "action"), ("self_character", "character"),
+               ("opp_character", "character"), ("stage", "stage"), ("self_nana_action", "action"),
+               ("opp_nana_action", "action")]
+              + [(f"item{k}_type", "item") for k in range(ITEM_SLOTS)])  # (name, embedding table)
 
 BUTTONS = ("A", "B", "X", "Y", "Z", "L", "R", "D_UP")
 STICK_CLASSES = 17
@@ -1572,14 +1588,23 @@ _PLAYER_FIELDS = [
 _CONTROLLER_FIELDS = ([("button_" + b, 0, 1) for b in BUTTONS]
                       + [(s, 0.5, 2) for s in ("main_x", "main_y", "c_x", "c_y")]
                       + [("shoulder", 0, 1)])
+_NANA_FIELDS = [("exists", 0, 1)] + _PLAYER_FIELDS
+_ITEM_FIELDS = [("exists", 0, 1), ("mine", 0, 1), ("theirs", 0, 1), ("dx", 0, 0.02), ("dy", 0, 0.02),
+                ("speed_x", 0, 0.25), ("speed_y", 0, 0.25), ("timer", 0, 0.01)]
+_RANDALL_FIELDS = [("randall_exists", 0, 1), ("randall_x", 0, 0.02), ("randall_y", 0, 0.02)]
 _ALL = ([("self_" + n, o, s) for n, o, s in _PLAYER_FIELDS]
-        + [("opp_" + n, o, s) for n, o, s in _PLAYER_FIELDS] + _CONTROLLER_FIELDS)
+        + [("opp_" + n, o, s) for n, o, s in _PLAYER_FIELDS] + _CONTROLLER_FIELDS
+        + [(f"{who}_nana_{n}", o, s) for who in ("self", "opp") for n, o, s in _NANA_FIELDS]
+        + [(f"item{k}_{n}", o, s) for k in range(ITEM_SLOTS) for n, o, s in _ITEM_FIELDS] + _RANDALL_FIELDS)
 NUM_FIELDS = [n for n, _, _ in _ALL]
 _OFFSET = np.array([o for _, o, _ in _ALL], np.float32)
 _SCALE = np.array([s for _, _, s in _ALL], np.float32)
 _CLIP = 10.0
 _P = len(_PLAYER_FIELDS)          # 18 values per player
 _CTRL = 2 * _P                    # first controller column
+_NANA = _CTRL + len(_CONTROLLER_FIELDS)  # first Nana column (own, then the opponent's)
+_ITEMS = _NANA + 2 * len(_NANA_FIELDS)   # first item column
+_RANDALL = _ITEMS + ITEM_SLOTS * len(_ITEM_FIELDS)
 
 # Lookup tables from raw game values to categorical ids.
 _ACTION_ID = np.full(1 << 16, UNKNOWN_ACTION, np.int64)
@@ -1613,6 +1638,11 @@ class Game(NamedTuple):
     players: dict              # libmelee port -> {field: array[T] (speeds: float32[T, 5])}
     info: dict = {}            # "slippi" version, "date" (as recorded), "codes": port -> player code,
                                # "parser" that read it: "peppi-py" or "libmelee"
+    nana: dict = {}            # port -> Nana's columns as in `players` plus "exists" (uint8[T]), for
+                               # Ice Climbers players
+    items: dict = {}           # every item of every frame, flat: "frame" (row), "type", "owner"
+                               # (libmelee's port; 0 none, -1 unknown), "x", "y", "speed_x",
+                               # "speed_y", "timer" (arrays[N])
 
     @property
     def ports(self):
@@ -1635,15 +1665,15 @@ def read_replay(path, finalized=False) -> Game:
 
     finalized=False keeps the first version of rolled-back frames (as libmelee does),
     finalized=True the last one. peppi-py reads the file; one it cannot read (it panics on
-    Slippi 3.3-3.6 replays, for one) is read by libmelee's replay console instead
-    (`read_replay_libmelee`). info["parser"] says which one read it.
+    Slippi 3.3-3.6 replays, for one) or misreads (an Ice Climbers player's Nana) is read by
+    libmelee's replay console instead (`read_replay_libmelee`). info["parser"] says which one read it.
     """
     import peppi_py
 
     path = os.fspath(path)
     try:
         with _quiet_fd2():  # a parser panic prints a Rust backtrace; the exception says enough
-            game = peppi_py.read_slippi(path)
+            game, arrow = _read_peppi(path)
     except (KeyboardInterrupt, SystemExit):
         raise
     except BaseException as e:  # peppi panics raise pyo3's PanicException (a BaseException)
@@ -1662,32 +1692,76 @@ def read_replay(path, finalized=False) -> Game:
             f"port {p.port.value + 1} is {p.type.name}" for p in start.players))
     if frames is None or len(frames.id) == 0 or len(frames.ports) != 2:
         raise ReplayError(path, "no frame data")
+    if any(d.follower is not None for d in frames.ports):  # Ice Climbers: peppi-py 0.8.6 moves the
+        return read_replay_libmelee(path, finalized)       # frames of a Nana after her first death
     ids = frames.id.to_numpy(zero_copy_only=False)
     keep = _kept_frames(ids, finalized)
     col = functools.partial(_column, keep=keep, path=path)
-    players = {}
-    for info, data in zip(start.players, frames.ports):
-        pre, post = data.leader.pre, data.leader.post
-        vel = post.velocities
-        speeds = [col(None if vel is None else getattr(vel, k), "velocities", 0, np.float32)
-                  for k in ("self_x_air", "self_y", "knockback_x", "knockback_y", "self_x_ground")]
-        players[info.port.value + 1] = dict(
-            character=col(post.character, "character"), action=col(post.state, "action state"),
-            x=col(post.position.x, "position"), y=col(post.position.y, "position"),
-            percent=col(post.percent, "percent"), shield=col(post.shield, "shield"),
-            stock=col(post.stocks, "stocks"), direction=col(post.direction, "direction"),
-            state_age=col(post.state_age, "state age"),
-            misc_as=col(post.misc_as, "misc_as", 0, np.float32),
-            airborne=col(post.airborne, "airborne", 0, np.uint8),
-            jumps=col(post.jumps, "jumps", 1, np.uint8),
-            hurtbox=col(post.hurtbox_state, "hurtbox", 0, np.uint8),
-            hitlag=col(post.hitlag, "hitlag", 0, np.float32),
-            speeds=np.stack(speeds, axis=1),
-            joy_x=col(pre.joystick.x, "joystick"), joy_y=col(pre.joystick.y, "joystick"),
-            c_x=col(pre.cstick.x, "c-stick"), c_y=col(pre.cstick.y, "c-stick"),
-            trigger=col(pre.triggers, "triggers"), buttons=col(pre.buttons_physical, "buttons"))
+    players = {info.port.value + 1: _peppi_player(data.leader, col) for info, data in zip(start.players, frames.ports)}
     stage = enums.to_internal_stage(start.stage).value
-    return _checked(Game(path, stage, ids[keep], players, {**_replay_info(game), "parser": "peppi-py"}))
+    owners = tuple(start.slippi.version) >= (3, 6, 0)  # (libmelee reads the owner from Slippi 3.6 on)
+    return _checked(Game(path, stage, ids[keep], players, {**_replay_info(game), "parser": "peppi-py"},
+                         {}, _peppi_items(arrow.field("item") if arrow.type.get_field_index("item") >= 0
+                                            else None, keep, owners)))
+
+
+def _read_peppi(path: str):
+    """peppi_py.read_slippi, keeping the frames' arrow struct too: (game, arrow frames). peppi-py
+    0.8.6's read_slippi leaves out the frames' items, which the arrow struct holds."""
+    from peppi_py import _peppi, game as peppi_game, parse
+
+    raw = _peppi.read_slippi(path, False)
+    game = peppi_game.Game(parse.dc_from_json(peppi_game.Start, raw.start),
+                           raw.end and parse.dc_from_json(peppi_game.End, raw.end), raw.metadata,
+                           parse.frames_from_sa(raw.frames))
+    return game, raw.frames
+
+
+def _peppi_player(data, col) -> dict:
+    """One player's columns from peppi-py's frame data."""
+    pre, post = data.pre, data.post
+    vel = post.velocities
+    speeds = [col(None if vel is None else getattr(vel, k), "velocities", 0, np.float32)
+              for k in ("self_x_air", "self_y", "knockback_x", "knockback_y", "self_x_ground")]
+    return dict(
+        character=col(post.character, "character"), action=col(post.state, "action state"),
+        x=col(post.position.x, "position"), y=col(post.position.y, "position"),
+        percent=col(post.percent, "percent"), shield=col(post.shield, "shield"),
+        stock=col(post.stocks, "stocks"), direction=col(post.direction, "direction"),
+        state_age=col(post.state_age, "state age"),
+        misc_as=col(post.misc_as, "misc_as", 0, np.float32),
+        airborne=col(post.airborne, "airborne", 0, np.uint8),
+        jumps=col(post.jumps, "jumps", 1, np.uint8),
+        hurtbox=col(post.hurtbox_state, "hurtbox", 0, np.uint8),
+        hitlag=col(post.hitlag, "hitlag", 0, np.float32),
+        speeds=np.stack(speeds, axis=1),
+        joy_x=col(pre.joystick.x, "joystick"), joy_y=col(pre.joystick.y, "joystick"),
+        c_x=col(pre.cstick.x, "c-stick"), c_y=col(pre.cstick.y, "c-stick"),
+        trigger=col(pre.triggers, "triggers"), buttons=col(pre.buttons_physical, "buttons"))
+
+
+def _peppi_items(arrow, keep: np.ndarray, owners: bool) -> dict:
+    """Game.items from peppi-py's per-frame item lists (arrow, None before Slippi 3.0), for the kept frames."""
+    if arrow is None:
+        return _items_from([])
+    start = arrow.offsets.to_numpy()
+    n = start[keep + 1] - start[keep]
+    at = np.repeat(start[keep] - np.cumsum(n) + n, n) + np.arange(n.sum())  # rows of arrow.values
+    v = arrow.values
+    get = lambda a, dtype=np.float32: a.to_numpy(zero_copy_only=False)[at].astype(dtype)
+    owner = get(v.field("owner"), np.int64) + 1 if owners else np.full(len(at), -1, np.int64)
+    return dict(frame=np.repeat(np.arange(len(keep)), n), type=get(v.field("type"), np.int64), owner=owner,
+                x=get(v.field("position").field("x")), y=get(v.field("position").field("y")),
+                speed_x=get(v.field("velocity").field("x")), speed_y=get(v.field("velocity").field("y")),
+                timer=get(v.field("timer")))
+
+
+def _items_from(rows: list) -> dict:
+    """Game.items from (frame row, type, owner, x, y, speed x, speed y, timer) tuples."""
+    a = np.array(rows, np.float64).reshape(-1, 8)
+    f32 = lambda k: a[:, k].astype(np.float32)
+    return dict(frame=a[:, 0].astype(np.int64), type=a[:, 1].astype(np.int64), owner=a[:, 2].astype(np.int64),
+                x=f32(3), y=f32(4), speed_x=f32(5), speed_y=f32(6), timer=f32(7))
 
 
 _UNREADABLE = "unreadable ("  # how the reason for a file no parser could read starts
@@ -1731,14 +1805,15 @@ def _melee_values(p) -> tuple:
             sum(_MELEE_BUTTON_BITS.get(button, 0) for button, pressed in cs.button.items() if pressed))
 
 
-def _from_melee_values(v: np.ndarray) -> dict:
+def _from_melee_values(v: np.ndarray, reindexed: bool = True) -> dict:
     """read_replay's columns of one player from _melee_values rows [T, 25] (float64: exact for
     every value). libmelee's integers stand for peppi-py's floats (state age, hitstun, hitlag: the
     features truncate them the same way), its booleans for flags (hurtbox: 1 for any invulnerability),
-    and its 0..1 sticks for peppi-py's -1..1 ones (the features map them back to the same float32)."""
+    and its 0..1 sticks for peppi-py's -1..1 ones (the features map them back to the same float32).
+    reindexed: whether libmelee added 1 to the action frame of zero-indexed actions (not for Nana)."""
     f32 = lambda a: a.astype(np.float32)
     character, action = v[:, 0].astype(np.uint8), v[:, 1].astype(np.uint16)
-    zero_indexed = np.isin(character.astype(np.int64) << 16 | action, _ZERO_INDEXED)
+    zero_indexed = np.isin(character.astype(np.int64) << 16 | action, _ZERO_INDEXED) & reindexed
     sticks = (f32(v[:, 19:23]) - np.float32(0.5)) * np.float32(2)
     return dict(character=character, action=action, x=f32(v[:, 2]), y=f32(v[:, 3]), percent=f32(v[:, 4]),
                 shield=f32(v[:, 5]), stock=v[:, 6].astype(np.uint8), direction=f32(np.where(v[:, 7] > 0, 1, -1)),
@@ -1778,19 +1853,23 @@ def read_replay_libmelee(path, finalized=False) -> Game:
     import melee
 
     path = os.fspath(path)
-    ids, first = [], None
+    ids, first, items = [], None, []
     try:
         console = melee.Console(path=path, is_dolphin=False, allow_old_version=True, skip_rollback_frames=False)
         console.connect()
         rows = {p: [] for p in _human_ports(path)}
+        nana = {p: [] for p in rows}
         while (gs := console.step()) is not None:
             if set(gs.players) != set(rows):
                 raise ReplayError(path, f"frame {gs.frame} holds ports {sorted(map(int, gs.players))}, not {list(rows)}")
             if first is None:
                 first = gs
+            items += [(len(ids), *_melee_item(p)) for p in gs.projectiles]
             ids.append(gs.frame)
             for p, r in rows.items():
                 r.append(_melee_values(gs.players[p]))
+                n = gs.players[p].nana
+                nana[p].append((1, *_melee_values(n)) if n is not None else (0,) * (len(r[-1]) + 1))
     except ReplayError:
         raise
     except Exception as e:  # (libmelee raises what its reading code meets: decoder, type and value errors)
@@ -1799,9 +1878,19 @@ def read_replay_libmelee(path, finalized=False) -> Game:
         raise ReplayError(path, "no frame data")
     keep = _kept_frames(np.array(ids, np.int32), finalized)
     columns = {p: _from_melee_values(np.array(r, np.float64)[keep]) for p, r in rows.items()}
+    nana = {p: _from_melee_values(v[:, 1:], False) | {"exists": v[:, 0].astype(np.uint8)}
+            for p, r in nana.items() if any(v[0] for v in r) for v in [np.array(r, np.float64)[keep]]}
     codes = {p: first.players[p].connectCode.replace("\uff03", "#") for p in rows if first.players[p].connectCode}
     info = {"slippi": console.slp_version, "date": first.startAt or None, "codes": codes, "parser": "libmelee"}
-    return _checked(Game(path, first.stage.value, np.array(ids, np.int32)[keep], columns, info))
+    row = np.full(len(ids), -1)  # each frame version's row among the kept ones
+    row[keep] = np.arange(len(keep))
+    items = _items_from([(row[i], *rest) for i, *rest in items if row[i] >= 0])
+    return _checked(Game(path, first.stage.value, np.array(ids, np.int32)[keep], columns, info, nana, items))
+
+
+def _melee_item(p) -> tuple:
+    """(type, owner, x, y, speed x, speed y, timer) of a libmelee Projectile."""
+    return (p.type.value, p.owner, p.position.x, p.position.y, p.speed.x, p.speed.y, p.expiration_frames)
 
 
 def _replay_info(game) -> dict:
@@ -1826,15 +1915,16 @@ def _trunc_int(a):
     return np.nan_to_num(np.trunc(a), nan=0.0)
 
 
-def _player_raw(p, stage, out):
-    """Fill float32 out[T, 18] with one player's values in libmelee units."""
+def _player_raw(p, stage, out, reindexed=True):
+    """Fill float32 out[T, 18] with one player's values in libmelee units (reindexed: the action
+    frame counted from 1 for every action, as libmelee counts it for players but not for Nana)."""
     on_ground = p["airborne"] == 0
     x, y = p["x"], p["y"]
     edge = EDGE_GROUND_POSITION.get(enums.Stage(stage))
     off_stage = (np.zeros(len(x), bool) if edge is None else
                  ((np.abs(x) > np.float32(edge)) | (y < np.float32(-6))) & ~on_ground)
     key = p["character"].astype(np.int64) << 16 | p["action"]
-    action_frame = _trunc_int(p["state_age"]) + np.isin(key, _ZERO_INDEXED)
+    action_frame = _trunc_int(p["state_age"]) + (np.isin(key, _ZERO_INDEXED) & reindexed)
     cols = (x, y, p["percent"], p["shield"], p["stock"], np.where(p["direction"] > 0, 1, -1),
             p["jumps"], on_ground, p["hurtbox"] != 0, _trunc_int(p["hitlag"]),
             _trunc_int(p["misc_as"]), action_frame, off_stage)
@@ -1849,7 +1939,7 @@ def _stick(a):
 
 
 def game_features(game: Game, port: int, opponent_port: int):
-    """Features for every frame: (cat int64[T, 5], num float32[T, 49])."""
+    """Features for every frame: (cat int64[T, 11], num float32[T, 122])."""
     me, op = game.players[port], game.players[opponent_port]
     T = len(game.frame_ids)
     cat = np.empty((T, len(CAT_FIELDS)), np.int64)
@@ -1863,9 +1953,59 @@ def game_features(game: Game, port: int, opponent_port: int):
     for i, k in enumerate(("joy_x", "joy_y", "c_x", "c_y")):
         raw[:, _CTRL + 8 + i] = _stick(me[k])
     raw[:, _CTRL + 12] = me["trigger"]
+    for i, p in enumerate((port, opponent_port)):
+        o = _NANA + i * len(_NANA_FIELDS)
+        cat[:, 5 + i] = _nana_raw(game.nana.get(p), game.stage, raw[:, o:o + len(_NANA_FIELDS)])
+    cat[:, 7:], raw[:, _ITEMS:_RANDALL] = _item_raw(game.items, T, port, opponent_port, me["x"], me["y"])
+    raw[:, _RANDALL:] = _randall_raw(game.frame_ids, game.stage)
     raw -= _OFFSET
     raw *= _SCALE
     return cat, np.clip(raw, -_CLIP, _CLIP, out=raw)
+
+
+def _nana_raw(nana, stage, out) -> np.ndarray:
+    """Fill float32 out[T, 19] with a Nana's values (exists, then as _player_raw; 0 where there
+    is none); her action ids [T]."""
+    if nana is None:
+        out[:] = 0
+        return np.full(len(out), UNKNOWN_ACTION)
+    _player_raw(nana, stage, out[:, 1:], reindexed=False)
+    out[:, 0] = nana["exists"]
+    out[nana["exists"] == 0] = 0
+    return np.where(nana["exists"] != 0, _ACTION_ID[nana["action"]], UNKNOWN_ACTION)
+
+
+def _item_raw(items: dict, T: int, port: int, opponent_port: int, x, y):
+    """The ITEM_SLOTS items nearest to the player (at x[T], y[T]) on each frame, ties in the
+    game's order: (type ids int64[T, K], float32[T, K * 8] values in libmelee units)."""
+    cat, raw = np.zeros((T, ITEM_SLOTS), np.int64), np.zeros((T, ITEM_SLOTS, len(_ITEM_FIELDS)), np.float32)
+    f = items["frame"]
+    dx, dy = items["x"] - x[f], items["y"] - y[f]
+    order = np.lexsort((dx * dx + dy * dy, f))  # (stable: equal distances keep the game's order)
+    rank = np.arange(len(f)) - np.searchsorted(f[order], f[order])
+    i, k = order[rank < ITEM_SLOTS], rank[rank < ITEM_SLOTS]
+    cat[f[i], k] = np.minimum(items["type"][i], ITEM_VOCAB - 2) + 1
+    owner = items["owner"][i]
+    raw[f[i], k] = np.stack([np.ones(len(i)), owner == port, owner == opponent_port, dx[i], dy[i],
+                             items["speed_x"][i], items["speed_y"][i], _trunc_int(items["timer"][i])], -1)
+    return cat, raw.reshape(T, -1)
+
+
+@functools.cache
+def _randall_path() -> np.ndarray:
+    """float32[1200, 3]: Randall's (1, centre x, height) at each frame of its 1200-frame loop."""
+    from melee.stages import RANDALL_INTERVAL, randall_position
+
+    pos = np.array([randall_position(f) for f in range(RANDALL_INTERVAL)], np.float64)
+    return np.stack([np.ones(len(pos)), (pos[:, 1] + pos[:, 2]) / 2, pos[:, 0]], -1).astype(np.float32)
+
+
+def _randall_raw(frame_ids, stage: int) -> np.ndarray:
+    """float32[T, 3]: Randall's values on Yoshi's Story, 0 on other stages."""
+    if stage != enums.Stage.YOSHIS_STORY.value:
+        return np.zeros((len(frame_ids), len(_RANDALL_FIELDS)), np.float32)
+    path = _randall_path()
+    return path[np.asarray(frame_ids, np.int64) % len(path)]
 
 
 def _stick_class(v):
@@ -1946,15 +2086,30 @@ def _fill_player(num, o, p):
         p.speed_y_self, p.speed_x_attack, p.speed_y_attack, p.speed_ground_x_self)
 
 
+def _fill_items(cat, num, projectiles, port: int, opponent_port: int, x, y) -> None:
+    """features_from_gamestate's items: _item_raw for one frame (the same float32 arithmetic and
+    order) in plain Python, a few microseconds for the few items of a frame."""
+    near = []
+    for i, p in enumerate(projectiles):
+        dx, dy = np.float32(p.position.x) - x, np.float32(p.position.y) - y
+        near.append((dx * dx + dy * dy, i, dx, dy, p))
+    near.sort(key=lambda item: item[:2])
+    for k, (_, _, dx, dy, p) in enumerate(near[:ITEM_SLOTS]):
+        cat[7 + k] = min(p.type.value, ITEM_VOCAB - 2) + 1
+        o = _ITEMS + k * len(_ITEM_FIELDS)
+        num[o:o + len(_ITEM_FIELDS)] = (1, p.owner == port, p.owner == opponent_port, dx, dy, p.speed.x, p.speed.y,
+                                        math.trunc(p.expiration_frames))
+
+
 def features_from_gamestate(gamestate, port: int, opponent_port: int):
-    """Features of one libmelee GameState: (cat int64[5], num float32[49])."""
+    """Features of one libmelee GameState: (cat int64[11], num float32[122])."""
     me, op = gamestate.players[port], gamestate.players[opponent_port]
     cat = np.empty(len(CAT_FIELDS), np.int64)
     # (a PlayerState that never received a frame has action value -1: index -1 is unknown too)
     cat[0], cat[1] = _ACTION_ID[me.action.value], _ACTION_ID[op.action.value]
     cat[2], cat[3] = _CHARACTER_ID[me.character.value], _CHARACTER_ID[op.character.value]
     cat[4] = gamestate.stage.value
-    num = np.empty(len(NUM_FIELDS), np.float32)
+    num = np.zeros(len(NUM_FIELDS), np.float32)
     _fill_player(num, 0, me)
     _fill_player(num, _P, op)
     cs = me.controller_state
@@ -1962,6 +2117,19 @@ def features_from_gamestate(gamestate, port: int, opponent_port: int):
     num[_CTRL:_CTRL + 8] = [b[e] for e in _BUTTON_ENUMS]
     num[_CTRL + 8:_CTRL + 12] = cs.main_stick + cs.c_stick
     num[_CTRL + 12] = max(cs.l_shoulder, cs.r_shoulder)
+    for i, nana in enumerate((me.nana, op.nana)):
+        cat[5 + i] = UNKNOWN_ACTION if nana is None else _ACTION_ID[nana.action.value]
+        if nana is not None:
+            o = _NANA + i * len(_NANA_FIELDS)
+            num[o] = 1
+            _fill_player(num, o + 1, nana)
+    cat[7:] = 0
+    if gamestate.projectiles:
+        _fill_items(cat, num, gamestate.projectiles, port, opponent_port, np.float32(me.position.x),
+                    np.float32(me.position.y))
+    if gamestate.stage.value == enums.Stage.YOSHIS_STORY.value:
+        path = _randall_path()
+        num[_RANDALL:] = path[gamestate.frame % len(path)]
     num -= _OFFSET
     num *= _SCALE
     return cat, np.clip(num, -_CLIP, _CLIP, out=num)
@@ -2072,7 +2240,7 @@ DATA_VERSION = 1  # the layout of a dataset: manifest tables, shard columns and 
 SHARD_COLUMNS = {"cat": np.uint16, "num": np.float32, "labels": np.uint8}
 LABEL_COLUMNS = {h: slice(0, 8) if h == "buttons" else 7 + i for i, h in enumerate(HEADS)}
 LEFTOVER_AGE = 24 * 3600  # seconds untouched after which another host's unreferenced shard counts as abandoned
-SHARD_FRAMES = 1 << 19  # player-view frames a parsing task puts in one shard (about 115 MB)
+SHARD_FRAMES = 1 << 19  # player-view frames a parsing task puts in one shard (about 275 MB)
 GAME_FIELDS = ("hash", "path", "frames", "stage", "slippi", "date", "port_1", "character_1", "code_1",
                "port_2", "character_2", "code_2", "shard", "start", "skipped")
 
@@ -2697,7 +2865,7 @@ def _parse_new(dataset: Dataset, new: list, sizes: dict, workers: int, log, mapp
         bar.close()
     seconds = time.perf_counter() - t0
     if log and frames:
-        read_by = f", {fallback} read by libmelee as peppi-py could not" if fallback else ""
+        read_by = f", {fallback} read by libmelee (peppi-py cannot read them, or their Nana)" if fallback else ""
         log(f"parsed {len(new)} new replays ({frames:,} frames{read_by}) in {seconds:.1f} s on {workers} core(s): "
             f"{frames / seconds:,.0f} frames/s ({frames / busy:,.0f} per core: frames per second of parsing CPU time)")
     return changed
@@ -2916,9 +3084,9 @@ def windows(episodes: list[Episode], length: int, delay: int = 0) -> Windows:
 
 
 # Left/right mirror: these feature columns change sign, and stick x classes k <-> 16 - k.
-MIRROR_COLUMNS = [f"{who}_{n}" for who in ("self", "opp")
+MIRROR_COLUMNS = [f"{who}_{n}" for who in ("self", "opp", "self_nana", "opp_nana")
                   for n in ("x", "facing", "speed_air_x_self", "speed_x_attack", "speed_ground_x_self")]
-MIRROR_COLUMNS += ["main_x", "c_x"]
+MIRROR_COLUMNS += ["main_x", "c_x", "randall_x"] + [f"item{k}_{n}" for k in range(ITEM_SLOTS) for n in ("dx", "speed_x")]
 MIRROR_SIGN = np.array([-1.0 if n in MIRROR_COLUMNS else 1.0 for n in NUM_FIELDS], np.float32)
 MIRROR_HEADS = ("main_x", "c_x")
 
@@ -2977,7 +3145,7 @@ def make_batch(episodes: list[Episode], wins: np.ndarray | Sequence[tuple[int, i
             current[h][flip] = 16 - current[h][flip]
     if controller_dropout:  # hide the current controller on some frames (the model must not just copy it)
         rng = np.random.default_rng(controller_dropout[1])
-        batch["num"][..., _CTRL:][rng.random((B, length)) < controller_dropout[0]] = 0
+        batch["num"][..., _CTRL:_NANA][rng.random((B, length)) < controller_dropout[0]] = 0
     if change_weight != 1:  # key frames: the controller changes between the current and the target frame
         changed = np.any([(labels[h] != current[h]).reshape(B, length, -1).any(-1) for h in HEADS], axis=0)
         batch["mask"] *= np.where(changed, np.float32(change_weight), np.float32(1))
@@ -4508,9 +4676,10 @@ class RunInfo(msgspec.Struct):
     status: str = "finished"
 
 
-def read_run_info(run: str | os.PathLike) -> dict:
+def read_run_info(run: str | os.PathLike, layout: bool = True) -> dict:
     """A run folder's run.json ({} if it has none), checked (RunInfo): one line naming the file
-    and the field otherwise. run.json is input: it may have been edited or damaged."""
+    and the field otherwise. run.json is input: it may have been edited or damaged. layout: refuse
+    a run of another feature layout (its graphs read other features) in one line."""
     path = Path(run) / "run.json"
     if not path.exists():
         return {}
@@ -4524,6 +4693,10 @@ def read_run_info(run: str | os.PathLike) -> dict:
             raise ExphilError(f"`$.button_threshold` must be one of {', '.join(map(str, BUTTON_THRESHOLDS))}")
     except (ValueError, msgspec.ValidationError, ExphilError) as e:  # (json's errors are ValueErrors)
         raise ExphilError(f"{path}: not a valid run.json: {e}") from None
+    version = info.get("feature_version", FEATURE_VERSION)
+    if layout and version != FEATURE_VERSION:
+        raise ExphilError(f"{run}: trained with feature layout v{version}; this exphil reads v{FEATURE_VERSION} "
+                          "(it sees items, projectiles, Nana and Randall): retrain, or install the matching exphil")
     return info
 
 
@@ -4947,10 +5120,6 @@ class Agent:
         run = Path(run)
         path = step_path(run, precision)
         self.info = read_run_info(run)
-        version = self.info.get("feature_version", FEATURE_VERSION)
-        if version != FEATURE_VERSION:
-            raise ExphilError(f"{run}: trained with feature layout v{version}; this exphil reads "
-                              f"v{FEATURE_VERSION}. Retrain, or install the matching exphil.")
         if not (math.isfinite(temperature) and temperature >= 0):
             raise UsageError(f"temperature must be a finite number >= 0 (0: deterministic), not {temperature}")
         self.step = Stepper(checked_step_graph(run, path, self.info), provider, threads)
@@ -5434,6 +5603,8 @@ class Runner:
     def _new_game(self, gs) -> None:
         self.stats.games += 1
         self._me = int(self.menus.port(gs, self.port)) if self.menus is not None else self.port
+        if self.menus is not None and self.menus.chose:
+            self.log(f"our port: {self.menus.chose}")
         self._stocks = {int(p): int(ps.stock) for p, ps in gs.players.items()}
         self._held, self._queue = NEUTRAL, collections.deque([NEUTRAL] * self.delay)
         self._wait, self._game_frames = 0, 0
@@ -5575,14 +5746,15 @@ class Menus:
     its character and level, and the bot starts the game."""
 
     def __init__(self, controller, character: str, stage: str, connect_code: str | None = None,
-                 cpu=None, cpu_level: int = 0, costume: int = 0):
+                 cpu=None, cpu_level: int = 0, costume: int = 0, own_code: str | None = None):
         import melee
 
         self.controller, self.cpu, self.cpu_level, self.costume = controller, cpu, cpu_level, costume
         self.character = melee.Character(_enum_id(melee.Character, character, "character"))
         self.stage = melee.Stage(_enum_id(melee.Stage, stage, "stage"))
-        self.connect_code = connect_code
+        self.connect_code, self.own_code = connect_code, own_code
         self._bot, self._cpu = melee.MenuHelper(), melee.MenuHelper()
+        self.chose = ""  # why the last game's port was chosen
 
     def __call__(self, gamestate) -> None:
         self._bot.menu_helper_simple(gamestate, self.controller, self.character, self.stage, self.connect_code,
@@ -5591,21 +5763,55 @@ class Menus:
             self._cpu.menu_helper_simple(gamestate, self.cpu, self.character, self.stage, cpu_level=self.cpu_level)
 
     def port(self, gamestate, default: int) -> int:
-        """The bot's port in this game: Slippi online assigns one, found by character and costume."""
+        """The bot's port in this game: Slippi online assigns one (see own_port); `chose` says how."""
         if not self.connect_code:
             return default
-        from melee import port_detector
+        port, self.chose = own_port(gamestate, self.own_code, self.connect_code, self.character, self.costume)
+        if port is None:
+            self.chose += f": playing port {default}"
+        return default if port is None else port
 
-        return port_detector(gamestate, self.character, self.costume) or default
+
+def own_port(gamestate, own_code: str | None, opponent_code: str | None, character, costume: int) -> tuple[int | None, str]:
+    """The local player's port in a netplay game, and one line saying how it was found: the port
+    with our connect code; else the one without the opponent's code; else the only player with our
+    character and costume (display names are not used: two players may share one)."""
+    same = lambda a, b: bool(a) and bool(b) and a.replace("\uff03", "#").upper() == b.replace("\uff03", "#").upper()
+    players = {int(p): ps for p, ps in gamestate.players.items()}
+    mine = [p for p, ps in players.items() if same(ps.connectCode, own_code)]
+    if len(mine) == 1:
+        return mine[0], f"port {mine[0]}: our connect code {own_code}"
+    theirs = [p for p, ps in players.items() if same(ps.connectCode, opponent_code)]
+    if len(theirs) == 1 and len(players) == 2:
+        port = next(p for p in players if p != theirs[0])
+        return port, f"port {port}: the opponent {opponent_code} is on port {theirs[0]}"
+    looks = [p for p, ps in players.items() if ps.character == character and int(ps.costume) == costume]
+    if len(looks) == 1:
+        return looks[0], (f"port {looks[0]}: no port has our connect code ({own_code or 'unknown'}) or the opponent's; "
+                          f"the only {character.name.lower()} in costume {costume}")
+    return None, (f"no port has our connect code ({own_code or 'unknown'}) or the opponent's, and "
+                  f"{len(looks)} players are {character.name.lower()} in costume {costume}")
+
+
+def _user_code(console) -> str | None:
+    """The connect code in the Slippi user.json that libmelee's console set up for Dolphin."""
+    try:
+        user = json.loads((Path(console._get_dolphin_home_path()) / "Slippi" / "user.json").read_text())
+        return str(user["connectCode"]) or None
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
 
 
 def play(run: str | os.PathLike, dolphin: str | os.PathLike, iso: str | os.PathLike, port: int = 1,
          opponent_port: int = 2, character: str = "fox", stage: str = "final_destination",
          connect_code: str | None = None, cpu_level: int = 0, asynchronous: bool = False,
          provider: str = "auto", precision: str = "fp32", temperature: float = 1.0,
-         deterministic: bool = False, target_return: float | None = None, **runner) -> dict:
+         deterministic: bool = False, target_return: float | None = None, own_code: str | None = None,
+         **runner) -> dict:
     """Play a run in Slippi Dolphin: start it on the ISO, walk the menus, play (Runner or
-    AsyncRunner, with `runner` settings) and close Dolphin at the end."""
+    AsyncRunner, with `runner` settings) and close Dolphin at the end. Online (`connect_code`: the
+    opponent's), the bot's port is found by `own_code` (default: the code in Slippi's user.json),
+    see own_port."""
     import melee
 
     if connect_code and cpu_level:
@@ -5627,6 +5833,7 @@ def play(run: str | os.PathLike, dolphin: str | os.PathLike, iso: str | os.PathL
             raise ExphilError(f"could not connect to Dolphin ({dolphin})")
         if connect_code and not console.has_user_json:
             raise ExphilError("a connect code needs Slippi's user.json: log in once with the Slippi Launcher")
+        menus.own_code = own_code or _user_code(console)
         for c in (controller, cpu):
             if c is not None and not c.connect():
                 raise ExphilError(f"could not open the controller pipe of port {c.port}")
@@ -6318,7 +6525,7 @@ def plot(run: str | os.PathLike) -> Path:
     rows = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines() if l.strip()]
     if not rows:
         raise ExphilError(f"{run}: metrics.jsonl has no epoch yet")
-    info = read_run_info(run)
+    info = read_run_info(run, layout=False)
     epochs = [r["epoch"] for r in rows]
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
     for key, label in (("train_loss", "train"), ("val_loss", "validation")):
@@ -6375,6 +6582,8 @@ def _add_play_commands(sub) -> None:
     p.add_argument("--character", default="fox", help="the bot's character (libmelee names)")
     p.add_argument("--stage", default="final_destination", help="the stage (libmelee names)")
     p.add_argument("--connect-code", help="play a Slippi online direct match with this code")
+    p.add_argument("--own-code", help="online: our connect code, to find our port (default: the one in "
+                                      "Slippi's user.json)")
     p.add_argument("--cpu-level", type=int, default=0,
                    help="1-9: a CPU (same character) on the opponent port; 0: a human there")
     p.add_argument("--async", dest="asynchronous", action="store_true",
@@ -6421,7 +6630,8 @@ def _run_play_command(args) -> None:
                        character=args.character, stage=args.stage, connect_code=args.connect_code,
                        cpu_level=args.cpu_level, asynchronous=args.asynchronous, provider=args.provider,
                        precision=args.precision, temperature=args.temperature, deterministic=args.deterministic,
-                       target_return=args.target_return, action_repeat=args.action_repeat, frame_delay=args.frame_delay,
+                       target_return=args.target_return, own_code=args.own_code,
+                       action_repeat=args.action_repeat, frame_delay=args.frame_delay,
                        on_game_end=args.on_game_end, stats_every=args.stats_every,
                        log=lambda line: print(line, flush=True))  # the game's events on stdout
         inf = summary["inference_ms"]

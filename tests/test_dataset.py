@@ -49,6 +49,22 @@ def test_ingest_reads_only_new_files_and_parses_each_content_once(tmp_path, monk
     assert [p.name for p in parsed] == ["new.slp"] and hashed == ["new.slp"] * 2  # when found, and after parsing
 
 
+def test_a_dataset_of_the_first_feature_layout_is_refused_in_one_line(tmp_path):
+    """A dataset ingested by an exphil of feature layout v1 holds 49 numbers a frame: reading it
+    and adding to it are both refused, naming the folder; nothing in it is changed."""
+    data = tmp_path / "data"
+    exphil.ingest(NETPLAY, data, workers=1)
+    with sqlite3.connect(data / "manifest.sqlite") as db:
+        db.execute("UPDATE meta SET value = '1.1' WHERE key = 'layout'")
+    before = {p: p.stat().st_mtime_ns for p in data.rglob("*") if p.is_file() and "manifest" not in p.name}
+    for args in (("ingest", REPLAYS, "--out", data), ("train", "mlp", "--data", data, "--out", tmp_path / "run")):
+        res = cli(*args)
+        assert res.returncode == 1 and res.stderr.count("\n") == 1, res.stderr
+        assert f"{data}: a dataset of layout 1.1; this exphil reads layout {exphil.FEATURE_VERSION}." in res.stderr
+        assert "ingest the replays into a new folder" in res.stderr
+    assert before == {p: p.stat().st_mtime_ns for p in data.rglob("*") if p.is_file() and "manifest" not in p.name}
+
+
 def test_filters_and_descriptions_come_from_the_manifest(tmp_path, monkeypatch):
     data = tmp_path / "data"
     exphil.ingest(REPLAYS, data, workers=1)

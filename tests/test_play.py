@@ -18,7 +18,7 @@ import pytest
 from melee.controller import fix_analog_stick, fix_analog_trigger
 
 import exphil
-from conftest import GPU_PROVIDERS, REPLAYS, ROOT
+from conftest import GPU_PROVIDERS, REPLAYS, ROOT, SHARED
 from test_actions import BUTTON_NAMES, Pipe, sent
 
 REPLAY = REPLAYS / "hohav-py-slippi__netplay_name.slp"  # Falco (port 1) vs Falco (port 2), 6,233 frames
@@ -414,7 +414,7 @@ def test_readme_onnx_example_reproduces_the_agent(tmp_path):
     scope = {}
     exec(code.replace("runs/gru/step.onnx", str(out / "step.onnx")), scope)
     meta = exphil.graph_metadata(out / "step.onnx")
-    assert json.loads(meta["exphil.num_fields"]) == exphil.NUM_FIELDS and meta["exphil.feature_version"] == "1"
+    assert json.loads(meta["exphil.num_fields"]) == exphil.NUM_FIELDS and meta["exphil.feature_version"] == str(exphil.FEATURE_VERSION)
     assert exphil.parse_spec(meta["exphil.spec"]) == exphil.load_spec(ROOT / "specs" / "gru.toml")
     agent, game = exphil.Agent(out), exphil.ReplayGame(REPLAY, fps=None, frames=300)
     while (gs := game.step()) is not None:
@@ -422,3 +422,31 @@ def test_readme_onnx_example_reproduces_the_agent(tmp_path):
         got = scope["step"](*exphil.features_from_gamestate(gs, 1, 2))
         for h in exphil.HEADS:
             np.testing.assert_allclose(got[h], want[h], atol=1e-4, err_msg=h)
+
+
+@pytest.mark.skipif(not SHARED.is_dir(), reason="the shared replay collection is not beside the repository")
+def test_our_port_online_is_found_by_connect_code_then_by_character_and_costume(tmp_path):
+    """Real netplay replays: a Falco ditto whose two players are given the same display name (by
+    editing a copy's game start), and a ranked game whose players are both "Platinum Player"
+    with no codes. The port comes from our code, else the opponent's, else character and costume."""
+    copy = tmp_path / "same_names.slp"
+    data = bytearray((SHARED / "Walnut356-SlippiStats__Game_20221227T202334.slp").read_bytes())
+    start = len(exphil._SLP_HEADER) + 4
+    names = start + data[start + 1] + 1 + 0x1A5  # the game start event's display names, 0x1F bytes each
+    data[names + 0x1F:names + 0x3E] = data[names:names + 0x1F]
+    copy.write_bytes(bytes(data))
+    gs = exphil.ReplayGame(copy, fps=None, frames=3).step()
+    assert gs.players[1].displayName == gs.players[2].displayName == "Doug M Levison"
+    falco = exphil.enums.Character.FALCO
+    assert exphil.own_port(gs, "NUT#356", "SCHU#432", falco, 0) == (2, "port 2: our connect code NUT#356")
+    assert exphil.own_port(gs, "nut＃356", None, falco, 0)[0] == 2  # case and the full-width # of the menus
+    assert exphil.own_port(gs, None, "SCHU#432", falco, 0) == (2, "port 2: the opponent SCHU#432 is on port 1")
+    port, why = exphil.own_port(gs, "ZZZZ#1", "YYYY#2", falco, 0)
+    assert port == 1 and "the only falco in costume 0" in why
+    gs = exphil.ReplayGame(REPLAYS / "hohav-peppi__duplicate_game_end.slp", fps=None, frames=3).step()
+    assert gs.players[1].displayName == gs.players[2].displayName and not gs.players[1].connectCode
+    assert exphil.own_port(gs, "NUT#356", "SCHU#432", falco, 1)[0] == 2
+    assert exphil.own_port(gs, "NUT#356", "SCHU#432", falco, 4) == (
+        None, "no port has our connect code (NUT#356) or the opponent's, and 0 players are falco in costume 4")
+    menus = exphil.Menus(None, "falco", "battlefield", connect_code="SCHU#432", costume=4, own_code="NUT#356")
+    assert menus.port(gs, 1) == 1 and menus.chose.endswith(": playing port 1")
