@@ -1551,8 +1551,8 @@ def load_params(path: str | os.PathLike) -> dict[str, np.ndarray]:
 # a single ``shoulder`` feature stands for both.  Buttons are the physical ones
 # (``controller_state.button``): in the processed bits Z also sets A, and the physical buttons are
 # what ``Controller.press_button`` drives.  Fountain of Dreams' moving platforms are not included
-# (peppi-py 0.8.6 does not read their events); every other stage's platforms are fixed, known from
-# the stage id.
+# (recorded from Slippi 3.18 only, and not read by peppi-py 0.8.6); every other stage's platforms
+# are fixed, known from the stage id.
 #
 # Labels: ``game_labels`` row t is ``encode_controller`` of that port's controller state at frame t,
 # the same state that feature row t carries in 36-48.  Shifting targets by 1 + delay frames is the
