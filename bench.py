@@ -935,69 +935,198 @@ def machine() -> dict:
             "onnxruntime": ort.__version__, "providers": ort.get_available_providers()}
 
 
-def main(argv=None) -> int:
-    global REPLAY
+def _parser() -> argparse.ArgumentParser:
+    """The command line, its options grouped by what they measure."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    parser.add_argument("--specs", nargs="*", help="spec files (default: every built-in spec)")
-    parser.add_argument("--runs", nargs="*", help="trained run folders instead of specs")
-    parser.add_argument("--providers", nargs="*", default=["cpu", *GPU_PROVIDERS],
-                        help="providers to try; those not installed are reported as absent")
-    parser.add_argument("--markdown", action="store_true", help="print the table in Markdown")
-    parser.add_argument("--hidden", type=int, nargs="*", help="the latency table at these widths of each spec "
-                        "(e.g. --specs specs/mamba.toml --hidden 256 1024: where INT4 starts to pay)")
-    parser.add_argument("--loop", action="store_true", help="the full decision loop (lstm and mamba by default)")
-    parser.add_argument("--heads", nargs="*", choices=["independent", "autoregressive"], default=["independent"],
-                        help="the latency table and --loop with these kinds of heads of each spec (both: side by side)")
-    parser.add_argument("--throughput", action="store_true", help="training frames/s (batch 64, window 60)")
-    parser.add_argument("--vs-torch", action="store_true",
-                        help="--throughput: also the same models in PyTorch (when installed), checked and timed")
-    parser.add_argument("--steps", type=int, default=5, help="--throughput: timed steps per spec, at least")
-    parser.add_argument("--seconds", type=float, default=4.0,
-                        help="--throughput: timing per spec and framework, at least (more steps when fast)")
-    parser.add_argument("--train", action="store_true", help="the architecture table (needs --replays or --data)")
-    parser.add_argument("--learning-curve", action="store_true", help="the first of --specs (default mamba) trained "
-                        "for --max-steps on --games of --data's training games, scored on the same validation games")
-    parser.add_argument("--games", nargs="*", default=["25", "100", "300", "all"],
-                        help="--learning-curve: numbers of training games (all: every one)")
-    parser.add_argument("--replays", help="replays for --train")
-    parser.add_argument("--data", help="--train: a dataset folder (`exphil ingest`) instead of --replays")
-    parser.add_argument("--split-by", choices=exphil.SPLITS,
-                        help="--train, --learning-curve: what validation holds out (see exphil train --split-by; "
-                             "default: game for --train, player for --learning-curve)")
-    parser.add_argument("--max-steps", type=int, default=0,
-                        help="optimizer steps per spec for --train (comparable across machines)")
-    parser.add_argument("--budget-seconds", type=float, default=0,
-                        help="training time per spec for --train (0: no limit; one of the two is needed)")
-    parser.add_argument("--frame-delay", type=int, default=0, help="--train: frame t predicts frame t + 1 + D")
-    parser.add_argument("--batch-size", type=int, default=32, help="batch size for --train")
-    parser.add_argument("--ray", metavar="ADDRESS", help="--train: train the specs as parallel tasks on this Ray "
-                        "cluster (auto, local or an address; pip install 'exphil[cluster]')")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--replay", type=Path, default=REPLAY, help="the replay whose frames --loop, --throughput "
-                        "and the latency table use (latency alone runs without one, on random inputs)")
-    parser.add_argument("--warm-start", metavar="RUN", help="loss against Markov on the first 1, 3 and 10 s of the "
-                        "run's validation games, the state started at zero or at a mean state of training games")
-    parser.add_argument("--conditioning", metavar="RUN", help="a return-conditioned run: loss and action rates "
-                        "on its validation games (or --replays) with the recorded return-to-go shifted")
-    parser.add_argument("--data-parallel", action="store_true", help="gradient exchange versus compute per step "
-                        "on --workers Ray workers (--ray, default local), and the modelled scaling to 8 and 64")
-    parser.add_argument("--workers", type=int, default=2, help="--data-parallel: Ray workers")
-    parser.add_argument("--scale", action="store_true",
-                        help="data at scale: collections of --sizes times --source, ingested and trained on")
-    parser.add_argument("--source", type=Path, default=ROOT.parent / "shared" / "replays",
-                        help="--scale: the replays the collections are copied from")
-    parser.add_argument("--work", type=Path, help="--scale: where the collections, datasets and runs go")
-    parser.add_argument("--sizes", type=int, nargs="*", default=[1, 10], help="--scale: copies of --source")
-    parser.add_argument("--scale-steps", type=int, default=300, help="--scale: training steps timed per run")
-    parser.add_argument("--in-memory-up-to", type=int, default=10,
-                        help="--scale: also train on in-memory arrays up to this size")
-    parser.add_argument("--repeats", type=int, default=2, help="--scale: training runs of each kind (medians)")
-    parser.add_argument("--parsers", nargs="*", type=Path, metavar="REPLAY",
-                        help="replay reading speed: peppi-py, the libmelee fallback and libmelee's console alone "
-                             "(default: the shipped replays and the games of ../shared/collection/odd)")
-    parser.add_argument("--rounds", type=int, default=3, help="--parsers: rounds of reads (medians)")
+    hw = parser.add_argument_group("hardware check (the default: step latency of every spec)")
+    hw.add_argument("--specs", nargs="*", help="spec files (default: every built-in spec)")
+    hw.add_argument("--runs", nargs="*", help="trained run folders instead of specs")
+    hw.add_argument("--providers", nargs="*", default=["cpu", *GPU_PROVIDERS],
+                    help="providers to try; those not installed are reported as absent")
+    hw.add_argument("--markdown", action="store_true", help="print the table in Markdown")
+    hw.add_argument("--hidden", type=int, nargs="*", help="the latency table at these widths of each spec "
+                    "(e.g. --specs specs/mamba.toml --hidden 256 1024: where INT4 starts to pay)")
+    hw.add_argument("--loop", action="store_true", help="the full decision loop (lstm and mamba by default)")
+    hw.add_argument("--heads", nargs="*", choices=["independent", "autoregressive"], default=["independent"],
+                    help="the latency table and --loop with these kinds of heads of each spec (both: side by side)")
+    hw.add_argument("--replay", type=Path, default=REPLAY, help="the replay whose frames --loop, --throughput "
+                    "and the latency table use (latency alone runs without one, on random inputs)")
+    tp = parser.add_argument_group("training throughput")
+    tp.add_argument("--throughput", action="store_true", help="training frames/s (batch 64, window 60)")
+    tp.add_argument("--vs-torch", action="store_true",
+                    help="--throughput: also the same models in PyTorch (when installed), checked and timed")
+    tp.add_argument("--steps", type=int, default=5, help="--throughput: timed steps per spec, at least")
+    tp.add_argument("--seconds", type=float, default=4.0,
+                    help="--throughput: timing per spec and framework, at least (more steps when fast)")
+    at = parser.add_argument_group("architecture table, learning curve and trained runs")
+    at.add_argument("--train", action="store_true", help="the architecture table (needs --replays or --data)")
+    at.add_argument("--learning-curve", action="store_true", help="the first of --specs (default mamba) trained "
+                    "for --max-steps on --games of --data's training games, scored on the same validation games")
+    at.add_argument("--games", nargs="*", default=["25", "100", "300", "all"],
+                    help="--learning-curve: numbers of training games (all: every one)")
+    at.add_argument("--replays", help="replays for --train")
+    at.add_argument("--data", help="--train: a dataset folder (`exphil ingest`) instead of --replays")
+    at.add_argument("--split-by", choices=exphil.SPLITS,
+                    help="--train, --learning-curve: what validation holds out (see exphil train --split-by; "
+                         "default: game for --train, player for --learning-curve)")
+    at.add_argument("--max-steps", type=int, default=0,
+                    help="optimizer steps per spec for --train (comparable across machines)")
+    at.add_argument("--budget-seconds", type=float, default=0,
+                    help="training time per spec for --train (0: no limit; one of the two is needed)")
+    at.add_argument("--frame-delay", type=int, default=0, help="--train: frame t predicts frame t + 1 + D")
+    at.add_argument("--batch-size", type=int, default=32, help="batch size for --train")
+    at.add_argument("--seed", type=int, default=0)
+    at.add_argument("--warm-start", metavar="RUN", help="loss against Markov on the first 1, 3 and 10 s of the "
+                    "run's validation games, the state started at zero or at a mean state of training games")
+    at.add_argument("--conditioning", metavar="RUN", help="a return-conditioned run: loss and action rates "
+                    "on its validation games (or --replays) with the recorded return-to-go shifted")
+    cl = parser.add_argument_group("cluster")
+    cl.add_argument("--ray", metavar="ADDRESS", help="--train: train the specs as parallel tasks on this Ray "
+                    "cluster (auto, local or an address; pip install 'exphil[cluster]')")
+    cl.add_argument("--data-parallel", action="store_true", help="gradient exchange versus compute per step "
+                    "on --workers Ray workers (--ray, default local), and the modelled scaling to 8 and 64")
+    cl.add_argument("--workers", type=int, default=2, help="--data-parallel: Ray workers")
+    sc = parser.add_argument_group("data at scale and replay reading")
+    sc.add_argument("--scale", action="store_true",
+                    help="data at scale: collections of --sizes times --source, ingested and trained on")
+    sc.add_argument("--source", type=Path, default=ROOT.parent / "shared" / "replays",
+                    help="--scale: the replays the collections are copied from")
+    sc.add_argument("--work", type=Path, help="--scale: where the collections, datasets and runs go")
+    sc.add_argument("--sizes", type=int, nargs="*", default=[1, 10], help="--scale: copies of --source")
+    sc.add_argument("--scale-steps", type=int, default=300, help="--scale: training steps timed per run")
+    sc.add_argument("--in-memory-up-to", type=int, default=10,
+                    help="--scale: also train on in-memory arrays up to this size")
+    sc.add_argument("--repeats", type=int, default=2, help="--scale: training runs of each kind (medians)")
+    sc.add_argument("--parsers", nargs="*", type=Path, metavar="REPLAY",
+                    help="replay reading speed: peppi-py, the libmelee fallback and libmelee's console alone "
+                         "(default: the shipped replays and the games of ../shared/collection/odd)")
+    sc.add_argument("--rounds", type=int, default=3, help="--parsers: rounds of reads (medians)")
     parser.add_argument("--json", help="also write every number to this file")
+    return parser
+
+
+# ---- the modes: each prints its table and returns its numbers (error: argparse's, for bad options) --
+
+
+def run_parsers(args, specs, error) -> dict:
+    paths = [p for a in args.parsers for p in exphil.find_replays(a)] or sorted(
+        [*(ROOT / "tests" / "replays").glob("*.slp"), *(ROOT.parent / "shared" / "collection" / "odd").glob("*.slp")])
+    print(f"\nreplay reading: frames per second of CPU time, medians of {args.rounds} rounds (read_replay's "
+          f"frames, finalized); ratio: console alone / fallback time\n")
+    return {"parsers": parser_speed(paths, args.rounds)}
+
+
+def run_warm_start(args, specs, error) -> dict:
+    res = warm_start(args.warm_start)
+    print_warm_start(res)
+    return {"warm_start": res}
+
+
+def run_conditioning(args, specs, error) -> dict:
+    res = conditioning(args.conditioning, args.replays)
+    print(f"\n{args.conditioning}: mean probabilities per frame (players: shares of frames)\n")
+    print_conditioning(res)
+    return {"conditioning": res}
+
+
+def run_scale(args, specs, error) -> dict:
+    if not args.work:
+        error("--scale needs --work (a folder with room for the collections and their datasets)")
+    rows = scale_table(args.source, args.work, args.sizes, (args.specs or ["mlp"])[0], args.scale_steps,
+                       args.in_memory_up_to, args.repeats)
+    print_scale(rows)
+    return {"scale": rows}
+
+
+def run_learning_curve(args, specs, error) -> dict:
+    if not (args.data and args.max_steps):
+        error("--learning-curve needs --data and --max-steps")
+    if not all(g == "all" or g.isdigit() and int(g) > 0 for g in args.games):
+        error(f"--games: numbers of games or all, not {' '.join(args.games)}")
+    path = (args.specs or [str(exphil.SPECS_DIR / "mamba.toml")])[0]
+    rows = learning_curve(path, args.data, [0 if g == "all" else int(g) for g in args.games], args.max_steps,
+                          args.seed, args.batch_size, args.frame_delay, args.split_by or "player")
+    print(f"\n{Path(path).stem}, {args.max_steps} optimizer steps each, seed {args.seed}, batch {args.batch_size}, "
+          f"frame delay {args.frame_delay}; the same {rows[0]['val_games']} validation games "
+          f"({rows[0]['val_frames']:,} frames, split by {args.split_by or 'player'}); the Markov baseline is "
+          "counted on each row's training games\n")
+    print_learning_curve(rows)
+    return {"learning_curve": rows}
+
+
+def run_architectures(args, specs, error) -> dict:
+    if bool(args.replays) == bool(args.data):
+        error("--train needs --replays or --data (one of them)")
+    if not (args.max_steps or args.budget_seconds):
+        error("--train needs --max-steps or --budget-seconds")
+    rows = architecture_table(specs, args.replays, args.budget_seconds, args.seed, args.batch_size,
+                              args.max_steps, args.frame_delay, args.ray, args.data, args.split_by or "game")
+    print(f"\nsame games (validation split by {args.split_by or 'game'}), seed {args.seed}, batch {args.batch_size}, "
+          + (f"{args.max_steps} optimizer steps" if args.max_steps else f"{args.budget_seconds:.0f} s")
+          + f" each, frame delay {args.frame_delay}; ranked by the margin of the validation loss under the "
+          f"Markov baseline (frequency baseline {rows[0]['baseline_loss']:.3f})\n")
+    print_architectures(rows)
+    return {"architectures": rows}
+
+
+def run_data_parallel(args, specs, error) -> dict:
+    rows = [data_parallel_row(exphil.load_spec(p), args.ray or "local", args.workers, args.batch_size, args.steps,
+                              args.seconds) for p in specs]
+    print(f"\ndata parallel on {args.workers} Ray workers of one CPU each, batch {args.batch_size} windows of "
+          f"the spec's length, medians of {rows[0]['steps']}+ steps; one process: the same batch, "
+          f"{args.workers} threads. Modelled: ring all-reduce on {NETWORK_GBPS:g} Gb/s, "
+          f"{MESSAGE_LATENCY_S * 1e6:g} us per message, at this batch per worker\n")
+    print_data_parallel(rows)
+    return {"data_parallel": rows}
+
+
+def run_loop(args, specs, error) -> dict:
+    sources = args.runs or (args.specs or [str(exphil.SPECS_DIR / f"{n}.toml") for n in ("lstm", "mamba")])
+    print("\nfull decision loop: GameState -> features -> step -> sample -> commands flushed to a FIFO "
+          "(p50/p99 ms per frame, 1800 frames)\n")
+    rows = {}
+    for source, kind in ((s, k) for s in sources for k in args.heads):
+        cells = {f"{p} {'back to back' if fps is None else 'at 60 FPS'}":
+                 loop_latency(source, fps=fps, precision=p, autoregressive=kind == "autoregressive")
+                 for fps in (None, 60) for p in ("fp32", "int8")}
+        name = Path(source).stem + (" autoregressive" if kind == "autoregressive" else "")
+        rows[name] = cells
+        print(f"{name:<22}" + "  ".join(f"{k}: {v['p50_ms']:.3f}/{v['p99_ms']:.3f}" for k, v in cells.items()),
+              flush=True)
+    return {"loop": rows}
+
+
+def run_throughput(args, specs, error) -> dict:
+    reference = torch_reference() if args.vs_torch else None
+    if args.vs_torch and reference is None:
+        print("--vs-torch: PyTorch is not installed here (pip install torch); measuring exphil alone")
+    result = throughput_table(specs, reference, args.steps, args.seconds)
+    print_throughput(result, reference)
+    return result
+
+
+def run_latency(args, specs, error) -> dict:
+    if args.hidden and args.runs:
+        raise SystemExit("--hidden applies to specs, not to trained runs")
+    rows = latency_table(args.runs or specs, [p.lower() for p in args.providers], args.hidden or [None],
+                         [kind == "autoregressive" for kind in args.heads])
+    print("\nstep latency, batch 1, one intra-op thread; cells: p50 ms and verdict from p99\n")
+    print_table(rows, args.markdown)
+    return {"step": rows}
+
+
+# (is the mode asked for, the mode), first match wins; the latency table when none is
+MODES = [(lambda a: a.parsers is not None, run_parsers), (lambda a: a.warm_start, run_warm_start),
+         (lambda a: a.conditioning, run_conditioning), (lambda a: a.scale, run_scale),
+         (lambda a: a.learning_curve, run_learning_curve), (lambda a: a.train, run_architectures),
+         (lambda a: a.data_parallel, run_data_parallel), (lambda a: a.loop, run_loop),
+         (lambda a: a.throughput, run_throughput), (lambda a: True, run_latency)]
+
+
+def main(argv=None) -> int:
+    global REPLAY
+    parser = _parser()
     args = parser.parse_args(argv)
     REPLAY = args.replay
     if (args.loop or args.throughput) and not REPLAY.is_file():
@@ -1007,90 +1136,8 @@ def main(argv=None) -> int:
     print(f"{info['cpu']} ({info['cores']} cores), {info['os']}, Python {info['python']}, "
           f"onnxruntime {info['onnxruntime']}, providers: {', '.join(info['providers'])}")
     result, t0 = {"machine": info}, time.perf_counter()
-    if args.parsers is not None:
-        paths = [p for a in args.parsers for p in exphil.find_replays(a)] or sorted(
-            [*(ROOT / "tests" / "replays").glob("*.slp"), *(ROOT.parent / "shared" / "collection" / "odd").glob("*.slp")])
-        print(f"\nreplay reading: frames per second of CPU time, medians of {args.rounds} rounds (read_replay's "
-              f"frames, finalized); ratio: console alone / fallback time\n")
-        result["parsers"] = parser_speed(paths, args.rounds)
-    elif args.warm_start:
-        result["warm_start"] = warm_start(args.warm_start)
-        print_warm_start(result["warm_start"])
-    elif args.conditioning:
-        result["conditioning"] = conditioning(args.conditioning, args.replays)
-        print(f"\n{args.conditioning}: mean probabilities per frame (players: shares of frames)\n")
-        print_conditioning(result["conditioning"])
-    elif args.scale:
-        if not args.work:
-            parser.error("--scale needs --work (a folder with room for the collections and their datasets)")
-        rows = scale_table(args.source, args.work, args.sizes, (args.specs or ["mlp"])[0], args.scale_steps,
-                           args.in_memory_up_to, args.repeats)
-        print_scale(rows)
-        result["scale"] = rows
-    elif args.learning_curve:
-        if not (args.data and args.max_steps):
-            parser.error("--learning-curve needs --data and --max-steps")
-        if not all(g == "all" or g.isdigit() and int(g) > 0 for g in args.games):
-            parser.error(f"--games: numbers of games or all, not {' '.join(args.games)}")
-        path = (args.specs or [str(exphil.SPECS_DIR / "mamba.toml")])[0]
-        rows = learning_curve(path, args.data, [0 if g == "all" else int(g) for g in args.games], args.max_steps,
-                              args.seed, args.batch_size, args.frame_delay, args.split_by or "player")
-        print(f"\n{Path(path).stem}, {args.max_steps} optimizer steps each, seed {args.seed}, batch {args.batch_size}, "
-              f"frame delay {args.frame_delay}; the same {rows[0]['val_games']} validation games "
-              f"({rows[0]['val_frames']:,} frames, split by {args.split_by or 'player'}); the Markov baseline is "
-              "counted on each row's training games\n")
-        print_learning_curve(rows)
-        result["learning_curve"] = rows
-    elif args.train:
-        if bool(args.replays) == bool(args.data):
-            parser.error("--train needs --replays or --data (one of them)")
-        if not (args.max_steps or args.budget_seconds):
-            parser.error("--train needs --max-steps or --budget-seconds")
-        rows = architecture_table(specs, args.replays, args.budget_seconds, args.seed, args.batch_size,
-                                  args.max_steps, args.frame_delay, args.ray, args.data, args.split_by or "game")
-        print(f"\nsame games (validation split by {args.split_by or 'game'}), seed {args.seed}, batch {args.batch_size}, "
-              + (f"{args.max_steps} optimizer steps" if args.max_steps else f"{args.budget_seconds:.0f} s")
-              + f" each, frame delay {args.frame_delay}; ranked by the margin of the validation loss under the "
-              f"Markov baseline (frequency baseline {rows[0]['baseline_loss']:.3f})\n")
-        print_architectures(rows)
-        result["architectures"] = rows
-    elif args.data_parallel:
-        rows = [data_parallel_row(exphil.load_spec(p), args.ray or "local", args.workers, args.batch_size, args.steps,
-                                  args.seconds) for p in specs]
-        print(f"\ndata parallel on {args.workers} Ray workers of one CPU each, batch {args.batch_size} windows of "
-              f"the spec's length, medians of {rows[0]['steps']}+ steps; one process: the same batch, "
-              f"{args.workers} threads. Modelled: ring all-reduce on {NETWORK_GBPS:g} Gb/s, "
-              f"{MESSAGE_LATENCY_S * 1e6:g} us per message, at this batch per worker\n")
-        print_data_parallel(rows)
-        result["data_parallel"] = rows
-    elif args.loop:
-        sources = args.runs or (args.specs or [str(exphil.SPECS_DIR / f"{n}.toml") for n in ("lstm", "mamba")])
-        print("\nfull decision loop: GameState -> features -> step -> sample -> commands flushed to a FIFO "
-              "(p50/p99 ms per frame, 1800 frames)\n")
-        rows = {}
-        for source, kind in ((s, k) for s in sources for k in args.heads):
-            cells = {f"{p} {'back to back' if fps is None else 'at 60 FPS'}":
-                     loop_latency(source, fps=fps, precision=p, autoregressive=kind == "autoregressive")
-                     for fps in (None, 60) for p in ("fp32", "int8")}
-            name = Path(source).stem + (" autoregressive" if kind == "autoregressive" else "")
-            rows[name] = cells
-            print(f"{name:<22}" + "  ".join(f"{k}: {v['p50_ms']:.3f}/{v['p99_ms']:.3f}" for k, v in cells.items()),
-                  flush=True)
-        result["loop"] = rows
-    elif args.throughput:
-        reference = torch_reference() if args.vs_torch else None
-        if args.vs_torch and reference is None:
-            print("--vs-torch: PyTorch is not installed here (pip install torch); measuring exphil alone")
-        result.update(throughput_table(specs, reference, args.steps, args.seconds))
-        print_throughput(result, reference)
-    else:
-        if args.hidden and args.runs:
-            raise SystemExit("--hidden applies to specs, not to trained runs")
-        rows = latency_table(args.runs or specs, [p.lower() for p in args.providers], args.hidden or [None],
-                             [kind == "autoregressive" for kind in args.heads])
-        print("\nstep latency, batch 1, one intra-op thread; cells: p50 ms and verdict from p99\n")
-        print_table(rows, args.markdown)
-        result["step"] = rows
+    mode = next(run for asked, run in MODES if asked(args))
+    result.update(mode(args, specs, parser.error))
     result["seconds"] = time.perf_counter() - t0
     print(f"\n({result['seconds']:.0f} s)", file=sys.stderr)
     if args.json:
