@@ -4312,52 +4312,108 @@ def _games(replays, data, cache, log, config: TrainConfig, ray: str | None = Non
 
 
 def _train(spec, replays, data, out: Path, resume: bool, quiet: bool, cache, config, ray=None, workers=1) -> RunResult:
+    """`train` inside its lock: the run resolved, its data loaded, trained an epoch at a time, exported."""
     log = _log(quiet)
+    run = _resolve_run(spec, replays, data, out, resume, config)
+    prepared = _load_data(run, out, cache, log, ray)
+    _write_start(out, run, prepared.info)
+    training = _start_training(run, prepared, out, log, ray, workers)
+    training.announce()
+    bar = Progress(training.total_steps - training.step, "", quiet)  # the whole run (its ETA too)
+    while training.epoch <= training.epochs and not training.stopped:
+        training.run_epoch(bar)
+    return training.export(ray, workers)
+
+
+class _Run(NamedTuple):
+    """What a run trains: given (a new run), or as run.json records it (`--resume`)."""
+    spec: Spec
+    replays: Any
+    data: Any
+    config: TrainConfig
+    recorded: dict | None  # run.json as the run left it (resuming; None: a new run)
+
+    @property
+    def resume(self) -> bool:
+        return self.recorded is not None
+
+    @property
+    def extending(self) -> bool:  # resumed with more epochs than the run had
+        return self.resume and self.config.epochs > self.recorded["config"]["epochs"]
+
+
+def _resolve_run(spec, replays, data, out: Path, resume: bool, config) -> _Run:
+    """The run's spec, replays, dataset and settings, checked: a new run's, or the recorded ones (`--resume`)."""
     if resume:
         settings, spec, replays, data = _resume_settings(out, spec, replays, data, config)
-        info = read_run_info(out)
-        extending = settings["epochs"] > info["config"]["epochs"]
-        recorded_fingerprint = info.get("fingerprint")
-        config = TrainConfig(**settings)
-    else:
-        if spec is None or (replays is None) == (data is None):
-            raise UsageError("train needs a spec, and replays or a dataset (not both)")
-        if has_checkpoint(out / "train"):
-            raise UsageError(f"{out} already holds a run: continue it with --resume, or choose another --out")
-        spec = spec if isinstance(spec, Spec) else load_spec(spec)
-    train_games, val_games, skipped = _games(replays or None, data, cache, log, config, ray)
+        recorded = read_run_info(out)
+        return _Run(spec, replays, data, TrainConfig(**settings), recorded)
+    if spec is None or (replays is None) == (data is None):
+        raise UsageError("train needs a spec, and replays or a dataset (not both)")
+    if has_checkpoint(out / "train"):
+        raise UsageError(f"{out} already holds a run: continue it with --resume, or choose another --out")
+    return _Run(spec if isinstance(spec, Spec) else load_spec(spec), replays, data, config, None)
+
+
+class _Data(NamedTuple):
+    """A run's games, their episodes and windows, its baselines and the run.json it starts with."""
+    train_games: list
+    val_games: list
+    train_eps: list
+    val_eps: list
+    train_wins: Windows
+    val_wins: Windows
+    baselines: dict  # "frequency", "markov" (and "mean_return" with returns), from the training games
+    info: dict  # run.json
+
+
+def _load_data(run: _Run, out: Path, cache, log, ray) -> _Data:
+    """The run's games (resuming: exactly the run's), their windows, baselines and run.json info."""
+    config, spec, (d_lo, d_hi) = run.config, run.spec, run.config.delays
+    train_games, val_games, skipped = _games(run.replays or None, run.data, cache, log, config, ray)
     train_eps, val_eps = [e for g in train_games for e in g], [e for g in val_games for e in g]
     lists = {"train": sorted({e.source for e in train_eps}), "val": sorted({e.source for e in val_eps})}
-    if resume:
+    if run.resume:
         for which, games in (("train", train_games), ("val", val_games)):
-            _check_games(info["replays"].get("hashes", {}).get(which), games, which,
+            _check_games(run.recorded["replays"].get("hashes", {}).get(which), games, which,
                          f"--resume cannot continue the run in {out} exactly: restore it, or train into another --out")
-    if resume and {k: info["replays"][k] for k in lists} != lists:
-        raise ExphilError(f"{out}: the replays found now differ from the run's; cannot resume exactly")
+        if {k: run.recorded["replays"][k] for k in lists} != lists:
+            raise ExphilError(f"{out}: the replays found now differ from the run's; cannot resume exactly")
     if config.controller_dropout and spec.heads.markov:
         raise UsageError(f"--controller-dropout hides the current controller that the Markov heads of spec "
-                          f"{spec.name!r} read; set `markov = false` under [heads] to use it")
-    L, (d_lo, d_hi) = spec.window, config.delays
-    train_wins, val_wins = Windows(train_eps, L, d_hi), Windows(val_eps, L, d_lo)
+                         f"{spec.name!r} read; set `markov = false` under [heads] to use it")
+    train_wins, val_wins = Windows(train_eps, spec.window, d_hi), Windows(val_eps, spec.window, d_lo)
     if not len(train_wins) or (val_eps and not len(val_wins)):
         which, d = ("training", d_hi) if not train_wins else ("validation", d_lo)
-        raise ExphilError(f"{data or replays}: no {which} frame has a target at frame delay {d}: the {which} games are "
-                          f"all {1 + d} frames or shorter")
+        raise ExphilError(f"{run.data or run.replays}: no {which} frame has a target at frame delay {d}: the {which} "
+                          f"games are all {1 + d} frames or shorter")
+    baselines = _baselines(train_eps, d_lo, spec.returns_used)
+    info = _run_info(run, train_eps, val_eps, lists, skipped, baselines)
+    return _Data(train_games, val_games, train_eps, val_eps, train_wins, val_wins, baselines, info)
+
+
+def _baselines(train_eps: list, d_lo: int, returns) -> dict:
+    """The label frequencies and Markov tables of the training games (and their mean return, with returns)."""
     transitions = _transitions(train_eps, d_lo)  # counted on training games only
-    freqs = _frequencies(transitions)
-    baselines = {"frequency": freqs, "markov": _markov(transitions)}
-    returns = spec.returns_used
+    baselines = {"frequency": _frequencies(transitions), "markov": _markov(transitions)}
     if returns:
         sums = np.array([(float(e.rtg(returns)[:e.frames - 1 - d_lo].sum(dtype=np.float64)), max(e.frames - 1 - d_lo, 0))
                          for e in train_eps])
         baselines["mean_return"] = float(sums[:, 0].sum() / max(sums[:, 1].sum(), 1))
+    return baselines
+
+
+def _run_info(run: _Run, train_eps: list, val_eps: list, lists: dict, skipped: list, baselines: dict) -> dict:
+    """run.json as the run starts ("status": "running")."""
+    spec, config, replays, data, (d_lo, d_hi) = run.spec, run.config, run.replays, run.data, run.config.delays
+    freqs, returns = baselines["frequency"], spec.returns_used
     baseline = frequency_loss(freqs, val_eps, d_lo) if val_eps else None
     info = {
         "exphil": __version__, "spec": spec.name, "feature_version": FEATURE_VERSION,
         "spec_settings": msgspec.to_builtins(spec), "fingerprint": _fingerprint(spec, config),
         "config": dataclasses.asdict(config), "frame_delay": d_lo,
         "delay_range": [d_lo, d_hi], "target": "frame t predicts the controller at frame t + "
-                                               + (f"{1 + d_lo}" if d_lo == d_hi else f"{1 + d_lo}..{1 + d_hi}"),
+        + (f"{1 + d_lo}" if d_lo == d_hi else f"{1 + d_lo}..{1 + d_hi}"),
         "replays": {"source": [str(r) for r in ([replays] if isinstance(replays, (str, os.PathLike)) else replays or [])],
                     "data": data and os.path.abspath(data), **lists, "skipped": skipped,
                     "hashes": {k: sorted({e.digest for e in eps}) for k, eps in (("train", train_eps), ("val", val_eps))}},
@@ -4367,204 +4423,287 @@ def _train(spec, replays, data, out: Path, resume: bool, quiet: bool, cache, con
     }
     if returns:
         info["returns"] = return_stats(train_eps, returns) | {"mean_return": baselines["mean_return"]}
+    return info
+
+
+def _write_start(out: Path, run: _Run, info: dict) -> None:
+    """The run folder as the run starts (a new run: its spec.toml and an empty metrics.jsonl) and its run.json."""
     out.mkdir(parents=True, exist_ok=True)
-    if not resume:
-        (out / "spec.toml").write_text(msgspec.toml.encode(spec).decode())
+    if not run.resume:
+        (out / "spec.toml").write_text(msgspec.toml.encode(run.spec).decode())
         (out / "metrics.jsonl").write_text("")
     _write_json(out / "run.json", info)
 
-    teacher = None
-    if config.teacher:
-        teacher_delay = load_run(config.teacher)[1].get("frame_delay", 0)
-        if (d_lo, d_hi) != (teacher_delay, teacher_delay):
-            raise ExphilError(f"teacher {config.teacher} was trained with frame delay {teacher_delay}; "
-                              f"distill with the same --frame-delay (and without --online-robust)")
-        (out / "train").mkdir(exist_ok=True)
-        logits, teacher_model = _teacher_logits(config.teacher, train_eps + val_eps, out / "train" / TEACHER_LOGITS,
-                                                config.batch_size)
-        teacher = {"temperature": config.distill_temperature, "train": logits[:len(train_eps)],
-                   "val": logits[len(train_eps):], "model": teacher_model}
+
+def _start_training(run: _Run, prepared: _Data, out: Path, log, ray, workers) -> _Training:
+    """The teacher (distilling), the model (from the baselines) and its trainer, new or from the run's checkpoint."""
+    config, baselines = run.config, prepared.baselines
+    teacher = _teacher(config, prepared, out) if config.teacher else None
     distill = (config.distill_temperature, config.distill_alpha) if teacher else None
-    model = Model(spec, seed=config.seed, check=False)  # checked in train() (or when the run began)
-    model.start_from_baselines(freqs, baselines["markov"], baselines.get("mean_return"))
+    model = Model(run.spec, seed=config.seed, check=False)  # checked in train() (or when the run began)
+    model.start_from_baselines(baselines["frequency"], baselines["markov"], baselines.get("mean_return"))
     trainer = (functools.partial(RayTrainer, ray=ray, workers=workers) if ray else Trainer)(
         model, out / "train", lr=config.lr, weight_decay=config.weight_decay, log=log,
         max_grad_norm=config.max_grad_norm, distill=distill)
-    progress = trainer.progress if resume else {}
-    if resume and recorded_fingerprint:  # as recorded when the run started (settings added later do not count)
-        info["fingerprint"] = recorded_fingerprint
+    progress = _checkpoint_progress(run, trainer, prepared.info, out)
+    return _Training(out, run, prepared, teacher, distill, model, trainer, progress, log)
+
+
+def _teacher(config: TrainConfig, prepared: _Data, out: Path) -> dict:
+    """The teacher's logits on the training and the validation episodes (distilling), and its model."""
+    teacher_delay = load_run(config.teacher)[1].get("frame_delay", 0)
+    if config.delays != (teacher_delay, teacher_delay):
+        raise ExphilError(f"teacher {config.teacher} was trained with frame delay {teacher_delay}; "
+                          f"distill with the same --frame-delay (and without --online-robust)")
+    (out / "train").mkdir(exist_ok=True)
+    train_eps = prepared.train_eps
+    logits, teacher_model = _teacher_logits(config.teacher, train_eps + prepared.val_eps,
+                                            out / "train" / TEACHER_LOGITS, config.batch_size)
+    return {"temperature": config.distill_temperature, "train": logits[:len(train_eps)],
+            "val": logits[len(train_eps):], "model": teacher_model}
+
+
+def _teacher_view(teacher: dict | None, which: str) -> dict | None:
+    """The teacher with its logits on the "train" or "val" episodes, as batches and scorers take it."""
+    return teacher and {**teacher, "logits": teacher[which]}
+
+
+def _checkpoint_progress(run: _Run, trainer, info: dict, out: Path) -> dict:
+    """The checkpoint's progress ({} new), checked to be the run's; metrics.jsonl cut to the epochs it includes."""
+    progress = trainer.progress if run.resume else {}
+    # as recorded when the run started (settings added later do not count)
+    if run.resume and run.recorded.get("fingerprint"):
+        info["fingerprint"] = run.recorded["fingerprint"]
     if progress.get("fingerprint", info["fingerprint"]) != info["fingerprint"]:
         raise ExphilError(f"{out}: the checkpoint was built from another spec or other settings than the run's "
                           "spec.toml and run.json now hold; cannot resume")
-    if resume:  # drop rows of epochs the checkpoint does not include (killed after writing them)
-        rows = [l for l in (out / "metrics.jsonl").read_text().splitlines()
-                if l.strip() and json.loads(l)["epoch"] < progress.get("epoch", 1)]
+    if run.resume:  # drop rows of epochs the checkpoint does not include (killed after writing them)
+        rows = [l for l in _jsonl_lines(out / "metrics.jsonl") if json.loads(l)["epoch"] < progress.get("epoch", 1)]
         (out / "metrics.jsonl").write_text("".join(r + "\n" for r in rows))
-    stateful = config.stateful and bool(model.states)
+    return progress
 
-    def plan(epoch: int):  # the batches of an epoch (batch k: plan[k]): a function of (seed, epoch) only
+
+def _jsonl_lines(path: Path) -> list[str]:
+    """The lines of a .jsonl file that hold a value."""
+    return [l for l in path.read_text().splitlines() if l.strip()]
+
+
+class _Training:
+    """`_train`'s model and trainer, where the run stands (step, epoch, best, ...), its epochs and its export."""
+
+    def __init__(self, out: Path, run: _Run, prepared: _Data, teacher, distill, model, trainer, progress: dict, log):
+        config = self.config = run.config
+        self.out, self.spec, self.data, self.log, self.progress = out, run.spec, prepared, log, progress
+        self.teacher, self.distill, self.model, self.trainer = teacher, distill, model, trainer
+        L = self.L = run.spec.window
+        (self.d_lo, self.d_hi), self.returns = config.delays, run.spec.returns_used
+        self.stateful = config.stateful and bool(model.states)
+        self.steps_per_epoch = len(streams(prepared.train_eps, L, config.batch_size, self.d_hi)) if self.stateful else \
+            -(-len(prepared.train_wins) // config.batch_size)
+        # --max-steps decides
+        self.epochs = -(-config.max_steps // self.steps_per_epoch) if config.max_steps else config.epochs
+        self.total_steps = config.max_steps or self.steps_per_epoch * self.epochs
+        # per epoch, a fixed sample of the validation windows when the games hold more frames than --val-sample
+        self.sample, val_wins = None, prepared.val_wins
+        if config.val_sample and len(val_wins) * L > config.val_sample:
+            self.sample = np.sort(np.random.default_rng([config.split_seed_used, 1 << 31]).choice(
+                len(val_wins), max(config.val_sample // L, 1), replace=False))
+        self.step = progress.get("step", 0)
+        self.epoch, self.start = progress.get("epoch", 1), progress.get("batch", 0)
+        self.best = progress.get("best", {"val_loss": float("inf"), "epoch": 0})
+        self.stale = progress.get("stale", 0)
+        self.t_start, self.stopped = time.perf_counter(), progress.get("stopped")
+        if self.stopped and run.extending:
+            raise ExphilError(f"{out}: the run stopped ({self.stopped}); more --epochs cannot continue it: "
+                              "train again into another --out")
+
+    def announce(self) -> None:
+        """The run's plan, in one log line."""
+        config, L, d = self.config, self.L, self.data
+        self.log(f"{self.spec.name}: {len(d.train_games)} train games ({d.info['frames']['train']:,} frames), "
+                 f"{len(d.val_games)} validation games (split by {config.split_by}), {self.steps_per_epoch} steps of "
+                 f"{config.batch_size} x {L} frames per epoch, "
+                 + (f"{self.total_steps} steps in all (--max-steps)" if config.max_steps else f"{self.epochs} epochs")
+                 + (f"; validation on {len(self.sample) * L:,} sampled frames per epoch, on all at the end"
+                    if self.sample is not None else "")
+                 + (f"; resuming at epoch {self.epoch}, step {self.step}" if self.progress else ""))
+
+    def plan(self):
+        """The batches of this epoch (batch k: plan[k]): a function of (seed, epoch) only."""
+        config, epoch = self.config, self.epoch
         rng = np.random.default_rng([config.seed, epoch])
-        if stateful:
-            return streams(train_eps, L, config.batch_size, d_hi, rng)
-        return Batches(train_wins, config.batch_size, rng)
+        if self.stateful:
+            return streams(self.data.train_eps, self.L, config.batch_size, self.d_hi, rng)
+        return Batches(self.data.train_wins, config.batch_size, rng)
 
-    def validate(run, threshold: float, sample: np.ndarray | None = None) -> dict:  # on the validation
-        # windows `sample`, or on every validation frame (whole games, the state carried)
-        metrics, vt = Metrics(baselines, button_threshold=threshold), teacher and {**teacher, "logits": teacher["val"]}
-        if sample is None:
-            return score_games(run, model, val_eps, L, d_lo, metrics, config.batch_size, teacher=vt).result("val")
-        batches = (make_batch(val_eps, val_wins[w], L, d_lo, teacher=vt, returns=returns)
-                   for w in chunks(sample, config.batch_size))
-        return evaluate_batches(run, batches, metrics).result("val") | {"val_sampled": True}
+    def carry(self, at: int) -> Path:
+        """Stateful: the file of the state carried into step `at`."""
+        return self.out / "train" / f"carry-{at}.npz"
 
-    def batch_for(wins, rng, eps_teacher, flipped):
-        n = len(wins)
+    def run_epoch(self, bar: Progress) -> None:
+        """One epoch (the rest of it, resuming): its steps, then its row in metrics.jsonl and its checkpoint."""
+        batches, metrics = self.plan(), Metrics(sums=self.progress.get("sums") if self.start else None)
+        bar.label, t0 = f"epoch {self.epoch}/{self.epochs}", time.perf_counter()
+        frames = self.train_steps(batches, metrics, bar)
+        bar.close()
+        self.end_epoch(metrics, frames, time.perf_counter() - t0)
+
+    def train_steps(self, batches, metrics: Metrics, bar: Progress) -> int:
+        """The epoch's steps from batch `start` on, until its end or a step or time budget; the frames trained."""
+        config, epoch, out, d = self.config, self.epoch, self.out, self.data
+        frames, previous = 0, None
+        flipped = np.random.default_rng([config.seed, epoch, 1 << 30]).random(len(d.train_eps)) < config.mirror_prob
+        if self.stateful and self.start:
+            if not self.carry(self.step).exists():
+                raise ExphilError(f"{out}: the state carried into step {self.step} is missing; cannot resume exactly")
+            with np.load(self.carry(self.step)) as z:
+                previous = dict(z)
+        prepare = lambda k: self.batch_for(batches[k], np.random.default_rng([config.seed, epoch, k]),
+                                           _teacher_view(self.teacher, "train"), flipped)
+        # the next batch is made during this step, on a thread closed with the epoch (or an error)
+        with contextlib.closing(_Ahead(prepare, range(self.start, len(batches)))) as ahead:
+            for k in range(self.start, len(batches)):
+                batch = ahead.next()
+                if self.stateful:
+                    batch = carry_state(batch, previous, batches[k], self.model)
+                previous = self.trainer.step(batch, config.learning_rate(self.step, self.total_steps))
+                if not math.isfinite(float(previous["loss"])):
+                    _diverged(out, d.info, f"the loss is {float(previous['loss'])} at step {self.step + 1}", config)
+                metrics.add(previous, batch)
+                self.step, n = self.step + 1, int((batch["mask"] > 0).sum())
+                frames += n
+                bar.update(n)
+                over = (config.max_steps and self.step >= config.max_steps) or \
+                    (config.budget_seconds and time.perf_counter() - self.t_start >= config.budget_seconds)
+                if over:
+                    self.stopped = "step or time budget reached"
+                if config.save_every and self.step % config.save_every == 0 and k + 1 < len(batches) and not over:
+                    self.save_within(k + 1, previous, metrics)
+                if over:
+                    break
+        return frames
+
+    def batch_for(self, wins, rng, eps_teacher, flipped) -> dict:
+        """The training batch of windows `wins`, delayed, mirrored and masked as the settings say."""
+        config, d_lo, d_hi, n = self.config, self.d_lo, self.d_hi, len(wins)
         if not config.mirror_prob:
             mirror = None
-        elif stateful:  # a stream keeps one side for a whole game: its state carries across windows
+        elif self.stateful:  # a stream keeps one side for a whole game: its state carries across windows
             mirror = [w is not None and bool(flipped[w[0]]) for w in wins]
         else:
             mirror = rng.random(n) < config.mirror_prob
-        return make_batch(train_eps, wins, L, rng.integers(d_lo, d_hi + 1, n) if d_hi > d_lo else d_lo,
+        return make_batch(self.data.train_eps, wins, self.L, rng.integers(d_lo, d_hi + 1, n) if d_hi > d_lo else d_lo,
                           mirror=mirror, smoothing=config.label_smoothing, teacher=eps_teacher,
                           change_weight=config.change_weight,
                           controller_dropout=(config.controller_dropout, int(rng.integers(1 << 62)))
-                          if config.controller_dropout else None, returns=returns)
+                          if config.controller_dropout else None, returns=self.returns)
 
-    steps_per_epoch = len(streams(train_eps, L, config.batch_size, d_hi)) if stateful else \
-        -(-len(train_wins) // config.batch_size)
-    epochs = -(-config.max_steps // steps_per_epoch) if config.max_steps else config.epochs  # --max-steps decides
-    total_steps = config.max_steps or steps_per_epoch * epochs
-    # per epoch, a fixed sample of the validation windows when the games hold more frames than --val-sample
-    sample = None
-    if config.val_sample and len(val_wins) * L > config.val_sample:
-        sample = np.sort(np.random.default_rng([config.split_seed_used, 1 << 31]).choice(
-            len(val_wins), max(config.val_sample // L, 1), replace=False))
-    step = progress.get("step", 0)
-    epoch, start = progress.get("epoch", 1), progress.get("batch", 0)
-    best = progress.get("best", {"val_loss": float("inf"), "epoch": 0})
-    stale = progress.get("stale", 0)
-    t_start, stopped = time.perf_counter(), progress.get("stopped")
-    if resume and stopped and extending:
-        raise ExphilError(f"{out}: the run stopped ({stopped}); more --epochs cannot continue it: "
-                          "train again into another --out")
-    carry = lambda at: out / "train" / f"carry-{at}.npz"  # stateful: the state carried into step `at`
+    def save_within(self, batch: int, previous: dict, metrics: Metrics) -> None:
+        """A checkpoint inside the epoch, before `batch` (stateful: with the state carried into the next step)."""
+        carry = self.carry(self.step)
+        if self.stateful:  # written before the checkpoint that points at it; older ones after
+            np.savez(carry.with_suffix(".tmp.npz"), **{n: v for n, v in previous.items() if n.startswith("state_out.")})
+            os.replace(carry.with_suffix(".tmp.npz"), carry)
+        self.checkpoint({"step": self.step, "epoch": self.epoch, "batch": batch, "sums": metrics.sums,
+                         "fingerprint": self.data.info["fingerprint"], "best": self.best, "stale": self.stale})
+        carries = [f for f in (self.out / "train").glob("carry-*.npz") if f.stem[6:].isdigit()]
+        for old in sorted(carries, key=lambda f: int(f.stem[6:]))[:-2]:
+            old.unlink()  # the carries of the last two checkpoints stay
 
-    def checkpoint(progress: dict | None) -> None:  # never a checkpoint (or an export) of non-finite weights
-        if not all(np.isfinite(v).all() for v in trainer.params().values()):
-            _diverged(out, info, f"a parameter is not finite after step {step}", config)
+    def checkpoint(self, progress: dict | None) -> None:
+        """`progress` saved with the weights (None: not saved); never a checkpoint (or export) of non-finite ones."""
+        if not all(np.isfinite(v).all() for v in self.trainer.params().values()):
+            _diverged(self.out, self.data.info, f"a parameter is not finite after step {self.step}", self.config)
         if progress is not None:
-            trainer.save_checkpoint(progress)
+            self.trainer.save_checkpoint(progress)
 
-    log(f"{spec.name}: {len(train_games)} train games ({info['frames']['train']:,} frames), "
-        f"{len(val_games)} validation games (split by {config.split_by}), {steps_per_epoch} steps of {config.batch_size} x {L} frames per epoch, "
-        + (f"{total_steps} steps in all (--max-steps)" if config.max_steps else f"{epochs} epochs")
-        + (f"; validation on {len(sample) * L:,} sampled frames per epoch, on all at the end" if sample is not None else "")
-        + (f"; resuming at epoch {epoch}, step {step}" if progress else ""))
-    bar = Progress(total_steps - step, "", quiet)  # the whole run (its ETA too)
-
-    while epoch <= epochs and not stopped:
-        batches, metrics = plan(epoch), Metrics(sums=progress.get("sums") if start else None)
-        bar.label, t0, frames = f"epoch {epoch}/{epochs}", time.perf_counter(), 0
-        previous = None
-        flipped = np.random.default_rng([config.seed, epoch, 1 << 30]).random(len(train_eps)) < config.mirror_prob
-        if stateful and start:
-            if not carry(step).exists():
-                raise ExphilError(f"{out}: the state carried into step {step} is missing; cannot resume exactly")
-            with np.load(carry(step)) as z:
-                previous = dict(z)
-        prepare = lambda k: batch_for(batches[k], np.random.default_rng([config.seed, epoch, k]),
-                                      teacher and {**teacher, "logits": teacher["train"]}, flipped)
-        # the next batch is made during this step, on a thread closed with the epoch (or an error)
-        with contextlib.closing(_Ahead(prepare, range(start, len(batches)))) as ahead:
-            for k in range(start, len(batches)):
-                batch = ahead.next()
-                if stateful:
-                    batch = carry_state(batch, previous, batches[k], model)
-                previous = trainer.step(batch, config.learning_rate(step, total_steps))
-                if not math.isfinite(float(previous["loss"])):
-                    _diverged(out, info, f"the loss is {float(previous['loss'])} at step {step + 1}", config)
-                metrics.add(previous, batch)
-                step, n = step + 1, int((batch["mask"] > 0).sum())
-                frames += n
-                bar.update(n)
-                over = (config.max_steps and step >= config.max_steps) or \
-                    (config.budget_seconds and time.perf_counter() - t_start >= config.budget_seconds)
-                if over:
-                    stopped = "step or time budget reached"
-                if config.save_every and step % config.save_every == 0 and k + 1 < len(batches) and not over:
-                    if stateful:  # written before the checkpoint that points at it; older ones after
-                        np.savez(carry(step).with_suffix(".tmp.npz"),
-                                 **{n: v for n, v in previous.items() if n.startswith("state_out.")})
-                        os.replace(carry(step).with_suffix(".tmp.npz"), carry(step))
-                    checkpoint({"step": step, "epoch": epoch, "batch": k + 1, "sums": metrics.sums, "fingerprint": info["fingerprint"],
-                                             "best": best, "stale": stale})
-                    carries = [f for f in (out / "train").glob("carry-*.npz") if f.stem[6:].isdigit()]
-                    for old in sorted(carries, key=lambda f: int(f.stem[6:]))[:-2]:
-                        old.unlink()  # the carries of the last two checkpoints stay
-                if over:
-                    break
-        bar.close()
-        seconds = time.perf_counter() - t0
-        row = {"epoch": epoch, "step": step, **metrics.result("train"), "seconds": round(seconds, 3),
+    def end_epoch(self, metrics: Metrics, frames: int, seconds: float) -> None:
+        """The epoch's validation (best weights, early stopping), metrics.jsonl row, checkpoint and log line."""
+        config, step, best_file = self.config, self.step, self.out / "train" / "best.npz"
+        row = {"epoch": self.epoch, "step": step, **metrics.result("train"), "seconds": round(seconds, 3),
                "button_threshold": metrics.best_button_threshold(),  # chosen on this epoch's training batches
-               "frames_per_s": round(frames / max(seconds, 1e-9), 1), "lr": config.learning_rate(step, total_steps)}
-        if val_eps:
-            row.update(validate(trainer.evaluate, row["button_threshold"], sample))
-            if row["val_loss"] < best["val_loss"] - 1e-4:  # an improvement, not noise
-                best, stale = {"val_loss": row["val_loss"], "epoch": epoch}, 0
-                np.savez(out / "train" / "best.tmp.npz", **trainer.params())
-                os.replace(out / "train" / "best.tmp.npz", out / "train" / "best.npz")
+               "frames_per_s": round(frames / max(seconds, 1e-9), 1),
+               "lr": config.learning_rate(step, self.total_steps)}
+        if self.data.val_eps:
+            row.update(self.validate(row["button_threshold"]))
+            if row["val_loss"] < self.best["val_loss"] - 1e-4:  # an improvement, not noise
+                self.best, self.stale = {"val_loss": row["val_loss"], "epoch": self.epoch}, 0
+                np.savez(best_file.with_suffix(".tmp.npz"), **self.trainer.params())
+                os.replace(best_file.with_suffix(".tmp.npz"), best_file)
             else:
-                stale += 1
-            if config.early_stopping and stale >= config.patience:
-                stopped = f"early stopping: no validation improvement in {stale} epochs"
-        with open(out / "metrics.jsonl", "a") as f:
+                self.stale += 1
+            if config.early_stopping and self.stale >= config.patience:
+                self.stopped = f"early stopping: no validation improvement in {self.stale} epochs"
+        with open(self.out / "metrics.jsonl", "a") as f:
             f.write(json.dumps(row) + "\n")
-        epoch, start = epoch + 1, 0
-        checkpoint({"step": step, "epoch": epoch, "batch": 0, "best": best, "stale": stale, "fingerprint": info["fingerprint"],
-                                 "stopped": stopped})
-        log(f"epoch {row['epoch']}/{epochs}: train loss {row['train_loss']:.4f}, "
-            + (summary_line(row, "val") if val_eps else "no validation games")
-            + f" | {row['frames_per_s']:,.0f} frames/s" + (f" ({stopped})" if stopped else ""))
+        self.epoch, self.start = self.epoch + 1, 0
+        self.checkpoint({"step": step, "epoch": self.epoch, "batch": 0, "best": self.best, "stale": self.stale,
+                         "fingerprint": self.data.info["fingerprint"], "stopped": self.stopped})
+        self.log(f"epoch {row['epoch']}/{self.epochs}: train loss {row['train_loss']:.4f}, "
+                 + (summary_line(row, "val") if self.data.val_eps else "no validation games")
+                 + f" | {row['frames_per_s']:,.0f} frames/s" + (f" ({self.stopped})" if self.stopped else ""))
 
-    checkpoint(None)
-    best_file = out / "train" / "best.npz"
-    if best_file.exists():
-        with np.load(best_file) as z:
-            model.load(dict(z))
-    else:
-        model.load(trainer.params())
-    if ray:
-        info["ray"] = {"workers": workers, "hosts": [h for h, _ in trainer.hosts]}
-        trainer.close()
-    model.save(out)
-    for stale in (out / f for p, f in PRECISIONS.items() if p != "fp32"):  # made from the weights before this export
-        stale.unlink(missing_ok=True)
-    info["graphs"] = {f: graph_digest(out / f) for f in ("window.onnx", "step.onnx")}
-    history = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines() if l.strip()]
-    exported = next((r for r in history if r["epoch"] == best["epoch"]), history[-1] if history else None)
-    trainer = None  # (its session's memory goes before the scoring session's comes)
-    if val_eps and exported:  # the exported weights on every validation frame, per group of player views
-        runner = _window_runner(model, loss_graph(distill, spec.returns.value_weight))
-        vt = teacher and {**teacher, "logits": teacher["val"]}
-        new_metrics = lambda: Metrics(baselines, button_threshold=exported["button_threshold"])
-        groups = {by: score_groups(runner, model, val_eps, L, d_lo, new_metrics, by, batch_size=config.batch_size,
-                                   teacher=vt) for by in GROUPINGS}
-        info["val_by"] = {by: report for by, (_, report) in groups.items()}
-        if sample is not None:
+    def validate(self, threshold: float) -> dict:
+        """Validation on the sampled windows, or on every frame (whole games, the state carried)."""
+        config, d, run = self.config, self.data, self.trainer.evaluate
+        metrics, vt = Metrics(d.baselines, button_threshold=threshold), _teacher_view(self.teacher, "val")
+        if self.sample is None:
+            return score_games(run, self.model, d.val_eps, self.L, self.d_lo, metrics, config.batch_size,
+                               teacher=vt).result("val")
+        batches = (make_batch(d.val_eps, d.val_wins[w], self.L, self.d_lo, teacher=vt, returns=self.returns)
+                   for w in chunks(self.sample, config.batch_size))
+        return evaluate_batches(run, batches, metrics).result("val") | {"val_sampled": True}
+
+    def export(self, ray, workers) -> RunResult:
+        """The best epoch's weights (or the last step's) exported, scored on all validation frames; run.json."""
+        out, d, best_file = self.out, self.data, self.out / "train" / "best.npz"
+        info = d.info
+        self.export_weights(best_file, ray, workers)
+        history = [json.loads(l) for l in _jsonl_lines(out / "metrics.jsonl")]
+        exported = next((r for r in history if r["epoch"] == self.best["epoch"]), history[-1] if history else None)
+        self.trainer = None  # (its session's memory goes before the scoring session's comes)
+        if d.val_eps and exported:
+            exported = self.score_exported(exported)
+        info.update({"status": "finished", "final": history[-1] if history else None, "best": self.best,
+                     "exported_metrics": exported, "button_threshold": (exported or {}).get("button_threshold", 0.5),
+                     "exported": "best validation epoch" if best_file.exists() else "last step",
+                     "stopped": self.stopped, "steps": self.step})
+        if self.teacher:
+            eps, logits = (d.val_eps, self.teacher["val"]) if d.val_eps else (d.train_eps, self.teacher["train"])
+            info["distillation"] = distillation_report(out, eps, logits, self.teacher["model"], self.d_lo)
+            _unmap(out / "train" / TEACHER_LOGITS)
+        _write_json(out / "run.json", info)
+        return RunResult(out, info)
+
+    def export_weights(self, best_file: Path, ray, workers) -> None:
+        """The model's window and step graphs in the run folder, with the best (or the last) weights."""
+        self.checkpoint(None)
+        if best_file.exists():
+            with np.load(best_file) as z:
+                self.model.load(dict(z))
+        else:
+            self.model.load(self.trainer.params())
+        if ray:
+            self.data.info["ray"] = {"workers": workers, "hosts": [h for h, _ in self.trainer.hosts]}
+            self.trainer.close()
+        self.model.save(self.out)
+        for stale in (self.out / f for p, f in PRECISIONS.items() if p != "fp32"):  # made from the weights before
+            stale.unlink(missing_ok=True)  # this export
+        self.data.info["graphs"] = {f: graph_digest(self.out / f) for f in ("window.onnx", "step.onnx")}
+
+    def score_exported(self, exported: dict) -> dict:
+        """The exported weights on every validation frame, per group of player views; their metrics."""
+        d = self.data
+        runner = _window_runner(self.model, loss_graph(self.distill, self.spec.returns.value_weight))
+        vt = _teacher_view(self.teacher, "val")
+        new_metrics = lambda: Metrics(d.baselines, button_threshold=exported["button_threshold"])
+        groups = {by: score_groups(runner, self.model, d.val_eps, self.L, self.d_lo, new_metrics, by,
+                                   batch_size=self.config.batch_size, teacher=vt) for by in GROUPINGS}
+        d.info["val_by"] = {by: report for by, (_, report) in groups.items()}
+        if self.sample is not None:
             exported = {**exported, **groups["character"][0].result("val"), "val_sampled": False}
-            log("exported weights on all validation frames: " + summary_line(exported, "val"))
-    info.update({"status": "finished", "final": history[-1] if history else None, "best": best,
-                 "exported_metrics": exported, "button_threshold": (exported or {}).get("button_threshold", 0.5),
-                 "exported": "best validation epoch" if best_file.exists() else "last step",
-                 "stopped": stopped, "steps": step})
-    if teacher:
-        eps, logits = (val_eps, teacher["val"]) if val_eps else (train_eps, teacher["train"])
-        info["distillation"] = distillation_report(out, eps, logits, teacher["model"], d_lo)
-        _unmap(out / "train" / TEACHER_LOGITS)
-    _write_json(out / "run.json", info)
-    return RunResult(out, info)
+            self.log("exported weights on all validation frames: " + summary_line(exported, "val"))
+        return exported
 
 
 class _Ahead:
