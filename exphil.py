@@ -6745,38 +6745,41 @@ def _add_play_commands(sub) -> None:
     p.add_argument("--stats-every", type=float, default=10.0, metavar="SECONDS", help="0: no stats lines")
 
 
-def _run_play_command(args) -> None:
-    if args.command == "quantize":
-        mode = "fp16" if args.fp16 else "static" if args.static else "int4" if args.int4 else "dynamic"
-        if args.calibration_replays and mode != "static":
-            raise UsageError("--calibration-replays only applies to --static")
-        report = quantize_run(args.run, mode, calibration_replays=args.calibration_replays,
-                              min_agreement=args.min_agreement, replays=args.replays, max_frames=args.max_frames)
-        if args.json:
-            print(json.dumps(report, indent=2))
-            return
-        lat, low = report["latency_ms"], report["precision"]
-        print(f"{report['path']}: {mode} {low.upper()}, checked on {report['frames']} validation frames")
-        print("  agreement with FP32: " + "  ".join(f"{h} {v:.2%}" for h, v in report["agreement"].items())
-              + f"  (required {report['min_agreement']:.2%})")
-        print(f"  step p50/p99: fp32 {lat['fp32']['p50']:.3f}/{lat['fp32']['p99']:.3f} ms, {low} "
-              f"{lat[low]['p50']:.3f}/{lat[low]['p99']:.3f} ms ({lat[low]['p50'] / lat['fp32']['p50']:.2f}x) "
-              f"on {report['providers'][0]}")
-        if "note" in report:
-            print(f"  note: {report['note']}")
-    elif args.command == "play":
-        summary = play(args.run, args.dolphin, args.iso, port=args.port, opponent_port=args.opponent_port,
-                       character=args.character, stage=args.stage, connect_code=args.connect_code,
-                       cpu_level=args.cpu_level, asynchronous=args.asynchronous, provider=args.provider,
-                       precision=args.precision, temperature=args.temperature, deterministic=args.deterministic,
-                       target_return=args.target_return, own_code=args.own_code,
-                       action_repeat=args.action_repeat, frame_delay=args.frame_delay,
-                       on_game_end=args.on_game_end, stats_every=args.stats_every,
-                       log=lambda line: print(line, flush=True))  # the game's events on stdout
-        inf = summary["inference_ms"]
-        print(f"played {summary['games']} game(s), {summary['frames']} frames at {summary['fps']:.1f} fps; "
-              f"{summary['inferences']} inferences"
-              + (f", p50 {inf['p50']:.2f} ms, p99 {inf['p99']:.2f} ms" if summary["inferences"] else ""))
+def _cmd_quantize(args) -> None:
+    """quantize: the graph written and checked, its agreement with FP32 and its speed."""
+    mode = "fp16" if args.fp16 else "static" if args.static else "int4" if args.int4 else "dynamic"
+    if args.calibration_replays and mode != "static":
+        raise UsageError("--calibration-replays only applies to --static")
+    report = quantize_run(args.run, mode, calibration_replays=args.calibration_replays,
+                          min_agreement=args.min_agreement, replays=args.replays, max_frames=args.max_frames)
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return
+    lat, low = report["latency_ms"], report["precision"]
+    print(f"{report['path']}: {mode} {low.upper()}, checked on {report['frames']} validation frames")
+    print("  agreement with FP32: " + "  ".join(f"{h} {v:.2%}" for h, v in report["agreement"].items())
+          + f"  (required {report['min_agreement']:.2%})")
+    print(f"  step p50/p99: fp32 {lat['fp32']['p50']:.3f}/{lat['fp32']['p99']:.3f} ms, {low} "
+          f"{lat[low]['p50']:.3f}/{lat[low]['p99']:.3f} ms ({lat[low]['p50'] / lat['fp32']['p50']:.2f}x) "
+          f"on {report['providers'][0]}")
+    if "note" in report:
+        print(f"  note: {report['note']}")
+
+
+def _cmd_play(args) -> None:
+    """play: in Dolphin, the game's events on stdout, then one summary line."""
+    summary = play(args.run, args.dolphin, args.iso, port=args.port, opponent_port=args.opponent_port,
+                   character=args.character, stage=args.stage, connect_code=args.connect_code,
+                   cpu_level=args.cpu_level, asynchronous=args.asynchronous, provider=args.provider,
+                   precision=args.precision, temperature=args.temperature, deterministic=args.deterministic,
+                   target_return=args.target_return, own_code=args.own_code,
+                   action_repeat=args.action_repeat, frame_delay=args.frame_delay,
+                   on_game_end=args.on_game_end, stats_every=args.stats_every,
+                   log=lambda line: print(line, flush=True))  # the game's events on stdout
+    inf = summary["inference_ms"]
+    print(f"played {summary['games']} game(s), {summary['frames']} frames at {summary['fps']:.1f} fps; "
+          f"{summary['inferences']} inferences"
+          + (f", p50 {inf['p50']:.2f} ms, p99 {inf['p99']:.2f} ms" if summary["inferences"] else ""))
 
 
 def _bench():
@@ -6920,86 +6923,105 @@ def main(argv: Sequence[str] | None = None) -> int:
         logger.propagate = propagate
 
 
-def _command(args) -> int:
-    if args.command in ("train", "distill"):
-        if args.command == "train":
-            preset = dict(PRESETS[args.preset]) if args.preset else {}
-            res = _run_training(args, preset)
-        else:
-            res = _run_training(args, {}, teacher=args.teacher)
-        row, best = res.info["exported_metrics"] or {}, res.info["best"]
-        print(f"{res.path}: exported " + (f"epoch {best['epoch']} (best validation loss): "
-                                          + summary_line(row, "val") if "val_loss" in row and best["epoch"]
-                                          else "the last step (no validation games)"))
-        if "distillation" in res.info:
-            rep = res.info["distillation"]
-            print("agreement with the teacher: " + ", ".join(f"{h} {v:.3f}" for h, v in rep["agreement"].items()))
-            print("step latency p50: " + ", ".join(f"{k} {v['p50_ms']:.3f} ms" for k, v in rep["step_latency_ms"].items()))
-    elif args.command == "eval" and (args.closed_controller or args.skills or args.field_scores):
+def _cmd_train(args) -> None:
+    """train and distill: the run, then the line saying what was exported (and the teacher's agreement)."""
+    if args.command == "train":
+        res = _run_training(args, dict(PRESETS[args.preset]) if args.preset else {})
+    else:
+        res = _run_training(args, {}, teacher=args.teacher)
+    row, best = res.info["exported_metrics"] or {}, res.info["best"]
+    print(f"{res.path}: exported " + (f"epoch {best['epoch']} (best validation loss): "
+                                      + summary_line(row, "val") if "val_loss" in row and best["epoch"]
+                                      else "the last step (no validation games)"))
+    if "distillation" in res.info:
+        rep = res.info["distillation"]
+        print("agreement with the teacher: " + ", ".join(f"{h} {v:.3f}" for h, v in rep["agreement"].items()))
+        print("step latency p50: " + ", ".join(f"{k} {v['p50_ms']:.3f} ms" for k, v in rep["step_latency_ms"].items()))
+
+
+def _cmd_eval(args) -> None:
+    """eval: judged play (--closed-controller, --skills, --field-scores), or the teacher-forced scoreboard."""
+    if args.closed_controller or args.skills or args.field_scores:
         hold = dict(zip(HOLD_GROUPS, args.hold)) if args.hold else None
         res = judge(args.run, args.replays, args.data, args.closed_controller, args.skills, args.field_scores,
                     args.seed, args.temperature, hold)
         print(json.dumps(res, indent=2) if args.json else f"{args.run}: " + judge_tables(res))
-    elif args.command == "eval":
-        if args.top < 1:
-            raise UsageError(f"--top {args.top}: must be at least 1")
-        res = evaluate(args.run, args.replays, data=args.data, by=args.by, top=args.top)
-        if args.json:
-            print(json.dumps(res, indent=2))
-        else:
-            print(f"{args.run}: {res['games']} games, {res['frames']:,} scored frames, {res['target']}")
-            print("  " + summary_line({f"eval_{k}": v for k, v in res.items()}, "eval"))
-            print(scoreboard(res))
-            if args.by:
-                print(group_table(res["by"][args.by], args.by))
-    elif args.command == "hold":
-        if args.games < 1:
-            raise UsageError(f"--games {args.games}: must be at least 1")
-        tune_hold(args.run, args.replays, args.data, args.games, quiet=args.quiet)
-    elif args.command == "compile":
-        model = Model(_spec_arg(args.spec))
-        for path in model.save(args.out, args.window):
-            print(path)
-    elif args.command == "ingest":
-        log = _log(args.quiet)
-        t0 = time.perf_counter()
-        col = ingest(args.replays, args.out, log, workers=args.workers, ray=args.ray)
-        by_hash = {r["hash"]: r for r in col.dataset.rows()}
-        skipped = [*col.unreadable, *({"path": str(p), "reason": r} for p, r in col.errors.items()),
-                   *({"path": str(p), "reason": by_hash[h]["skipped"]} for p, h in col.hashes.items()
-                     if by_hash.get(h, {}).get("skipped"))]
-        for s in skipped:
-            log(f"skipped {s['path']}: {s['reason']}")
-        print(f"{args.out}: {len(col.paths)} replays found, {len(set(col.hashes.values()))} distinct, "
-              f"{len(skipped)} skipped; the dataset holds {sum(not r['skipped'] for r in by_hash.values())} games "
-              f"({time.perf_counter() - t0:.1f} s)")
-    elif args.command == "data":
-        dataset = (Path(args.replays) / "manifest.sqlite").is_file()
-        res = describe(None if dataset else args.replays, log=_log(False), data=args.replays if dataset else None,
-                       ray=args.ray)
-        if args.json:
-            print(json.dumps(res, indent=2))
-        else:
-            counts = lambda d: ", ".join(f"{k} {v}" for k, v in d.items()) or "none"
-            print(f"{args.replays}: {res['games']} games, {res['frames']:,} frames ({res['hours']:.1f} hours of "
-                  f"play), {sum(res['skipped'].values())} of {res['replays']} replays skipped")
-            print(f"  characters (player views): {counts(res['characters'])}")
-            print(f"  stages: {counts(res['stages'])}")
-            print(f"  Slippi versions: {counts(res['versions'])}")
-            print(f"  skipped: {counts(res['skipped'])}")
-    elif args.command == "plot":
-        print(plot(args.run))
-    elif args.command == "specs":
-        if args.action == "show":
-            if not args.name:
-                raise UsageError("specs show needs a name: " + ", ".join(p.stem for p in sorted(SPECS_DIR.glob("*.toml"))))
-            print(_spec_file(args.name).read_text(), end="")
-        else:
-            for path in sorted(SPECS_DIR.glob("*.toml")):
-                spec = load_spec(path)
-                print(f"{spec.name:<12}{estimate_params(spec):>11,} params  {spec.description}")
-    else:
-        _run_play_command(args)
+        return
+    if args.top < 1:
+        raise UsageError(f"--top {args.top}: must be at least 1")
+    res = evaluate(args.run, args.replays, data=args.data, by=args.by, top=args.top)
+    if args.json:
+        print(json.dumps(res, indent=2))
+        return
+    print(f"{args.run}: {res['games']} games, {res['frames']:,} scored frames, {res['target']}")
+    print("  " + summary_line({f"eval_{k}": v for k, v in res.items()}, "eval"))
+    print(scoreboard(res))
+    if args.by:
+        print(group_table(res["by"][args.by], args.by))
+
+
+def _cmd_hold(args) -> None:
+    if args.games < 1:
+        raise UsageError(f"--games {args.games}: must be at least 1")
+    tune_hold(args.run, args.replays, args.data, args.games, quiet=args.quiet)
+
+
+def _cmd_compile(args) -> None:
+    for path in Model(_spec_arg(args.spec)).save(args.out, args.window):
+        print(path)
+
+
+def _cmd_ingest(args) -> None:
+    """ingest: the dataset updated, each skipped replay named, then one summary line."""
+    log = _log(args.quiet)
+    t0 = time.perf_counter()
+    col = ingest(args.replays, args.out, log, workers=args.workers, ray=args.ray)
+    by_hash = {r["hash"]: r for r in col.dataset.rows()}
+    skipped = [*col.unreadable, *({"path": str(p), "reason": r} for p, r in col.errors.items()),
+               *({"path": str(p), "reason": by_hash[h]["skipped"]} for p, h in col.hashes.items()
+                 if by_hash.get(h, {}).get("skipped"))]
+    for s in skipped:
+        log(f"skipped {s['path']}: {s['reason']}")
+    print(f"{args.out}: {len(col.paths)} replays found, {len(set(col.hashes.values()))} distinct, "
+          f"{len(skipped)} skipped; the dataset holds {sum(not r['skipped'] for r in by_hash.values())} games "
+          f"({time.perf_counter() - t0:.1f} s)")
+
+
+def _cmd_data(args) -> None:
+    """data: what a replay folder or a dataset holds."""
+    dataset = (Path(args.replays) / "manifest.sqlite").is_file()
+    res = describe(None if dataset else args.replays, log=_log(False), data=args.replays if dataset else None,
+                   ray=args.ray)
+    if args.json:
+        print(json.dumps(res, indent=2))
+        return
+    counts = lambda d: ", ".join(f"{k} {v}" for k, v in d.items()) or "none"
+    print(f"{args.replays}: {res['games']} games, {res['frames']:,} frames ({res['hours']:.1f} hours of "
+          f"play), {sum(res['skipped'].values())} of {res['replays']} replays skipped")
+    print(f"  characters (player views): {counts(res['characters'])}")
+    print(f"  stages: {counts(res['stages'])}")
+    print(f"  Slippi versions: {counts(res['versions'])}")
+    print(f"  skipped: {counts(res['skipped'])}")
+
+
+def _cmd_specs(args) -> None:
+    if args.action != "show":
+        for path in sorted(SPECS_DIR.glob("*.toml")):
+            spec = load_spec(path)
+            print(f"{spec.name:<12}{estimate_params(spec):>11,} params  {spec.description}")
+        return
+    if not args.name:
+        raise UsageError("specs show needs a name: " + ", ".join(p.stem for p in sorted(SPECS_DIR.glob("*.toml"))))
+    print(_spec_file(args.name).read_text(), end="")
+
+
+COMMANDS = {"train": _cmd_train, "distill": _cmd_train, "eval": _cmd_eval, "hold": _cmd_hold, "compile": _cmd_compile,
+            "ingest": _cmd_ingest, "data": _cmd_data, "plot": lambda args: print(plot(args.run)), "specs": _cmd_specs,
+            "quantize": _cmd_quantize, "play": _cmd_play}  # each command's function (bench: bench.py's main)
+
+
+def _command(args) -> int:
+    COMMANDS[args.command](args)
     return 0
 
 
