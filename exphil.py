@@ -6795,28 +6795,8 @@ def _bench():
     return module
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="exphil", description="Melee bots from Slippi replays.",
-                                     epilog="`exphil COMMAND --help` shows each command's flags and examples.")
-    parser.add_argument("--version", action="version", version=f"exphil {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True)
-
-    p = sub.add_parser("train", help="train a spec on replays into a run folder",
-                       description="Train a spec on replays. Flags override the preset.")
-    p.add_argument("spec", nargs="?", help="spec file or shipped spec name (e.g. specs/mamba.toml, mamba)")
-    p.add_argument("--preset", choices=sorted(PRESETS), help=", ".join(
-        f"{k}: {v['spec']}, {v['epochs']} epoch(s)" for k, v in PRESETS.items()))
-    _training_flags(p)
-
-    p = sub.add_parser("distill", help="train a student spec on a teacher run's soft targets",
-                       description="loss = alpha * T^2 * KL(teacher/T || student/T) + (1 - alpha) * hard loss")
-    p.add_argument("--teacher", required=True, help="run folder of the teacher")
-    p.add_argument("--student", required=True, help="spec of the student (e.g. specs/mlp.toml)")
-    p.add_argument("--temperature", type=float, default=2.0, dest="distill_temperature",
-                   help="softens both distributions (T)")
-    p.add_argument("--alpha", type=float, default=0.7, dest="distill_alpha", help="weight of the teacher's term")
-    _training_flags(p)
-
+def _add_eval_command(sub) -> None:
+    """`exphil eval`: the teacher-forced scores, or the bot judged the way it plays."""
     p = sub.add_parser("eval", help="loss and accuracy of a trained run on replays")
     p.add_argument("run")
     source = p.add_mutually_exclusive_group(required=True)
@@ -6839,6 +6819,31 @@ def _parser() -> argparse.ArgumentParser:
     judged.add_argument("--seed", type=int, default=0, help="seed of the sampling rows")
     judged.add_argument("--hold", type=float, nargs=2, metavar=("BUTTONS", "STICKS"), help="the decision rule's "
                         "hold instead of the run's (0 0: a new number every frame; README: the decision rule)")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="exphil", description="Melee bots from Slippi replays.",
+                                     epilog="`exphil COMMAND --help` shows each command's flags and examples.")
+    parser.add_argument("--version", action="version", version=f"exphil {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train a spec on replays into a run folder",
+                       description="Train a spec on replays. Flags override the preset.")
+    p.add_argument("spec", nargs="?", help="spec file or shipped spec name (e.g. specs/mamba.toml, mamba)")
+    p.add_argument("--preset", choices=sorted(PRESETS), help=", ".join(
+        f"{k}: {v['spec']}, {v['epochs']} epoch(s)" for k, v in PRESETS.items()))
+    _training_flags(p)
+
+    p = sub.add_parser("distill", help="train a student spec on a teacher run's soft targets",
+                       description="loss = alpha * T^2 * KL(teacher/T || student/T) + (1 - alpha) * hard loss")
+    p.add_argument("--teacher", required=True, help="run folder of the teacher")
+    p.add_argument("--student", required=True, help="spec of the student (e.g. specs/mlp.toml)")
+    p.add_argument("--temperature", type=float, default=2.0, dest="distill_temperature",
+                   help="softens both distributions (T)")
+    p.add_argument("--alpha", type=float, default=0.7, dest="distill_alpha", help="weight of the teacher's term")
+    _training_flags(p)
+
+    _add_eval_command(sub)
 
     p = sub.add_parser("hold", help="choose how long the decision rule holds its numbers, so that the bot reading "
                                     "back its own inputs changes them as often as players do (written to run.json)")
