@@ -419,14 +419,14 @@ def print_throughput_row(name: str, row: dict, header: bool, compared: bool = Fa
 
 def architecture_table(paths: list[str], replays: str | None, budget_seconds: float, seed: int, batch_size: int,
                        max_steps: int = 0, frame_delay: int = 0, ray: str | None = None, data: str | None = None,
-                       split_by: str = "game") -> list[dict]:
+                       split_by: str = "game", **more) -> list[dict]:
     """Train every spec on the same games with the same seed and the same number of optimizer
     steps (or time budget); rank by the margin of the exported model's validation loss under
     the Markov baseline. Copy and Markov are scored on the same validation frames.
     ray: a Ray cluster's address; the specs then train as parallel Ray tasks (one CPU each),
     which gives the same numbers but the timings."""
     settings = dict(replays=replays, budget_seconds=budget_seconds, seed=seed, batch_size=batch_size,
-                    max_steps=max_steps, frame_delay=frame_delay, data=data, split_by=split_by)
+                    max_steps=max_steps, frame_delay=frame_delay, data=data, split_by=split_by, **more)
     for path in paths:
         print(f"training {Path(path).stem} ({max_steps or 'unlimited'} steps, {budget_seconds or 'no'} s budget)"
               + (" on Ray" if ray else "") + " ...", file=sys.stderr, flush=True)
@@ -441,26 +441,30 @@ def architecture_table(paths: list[str], replays: str | None, budget_seconds: fl
 
 
 def learning_curve(path: str, data: str, sizes: list[int], max_steps: int, seed: int, batch_size: int,
-                   frame_delay: int = 0, split_by: str = "player") -> list[dict]:
+                   frame_delay: int = 0, split_by: str = "player", **settings) -> list[dict]:
     """One spec trained for the same steps on more and more of a dataset's training games (`sizes`,
     0 for all: nested seeded choices, see --train-games), each scored on the same validation
-    games (the split of the whole dataset) beside every baseline."""
+    games (the split of the whole dataset) beside every baseline. settings: more of exphil.train's."""
     rows = []
     for n in sizes:
         print(f"training {Path(path).stem} on {n or 'all'} training games ({max_steps} steps) ...", file=sys.stderr,
               flush=True)
-        rows.append(architecture_row(path, None, 0, seed, batch_size, max_steps, frame_delay, data, split_by, n))
+        rows.append(architecture_row(path, None, 0, seed, batch_size, max_steps, frame_delay, data, split_by, n,
+                                     **settings))
     return rows
 
 
 def architecture_row(path: str, replays: str | None, budget_seconds: float, seed: int, batch_size: int, max_steps: int,
-                     frame_delay: int, data: str | None = None, split_by: str = "game", train_games: int = 0) -> dict:
-    """One spec of the architecture table (or of the learning curve), trained in a temporary run folder."""
+                     frame_delay: int, data: str | None = None, split_by: str = "game", train_games: int = 0,
+                     **settings) -> dict:
+    """One spec of the architecture table (or of the learning curve), trained in a temporary run folder;
+    settings: more of exphil.train's (val_split, lr_schedule)."""
     spec = exphil.load_spec(path)
     with tempfile.TemporaryDirectory() as tmp:
         run = exphil.train(spec, replays, out=Path(tmp) / spec.name, epochs=10_000, seed=seed,
                            batch_size=batch_size, budget_seconds=budget_seconds, max_steps=max_steps,
-                           frame_delay=frame_delay, data=data, split_by=split_by, train_games=train_games, quiet=True)
+                           frame_delay=frame_delay, data=data, split_by=split_by, train_games=train_games, quiet=True,
+                           **settings)
         history = [json.loads(l) for l in (run.path / "metrics.jsonl").read_text().splitlines()]
         best = run.info["exported_metrics"]
         frames_done = sum(r["frames_per_s"] * r["seconds"] for r in history)
@@ -970,6 +974,10 @@ def _parser() -> argparse.ArgumentParser:
     at.add_argument("--split-by", choices=exphil.SPLITS,
                     help="--train, --learning-curve: what validation holds out (see exphil train --split-by; "
                          "default: game for --train, player for --learning-curve)")
+    at.add_argument("--val-split", type=float, help="--train, --learning-curve: the share of games validation "
+                    "holds (default: exphil train's)")
+    at.add_argument("--lr-schedule", choices=("constant", "cosine"),
+                    help="--train, --learning-curve: see exphil train (default: exphil train's)")
     at.add_argument("--max-steps", type=int, default=0,
                     help="optimizer steps per spec for --train (comparable across machines)")
     at.add_argument("--budget-seconds", type=float, default=0,
@@ -1039,6 +1047,12 @@ def run_scale(args, specs, error) -> dict:
     return {"scale": rows}
 
 
+def _settings(args) -> dict:
+    """The training settings given on the command line that exphil.train would otherwise default."""
+    given = {"val_split": args.val_split, "lr_schedule": args.lr_schedule}
+    return {k: v for k, v in given.items() if v is not None}
+
+
 def run_learning_curve(args, specs, error) -> dict:
     if not (args.data and args.max_steps):
         error("--learning-curve needs --data and --max-steps")
@@ -1046,7 +1060,7 @@ def run_learning_curve(args, specs, error) -> dict:
         error(f"--games: numbers of games or all, not {' '.join(args.games)}")
     path = (args.specs or [str(exphil.SPECS_DIR / "mamba.toml")])[0]
     rows = learning_curve(path, args.data, [0 if g == "all" else int(g) for g in args.games], args.max_steps,
-                          args.seed, args.batch_size, args.frame_delay, args.split_by or "player")
+                          args.seed, args.batch_size, args.frame_delay, args.split_by or "player", **_settings(args))
     print(f"\n{Path(path).stem}, {args.max_steps} optimizer steps each, seed {args.seed}, batch {args.batch_size}, "
           f"frame delay {args.frame_delay}; the same {rows[0]['val_games']} validation games "
           f"({rows[0]['val_frames']:,} frames, split by {args.split_by or 'player'}); the Markov baseline is "
@@ -1061,7 +1075,8 @@ def run_architectures(args, specs, error) -> dict:
     if not (args.max_steps or args.budget_seconds):
         error("--train needs --max-steps or --budget-seconds")
     rows = architecture_table(specs, args.replays, args.budget_seconds, args.seed, args.batch_size,
-                              args.max_steps, args.frame_delay, args.ray, args.data, args.split_by or "game")
+                              args.max_steps, args.frame_delay, args.ray, args.data, args.split_by or "game",
+                              **_settings(args))
     print(f"\nsame games (validation split by {args.split_by or 'game'}), seed {args.seed}, batch {args.batch_size}, "
           + (f"{args.max_steps} optimizer steps" if args.max_steps else f"{args.budget_seconds:.0f} s")
           + f" each, frame delay {args.frame_delay}; ranked by the margin of the validation loss under the "
