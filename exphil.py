@@ -284,6 +284,15 @@ class Spec(_Strict):
     # (scaled up to keep the mean); play and evaluation use the whole model
     dropout: Annotated[float, msgspec.Meta(ge=0, lt=1)] = 0.0
     returns: Returns = Returns()
+    # the feature columns the model reads: 2, every column of feature layout 2 (the players, the
+    # controller, each Nana, the items, Randall); 1, only those of layout 1 (the players, the
+    # controller, the stage: layout 2's first columns). The graphs take layout 2's columns either way.
+    layout: Literal[1, 2] = 2
+
+    @property
+    def columns(self) -> tuple[list[tuple[str, str]], int]:
+        """The categorical fields (name, embedding table) and the number of numeric columns the model reads."""
+        return LAYOUT_COLUMNS[self.layout]
 
     @property
     def layers(self) -> list[Block]:
@@ -1236,9 +1245,11 @@ class Model:
         init = _Init({}, np.random.default_rng(seed))
         d = spec.hidden
         widths = {table: getattr(spec.embed, table) for table in EMBED_TABLES}
+        fields, n_num = spec.columns
         for table, vocab in EMBED_TABLES.items():
-            init(f"embed.{table}", init.rng.normal(0, 1, (vocab, widths[table])))
-        d_in = sum(widths[table] for _, table in CAT_FIELDS) + len(NUM_FIELDS) + spec.returns.input
+            if any(t == table for _, t in fields):
+                init(f"embed.{table}", init.rng.normal(0, 1, (vocab, widths[table])))
+        d_in = sum(widths[table] for _, table in fields) + n_num + spec.returns.input
         init.linear("in_proj", d_in, d)
         self.layers = []  # (block, mixer, prefix of the block's weights) per position
         layers, shared = spec.layers, {}
@@ -1332,10 +1343,12 @@ class Model:
         """cat [B, L, C] int64, num [B, L, F] (and the return-to-go [B, L] of return-conditioned
         specs) -> the heads' features [B, L, D], new state."""
         op, spec = g.op, self.spec
-        feats = []
-        for i, (_, table) in enumerate(CAT_FIELDS):
+        feats, (fields, n_num) = [], spec.columns
+        for i, (_, table) in enumerate(fields):
             ids = op.Gather(cat, g.const(i, np.int64), axis=2)
             feats.append(g.lookup(f"embed.{table}", ids))
+        if n_num < len(NUM_FIELDS):
+            num = op.Slice(num, g.const([0], np.int64), g.const([n_num], np.int64), g.const([2], np.int64))
         extra = [op.Unsqueeze(rtg, g.const([-1], np.int64))] if rtg is not None else []
         x = g.dropout(g.linear(op.Concat(*feats, num, *extra, axis=-1), "in_proj"), spec.dropout)
         new_state = {}
@@ -1605,6 +1618,8 @@ _CTRL = 2 * _P                    # first controller column
 _NANA = _CTRL + len(_CONTROLLER_FIELDS)  # first Nana column (own, then the opponent's)
 _ITEMS = _NANA + 2 * len(_NANA_FIELDS)   # first item column
 _RANDALL = _ITEMS + ITEM_SLOTS * len(_ITEM_FIELDS)
+# what a spec's `layout` reads: layout 1's columns are the first of layout 2's
+LAYOUT_COLUMNS = {1: (CAT_FIELDS[:5], _NANA), 2: (CAT_FIELDS, len(NUM_FIELDS))}
 
 # Lookup tables from raw game values to categorical ids.
 _ACTION_ID = np.full(1 << 16, UNKNOWN_ACTION, np.int64)

@@ -71,8 +71,13 @@ def autoregressive(path, order=AUTOREGRESSIVE_ORDER):
                                                                         order=order))
 
 
+def layout_1(path):
+    return msgspec.structs.replace(exphil.load_spec(path), layout=1)
+
+
 VARIANTS = {"gru with a value head": lambda: with_value_head(ROOT / "specs" / "gru.toml"),
-            "gru with autoregressive heads": lambda: autoregressive(ROOT / "specs" / "gru.toml")}
+            "gru with autoregressive heads": lambda: autoregressive(ROOT / "specs" / "gru.toml"),
+            "gru reading layout 1": lambda: layout_1(ROOT / "specs" / "gru.toml")}
 
 
 def variant(spec):
@@ -116,6 +121,26 @@ def test_step_graph_reproduces_window_graph(spec, real_frames):
             assert np.abs(window[h] - steps[h]).max() <= 1e-4, h
         for k in final:
             assert np.abs(window[f"state_out.{k}"] - final[k]).max() <= 1e-4, k
+
+
+def test_a_layout_1_model_reads_only_layout_1s_columns(real_frames):
+    """A spec with `layout = 1` has layout 1's input projection (133 inputs for gru's tables) and
+    no item table, and its outputs do not move when every column layout 2 added (each Nana,
+    the items, Randall) is scrambled, while a layout 2 model's do."""
+    cat, num, rtg = real_frames
+    v1_columns = 32 + 32 + 8 + 8 + 4 + 49  # (two actions, two characters, the stage; 49 numbers)
+    scrambled_cat, scrambled_num = cat.copy(), num.copy()
+    rng = np.random.default_rng(0)
+    scrambled_cat[..., 5:] = rng.integers(0, 256, scrambled_cat[..., 5:].shape)
+    scrambled_num[..., 49:] = rng.normal(0, 1, scrambled_num[..., 49:].shape)
+    for layout, moves in ((1, False), (2, True)):
+        model = exphil.Model(msgspec.structs.replace(exphil.load_spec(ROOT / "specs" / "gru.toml"), layout=layout))
+        assert (model.params["in_proj.weight"].shape[0] == v1_columns) == (layout == 1)
+        assert ("embed.item" in model.params) == (layout == 2)
+        state = model.zero_state(2)
+        before = run_window(model, 60, cat[:, :60], num[:, :60], rtg[:, :60], state)
+        after = run_window(model, 60, scrambled_cat[:, :60], scrambled_num[:, :60], rtg[:, :60], state)
+        assert (max(np.abs(before[h] - after[h]).max() for h in exphil.HEADS) > 1e-3) == moves
 
 
 def test_autoregressive_step_graph_samples_like_the_numpy_rule(real_frames):
