@@ -107,10 +107,10 @@ def rerun_cell(model: exphil.Model, provider: str, cats, nums) -> dict:
     return exphil.timed(lambda: sess.run(None, feed), seconds=0.4)
 
 
-def graphs_for(source: str, hidden: int | None = None, autoregressive: bool = False
+def graphs_for(source: str, hidden: int | None = None, sampling: str | None = None
                ) -> tuple[str, exphil.Model, dict[str, bytes]]:
     """(name, model, {precision: step graph}) for a spec file (random weights; `hidden`: at that
-    width; `autoregressive`: with autoregressive heads, whose step graph samples) or a run folder."""
+    width; `sampling`: with those heads instead of the spec's, see exphil.Heads) or a run folder."""
     import onnx
 
     if Path(source).is_dir():
@@ -118,12 +118,9 @@ def graphs_for(source: str, hidden: int | None = None, autoregressive: bool = Fa
         fp32 = (Path(source) / "step.onnx").read_bytes()
         name = Path(source).name
     else:
-        spec = exphil.override_spec(exphil.load_spec(source), hidden=hidden)
-        if autoregressive:
-            spec = msgspec.structs.replace(spec, heads=msgspec.structs.replace(spec.heads, sampling="autoregressive"))
-        model = exphil.Model(spec)
+        model = exphil.Model(exphil.override_spec(exphil.load_spec(source), hidden=hidden, sampling=sampling))
         fp32 = model.build(step=True).SerializeToString()
-        name = model.spec.name + (f" ({hidden} wide)" if hidden else "") + (" autoregressive" if autoregressive else "")
+        name = model.spec.name + (f" ({hidden} wide)" if hidden else "") + (f" {sampling}" if sampling else "")
     out = {"fp32": fp32}
     for precision, mode in (("int8", "dynamic"), ("int4", "int4")):
         path = Path(source) / exphil.PRECISIONS[precision]
@@ -133,17 +130,17 @@ def graphs_for(source: str, hidden: int | None = None, autoregressive: bool = Fa
 
 
 def latency_table(sources: list[str], providers: list[str], widths: list[int | None] = (None,),
-                  kinds: Sequence[bool] = (False,)) -> dict:
+                  kinds: Sequence[str | None] = (None,)) -> dict:
     """Every source x provider x precision: FP32, INT8 and INT4 on the CPU, FP32 and FP16 on a GPU;
-    a provider not installed here is reported as absent. kinds: independent heads (False),
-    autoregressive ones (True), or both."""
+    a provider not installed here is reported as absent. kinds: the heads' sampling ("independent",
+    "autoregressive"; None: the spec's)."""
     import onnx
 
     available = exphil.select_providers  # raises for a provider that is not installed
     cats, nums = frames()
     rows = {}
-    for source, hidden, autoregressive in ((s, h, k) for s in sources for h in widths for k in kinds):
-        name, model, graphs = graphs_for(source, hidden, autoregressive)
+    for source, hidden, sampling in ((s, h, k) for s in sources for h in widths for k in kinds):
+        name, model, graphs = graphs_for(source, hidden, sampling)
         row = {"params": int(sum(v.size for v in model.params.values())), "window": model.spec.window, "cells": {},
                "bytes": {p: len(g) for p, g in graphs.items()}}
         for provider in providers:
@@ -157,7 +154,8 @@ def latency_table(sources: list[str], providers: list[str], widths: list[int | N
                 graph = graphs.get(precision) or exphil.quantize_step(onnx.ModelProto.FromString(graphs["fp32"]),
                                                                       "fp16").SerializeToString()
                 row["cells"][f"{provider}/{precision}"] = exphil.step_latency(graph, provider, frames=(cats, nums))
-            if model.spec.window > 1 and not autoregressive:  # (a window graph cannot sample: it is teacher-forced)
+            if model.spec.window > 1 and model.spec.heads.sampling == "independent":  # (a window graph
+                # cannot sample: it is teacher-forced)
                 row["cells"][f"{provider}/fp32 re-run"] = rerun_cell(model, provider, cats, nums)
         print(f"  measured {name}", file=sys.stderr, flush=True)
         rows[name] = row
@@ -195,7 +193,7 @@ def print_table(rows: dict, markdown: bool) -> None:
 
 
 def loop_latency(source: str, frames_: int = 1800, fps: float | None = None, precision: str = "fp32",
-                 autoregressive: bool = False) -> dict:
+                 sampling: str | None = None) -> dict:
     """The sync Runner's per-frame work: libmelee GameState -> features -> step -> sample ->
     controller commands flushed into a FIFO that another process drains, as Dolphin would.
     libmelee's Console streams a real replay as the game (back to back, or paced at `fps`)."""
@@ -204,7 +202,7 @@ def loop_latency(source: str, frames_: int = 1800, fps: float | None = None, pre
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        name, model, graphs = graphs_for(source, autoregressive=autoregressive)
+        name, model, graphs = graphs_for(source, sampling=sampling)
         model.save(tmp / "run")
         (tmp / "run" / "spec.toml").write_bytes(msgspec.toml.encode(model.spec))
         onnx.save(onnx.ModelProto.FromString(graphs["int8"]), tmp / "run" / "step.int8.onnx")
@@ -368,10 +366,12 @@ def throughput_table(specs: list[str], reference, min_steps: int, seconds: float
     the run's best MatMul peak, and the load average around the measurements."""
     load, rows, peak = os.getloadavg()[0], {}, best_peak(None)
     for path in specs:
-        spec = exphil.load_spec(path)
-        rows[spec.name] = train_throughput(spec, min_steps=min_steps, seconds=seconds, reference=reference)
+        spec, name = exphil.load_spec(path), exphil.load_spec(path).name
+        if reference is not None and spec.heads.sampling != "independent":  # (the PyTorch models' heads are
+            spec, name = exphil.override_spec(spec, sampling="independent"), f"{name} independent"  # independent)
+        rows[name] = train_throughput(spec, min_steps=min_steps, seconds=seconds, reference=reference)
         peak = best_peak(peak)
-        print(f"  measured {spec.name}", file=sys.stderr, flush=True)
+        print(f"  measured {name}", file=sys.stderr, flush=True)
     for row in rows.values():
         add_percent_of_peak(row, peak)
     return {"matmul_peak": peak, "load_average": {"before": load, "after": os.getloadavg()[0]}, "throughput": rows}
@@ -952,8 +952,9 @@ def _parser() -> argparse.ArgumentParser:
     hw.add_argument("--hidden", type=int, nargs="*", help="the latency table at these widths of each spec "
                     "(e.g. --specs specs/mamba.toml --hidden 256 1024: where INT4 starts to pay)")
     hw.add_argument("--loop", action="store_true", help="the full decision loop (lstm and mamba by default)")
-    hw.add_argument("--heads", nargs="*", choices=["independent", "autoregressive"], default=["independent"],
-                    help="the latency table and --loop with these kinds of heads of each spec (both: side by side)")
+    hw.add_argument("--heads", nargs="*", choices=["independent", "autoregressive"], default=[None],
+                    help="the latency table and --loop with these kinds of heads of each spec instead of the "
+                         "spec's own (both: side by side)")
     hw.add_argument("--replay", type=Path, default=REPLAY, help="the replay whose frames --loop, --throughput "
                     "and the latency table use (latency alone runs without one, on random inputs)")
     tp = parser.add_argument_group("training throughput")
@@ -1103,9 +1104,9 @@ def run_loop(args, specs, error) -> dict:
     rows = {}
     for source, kind in ((s, k) for s in sources for k in args.heads):
         cells = {f"{p} {'back to back' if fps is None else 'at 60 FPS'}":
-                 loop_latency(source, fps=fps, precision=p, autoregressive=kind == "autoregressive")
+                 loop_latency(source, fps=fps, precision=p, sampling=kind)
                  for fps in (None, 60) for p in ("fp32", "int8")}
-        name = Path(source).stem + (" autoregressive" if kind == "autoregressive" else "")
+        name = Path(source).stem + (f" {kind}" if kind else "")
         rows[name] = cells
         print(f"{name:<22}" + "  ".join(f"{k}: {v['p50_ms']:.3f}/{v['p99_ms']:.3f}" for k, v in cells.items()),
               flush=True)
@@ -1125,7 +1126,7 @@ def run_latency(args, specs, error) -> dict:
     if args.hidden and args.runs:
         raise SystemExit("--hidden applies to specs, not to trained runs")
     rows = latency_table(args.runs or specs, [p.lower() for p in args.providers], args.hidden or [None],
-                         [kind == "autoregressive" for kind in args.heads])
+                         args.heads)
     print("\nstep latency, batch 1, one intra-op thread; cells: p50 ms and verdict from p99\n")
     print_table(rows, args.markdown)
     return {"step": rows}

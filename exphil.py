@@ -6502,10 +6502,12 @@ SPEC_FLAGS = {  # flag -> (mixer kinds it applies to, field), for overriding a s
 
 
 def override_spec(spec: Spec, window_size: int | None = None, hidden: int | None = None,
-                  num_layers: int | None = None, **mixer_fields) -> Spec:
-    """A copy of a spec with some settings changed; a setting no layer of the spec has is an
-    error, never ignored. The result is validated like a spec file."""
+                  num_layers: int | None = None, sampling: str | None = None, **mixer_fields) -> Spec:
+    """A copy of a spec with some settings changed (`sampling`: its heads'); a setting no layer
+    of the spec has is an error, never ignored. The result is validated like a spec file."""
     changes = {k: v for k, v in (("window", window_size), ("hidden", hidden)) if v is not None}
+    if sampling is not None:
+        changes["heads"] = msgspec.structs.replace(spec.heads, sampling=sampling)
     blocks = list(spec.blocks)
     if num_layers is not None:
         if len(blocks) != 1:

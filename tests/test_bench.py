@@ -41,7 +41,8 @@ def test_latency_table(tmp_path):
     md = bench("--specs", "specs/mlp.toml", "--providers", "cpu", "--markdown", "--hidden", "64", "128",
                "--heads", "independent", "autoregressive")
     assert "| spec | params | cpu/fp32 p50 ms | cpu/int8 p50 ms | cpu/int4 p50 ms | headroom |" in md
-    assert "| mlp (64 wide) |" in md and "| mlp (128 wide) |" in md and "| mlp (128 wide) autoregressive |" in md
+    assert "| mlp (64 wide) independent |" in md and "| mlp (128 wide) independent |" in md
+    assert "| mlp (128 wide) autoregressive |" in md
 
 
 def test_architecture_table(tmp_path):

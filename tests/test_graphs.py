@@ -558,16 +558,21 @@ def test_s5_matches_the_complex_recurrence():
 @pytest.mark.parametrize("name", ["mamba", "decision_transformer", "gru with a value head"])
 def test_stepper_carries_state_like_the_window_graph(name, real_frames):
     """The Agent's Stepper (IO binding, alternating state buffers; the return-to-go input and
-    the value output where the spec has them) == the window graph."""
+    the value output where the spec has them; the numbers of a graph that samples) == the
+    window graph (fed the sampled actions, for autoregressive heads)."""
     spec = (with_value_head(ROOT / "specs" / "gru.toml") if name.endswith("value head")
             else exphil.load_spec(ROOT / "specs" / f"{name}.toml"))
-    model = exphil.Model(spec, seed=2)
+    model = conditioned(exphil.Model(spec, seed=2))
     cat, num, rtg = real_frames
-    window = run_window(model, 90, cat[:1, :90], num[:1, :90], rtg[:1, :90], model.zero_state(1))
     stepper = exphil.Stepper(model.build(step=True).SerializeToString())
+    noise = np.random.default_rng(3).random((90, exphil.UNIFORMS)).astype(np.float32) if stepper.samples \
+        else [None] * 90
     outputs = ["main_x", *(["value"] if spec.returns.value else [])]
     for rep in range(2):  # the second pass starts after reset()
-        got = [{h: v.copy() for h, v in stepper(cat[0, t], num[0, t], rtg[0, t]).items()} for t in range(90)]
+        got = [{h: v.copy() for h, v in stepper(cat[0, t], num[0, t], rtg[0, t], noise=noise[t]).items()}
+               for t in range(90)]
+        teacher = {"target.action": np.stack([g["action"] for g in got])[None]} if stepper.samples else {}
+        window = run_window(model, 90, cat[:1, :90], num[:1, :90], rtg[:1, :90], model.zero_state(1), **teacher)
         for h in outputs:
             assert np.abs(np.stack([g[h] for g in got]) - window[h][0]).max() <= 1e-4
         stepper.reset()

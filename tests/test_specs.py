@@ -58,7 +58,8 @@ def test_missing_field_and_bad_toml(tmp_path):
 @pytest.mark.parametrize("path", SPECS, ids=lambda p: p.stem)
 def test_edited_spec_compiles_and_runs(tmp_path, path):
     """Other width, depth and window in a copy of every shipped spec just work, and the step
-    graph still reproduces the window graph."""
+    graph still reproduces the window graph (autoregressive heads: fed the actions the step
+    graph sampled)."""
     import re
 
     import numpy as np
@@ -77,10 +78,13 @@ def test_edited_spec_compiles_and_runs(tmp_path, path):
     window = exphil.session(model.build().SerializeToString())
     feeds = {"cat": cat, "num": num, **{f"state_in.{k}": v for k, v in model.zero_state(1).items()},
              **({"rtg": np.zeros((1, 12), np.float32)} if spec.returns.input else {})}
-    expected = window.run(["main_x"], feeds)[0][0]
     step = exphil.Stepper(model.build(step=True).SerializeToString())
-    got = np.stack([step(cat[0, t], num[0, t])["main_x"].copy() for t in range(12)])
-    assert np.abs(got - expected).max() <= 1e-4
+    noise = rng.random((12, exphil.UNIFORMS)).astype(np.float32) if step.samples else [None] * 12
+    outs = [{k: v.copy() for k, v in step(cat[0, t], num[0, t], noise=noise[t]).items()} for t in range(12)]
+    if step.samples:
+        feeds["target.action"] = np.stack([o["action"] for o in outs])[None]
+    expected = window.run(["main_x"], feeds)[0][0]
+    assert np.abs(np.stack([o["main_x"] for o in outs]) - expected).max() <= 1e-4
 
 
 def test_a_shared_block_is_one_set_of_weights_with_a_state_per_position():
