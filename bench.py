@@ -9,6 +9,8 @@
     python bench.py --loop --specs specs/mlp.toml specs/mamba.toml --heads independent autoregressive
                                          # the same (or the latency table) with both kinds of heads
                                          # (autoregressive: the step graph samples the action)
+    python bench.py --heads-cost         # step latency with each kind of heads (Markov tables,
+                                         # autoregressive), called in turn
     python bench.py --throughput         # training frames/s per spec (batch 64, window 60) and
                                          # % of this machine's MatMul peak
     python bench.py --throughput --vs-torch
@@ -160,6 +162,34 @@ def latency_table(sources: list[str], providers: list[str], widths: list[int | N
         print(f"  measured {name}", file=sys.stderr, flush=True)
         rows[name] = row
     return rows
+
+
+HEAD_KINDS = {"independent, no Markov": dict(markov=False, sampling="independent"),
+              "independent, Markov": dict(markov=True, sampling="independent"),
+              "autoregressive, Markov": dict(markov=True, sampling="autoregressive")}
+
+
+def heads_cost(source: str, min_steps: int = 3000, seconds: float = 10.0) -> dict:
+    """A spec's step graph with each kind of heads (HEAD_KINDS; random weights), called in turn on
+    the same real frames (batch 1, one thread, CPU): p50/p99 ms each, and each p50 over the first's."""
+    spec, (cats, nums) = exphil.load_spec(source), frames()
+    numbers = exphil.fixed_uniforms(np.arange(len(cats)))
+    calls, counter = {}, iter(range(1 << 62))
+    for name, heads in HEAD_KINDS.items():
+        model = exphil.Model(msgspec.structs.replace(spec, heads=msgspec.structs.replace(spec.heads, **heads)))
+        stepper = exphil.Stepper(model.build(step=True).SerializeToString(), "cpu")
+
+        def call(stepper=stepper):
+            k = next(counter) % len(cats)
+            stepper(cats[k], nums[k], noise=numbers[k] if stepper.samples else None)
+        calls[name] = call
+    for call in calls.values():  # warm-up
+        for _ in range(50):
+            call()
+    times = {n: np.array(t) * 1e3 for n, t in interleaved(calls, min_steps, seconds).items()}
+    first = float(np.median(next(iter(times.values()))))
+    return {n: {"p50_ms": float(np.median(t)), "p99_ms": float(np.percentile(t, 99)), "calls": len(t),
+                "p50_ratio": float(np.median(t)) / first} for n, t in times.items()}
 
 
 ORDER = ["fp32", "int8", "int4", "fp16"]  # the precision columns, left to right
@@ -955,6 +985,9 @@ def _parser() -> argparse.ArgumentParser:
     hw.add_argument("--heads", nargs="*", choices=["independent", "autoregressive"], default=[None],
                     help="the latency table and --loop with these kinds of heads of each spec instead of the "
                          "spec's own (both: side by side)")
+    hw.add_argument("--heads-cost", action="store_true", help="step latency of each spec (default mlp, gru, "
+                    "mamba) with independent heads without and with Markov tables, and autoregressive ones, "
+                    "called in turn")
     hw.add_argument("--replay", type=Path, default=REPLAY, help="the replay whose frames --loop, --throughput "
                     "and the latency table use (latency alone runs without one, on random inputs)")
     tp = parser.add_argument_group("training throughput")
@@ -1132,12 +1165,26 @@ def run_latency(args, specs, error) -> dict:
     return {"step": rows}
 
 
+def run_heads_cost(args, specs, error) -> dict:
+    rows = {Path(p).stem: heads_cost(p, seconds=args.seconds * 2.5) for p in args.specs or
+            [str(exphil.SPECS_DIR / f"{n}.toml") for n in ("mlp", "gru", "mamba")]}
+    print("\nstep latency by kind of heads, called in turn on the same frames (batch 1, one thread, CPU): "
+          "p50 / p99 ms, and p50 over the first kind's\n")
+    print("| spec | " + " | ".join(HEAD_KINDS) + " |")
+    print("|---|" + "---|" * len(HEAD_KINDS))
+    for name, row in rows.items():
+        print(f"| {name} | " + " | ".join(f"{c['p50_ms']:.3f} / {c['p99_ms']:.3f} ({c['p50_ratio']:.2f}x)"
+                                         for c in row.values()) + " |")
+    return {"heads_cost": rows}
+
+
 # (is the mode asked for, the mode), first match wins; the latency table when none is
 MODES = [(lambda a: a.parsers is not None, run_parsers), (lambda a: a.warm_start, run_warm_start),
          (lambda a: a.conditioning, run_conditioning), (lambda a: a.scale, run_scale),
          (lambda a: a.learning_curve, run_learning_curve), (lambda a: a.train, run_architectures),
          (lambda a: a.data_parallel, run_data_parallel), (lambda a: a.loop, run_loop),
-         (lambda a: a.throughput, run_throughput), (lambda a: True, run_latency)]
+         (lambda a: a.throughput, run_throughput), (lambda a: a.heads_cost, run_heads_cost),
+         (lambda a: True, run_latency)]
 
 
 def main(argv=None) -> int:

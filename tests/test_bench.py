@@ -45,6 +45,17 @@ def test_latency_table(tmp_path):
     assert "| mlp (128 wide) autoregressive |" in md
 
 
+def test_heads_cost_times_each_kind_of_heads_in_turn(tmp_path):
+    """The same spec's step graph with independent heads without and with Markov tables, and with
+    autoregressive ones: each timed on the same frames, the ratios to the first kind's p50."""
+    out = bench("--heads-cost", "--specs", "specs/mlp.toml", "--seconds", "0.2", "--json", tmp_path / "h.json")
+    row = json.loads((tmp_path / "h.json").read_text())["heads_cost"]["mlp"]
+    assert list(row) == ["independent, no Markov", "independent, Markov", "autoregressive, Markov"]
+    assert all(0 < c["p50_ms"] <= c["p99_ms"] and c["calls"] >= 3000 for c in row.values())
+    assert row["independent, no Markov"]["p50_ratio"] == 1.0
+    assert "| mlp | " in out and "(1.00x)" in out
+
+
 def test_architecture_table(tmp_path):
     """A fixed number of optimizer steps per spec; ranked by the margin under the Markov
     baseline, with the copy baseline beside each accuracy."""
