@@ -467,8 +467,9 @@ class Graph:
             return op.Tanh(x)
         if kind == "silu":
             return self.silu(x)
-        if kind == "gelu":
-            return op.Mul(op.Mul(x, 0.5), op.Add(op.Erf(op.Mul(x, 1 / math.sqrt(2))), 1.0))
+        if kind == "gelu":  # (onnxruntime-training has no gradient for the Gelu operator: spelled out there)
+            return op.Mul(op.Mul(x, 0.5), op.Add(op.Erf(op.Mul(x, 1 / math.sqrt(2))), 1.0)) if self.trained \
+                else op.Gelu(x)
         raise ValueError(kind)
 
     def norm(self, kind: str, x, name: str | None):
