@@ -465,7 +465,11 @@ def architecture_table(paths: list[str], replays: str | None, budget_seconds: fl
         task = cluster.remote(num_cpus=1)(architecture_row)
         rows = cluster.get([task.remote(path, **settings) for path in paths])
     else:
-        rows = [architecture_row(path, **settings) for path in paths]
+        rows = []
+        for path in paths:
+            rows.append(architecture_row(path, **settings))
+            print(f"  {rows[-1]['spec']}: val loss {rows[-1]['val_loss']:.3f}, {-100 * rows[-1]['margin']:+.1f}% vs Markov",
+                  file=sys.stderr, flush=True)
     rows.sort(key=lambda r: -r["margin"])
     return rows
 
