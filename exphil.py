@@ -446,6 +446,13 @@ class Graph:
     def silu(self, x):
         return self.op.Mul(x, self.op.Sigmoid(x))
 
+    def rotate_pairs(self, x, cos, sin, swap: np.ndarray):
+        """x rotated on pairs of channels of its last axis: x cos + (x swap) sin, where the
+        constant `swap` (`_pair_swap`) maps each pair (x0, x1) to (-x1, x0); cos and sin hold
+        each pair's cosine and sine on both of its channels (1 and 0 on channels left alone)."""
+        op = self.op
+        return op.Add(op.Mul(x, cos), op.Mul(op.MatMul(x, self.const(swap)), sin))
+
     def softplus(self, x):  # relu(x) + log(1 + exp(-|x|)): stable, and has a gradient in ORT
         op = self.op
         return op.Add(op.Relu(x), op.Log(op.Add(op.Exp(op.Neg(op.Abs(x))), 1.0)))
@@ -799,19 +806,45 @@ def _merge_heads(g: Graph, y):
     return g.op.Reshape(g.op.Transpose(y, perm=[0, 2, 1, 3]), g.const([0, 0, -1], np.int64))
 
 
-class Mamba2Layer:
+def _pair_swap(width: int, pairs: int) -> np.ndarray:
+    """[width, width]: x @ swap maps each of the first `pairs` channel pairs (x0, x1) to (-x1, x0)
+    (and the other channels to 0); see `Graph.rotate_pairs`."""
+    swap, j = np.zeros((width, width)), np.arange(pairs)
+    swap[2 * j + 1, 2 * j], swap[2 * j, 2 * j + 1] = -1.0, 1.0
+    return swap
+
+
+class _SSMHeads:
+    """What Mamba-2 and Mamba-3 share: the inner width expand x hidden in heads of head_dim
+    (`heads`), a time step per head and frame (`time_steps`) and the skip D x per head (`skip`)."""
+
+    width_unit = staticmethod(lambda cfg: cfg.head_dim)
+
+    def heads(self, kind: str, cfg, width: int) -> None:
+        D = cfg.expand * width
+        if D % cfg.head_dim:
+            raise SpecError(f"{kind}: expand x hidden = {D} is not divisible by head_dim = {cfg.head_dim}")
+        self.D, self.N, self.H, self.P = D, cfg.state, D // cfg.head_dim, cfg.head_dim
+
+    def time_steps(self, g: Graph, dt):
+        """softplus(dt + dt_bias): [B, L, H] -> [B, H, L]."""
+        return g.op.Transpose(g.softplus(g.op.Add(dt, g.param(f"{self.name}.dt_bias"))), perm=[0, 2, 1])
+
+    def skip(self, g: Graph, y, x):
+        """y + D_h x per head, both [B, H, L, P]."""
+        op = g.op
+        return op.Add(y, op.Mul(x, op.Reshape(g.param(f"{self.name}.D"), g.const([self.H, 1, 1], np.int64))))
+
+
+class Mamba2Layer(_SSMHeads):
     """Mamba-2: in_proj -> [z, xBC, dt]; xBC through a causal depthwise conv and SiLU; per head
     a scalar decay exp(dt A) over a [P, N] state driven by (dt x) B^T and read by C
     (`Graph.decayed_attention`); plus D x; gated RMSNorm of y * SiLU(z); out_proj.
     States: the last K-1 conv inputs and h [H, P, N]."""
 
-    width_unit = staticmethod(lambda cfg: cfg.head_dim)
-
     def __init__(self, name: str, cfg: Mamba2, width: int, init: _Init, n_layers: int):
-        D = cfg.expand * width
-        if D % cfg.head_dim:
-            raise SpecError(f"mamba2: expand x hidden = {D} is not divisible by head_dim = {cfg.head_dim}")
-        self.name, self.cfg, self.D, self.N, self.H, self.P = name, cfg, D, cfg.state, D // cfg.head_dim, cfg.head_dim
+        self.heads("mamba2", cfg, width)
+        self.name, self.cfg, D = name, cfg, self.D
         conv = D + 2 * self.N
         init.linear(f"{name}.in_proj", width, D + conv + self.H, bias=False)
         init.uniform(f"{name}.conv.weight", (cfg.conv, conv), 1 / math.sqrt(cfg.conv))
@@ -828,14 +861,13 @@ class Mamba2Layer:
         z, xbc, dt = g.split(g.linear(x, f"{n}.in_proj", bias=False), [self.D, self.D + 2 * self.N, H])
         xbc, conv_state = g.causal_conv(f"{n}.conv", xbc, state["conv"], self.cfg.conv)
         u, b, c = g.split(g.silu(xbc), [self.D, self.N, self.N])
-        dt = op.Transpose(g.softplus(op.Add(dt, g.param(f"{n}.dt_bias"))), perm=[0, 2, 1])  # [B, H, L]
+        dt = self.time_steps(g, dt)  # [B, H, L]
         heads = _heads(g, u, H)  # [B, H, L, P]
         last, one = g.const([-1], np.int64), g.const([1], np.int64)
         log_decay = op.Unsqueeze(op.Mul(dt, op.Neg(op.Unsqueeze(op.Exp(g.param(f"{n}.A_log")), last))), last)
         y, h = g.decayed_attention(op.Unsqueeze(c, one), op.Unsqueeze(b, one), op.Mul(heads, op.Unsqueeze(dt, last)),
                                    log_decay, state["ssm"], self.cfg.chunk)  # decay exp(dt A) per head
-        y = op.Add(y, op.Mul(heads, op.Reshape(g.param(f"{n}.D"), g.const([H, 1, 1], np.int64))))
-        y = _merge_heads(g, y)
+        y = _merge_heads(g, self.skip(g, y, heads))
         y = g.norm("rms", op.Mul(y, g.silu(z)), f"{n}.norm")
         return g.linear(y, f"{n}.out_proj", bias=False), {"conv": conv_state, "ssm": h}
 
@@ -927,16 +959,12 @@ class RetNetLayer:
         self.log_gamma = np.log(1 - 2.0 ** (-5 - np.arange(H)))
         half = self.dk // 2
         self.theta = np.repeat(10000.0 ** (-np.arange(half) / max(half - 1, 1)), 2)  # per key channel
-        swap = np.zeros((self.dk, self.dk))  # x @ swap: (x0, x1) -> (-x1, x0) on each pair
-        swap[1::2, 0::2], swap[0::2, 1::2] = -np.eye(half), np.eye(half)
-        self.swap = swap
+        self.swap = _pair_swap(self.dk, half)
         self.states = [("ssm", (H, V // H, self.dk))]
 
     def rotate(self, g: Graph, x, angle: np.ndarray):
         """x [..., n, dk] rotated by `angle` [n, dk] on each pair of key channels."""
-        op = g.op
-        swapped = op.MatMul(x, g.const(self.swap))
-        return op.Add(op.Mul(x, g.const(np.cos(angle))), op.Mul(swapped, g.const(np.sin(angle))))
+        return g.rotate_pairs(x, g.const(np.cos(angle)), g.const(np.sin(angle)), self.swap)
 
     def __call__(self, g: Graph, x, state: dict):
         op, n, H, L = g.op, self.name, self.H, g.length
