@@ -151,6 +151,18 @@ class Mamba2(_Strict, tag="mamba2", tag_field="kind"):
     chunk: Annotated[int, msgspec.Meta(ge=0)] = 64  # frames per chunk of the window form (0 = the whole window)
 
 
+class Mamba3(_Strict, tag="mamba3", tag_field="kind"):
+    """Mamba-3 (SISO): Mamba-2's heads with a trapezoidal update (the previous frame's input
+    mixed in by a data-dependent weight), data-dependent rotations of B and C (a complex-valued
+    state), normalised B and C with biases, and no convolution; chunked in the window."""
+
+    state: Pos = 64  # N, the state width shared by the heads (B and C)
+    expand: Pos = 2  # inner width = expand * hidden = heads * head_dim
+    head_dim: Pos = 64  # P
+    rope: Annotated[float, msgspec.Meta(ge=0, le=1)] = 0.5  # share of the N state channels rotated (in pairs)
+    chunk: Annotated[int, msgspec.Meta(ge=0)] = 64  # frames per chunk of the window form (0 = the whole window)
+
+
 class GLA(_Strict, tag="gla", tag_field="kind"):
     """Gated linear attention: a [key, value] matrix state per head whose key channels decay by
     data-dependent gates; chunked in the window, the recurrence in the step."""
@@ -212,7 +224,7 @@ class S5(_Strict, tag="s5", tag_field="kind"):
     state: Pos = 128  # P, complex states
 
 
-Mixer = Union[Dense, LSTM, GRU, Mamba, Attention, GatedSSM, Mamba2, GLA, HGRN2, RetNet, RWKV7, RWKV7FFN, CfC, S5]
+Mixer = Union[Dense, LSTM, GRU, Mamba, Attention, GatedSSM, Mamba2, Mamba3, GLA, HGRN2, RetNet, RWKV7, RWKV7FFN, CfC, S5]
 
 
 class Block(_Strict):
@@ -872,6 +884,96 @@ class Mamba2Layer(_SSMHeads):
         return g.linear(y, f"{n}.out_proj", bias=False), {"conv": conv_state, "ssm": h}
 
 
+class Mamba3Layer(_SSMHeads):
+    """Mamba-3, the SISO form of Lahoti, Li, Chen, Wang, Bick, Kolter, Dao and Gu, "Mamba-3:
+    Improved Sequence Modeling using State Space Principles" (ICLR 2026, arXiv:2603.15569).
+
+    Per frame t and head h (x_t [P] the head's slice of the inner input, B_t, C_t [N] shared):
+
+        [z, x, B, C, d, a, l, phi] = input W_in                 (no convolution)
+        dt_t  = softplus(d_t + dt_bias),  A_t = -max(softplus(a_t), 1e-4)     (A data-dependent)
+        alpha_t = exp(dt_t A_t),  lambda_t = sigmoid(l_t)
+        beta_t  = (1 - lambda_t) dt_t alpha_t,  gamma_t = lambda_t dt_t        (trapezoid weights)
+        k_t = RMSNorm(B_t) w_B + b_B[h],  q_t = RMSNorm(C_t) w_C + b_C[h]      (BC norm, BC biases)
+        theta_t = theta_{t-1} + pi tanh(phi_t) dt_t             (one angle per rotated pair j)
+        h_t = alpha_t h_{t-1} + beta_t x_{t-1} (R(theta_{t-1}) k_{t-1})^T + gamma_t x_t (R(theta_t) k_t)^T
+        y_t = h_t R(theta_t) q_t + D_h x_t,  out_t = (y_t * SiLU(z_t)) W_out
+
+    R(theta) rotates the first 2 * floor(rope N / 2) channels in pairs (2j, 2j + 1) by theta_j
+    and leaves the others: the data-dependent rotary form of a complex-valued state update.
+    The angle needs no state of its own: the carried state is g_t = h_t R(theta_t), i.e.
+    g_t = (alpha_t g_{t-1} + beta_t x_{t-1} k_{t-1}^T) R(theta_t - theta_{t-1}) + gamma_t x_t k_t^T,
+    so angles count from 0 at each window's start (no growing phase), and the window leaves
+    its state rotated by the window's own angle. Carried besides g [H, P, N]: the previous
+    frame's RMSNorm(B) w_B [N] and x [inner width] (the trapezoid's second term).
+
+    Window form: the trapezoid is a weight per source frame, gamma_s + (1 - lambda_{s+1}) dt_{s+1}
+    (the next frame's share; 0 after the window's last frame), less that share at s = t, so
+    `Graph.decayed_attention` with the rotated keys and queries computes it in chunks; the
+    carried previous frame enters the initial state as (1 - lambda_1) dt_1 x_0 k_0^T. The
+    window's angles are a cumulative sum (a triangular MatMul) and the cosine is
+    sin(. + pi / 2). The step graph is the same code over one frame.
+
+    Left out: MIMO (rank-r inputs and outputs per head; it adds kernels' worth of work for
+    throughput on accelerators, and the SISO form is the paper's base model), B/C groups other
+    than one shared by all heads, and the optional RMSNorm before out_proj."""
+
+    def __init__(self, name: str, cfg: Mamba3, width: int, init: _Init, n_layers: int):
+        self.heads("mamba3", cfg, width)
+        self.name, self.cfg, N, H = name, cfg, self.N, self.H
+        self.pairs = int(cfg.rope * N) // 2  # rotated channel pairs, one angle each
+        self.sizes = [self.D, self.D, N, N, H, H, H] + ([self.pairs] if self.pairs else [])
+        init.linear(f"{name}.in_proj", width, sum(self.sizes), bias=False)
+        init.step_bias(f"{name}.dt_bias", H)
+        for bc in ("B", "C"):
+            init.norm("rms", f"{name}.{bc}_norm", N)
+            init(f"{name}.{bc}_bias", np.ones((H, 1, N)))
+        init(f"{name}.D", np.ones(H))
+        init.linear(f"{name}.out_proj", self.D, width, bias=False, scale=1 / math.sqrt(n_layers))
+        self.swap = _pair_swap(N, self.pairs)
+        self.spread = np.zeros((max(self.pairs, 1), N))  # an angle per pair -> on both its channels
+        self.spread[np.arange(self.pairs).repeat(2), np.arange(2 * self.pairs)] = 1.0
+        self.states = [("ssm", (H, self.P, N)), ("B", (1, N)), ("x", (1, self.D))]
+
+    def angles(self, g: Graph, phi, dt):
+        """cos and sin [B, H, L, N] of the cumulative angles theta_t (from 0 before the window)
+        on each rotated channel (0 elsewhere): dt [B, H, L, 1], phi [B, L, pairs]."""
+        op, L = g.op, g.length
+        step = op.Mul(op.Unsqueeze(op.Mul(op.Tanh(phi), math.pi), g.const([1], np.int64)), dt)  # [B, H, L, pairs]
+        theta = op.MatMul(op.MatMul(g.const(np.tril(np.ones((L, L)))), step), g.const(self.spread))
+        return op.Sin(op.Add(theta, math.pi / 2)), op.Sin(theta)
+
+    def __call__(self, g: Graph, x, state: dict):
+        op, n, L = g.op, self.name, g.length
+        i64, T = (lambda v: g.const(v, np.int64)), (lambda v: op.Transpose(v, perm=[0, 2, 1]))
+        z, u, b, c, d, a, lam, *phi = g.split(g.linear(x, f"{n}.in_proj", bias=False), self.sizes)
+        per_head = lambda v: op.Unsqueeze(v, i64([-1]))  # [B, H, L] -> [B, H, L, 1]
+        dt, lam = per_head(self.time_steps(g, d)), per_head(op.Sigmoid(T(lam)))
+        log_alpha = op.Mul(op.Neg(op.Max(g.softplus(per_head(T(a))), g.const(1e-4))), dt)  # dt A
+        b = g.norm("rms", b, f"{n}.B_norm")  # [B, L, N], carried as the next window's k_0
+        bias = lambda v, bc: op.Add(op.Unsqueeze(v, i64([1])), g.param(f"{n}.{bc}_bias"))  # [B, H, L, N]
+        k, q, xh = bias(b, "B"), bias(g.norm("rms", c, f"{n}.C_norm"), "C"), _heads(g, u, self.H)
+        cos, sin = self.angles(g, phi[0], dt) if phi else (None, None)
+        rotate = (lambda v, s: g.rotate_pairs(v, cos, s, self.swap)) if phi else (lambda v, s: v)
+        prev = op.Mul(op.Sub(g.const(1.0), lam), dt)  # (1 - lambda_t) dt_t: the trapezoid's weight on frame t - 1
+        frame = lambda v, t: op.Slice(v, i64([t]), i64([t + 1]), i64([2]))
+        k0, x0 = bias(state["B"], "B"), _heads(g, state["x"], self.H)  # the previous frame, [B, H, 1, .]
+        h0 = op.Add(state["ssm"], op.Mul(frame(prev, 0), op.MatMul(op.Transpose(x0, perm=[0, 1, 3, 2]), k0)))
+        weight = op.Mul(lam, dt)
+        if L > 1:  # each source frame's key also carries the next frame's trapezoid share ...
+            later = op.Pad(op.Slice(prev, i64([1]), i64([L]), i64([2])), i64([0, 0, 0, 0, 0, 0, 1, 0]))
+            weight = op.Add(weight, later)
+        y, h = g.decayed_attention(rotate(q, sin), op.Mul(rotate(k, sin), weight), xh, log_alpha, h0, self.cfg.chunk)
+        if L > 1:  # ... which reaches only later frames: taken off the frame itself
+            qk = op.ReduceSum(op.Mul(q, k), i64([-1]), keepdims=1)  # rotations cancel in q_t . k_t
+            y = op.Sub(y, op.Mul(op.Mul(qk, later), xh))
+        if phi:  # the state leaves in the last frame's rotated frame: h R(theta_L)
+            h = g.rotate_pairs(h, frame(cos, L - 1), op.Neg(frame(sin, L - 1)), self.swap)
+        y = op.Mul(_merge_heads(g, self.skip(g, y, xh)), g.silu(z))
+        last = lambda v: op.Slice(v, i64([L - 1]), i64([L]), i64([1]))
+        return g.linear(y, f"{n}.out_proj", bias=False), {"ssm": h, "B": last(b), "x": last(u)}
+
+
 class GLALayer:
     """GLA: q, k, v, output gate g; per key channel log decay logsigmoid(x W_a W_b + b) / norm;
     h = diag(decay) h + v k^T per head (`Graph.decayed_attention`), y = h q / sqrt(key width);
@@ -1184,7 +1286,7 @@ class S5Layer:
 
 
 MIXERS = {Dense: DenseLayer, LSTM: LSTMLayer, GRU: GRULayer, Mamba: MambaLayer, Attention: AttentionLayer,
-          GatedSSM: GatedSSMLayer, Mamba2: Mamba2Layer, GLA: GLALayer, HGRN2: HGRN2Layer,
+          GatedSSM: GatedSSMLayer, Mamba2: Mamba2Layer, Mamba3: Mamba3Layer, GLA: GLALayer, HGRN2: HGRN2Layer,
           RetNet: RetNetLayer, RWKV7: RWKV7Layer, RWKV7FFN: RWKV7FFNLayer,
           CfC: CfCLayer, S5: S5Layer}
 
@@ -6507,10 +6609,10 @@ PRESETS = {
 }
 
 SPEC_FLAGS = {  # flag -> (mixer kinds it applies to, field), for overriding a spec without editing it
-    "state_size": ((Mamba, Mamba2, S5), "state"), "expand_factor": ((Mamba, GatedSSM, Mamba2), "expand"),
+    "state_size": ((Mamba, Mamba2, Mamba3, S5), "state"), "expand_factor": ((Mamba, GatedSSM, Mamba2, Mamba3), "expand"),
     "conv_size": ((Mamba, GatedSSM, Mamba2), "conv"), "num_heads": ((Attention, GLA, HGRN2, RetNet), "heads"),
-    "head_dim": ((Mamba2,), "head_dim"), "head_size": ((RWKV7,), "head_size"),
-    "chunk_size": ((Mamba2, GLA, HGRN2, RetNet), "chunk"),
+    "head_dim": ((Mamba2, Mamba3), "head_dim"), "head_size": ((RWKV7,), "head_size"),
+    "chunk_size": ((Mamba2, Mamba3, GLA, HGRN2, RetNet), "chunk"),
 }
 
 
