@@ -901,21 +901,19 @@ class Mamba3Layer(_SSMHeads):
 
     R(theta) rotates the first 2 * floor(rope N / 2) channels in pairs (2j, 2j + 1) by theta_j
     and leaves the others: the data-dependent rotary form of a complex-valued state update.
-    The angle needs no state of its own: the carried state is g_t = h_t R(theta_t), i.e.
-    g_t = (alpha_t g_{t-1} + beta_t x_{t-1} k_{t-1}^T) R(theta_t - theta_{t-1}) + gamma_t x_t k_t^T,
-    so angles count from 0 at each window's start (no growing phase), and the window leaves
-    its state rotated by the window's own angle. Carried besides g [H, P, N]: the previous
-    frame's RMSNorm(B) w_B [N] and x [inner width] (the trapezoid's second term).
 
     Window form: the trapezoid is a weight per source frame, gamma_s + (1 - lambda_{s+1}) dt_{s+1}
     (the next frame's share; 0 after the window's last frame), less that share at s = t, so
     `Graph.decayed_attention` with the rotated keys and queries computes it in chunks; the
-    carried previous frame enters the initial state as (1 - lambda_1) dt_1 x_0 k_0^T. The
-    window's angles are a cumulative sum (a triangular MatMul) and the cosine is
-    sin(. + pi / 2). The step graph is the same code over one frame.
+    carried previous frame enters the initial state as (1 - lambda_1) dt_1 x_0 (R(theta_0) k_0)^T.
+    The angles are carried as the unit vector (cos theta - 1, sin theta) per head and pair
+    (zeros: angle 0), so no angle grows without bound; inside a window they add the window's
+    own angles, a cumulative sum (a triangular MatMul), through the angle-sum formulas, and the
+    cosine is sin(. + pi / 2). The step graph is the same code over one frame. States: h
+    [H, P, N], the previous frame's RMSNorm(B) w_B [N] and x [inner width], and the angles.
 
-    Left out: MIMO (rank-r inputs and outputs per head; it adds kernels' worth of work for
-    throughput on accelerators, and the SISO form is the paper's base model), B/C groups other
+    Left out: MIMO (rank-r inputs and outputs per head; it adds work per frame to use an
+    accelerator's idle compute, and the SISO form is the paper's base model), B/C groups other
     than one shared by all heads, and the optional RMSNorm before out_proj."""
 
     def __init__(self, name: str, cfg: Mamba3, width: int, init: _Init, n_layers: int):
@@ -934,14 +932,27 @@ class Mamba3Layer(_SSMHeads):
         self.spread = np.zeros((max(self.pairs, 1), N))  # an angle per pair -> on both its channels
         self.spread[np.arange(self.pairs).repeat(2), np.arange(2 * self.pairs)] = 1.0
         self.states = [("ssm", (H, self.P, N)), ("B", (1, N)), ("x", (1, self.D))]
+        self.states += [("cos", (H, self.pairs)), ("sin", (H, self.pairs))] if self.pairs else []
 
-    def angles(self, g: Graph, phi, dt):
-        """cos and sin [B, H, L, N] of the cumulative angles theta_t (from 0 before the window)
-        on each rotated channel (0 elsewhere): dt [B, H, L, 1], phi [B, L, pairs]."""
-        op, L = g.op, g.length
-        step = op.Mul(op.Unsqueeze(op.Mul(op.Tanh(phi), math.pi), g.const([1], np.int64)), dt)  # [B, H, L, pairs]
-        theta = op.MatMul(op.MatMul(g.const(np.tril(np.ones((L, L)))), step), g.const(self.spread))
-        return op.Sin(op.Add(theta, math.pi / 2)), op.Sin(theta)
+    def angles(self, g: Graph, phi, dt, state: dict):
+        """cos and sin [B, H, L, pairs] of theta_t (t = 1..L) and of theta_0 ([B, H, 1, pairs]),
+        and the carried (cos theta_L - 1, sin theta_L): from phi [B, L, pairs] and dt [B, H, L, 1]."""
+        op, L, i64 = g.op, g.length, (lambda v: g.const(v, np.int64))
+        c0, s0 = op.Add(state["cos"], 1.0), state["sin"]  # [B, H, pairs], renormalised
+        norm = op.Sqrt(op.Add(op.Add(op.Mul(c0, c0), op.Mul(s0, s0)), 1e-24))
+        c0, s0 = (op.Unsqueeze(op.Div(v, norm), i64([2])) for v in (c0, s0))
+        step = op.Mul(op.Unsqueeze(op.Mul(op.Tanh(phi), math.pi), i64([1])), dt)  # [B, H, L, pairs]
+        own = op.MatMul(g.const(np.tril(np.ones((L, L)))), step)  # the window's own angles
+        c, s = op.Sin(op.Add(own, math.pi / 2)), op.Sin(own)
+        cos, sin = op.Sub(op.Mul(c0, c), op.Mul(s0, s)), op.Add(op.Mul(s0, c), op.Mul(c0, s))
+        last = lambda v: op.Squeeze(op.Slice(v, i64([L - 1]), i64([L]), i64([2])), i64([2]))
+        return (cos, sin), (c0, s0), {"cos": op.Sub(last(cos), 1.0), "sin": last(sin)}
+
+    def rotate(self, g: Graph, v, angle):
+        """v [..., N] rotated by the angles (cos, sin) [..., pairs] on its pairs of channels."""
+        op, ones = g.op, 1 - self.spread.sum(0)  # cos 1 on the channels left alone
+        cos, sin = (op.MatMul(a, g.const(self.spread)) for a in angle)
+        return g.rotate_pairs(v, op.Add(cos, g.const(ones)), sin, self.swap)
 
     def __call__(self, g: Graph, x, state: dict):
         op, n, L = g.op, self.name, g.length
@@ -953,25 +964,25 @@ class Mamba3Layer(_SSMHeads):
         b = g.norm("rms", b, f"{n}.B_norm")  # [B, L, N], carried as the next window's k_0
         bias = lambda v, bc: op.Add(op.Unsqueeze(v, i64([1])), g.param(f"{n}.{bc}_bias"))  # [B, H, L, N]
         k, q, xh = bias(b, "B"), bias(g.norm("rms", c, f"{n}.C_norm"), "C"), _heads(g, u, self.H)
-        cos, sin = self.angles(g, phi[0], dt) if phi else (None, None)
-        rotate = (lambda v, s: g.rotate_pairs(v, cos, s, self.swap)) if phi else (lambda v, s: v)
-        prev = op.Mul(op.Sub(g.const(1.0), lam), dt)  # (1 - lambda_t) dt_t: the trapezoid's weight on frame t - 1
-        frame = lambda v, t: op.Slice(v, i64([t]), i64([t + 1]), i64([2]))
         k0, x0 = bias(state["B"], "B"), _heads(g, state["x"], self.H)  # the previous frame, [B, H, 1, .]
-        h0 = op.Add(state["ssm"], op.Mul(frame(prev, 0), op.MatMul(op.Transpose(x0, perm=[0, 1, 3, 2]), k0)))
+        qr, kr, out = q, k, {}  # rotated by the angles, if any
+        if phi:
+            now, before, out = self.angles(g, phi[0], dt, state)
+            qr, kr, k0 = self.rotate(g, q, now), self.rotate(g, k, now), self.rotate(g, k0, before)
+        prev = op.Mul(op.Sub(g.const(1.0), lam), dt)  # (1 - lambda_t) dt_t: the trapezoid's weight on frame t - 1
+        first = op.Slice(prev, i64([0]), i64([1]), i64([2]))
+        h0 = op.Add(state["ssm"], op.Mul(first, op.MatMul(op.Transpose(x0, perm=[0, 1, 3, 2]), k0)))
         weight = op.Mul(lam, dt)
         if L > 1:  # each source frame's key also carries the next frame's trapezoid share ...
             later = op.Pad(op.Slice(prev, i64([1]), i64([L]), i64([2])), i64([0, 0, 0, 0, 0, 0, 1, 0]))
             weight = op.Add(weight, later)
-        y, h = g.decayed_attention(rotate(q, sin), op.Mul(rotate(k, sin), weight), xh, log_alpha, h0, self.cfg.chunk)
+        y, h = g.decayed_attention(qr, op.Mul(kr, weight), xh, log_alpha, h0, self.cfg.chunk)
         if L > 1:  # ... which reaches only later frames: taken off the frame itself
             qk = op.ReduceSum(op.Mul(q, k), i64([-1]), keepdims=1)  # rotations cancel in q_t . k_t
             y = op.Sub(y, op.Mul(op.Mul(qk, later), xh))
-        if phi:  # the state leaves in the last frame's rotated frame: h R(theta_L)
-            h = g.rotate_pairs(h, frame(cos, L - 1), op.Neg(frame(sin, L - 1)), self.swap)
         y = op.Mul(_merge_heads(g, self.skip(g, y, xh)), g.silu(z))
         last = lambda v: op.Slice(v, i64([L - 1]), i64([L]), i64([1]))
-        return g.linear(y, f"{n}.out_proj", bias=False), {"ssm": h, "B": last(b), "x": last(u)}
+        return g.linear(y, f"{n}.out_proj", bias=False), {**out, "ssm": h, "B": last(b), "x": last(u)}
 
 
 class GLALayer:

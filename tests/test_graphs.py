@@ -317,12 +317,11 @@ def _rotate(v, theta):
                          ids=["whole", "divides", "does-not-divide-all-rotated", "one", "real-state"])
 def test_mamba3_matches_the_trapezoidal_recurrence(chunk, rope):
     """Our Mamba-3 layer == the paper's recurrence written out in float64 NumPy, frame by frame,
-    from a carried state, with absolute angles: dt = softplus(. + b), A = -max(softplus(.), 1e-4),
+    from a carried state (angles included): dt = softplus(. + b), A = -max(softplus(.), 1e-4),
     lambda = sigmoid(.), k = RMSNorm(B) + b_B, q = RMSNorm(C) + b_C, theta += pi tanh(.) dt,
-    h = e^(dt A) h + (1 - lambda) dt e^(dt A) x_prev R(theta_prev) k_prev^T + lambda dt x (R(theta) k)^T,
-    y = h R(theta) q + D x, out = (y SiLU(z)) W; the carried state is h R(theta) (rotation folded
-    in), the previous frame's normalised B and its x. Chunks that divide the window, do not, are
-    one frame or the whole window; half or all of the state rotated, or none."""
+    h = e^(dt A) h + (1 - lambda) dt e^(dt A) x_prev (R(theta_prev) k_prev)^T + lambda dt x (R(theta) k)^T,
+    y = h R(theta) q + D x, out = (y SiLU(z)) W, for chunks that divide the window, do not, are
+    one frame or the whole window, with half or all of the state rotated, or none."""
     d, L, B = 16, 60, 2
     cfg = exphil.Mamba3(state=8, expand=2, head_dim=8, rope=rope, chunk=chunk)
     _, p, layer = mixer_graph(exphil.Mamba3Layer, cfg, d, L, seed=3)
@@ -333,17 +332,19 @@ def test_mamba3_matches_the_trapezoidal_recurrence(chunk, rope):
     p["m.dt_bias"] = rng.uniform(-2, 0, H).astype(np.float32)  # larger steps: faster decay, wider angles
     sess, _, _ = mixer_graph(exphil.Mamba3Layer, cfg, d, L, params=p)
     x = rng.normal(size=(B, L, d)).astype(np.float32)
-    ssm0 = (rng.normal(size=(B, H, P, N)) * 0.1).astype(np.float32)
-    b0, x0 = rng.normal(size=(B, 1, N)).astype(np.float32), rng.normal(size=(B, 1, D)).astype(np.float32)
-    y, ssm_out, b_out, x_out = sess.run(None, {"x": x, "state_in.ssm": ssm0, "state_in.B": b0, "state_in.x": x0})
+    theta0 = rng.uniform(-np.pi, np.pi, (B, H, A))
+    state = {"ssm": rng.normal(size=(B, H, P, N)) * 0.1, "B": rng.normal(size=(B, 1, N)),
+             "x": rng.normal(size=(B, 1, D)), **({"cos": np.cos(theta0) - 1, "sin": np.sin(theta0)} if A else {})}
+    outs = sess.run(None, {"x": x, **{f"state_in.{k}": v.astype(np.float32) for k, v in state.items()}})
+    y, final = outs[0], dict(zip([s for s, _ in layer.states], outs[1:]))
 
     q = {k: v.astype(np.float64) for k, v in p.items()}
     silu, softplus = (lambda v: v / (1 + np.exp(-v))), (lambda v: np.log1p(np.exp(v)))
     bias_b, bias_c = q["m.B_bias"][:, 0], q["m.C_bias"][:, 0]  # [H, N]
     cuts = np.cumsum([D, D, N, N, H, H, H])
     for b in range(B):
-        h, theta = ssm0[b].astype(np.float64), np.zeros((H, A))
-        k_prev, x_prev = b0[b, 0] + bias_b, x0[b, 0].reshape(H, P).astype(np.float64)
+        h, theta = state["ssm"][b], theta0[b]
+        k_prev, x_prev = _rotate(state["B"][b, 0] + bias_b, theta), state["x"][b, 0].reshape(H, P)
         for t in range(L):
             z, u, Bt, Ct, dt, a, lam, phi = np.split(x[b, t] @ q["m.in_proj.weight"], cuts)
             dt = softplus(dt + q["m.dt_bias"])
@@ -357,9 +358,12 @@ def test_mamba3_matches_the_trapezoidal_recurrence(chunk, rope):
             out = ((h @ qt[:, :, None])[..., 0] + q["m.D"][:, None] * u).reshape(D) * silu(z)
             assert np.abs(out @ q["m.out_proj.weight"] - y[b, t]).max() < 1e-4, (b, t)
             k_prev, x_prev = k, u
-        assert np.abs(_rotate(h, -theta[:, None, :]) - ssm_out[b]).max() < 1e-4  # h R(theta): rotated back
-        assert np.abs(_rms(Bt, q["m.B_norm.weight"]) - b_out[b, 0]).max() < 1e-5
-        assert np.abs(u.reshape(D) - x_out[b, 0]).max() < 1e-5
+        assert np.abs(h - final["ssm"][b]).max() < 1e-4
+        assert np.abs(_rms(Bt, q["m.B_norm.weight"]) - final["B"][b, 0]).max() < 1e-5
+        assert np.abs(u.reshape(D) - final["x"][b, 0]).max() < 1e-5
+        if A:  # the angles, as (cos - 1, sin)
+            assert np.abs(np.cos(theta) - 1 - final["cos"][b]).max() < 1e-5
+            assert np.abs(np.sin(theta) - final["sin"][b]).max() < 1e-5
 
 
 def u_outer(v, k):
