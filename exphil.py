@@ -954,6 +954,25 @@ class Mamba3Layer(_SSMHeads):
         cos, sin = (op.MatMul(a, g.const(self.spread)) for a in angle)
         return g.rotate_pairs(v, op.Add(cos, g.const(ones)), sin, self.swap)
 
+    def trapezoid(self, g: Graph, qk, rotated, xh, carried, lam, dt, log_alpha):
+        """y [B, H, L, P] and the last h of the trapezoidal recurrence: q and k [B, H, L, N] as
+        they are (`qk`) and rotated; x per head; the carried x_0, rotated k_0 and h_0; lambda, dt
+        and dt A [B, H, L, 1]."""
+        op, L, i64 = g.op, g.length, (lambda v: g.const(v, np.int64))
+        (q, k), (qr, kr), (x0, k0, ssm) = qk, rotated, carried
+        prev = op.Mul(op.Sub(g.const(1.0), lam), dt)  # (1 - lambda_t) dt_t: the trapezoid's weight on frame t - 1
+        first = op.Slice(prev, i64([0]), i64([1]), i64([2]))
+        h0 = op.Add(ssm, op.Mul(first, op.MatMul(op.Transpose(x0, perm=[0, 1, 3, 2]), k0)))
+        weight = op.Mul(lam, dt)
+        if L > 1:  # each source frame's key also carries the next frame's trapezoid share ...
+            later = op.Pad(op.Slice(prev, i64([1]), i64([L]), i64([2])), i64([0, 0, 0, 0, 0, 0, 1, 0]))
+            weight = op.Add(weight, later)
+        y, h = g.decayed_attention(qr, op.Mul(kr, weight), xh, log_alpha, h0, self.cfg.chunk)
+        if L > 1:  # ... which reaches only later frames: taken off the frame itself
+            qk = op.ReduceSum(op.Mul(q, k), i64([-1]), keepdims=1)  # rotations cancel in q_t . k_t
+            y = op.Sub(y, op.Mul(op.Mul(qk, later), xh))
+        return y, h
+
     def __call__(self, g: Graph, x, state: dict):
         op, n, L = g.op, self.name, g.length
         i64, T = (lambda v: g.const(v, np.int64)), (lambda v: op.Transpose(v, perm=[0, 2, 1]))
@@ -969,17 +988,7 @@ class Mamba3Layer(_SSMHeads):
         if phi:
             now, before, out = self.angles(g, phi[0], dt, state)
             qr, kr, k0 = self.rotate(g, q, now), self.rotate(g, k, now), self.rotate(g, k0, before)
-        prev = op.Mul(op.Sub(g.const(1.0), lam), dt)  # (1 - lambda_t) dt_t: the trapezoid's weight on frame t - 1
-        first = op.Slice(prev, i64([0]), i64([1]), i64([2]))
-        h0 = op.Add(state["ssm"], op.Mul(first, op.MatMul(op.Transpose(x0, perm=[0, 1, 3, 2]), k0)))
-        weight = op.Mul(lam, dt)
-        if L > 1:  # each source frame's key also carries the next frame's trapezoid share ...
-            later = op.Pad(op.Slice(prev, i64([1]), i64([L]), i64([2])), i64([0, 0, 0, 0, 0, 0, 1, 0]))
-            weight = op.Add(weight, later)
-        y, h = g.decayed_attention(qr, op.Mul(kr, weight), xh, log_alpha, h0, self.cfg.chunk)
-        if L > 1:  # ... which reaches only later frames: taken off the frame itself
-            qk = op.ReduceSum(op.Mul(q, k), i64([-1]), keepdims=1)  # rotations cancel in q_t . k_t
-            y = op.Sub(y, op.Mul(op.Mul(qk, later), xh))
+        y, h = self.trapezoid(g, (q, k), (qr, kr), xh, (x0, k0, state["ssm"]), lam, dt, log_alpha)
         y = op.Mul(_merge_heads(g, self.skip(g, y, xh)), g.silu(z))
         last = lambda v: op.Slice(v, i64([L - 1]), i64([L]), i64([1]))
         return g.linear(y, f"{n}.out_proj", bias=False), {**out, "ssm": h, "B": last(b), "x": last(u)}
