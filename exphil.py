@@ -151,6 +151,18 @@ class Mamba2(_Strict, tag="mamba2", tag_field="kind"):
     chunk: Annotated[int, msgspec.Meta(ge=0)] = 64  # frames per chunk of the window form (0 = the whole window)
 
 
+class Mamba3(_Strict, tag="mamba3", tag_field="kind"):
+    """Mamba-3 (SISO): Mamba-2's heads with a trapezoidal update (the previous frame's input
+    mixed in by a data-dependent weight), data-dependent rotations of B and C (a complex-valued
+    state), normalised B and C with biases, and no convolution; chunked in the window."""
+
+    state: Pos = 64  # N, the state width shared by the heads (B and C)
+    expand: Pos = 2  # inner width = expand * hidden = heads * head_dim
+    head_dim: Pos = 64  # P
+    rope: Annotated[float, msgspec.Meta(ge=0, le=1)] = 0.5  # share of the N state channels rotated (in pairs)
+    chunk: Annotated[int, msgspec.Meta(ge=0)] = 64  # frames per chunk of the window form (0 = the whole window)
+
+
 class GLA(_Strict, tag="gla", tag_field="kind"):
     """Gated linear attention: a [key, value] matrix state per head whose key channels decay by
     data-dependent gates; chunked in the window, the recurrence in the step."""
@@ -212,7 +224,7 @@ class S5(_Strict, tag="s5", tag_field="kind"):
     state: Pos = 128  # P, complex states
 
 
-Mixer = Union[Dense, LSTM, GRU, Mamba, Attention, GatedSSM, Mamba2, GLA, HGRN2, RetNet, RWKV7, RWKV7FFN, CfC, S5]
+Mixer = Union[Dense, LSTM, GRU, Mamba, Attention, GatedSSM, Mamba2, Mamba3, GLA, HGRN2, RetNet, RWKV7, RWKV7FFN, CfC, S5]
 
 
 class Block(_Strict):
@@ -454,6 +466,13 @@ class Graph:
 
     def silu(self, x):
         return self.op.Mul(x, self.op.Sigmoid(x))
+
+    def rotate_pairs(self, x, cos, sin, swap: np.ndarray):
+        """x rotated on pairs of channels of its last axis: x cos + (x swap) sin, where the
+        constant `swap` (`_pair_swap`) maps each pair (x0, x1) to (-x1, x0); cos and sin hold
+        each pair's cosine and sine on both of its channels (1 and 0 on channels left alone)."""
+        op = self.op
+        return op.Add(op.Mul(x, cos), op.Mul(op.MatMul(x, self.const(swap)), sin))
 
     def softplus(self, x):  # relu(x) + log(1 + exp(-|x|)): stable, and has a gradient in ORT
         op = self.op
@@ -809,19 +828,45 @@ def _merge_heads(g: Graph, y):
     return g.op.Reshape(g.op.Transpose(y, perm=[0, 2, 1, 3]), g.const([0, 0, -1], np.int64))
 
 
-class Mamba2Layer:
+def _pair_swap(width: int, pairs: int) -> np.ndarray:
+    """[width, width]: x @ swap maps each of the first `pairs` channel pairs (x0, x1) to (-x1, x0)
+    (and the other channels to 0); see `Graph.rotate_pairs`."""
+    swap, j = np.zeros((width, width)), np.arange(pairs)
+    swap[2 * j + 1, 2 * j], swap[2 * j, 2 * j + 1] = -1.0, 1.0
+    return swap
+
+
+class _SSMHeads:
+    """What Mamba-2 and Mamba-3 share: the inner width expand x hidden in heads of head_dim
+    (`heads`), a time step per head and frame (`time_steps`) and the skip D x per head (`skip`)."""
+
+    width_unit = staticmethod(lambda cfg: cfg.head_dim)
+
+    def heads(self, kind: str, cfg, width: int) -> None:
+        D = cfg.expand * width
+        if D % cfg.head_dim:
+            raise SpecError(f"{kind}: expand x hidden = {D} is not divisible by head_dim = {cfg.head_dim}")
+        self.D, self.N, self.H, self.P = D, cfg.state, D // cfg.head_dim, cfg.head_dim
+
+    def time_steps(self, g: Graph, dt):
+        """softplus(dt + dt_bias): [B, L, H] -> [B, H, L]."""
+        return g.op.Transpose(g.softplus(g.op.Add(dt, g.param(f"{self.name}.dt_bias"))), perm=[0, 2, 1])
+
+    def skip(self, g: Graph, y, x):
+        """y + D_h x per head, both [B, H, L, P]."""
+        op = g.op
+        return op.Add(y, op.Mul(x, op.Reshape(g.param(f"{self.name}.D"), g.const([self.H, 1, 1], np.int64))))
+
+
+class Mamba2Layer(_SSMHeads):
     """Mamba-2: in_proj -> [z, xBC, dt]; xBC through a causal depthwise conv and SiLU; per head
     a scalar decay exp(dt A) over a [P, N] state driven by (dt x) B^T and read by C
     (`Graph.decayed_attention`); plus D x; gated RMSNorm of y * SiLU(z); out_proj.
     States: the last K-1 conv inputs and h [H, P, N]."""
 
-    width_unit = staticmethod(lambda cfg: cfg.head_dim)
-
     def __init__(self, name: str, cfg: Mamba2, width: int, init: _Init, n_layers: int):
-        D = cfg.expand * width
-        if D % cfg.head_dim:
-            raise SpecError(f"mamba2: expand x hidden = {D} is not divisible by head_dim = {cfg.head_dim}")
-        self.name, self.cfg, self.D, self.N, self.H, self.P = name, cfg, D, cfg.state, D // cfg.head_dim, cfg.head_dim
+        self.heads("mamba2", cfg, width)
+        self.name, self.cfg, D = name, cfg, self.D
         conv = D + 2 * self.N
         init.linear(f"{name}.in_proj", width, D + conv + self.H, bias=False)
         init.uniform(f"{name}.conv.weight", (cfg.conv, conv), 1 / math.sqrt(cfg.conv))
@@ -838,16 +883,125 @@ class Mamba2Layer:
         z, xbc, dt = g.split(g.linear(x, f"{n}.in_proj", bias=False), [self.D, self.D + 2 * self.N, H])
         xbc, conv_state = g.causal_conv(f"{n}.conv", xbc, state["conv"], self.cfg.conv)
         u, b, c = g.split(g.silu(xbc), [self.D, self.N, self.N])
-        dt = op.Transpose(g.softplus(op.Add(dt, g.param(f"{n}.dt_bias"))), perm=[0, 2, 1])  # [B, H, L]
+        dt = self.time_steps(g, dt)  # [B, H, L]
         heads = _heads(g, u, H)  # [B, H, L, P]
         last, one = g.const([-1], np.int64), g.const([1], np.int64)
         log_decay = op.Unsqueeze(op.Mul(dt, op.Neg(op.Unsqueeze(op.Exp(g.param(f"{n}.A_log")), last))), last)
         y, h = g.decayed_attention(op.Unsqueeze(c, one), op.Unsqueeze(b, one), op.Mul(heads, op.Unsqueeze(dt, last)),
                                    log_decay, state["ssm"], self.cfg.chunk)  # decay exp(dt A) per head
-        y = op.Add(y, op.Mul(heads, op.Reshape(g.param(f"{n}.D"), g.const([H, 1, 1], np.int64))))
-        y = _merge_heads(g, y)
+        y = _merge_heads(g, self.skip(g, y, heads))
         y = g.norm("rms", op.Mul(y, g.silu(z)), f"{n}.norm")
         return g.linear(y, f"{n}.out_proj", bias=False), {"conv": conv_state, "ssm": h}
+
+
+class Mamba3Layer(_SSMHeads):
+    """Mamba-3, the SISO form of Lahoti, Li, Chen, Wang, Bick, Kolter, Dao and Gu, "Mamba-3:
+    Improved Sequence Modeling using State Space Principles" (ICLR 2026, arXiv:2603.15569).
+
+    Per frame t and head h (x_t [P] the head's slice of the inner input, B_t, C_t [N] shared):
+
+        [z, x, B, C, d, a, l, phi] = input W_in                 (no convolution)
+        dt_t  = softplus(d_t + dt_bias),  A_t = -max(softplus(a_t), 1e-4)     (A data-dependent)
+        alpha_t = exp(dt_t A_t),  lambda_t = sigmoid(l_t)
+        beta_t  = (1 - lambda_t) dt_t alpha_t,  gamma_t = lambda_t dt_t        (trapezoid weights)
+        k_t = RMSNorm(B_t) w_B + b_B[h],  q_t = RMSNorm(C_t) w_C + b_C[h]      (BC norm, BC biases)
+        theta_t = theta_{t-1} + pi tanh(phi_t) dt_t             (one angle per rotated pair j)
+        h_t = alpha_t h_{t-1} + beta_t x_{t-1} (R(theta_{t-1}) k_{t-1})^T + gamma_t x_t (R(theta_t) k_t)^T
+        y_t = h_t R(theta_t) q_t + D_h x_t,  out_t = (y_t * SiLU(z_t)) W_out
+
+    R(theta) rotates the first 2 * floor(rope N / 2) channels in pairs (2j, 2j + 1) by theta_j
+    and leaves the others: the data-dependent rotary form of a complex-valued state update.
+
+    Window form: the trapezoid is a weight per source frame, gamma_s + (1 - lambda_{s+1}) dt_{s+1}
+    (the next frame's share; 0 after the window's last frame), less that share at s = t, so
+    `Graph.decayed_attention` with the rotated keys and queries computes it in chunks; the
+    carried previous frame enters the initial state as (1 - lambda_1) dt_1 x_0 (R(theta_0) k_0)^T.
+    The angles are carried as the unit vector (cos theta - 1, sin theta) per head and pair
+    (zeros: angle 0), so no angle grows without bound; inside a window they add the window's
+    own angles, a cumulative sum (a triangular MatMul), through the angle-sum formulas, and the
+    cosine is sin(. + pi / 2). The step graph is the same code over one frame. States: h
+    [H, P, N], the previous frame's RMSNorm(B) w_B [N] and x [inner width], and the angles.
+
+    Left out: MIMO (rank-r inputs and outputs per head; it adds work per frame to use an
+    accelerator's idle compute, and the SISO form is the paper's base model), B/C groups other
+    than one shared by all heads, and the optional RMSNorm before out_proj."""
+
+    def __init__(self, name: str, cfg: Mamba3, width: int, init: _Init, n_layers: int):
+        self.heads("mamba3", cfg, width)
+        self.name, self.cfg, N, H = name, cfg, self.N, self.H
+        self.pairs = int(cfg.rope * N) // 2  # rotated channel pairs, one angle each
+        self.sizes = [self.D, self.D, N, N, H, H, H] + ([self.pairs] if self.pairs else [])
+        init.linear(f"{name}.in_proj", width, sum(self.sizes), bias=False)
+        init.step_bias(f"{name}.dt_bias", H)
+        for bc in ("B", "C"):
+            init.norm("rms", f"{name}.{bc}_norm", N)
+            init(f"{name}.{bc}_bias", np.ones((H, 1, N)))
+        init(f"{name}.D", np.ones(H))
+        init.linear(f"{name}.out_proj", self.D, width, bias=False, scale=1 / math.sqrt(n_layers))
+        self.swap = _pair_swap(N, self.pairs)
+        self.spread = np.zeros((max(self.pairs, 1), N))  # an angle per pair -> on both its channels
+        self.spread[np.arange(self.pairs).repeat(2), np.arange(2 * self.pairs)] = 1.0
+        self.states = [("ssm", (H, self.P, N)), ("B", (1, N)), ("x", (1, self.D))]
+        self.states += [("cos", (H, self.pairs)), ("sin", (H, self.pairs))] if self.pairs else []
+
+    def angles(self, g: Graph, phi, dt, state: dict):
+        """cos and sin [B, H, L, pairs] of theta_t (t = 1..L) and of theta_0 ([B, H, 1, pairs]),
+        and the carried (cos theta_L - 1, sin theta_L): from phi [B, L, pairs] and dt [B, H, L, 1]."""
+        op, L, i64 = g.op, g.length, (lambda v: g.const(v, np.int64))
+        c0, s0 = op.Add(state["cos"], 1.0), state["sin"]  # [B, H, pairs], renormalised
+        norm = op.Sqrt(op.Add(op.Add(op.Mul(c0, c0), op.Mul(s0, s0)), 1e-24))
+        c0, s0 = (op.Unsqueeze(op.Div(v, norm), i64([2])) for v in (c0, s0))
+        step = op.Mul(op.Unsqueeze(op.Mul(op.Tanh(phi), math.pi), i64([1])), dt)  # [B, H, L, pairs]
+        own = op.MatMul(g.const(np.tril(np.ones((L, L)))), step)  # the window's own angles
+        c, s = op.Sin(op.Add(own, math.pi / 2)), op.Sin(own)
+        cos, sin = op.Sub(op.Mul(c0, c), op.Mul(s0, s)), op.Add(op.Mul(s0, c), op.Mul(c0, s))
+        last = lambda v: op.Squeeze(op.Slice(v, i64([L - 1]), i64([L]), i64([2])), i64([2]))
+        return (cos, sin), (c0, s0), {"cos": op.Sub(last(cos), 1.0), "sin": last(sin)}
+
+    def rotate(self, g: Graph, v, angle):
+        """v [..., N] rotated by the angles (cos, sin) [..., pairs] on its pairs of channels."""
+        op, ones = g.op, 1 - self.spread.sum(0)  # cos 1 on the channels left alone
+        cos, sin = (op.MatMul(a, g.const(self.spread)) for a in angle)
+        return g.rotate_pairs(v, op.Add(cos, g.const(ones)), sin, self.swap)
+
+    def trapezoid(self, g: Graph, qk, rotated, xh, carried, lam, dt, log_alpha):
+        """y [B, H, L, P] and the last h of the trapezoidal recurrence: q and k [B, H, L, N] as
+        they are (`qk`) and rotated; x per head; the carried x_0, rotated k_0 and h_0; lambda, dt
+        and dt A [B, H, L, 1]."""
+        op, L, i64 = g.op, g.length, (lambda v: g.const(v, np.int64))
+        (q, k), (qr, kr), (x0, k0, ssm) = qk, rotated, carried
+        prev = op.Mul(op.Sub(g.const(1.0), lam), dt)  # (1 - lambda_t) dt_t: the trapezoid's weight on frame t - 1
+        first = op.Slice(prev, i64([0]), i64([1]), i64([2]))
+        h0 = op.Add(ssm, op.Mul(first, op.MatMul(op.Transpose(x0, perm=[0, 1, 3, 2]), k0)))
+        weight = op.Mul(lam, dt)
+        if L > 1:  # each source frame's key also carries the next frame's trapezoid share ...
+            later = op.Pad(op.Slice(prev, i64([1]), i64([L]), i64([2])), i64([0, 0, 0, 0, 0, 0, 1, 0]))
+            weight = op.Add(weight, later)
+        y, h = g.decayed_attention(qr, op.Mul(kr, weight), xh, log_alpha, h0, self.cfg.chunk)
+        if L > 1:  # ... which reaches only later frames: taken off the frame itself
+            qk = op.ReduceSum(op.Mul(q, k), i64([-1]), keepdims=1)  # rotations cancel in q_t . k_t
+            y = op.Sub(y, op.Mul(op.Mul(qk, later), xh))
+        return y, h
+
+    def __call__(self, g: Graph, x, state: dict):
+        op, n, L = g.op, self.name, g.length
+        i64, T = (lambda v: g.const(v, np.int64)), (lambda v: op.Transpose(v, perm=[0, 2, 1]))
+        z, u, b, c, d, a, lam, *phi = g.split(g.linear(x, f"{n}.in_proj", bias=False), self.sizes)
+        per_head = lambda v: op.Unsqueeze(v, i64([-1]))  # [B, H, L] -> [B, H, L, 1]
+        dt, lam = per_head(self.time_steps(g, d)), per_head(op.Sigmoid(T(lam)))
+        log_alpha = op.Mul(op.Neg(op.Max(g.softplus(per_head(T(a))), g.const(1e-4))), dt)  # dt A
+        b = g.norm("rms", b, f"{n}.B_norm")  # [B, L, N], carried as the next window's k_0
+        bias = lambda v, bc: op.Add(op.Unsqueeze(v, i64([1])), g.param(f"{n}.{bc}_bias"))  # [B, H, L, N]
+        k, q, xh = bias(b, "B"), bias(g.norm("rms", c, f"{n}.C_norm"), "C"), _heads(g, u, self.H)
+        k0, x0 = bias(state["B"], "B"), _heads(g, state["x"], self.H)  # the previous frame, [B, H, 1, .]
+        qr, kr, out = q, k, {}  # rotated by the angles, if any
+        if phi:
+            now, before, out = self.angles(g, phi[0], dt, state)
+            qr, kr, k0 = self.rotate(g, q, now), self.rotate(g, k, now), self.rotate(g, k0, before)
+        y, h = self.trapezoid(g, (q, k), (qr, kr), xh, (x0, k0, state["ssm"]), lam, dt, log_alpha)
+        y = op.Mul(_merge_heads(g, self.skip(g, y, xh)), g.silu(z))
+        last = lambda v: op.Slice(v, i64([L - 1]), i64([L]), i64([1]))
+        return g.linear(y, f"{n}.out_proj", bias=False), {**out, "ssm": h, "B": last(b), "x": last(u)}
 
 
 class GLALayer:
@@ -937,16 +1091,12 @@ class RetNetLayer:
         self.log_gamma = np.log(1 - 2.0 ** (-5 - np.arange(H)))
         half = self.dk // 2
         self.theta = np.repeat(10000.0 ** (-np.arange(half) / max(half - 1, 1)), 2)  # per key channel
-        swap = np.zeros((self.dk, self.dk))  # x @ swap: (x0, x1) -> (-x1, x0) on each pair
-        swap[1::2, 0::2], swap[0::2, 1::2] = -np.eye(half), np.eye(half)
-        self.swap = swap
+        self.swap = _pair_swap(self.dk, half)
         self.states = [("ssm", (H, V // H, self.dk))]
 
     def rotate(self, g: Graph, x, angle: np.ndarray):
         """x [..., n, dk] rotated by `angle` [n, dk] on each pair of key channels."""
-        op = g.op
-        swapped = op.MatMul(x, g.const(self.swap))
-        return op.Add(op.Mul(x, g.const(np.cos(angle))), op.Mul(swapped, g.const(np.sin(angle))))
+        return g.rotate_pairs(x, g.const(np.cos(angle)), g.const(np.sin(angle)), self.swap)
 
     def __call__(self, g: Graph, x, state: dict):
         op, n, H, L = g.op, self.name, self.H, g.length
@@ -1166,7 +1316,7 @@ class S5Layer:
 
 
 MIXERS = {Dense: DenseLayer, LSTM: LSTMLayer, GRU: GRULayer, Mamba: MambaLayer, Attention: AttentionLayer,
-          GatedSSM: GatedSSMLayer, Mamba2: Mamba2Layer, GLA: GLALayer, HGRN2: HGRN2Layer,
+          GatedSSM: GatedSSMLayer, Mamba2: Mamba2Layer, Mamba3: Mamba3Layer, GLA: GLALayer, HGRN2: HGRN2Layer,
           RetNet: RetNetLayer, RWKV7: RWKV7Layer, RWKV7FFN: RWKV7FFNLayer,
           CfC: CfCLayer, S5: S5Layer}
 
@@ -6495,10 +6645,10 @@ PRESETS = {
 }
 
 SPEC_FLAGS = {  # flag -> (mixer kinds it applies to, field), for overriding a spec without editing it
-    "state_size": ((Mamba, Mamba2, S5), "state"), "expand_factor": ((Mamba, GatedSSM, Mamba2), "expand"),
+    "state_size": ((Mamba, Mamba2, Mamba3, S5), "state"), "expand_factor": ((Mamba, GatedSSM, Mamba2, Mamba3), "expand"),
     "conv_size": ((Mamba, GatedSSM, Mamba2), "conv"), "num_heads": ((Attention, GLA, HGRN2, RetNet), "heads"),
-    "head_dim": ((Mamba2,), "head_dim"), "head_size": ((RWKV7,), "head_size"),
-    "chunk_size": ((Mamba2, GLA, HGRN2, RetNet), "chunk"),
+    "head_dim": ((Mamba2, Mamba3), "head_dim"), "head_size": ((RWKV7,), "head_size"),
+    "chunk_size": ((Mamba2, Mamba3, GLA, HGRN2, RetNet), "chunk"),
 }
 
 

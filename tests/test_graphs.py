@@ -12,7 +12,7 @@ import exphil
 from conftest import REPLAYS, ROOT, SPECS, needs_training
 
 # ops that have gradients in onnxruntime-training 1.19 (measured; see the project notes)
-GRADIENT_OPS = {"Shape", "Sigmoid", "Tanh", "Relu", "Exp", "Log", "Erf", "Pow", "Sqrt", "Reciprocal", "Neg", "Abs",
+GRADIENT_OPS = {"Shape", "Sigmoid", "Tanh", "Relu", "Exp", "Log", "Erf", "Pow", "Sqrt", "Reciprocal", "Neg", "Abs", "Sin",
                 "Clip", "Min", "Max", "Add", "Mul", "Div", "Sub", "MatMul", "Gemm", "Softmax", "LogSoftmax",
                 "Where", "Slice", "Split", "Concat", "Gather", "Transpose", "Reshape", "Flatten", "Unsqueeze",
                 "Squeeze", "Expand", "Tile", "Pad", "ReduceSum", "ReduceMean", "Cast", "Conv",
@@ -330,6 +330,72 @@ def _rms(v, w):
     return v / np.sqrt((v ** 2).mean(-1, keepdims=True) + 1e-5) * w
 
 
+def _rotate(v, theta):
+    """v [..., N] with its channel pairs (2j, 2j + 1), j < theta.shape[-1], rotated by theta_j."""
+    v, j = v.copy(), 2 * np.arange(theta.shape[-1])
+    c, s, v0, v1 = np.cos(theta), np.sin(theta), v[..., j], v[..., j + 1]
+    v[..., j], v[..., j + 1] = v0 * c - v1 * s, v0 * s + v1 * c
+    return v
+
+
+@pytest.mark.parametrize("chunk, rope", [(0, 0.5), (20, 0.5), (16, 1.0), (1, 0.5), (16, 0.0)],
+                         ids=["whole", "divides", "does-not-divide-all-rotated", "one", "real-state"])
+def test_mamba3_matches_the_trapezoidal_recurrence(chunk, rope):
+    """Our Mamba-3 layer == the paper's recurrence written out in float64 NumPy, frame by frame,
+    from a carried state (angles included): dt = softplus(. + b), A = -max(softplus(.), 1e-4),
+    lambda = sigmoid(.), k = RMSNorm(B) + b_B, q = RMSNorm(C) + b_C, theta += pi tanh(.) dt,
+    h = e^(dt A) h + (1 - lambda) dt e^(dt A) x_prev (R(theta_prev) k_prev)^T + lambda dt x (R(theta) k)^T,
+    y = h R(theta) q + D x, out = (y SiLU(z)) W, for chunks that divide the window, do not, are
+    one frame or the whole window, with half or all of the state rotated, or none."""
+    d, L, B = 16, 60, 2
+    cfg = exphil.Mamba3(state=8, expand=2, head_dim=8, rope=rope, chunk=chunk)
+    _, p, layer = mixer_graph(exphil.Mamba3Layer, cfg, d, L, seed=3)
+    H, P, N, D, A = layer.H, layer.P, layer.N, layer.D, layer.pairs
+    rng = np.random.default_rng(7)
+    for k in ("m.B_bias", "m.C_bias", "m.B_norm.weight", "m.C_norm.weight", "m.D"):  # off their start
+        p[k] = (p[k] + rng.normal(0, 0.5, p[k].shape)).astype(np.float32)
+    p["m.dt_bias"] = rng.uniform(-2, 0, H).astype(np.float32)  # larger steps: faster decay, wider angles
+    sess, _, _ = mixer_graph(exphil.Mamba3Layer, cfg, d, L, params=p)
+    x = rng.normal(size=(B, L, d)).astype(np.float32)
+    theta0 = rng.uniform(-np.pi, np.pi, (B, H, A))
+    state = {"ssm": rng.normal(size=(B, H, P, N)) * 0.1, "B": rng.normal(size=(B, 1, N)),
+             "x": rng.normal(size=(B, 1, D)), **({"cos": np.cos(theta0) - 1, "sin": np.sin(theta0)} if A else {})}
+    outs = sess.run(None, {"x": x, **{f"state_in.{k}": v.astype(np.float32) for k, v in state.items()}})
+    y, final = outs[0], dict(zip([s for s, _ in layer.states], outs[1:]))
+
+    q = {k: v.astype(np.float64) for k, v in p.items()}
+    silu, softplus = (lambda v: v / (1 + np.exp(-v))), (lambda v: np.log1p(np.exp(v)))
+    bias_b, bias_c = q["m.B_bias"][:, 0], q["m.C_bias"][:, 0]  # [H, N]
+    cuts = np.cumsum([D, D, N, N, H, H, H])
+    for b in range(B):
+        h, theta = state["ssm"][b], theta0[b]
+        k_prev, x_prev = _rotate(state["B"][b, 0] + bias_b, theta), state["x"][b, 0].reshape(H, P)
+        for t in range(L):
+            z, u, Bt, Ct, dt, a, lam, phi = np.split(x[b, t] @ q["m.in_proj.weight"], cuts)
+            dt = softplus(dt + q["m.dt_bias"])
+            alpha, lam = np.exp(dt * -np.maximum(softplus(a), 1e-4)), 1 / (1 + np.exp(-lam))
+            theta = theta + np.pi * np.tanh(phi)[None, :] * dt[:, None]
+            k = _rotate(_rms(Bt, q["m.B_norm.weight"]) + bias_b, theta)
+            qt = _rotate(_rms(Ct, q["m.C_norm.weight"]) + bias_c, theta)
+            u = u.reshape(H, P)
+            h = (alpha[:, None, None] * h + ((1 - lam) * dt * alpha)[:, None, None] * u_outer(x_prev, k_prev)
+                 + (lam * dt)[:, None, None] * u_outer(u, k))
+            out = ((h @ qt[:, :, None])[..., 0] + q["m.D"][:, None] * u).reshape(D) * silu(z)
+            assert np.abs(out @ q["m.out_proj.weight"] - y[b, t]).max() < 1e-4, (b, t)
+            k_prev, x_prev = k, u
+        assert np.abs(h - final["ssm"][b]).max() < 1e-4
+        assert np.abs(_rms(Bt, q["m.B_norm.weight"]) - final["B"][b, 0]).max() < 1e-5
+        assert np.abs(u.reshape(D) - final["x"][b, 0]).max() < 1e-5
+        if A:  # the angles, as (cos - 1, sin)
+            assert np.abs(np.cos(theta) - 1 - final["cos"][b]).max() < 1e-5
+            assert np.abs(np.sin(theta) - final["sin"][b]).max() < 1e-5
+
+
+def u_outer(v, k):
+    """Per head v k^T: v [H, P], k [H, N] -> [H, P, N]."""
+    return v[:, :, None] * k[:, None, :]
+
+
 @pytest.mark.parametrize("chunk", [0, 20, 16, 1], ids=["whole", "divides", "does-not-divide", "one"])
 def test_gla_matches_its_recurrence(chunk):
     """GLA == its recurrence in float64 NumPy from a carried state: per head, log a =
@@ -645,8 +711,8 @@ def test_gradients_match_finite_differences(spec, tmp_path):
     heads, teacher-forced)."""
     spec = variant(spec)
     kinds = {type(b.mixer) for b in spec.blocks}  # sizes that fit a width of 16, chunks shorter than the window
-    tiny = {"head_dim": 8} if exphil.Mamba2 in kinds else {"head_size": 8} if exphil.RWKV7 in kinds else {}
-    if kinds & {exphil.Mamba2, exphil.GLA, exphil.HGRN2}:
+    tiny = {"head_dim": 8} if kinds & {exphil.Mamba2, exphil.Mamba3} else {"head_size": 8} if exphil.RWKV7 in kinds else {}
+    if kinds & {exphil.Mamba2, exphil.Mamba3, exphil.GLA, exphil.HGRN2}:
         tiny["chunk_size"] = 3
     model = conditioned(exphil.Model(exphil.override_spec(spec, window_size=8, hidden=16, **tiny)))
     trainer = exphil.Trainer(model, tmp_path / "t", length=8)

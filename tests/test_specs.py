@@ -46,6 +46,25 @@ def test_spec_errors_name_file_and_field(tmp_path, old, new, field):
     assert str(path) in msg and field in msg
 
 
+@pytest.mark.parametrize("old, new, field", [
+    ("rope = 0.5", "rope = 1.5", "blocks[0].mixer.rope"),              # out of range (a share of the state)
+    ("head_dim = 64", "head_dim = 0", "blocks[0].mixer.head_dim"),     # out of range
+    ("chunk = 64", "chunck = 64", "blocks[0].mixer"),                  # typo inside the mixer
+    ("state = 64", 'state = "64"', "blocks[0].mixer.state"),           # wrong type
+])
+def test_mamba3_spec_errors_name_file_and_field(tmp_path, old, new, field):
+    path = edited(tmp_path, old, new, name="mamba3")
+    with pytest.raises(exphil.SpecError) as e:
+        exphil.load_spec(path)
+    assert str(path) in str(e.value) and field in str(e.value)
+
+
+def test_mamba3_heads_must_divide_the_inner_width(tmp_path):
+    spec = exphil.load_spec(edited(tmp_path, "head_dim = 64", "head_dim = 48", name="mamba3"))
+    with pytest.raises(exphil.SpecError, match=r"mamba3: expand x hidden = 512 is not divisible by head_dim = 48"):
+        exphil.Model(spec)
+
+
 def test_missing_field_and_bad_toml(tmp_path):
     with pytest.raises(exphil.SpecError, match=r"missing required field `window`"):
         exphil.load_spec(edited(tmp_path, "window = 60", ""))
