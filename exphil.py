@@ -5238,6 +5238,10 @@ def step_path(run: str | os.PathLike, precision: str = "fp32") -> Path:
     return path
 
 
+def _all_finite(arrays: dict[str, np.ndarray]) -> bool:
+    return all(np.isfinite(v).all() for v in arrays.values())
+
+
 class Agent:
     """A trained run playing through libmelee.
 
@@ -5271,6 +5275,7 @@ class Agent:
         self.frame_delay = int(self.info.get("frame_delay", 0))
         self._last_frame: int | None = None
         self._warned = False
+        self._finite = None  # the last logits `logits` returned, when they were all finite
         self.returns, self.target_return = None, None
         if self.step.rtg is not None:  # a return-conditioned policy
             self.returns = load_spec(run / "spec.toml").returns
@@ -5313,7 +5318,8 @@ class Agent:
             self._num = num.copy()
         noise = self.rule.numbers()[0] if self.step.samples else None  # (the graph samples the action)
         logits = self.step(cat, num, self.rtg if self.returns else 0.0, noise, self.temperature)
-        if not all(np.isfinite(v).all() for v in logits.values()):
+        self._finite = logits if _all_finite(logits) else None
+        if self._finite is None:
             self.step.reset()
             if not self._warned:
                 logger.warning("the model returned non-finite logits at frame %s (a NaN in "
@@ -5324,8 +5330,8 @@ class Agent:
     def sample(self, logits: dict[str, np.ndarray]) -> dict:
         """An action from one frame's logits, at the agent's temperature (autoregressive heads:
         the action the step graph sampled with them). Logits that are NaN or infinite are an
-        error: no action is ever made from them."""
-        if not np.isfinite(sum(float(v.sum()) for v in logits.values())):
+        error: no action is ever made from them (those `logits` just returned were checked there)."""
+        if logits is not self._finite and not _all_finite(logits):
             raise ExphilError("the model returned NaN or infinite logits")
         if "action" in logits:
             return action_dict(logits["action"])
