@@ -1407,7 +1407,7 @@ class Model:
     def build(self, length: int | None = None, step: bool = False, extra=None, training: bool = False):
         """The window graph over `length` frames (default: the spec's window), or the step graph.
 
-        `extra(g, heads, new_state)` may add inputs and outputs first (the training loss does).
+        `extra(g, heads, new_state, spec)` may add inputs and outputs first (the training loss does).
         training=True: the graph for onnxruntime-training, with a boolean input "training" that
         switches the spec's dropout on (train steps) or off (evaluation), when it has any."""
         length = 1 if step else (length or self.spec.window)
@@ -1447,7 +1447,7 @@ class Model:
         if self.spec.returns.value:
             heads["value"] = op.Squeeze(g.linear(x, "heads.value"), g.const([-1], np.int64))
         if extra is not None:
-            extra(g, heads, new_state)
+            extra(g, heads, new_state, self.spec)
         lead = ["B"] if step else ["B", length]
         for name, value in heads.items():
             if name == "action":
@@ -3309,19 +3309,19 @@ def _ort_training():
     return artifacts, api, onnxblock
 
 
-def loss_graph(distill: tuple[float, float] | None = None, value_weight: float = 0.1):
+def loss_graph(distill: tuple[float, float] | None = None):
     """The training loss, built inside the graph (`Model.build(extra=loss_graph())`).
 
     Hard loss: BCE summed over the 8 buttons plus the cross-entropy of each stick axis and the
     shoulder, each averaged over unmasked frames, summed over heads. Targets are probabilities.
     With distill = (T, alpha), each head's loss becomes
     alpha * T^2 * KL(teacher_T || student_T) + (1 - alpha) * hard, with the teacher's tempered
-    probabilities fed as `soft.<head>`. A model with a value head adds value_weight times the
-    squared error of its `value` against `target.value` (the return-to-go), averaged over
-    unmasked frames. Outputs: `loss`, `loss.<head>` (hard, per head), `loss.value` with a value
+    probabilities fed as `soft.<head>`. A model with a value head adds its spec's `value_weight`
+    times the squared error of its `value` against `target.value` (the return-to-go), averaged
+    over unmasked frames. Outputs: `loss`, `loss.<head>` (hard, per head), `loss.value` with a value
     head and, when distilling, `kl` (summed over heads)."""
 
-    def add(g: Graph, heads: dict, new_state: dict) -> None:
+    def add(g: Graph, heads: dict, new_state: dict, spec: Spec) -> None:
         op = g.op
         last = g.const([-1], np.int64)
         mask = g.input("mask", "FLOAT", ["B", g.length])
@@ -3356,7 +3356,7 @@ def loss_graph(distill: tuple[float, float] | None = None, value_weight: float =
         if "value" in heads:
             error = op.Sub(heads["value"], g.input("target.value", "FLOAT", ["B", g.length]))
             hard["value"] = op.Div(op.ReduceSum(op.Mul(op.Mul(error, error), mask), keepdims=0), count)
-            total = op.Add(total, op.Mul(hard["value"], value_weight))
+            total = op.Add(total, op.Mul(hard["value"], spec.returns.value_weight))
         # Every state output joins the loss with weight 0: onnxruntime-training 1.19 fails on a
         # Split (or fused Slices) whose outputs do not all reach the loss.
         for v in new_state.values():
@@ -3402,8 +3402,7 @@ class Trainer:
             tmp.mkdir(parents=True)
             clip = onnxblock.optim.ClipGradNorm(max_grad_norm) if max_grad_norm else None
             with _quiet_fd2():
-                loss = loss_graph(distill, model.spec.returns.value_weight)
-                artifacts.generate_artifacts(model.build(self.length, extra=loss, training=True),
+                artifacts.generate_artifacts(model.build(self.length, extra=loss_graph(distill), training=True),
                                              requires_grad=sorted(model.params), loss=None,
                                              optimizer=onnxblock.optim.AdamW(weight_decay=weight_decay,
                                                                              clip_grad=clip),
@@ -4694,7 +4693,7 @@ class _Training:
     def score_exported(self, exported: dict) -> dict:
         """The exported weights on every validation frame, per group of player views; their metrics."""
         d = self.data
-        runner = _window_runner(self.model, loss_graph(self.distill, self.spec.returns.value_weight))
+        runner = _window_runner(self.model, loss_graph(self.distill))
         vt = _teacher_view(self.teacher, "val")
         new_metrics = lambda: Metrics(d.baselines, button_threshold=exported["button_threshold"])
         groups = {by: score_groups(runner, self.model, d.val_eps, self.L, self.d_lo, new_metrics, by,
@@ -4877,7 +4876,7 @@ def evaluate(run: str | os.PathLike, replays=None, batch_size: int = 64, cache: 
     if baselines and "returns" in info:
         baselines["mean_return"] = info["returns"]["mean_return"]
     new_metrics = lambda: Metrics(baselines=baselines, button_threshold=info.get("button_threshold", 0.5))
-    runner = _window_runner(model, loss_graph(value_weight=model.spec.returns.value_weight))
+    runner = _window_runner(model, add_loss)
     if by:
         metrics, report = score_groups(runner, model, episodes, L, delay, new_metrics, by, top, batch_size)
     else:
