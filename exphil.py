@@ -3746,8 +3746,10 @@ class Metrics:
         for name in ["loss", *(f"loss.{h}" for h in HEADS), *(n for n in ("kl", "loss.value") if n in out)]:
             self._count(name, float(out[name]) * frames)
         if "loss.value" in out and self.baselines and "mean_return" in self.baselines:
-            error = batch["target.value"][mask] - self.baselines["mean_return"]
-            self._count("mean_return.loss.value", (error.astype(np.float64) ** 2).sum())
+            # weighted as the loss graph weighs `loss.value`: by the mask, change frames included
+            error = batch["target.value"].astype(np.float64) - self.baselines["mean_return"]
+            weights = batch["mask"].astype(np.float64)
+            self._count("mean_return.loss.value", (weights * error ** 2).sum() / max(weights.sum(), 1.0) * frames)
         for h in HEADS:
             true = batch[f"target.{h}"][mask]
             true = true > 0.5 if h == "buttons" else true.argmax(-1)
@@ -4392,7 +4394,10 @@ def _load_data(run: _Run, out: Path, cache, log, ray) -> _Data:
 
 
 def _baselines(train_eps: list, d_lo: int, returns) -> dict:
-    """The label frequencies and Markov tables of the training games (and their mean return, with returns)."""
+    """The label frequencies and Markov tables of the training games (and their mean return, with returns).
+
+    All are counted on every training frame alike, whatever `--change-weight`: they are the
+    baselines of validation, whose frames are never change-weighted, and a model's start."""
     transitions = _transitions(train_eps, d_lo)  # counted on training games only
     baselines = {"frequency": _frequencies(transitions), "markov": _markov(transitions)}
     if returns:

@@ -129,6 +129,23 @@ def test_the_loss_weighs_the_value_error_by_the_spec():
     assert float(out["loss"]) == pytest.approx(heads + 0.5 * float(out["loss.value"]), rel=1e-5)
 
 
+def test_a_value_head_at_the_mean_return_scores_its_baseline_with_change_weights():
+    """A value head that always predicts the mean return has exactly the mean-return baseline's
+    squared error, also on change-weighted frames (both weighted as the loss weighs frames)."""
+    model, episodes = _value_model()
+    mean_return = 0.25
+    model.params["heads.value.weight"][:] = 0
+    model.params["heads.value.bias"][:] = mean_return
+    wins = [(e, s) for e in (0, 1) for s in range(0, 6000, 10)]
+    batch = exphil.make_batch(episodes, wins, model.spec.window, change_weight=3.0, returns=model.spec.returns)
+    assert set(batch["mask"].ravel().tolist()) == {1.0, 3.0}
+    baselines = {"frequency": exphil.label_frequencies(episodes), "mean_return": mean_return}
+    metrics = exphil.Metrics(baselines)
+    metrics.add(exphil._window_runner(model, exphil.add_loss)(batch), batch)
+    r = metrics.result("val")
+    assert r["val_value_mse"] == pytest.approx(r["val_value_mse_mean_return"], abs=2e-5)  # (both rounded)
+
+
 @needs_training
 def test_a_value_head_trains_beside_the_policy_and_is_reported_beside_its_baseline(tmp_path):
     """A value head's squared error is in the run's metrics and in `evaluate`, next to always
