@@ -3271,16 +3271,21 @@ def frequency_loss(freqs: dict[str, list[float]], episodes: list[Episode], delay
     """The loss of always predicting `freqs` on these episodes."""
     out = {}
     for h, c in _transitions(episodes, delay).items():
-        q = np.asarray(freqs[h])
-        if h == "buttons":
-            p = q.clip(1e-6, 1 - 1e-6)
-            n1, n0 = c[:, 1].sum(0), c[:, 0].sum(0)
-            out[h] = float(-(n1 * np.log(p) + n0 * np.log(1 - p)).sum() / max((n0 + n1)[0], 1))
-        else:
-            y = c.sum(0)
-            out[h] = float(-(y * np.log(q)).sum() / max(y.sum(), 1))
+        targets = c.sum(0)  # the target frames' counts (see `_frequency_loss_sum`)
+        frames = targets[:, 0].sum() if h == "buttons" else targets.sum()
+        out[h] = _frequency_loss_sum(h, freqs[h], targets) / max(int(frames), 1)
     out["total"] = sum(out.values())
     return out
+
+
+def _frequency_loss_sum(h: str, freq: list[float], counts: np.ndarray) -> float:
+    """The loss of always predicting a head's label frequencies `freq`, summed over frames whose
+    targets are counted in `counts`: buttons [2, 8] (not pressed, pressed), other heads [k]."""
+    q = np.asarray(freq, np.float64)
+    if h == "buttons":
+        p = q.clip(1e-6, 1 - 1e-6)
+        return float(-(counts[1] * np.log(p) + counts[0] * np.log(1 - p)).sum())
+    return float(-(counts * np.log(q)).sum())
 
 
 # =================================================================================================
@@ -3781,17 +3786,19 @@ class Metrics:
 
     def _baseline_losses(self, h, current, true) -> None:
         freq, markov = np.asarray(self.baselines["frequency"][h]), self.baselines.get("markov")
-        table = markov and np.asarray(markov[h])  # (runs from before the Markov tables have none)
         if h == "buttons":
-            y = true.astype(np.float64)
-            self._count(f"frequency.loss.{h}", _bce(freq, y).sum())
-            if markov:
-                self._count(f"markov.loss.{h}", _bce(table[current.astype(np.int64), np.arange(8)], y).sum())
+            counts = np.stack([(~true).sum(0), true.sum(0)])  # per button: frames not pressed, pressed
         else:
-            self._count(f"frequency.loss.{h}", -np.log(freq[true]).sum())
+            counts = np.bincount(true, minlength=len(freq))
             self._count(f"frequency.hit.{h}", (true == freq.argmax()).sum())
-            if markov:
-                self._count(f"markov.loss.{h}", -np.log(table[current, true]).sum())
+        self._count(f"frequency.loss.{h}", _frequency_loss_sum(h, freq, counts))
+        if markov:  # (runs from before the Markov tables have none)
+            table = np.asarray(markov[h])
+            if h == "buttons":
+                loss = _bce(table[current.astype(np.int64), np.arange(8)], true.astype(np.float64)).sum()
+            else:
+                loss = -np.log(table[current, true]).sum()
+            self._count(f"markov.loss.{h}", loss)
 
     def best_button_threshold(self) -> float:
         """The threshold of BUTTON_THRESHOLDS with the highest button F1 on these frames."""
