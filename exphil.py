@@ -582,8 +582,21 @@ class _Init:
 
 # ---- mixers: one class per kind of layer; `states` lists carried tensors as (name, shape) --------
 
+class LayerAt(NamedTuple):
+    """Where a mixer is built: its block's position among the spec's `layers` blocks, and
+    whether it is the first mixer of its kind there."""
+    index: int
+    layers: int
+    first: bool
+
+    @property
+    def depth(self) -> float:
+        """0 at the first block, 1 at the last."""
+        return self.index / max(self.layers - 1, 1)
+
+
 class DenseLayer:
-    def __init__(self, name: str, cfg: Dense, width: int, init: _Init, n_layers: int):
+    def __init__(self, name: str, cfg: Dense, width: int, init: _Init, at: LayerAt):
         self.name, self.cfg = name, cfg
         init.linear(f"{name}.linear", width, width)
         self.states: list[tuple[str, tuple[int, ...]]] = []
@@ -595,7 +608,7 @@ class DenseLayer:
 class LSTMLayer:
     """h, c carried; input projection hoisted out of the recurrence (one MatMul per window)."""
 
-    def __init__(self, name: str, cfg: LSTM, width: int, init: _Init, n_layers: int):
+    def __init__(self, name: str, cfg: LSTM, width: int, init: _Init, at: LayerAt):
         self.name, H = name, width
         bound = 1 / math.sqrt(H)
         init.uniform(f"{name}.w_ih", (width, 4 * H), bound)
@@ -627,7 +640,7 @@ class MambaLayer:
     Conv and projections run on the whole window; only h_t = exp(dt A) h_{t-1} + dt u_t B_t and
     its read-out y_t = C_t h_t are unrolled. States: the last K-1 conv inputs and h [D, N]."""
 
-    def __init__(self, name: str, cfg: Mamba, width: int, init: _Init, n_layers: int):
+    def __init__(self, name: str, cfg: Mamba, width: int, init: _Init, at: LayerAt):
         self.name = name
         D, N, K = cfg.expand * width, cfg.state, cfg.conv
         R = cfg.dt_rank or math.ceil(width / 16)
@@ -640,7 +653,7 @@ class MambaLayer:
         init.step_bias(f"{name}.dt_proj.bias", D)
         init(f"{name}.A_log", np.log(np.tile(np.arange(1, N + 1, dtype=np.float64), (D, 1))))
         init(f"{name}.D", np.ones(D))
-        init.linear(f"{name}.out_proj", D, width, bias=False, scale=1 / math.sqrt(n_layers))
+        init.linear(f"{name}.out_proj", D, width, bias=False, scale=1 / math.sqrt(at.layers))
         self.states = [("conv", (K - 1, D)), ("ssm", (1, D, N))]
 
     def __call__(self, g: Graph, x, state: dict):
@@ -672,7 +685,7 @@ class GRULayer:
     """h carried; input projection hoisted out of the recurrence. b_in and b_hn stay apart
     (ONNX GRU's linear_before_reset=1)."""
 
-    def __init__(self, name: str, cfg: GRU, width: int, init: _Init, n_layers: int):
+    def __init__(self, name: str, cfg: GRU, width: int, init: _Init, at: LayerAt):
         self.name, H = name, width
         bound = 1 / math.sqrt(H)
         init.uniform(f"{name}.w_ih", (width, 3 * H), bound)
@@ -706,14 +719,14 @@ class AttentionLayer:
 
     width_unit = staticmethod(lambda cfg: cfg.heads)  # widths it accepts are multiples of this
 
-    def __init__(self, name: str, cfg: Attention, width: int, init: _Init, n_layers: int, window: int = 1):
+    def __init__(self, name: str, cfg: Attention, width: int, init: _Init, at: LayerAt, window: int = 1):
         if width % cfg.heads:
             raise SpecError(f"attention: hidden size {width} is not divisible by heads = {cfg.heads}")
         self.name, self.cfg, self.d = name, cfg, width
         self.H, self.dh, self.W = cfg.heads, width // cfg.heads, cfg.window or window
         init(f"{name}.qkv.weight", init.rng.normal(0, 0.02, (width, 3 * width)))
         init(f"{name}.qkv.bias", np.zeros(3 * width))
-        init.linear(f"{name}.out", width, width, scale=1 / math.sqrt(2 * n_layers))
+        init.linear(f"{name}.out", width, width, scale=1 / math.sqrt(2 * at.layers))
         if cfg.qk_norm:
             init.norm("layer", f"{name}.q_norm", self.dh)
             init.norm("layer", f"{name}.k_norm", self.dh)
@@ -757,7 +770,7 @@ class GatedSSMLayer:
     [u, z] = x W_in; u = SiLU(conv(u)); a = sigmoid(u W_a + b_a); h = a h + (1 - a) u;
     y = (h * SiLU(z)) W_out. Gates run on the whole window; only h is unrolled."""
 
-    def __init__(self, name: str, cfg: GatedSSM, width: int, init: _Init, n_layers: int):
+    def __init__(self, name: str, cfg: GatedSSM, width: int, init: _Init, at: LayerAt):
         self.name, self.K = name, cfg.conv
         D = self.D = cfg.expand * width
         init.linear(f"{name}.in_proj", width, 2 * D, bias=False)
@@ -767,7 +780,7 @@ class GatedSSMLayer:
         init(f"{name}.gate.weight", init.rng.normal(0, 0.02, (D, D)))
         tau = np.exp(init.rng.uniform(math.log(4), math.log(256), D))  # memory of 4-256 frames
         init(f"{name}.gate.bias", np.log((1 - 1 / tau) / (1 / tau)))  # sigmoid(b) = 1 - 1/tau
-        init.linear(f"{name}.out_proj", D, width, bias=False, scale=1 / math.sqrt(n_layers))
+        init.linear(f"{name}.out_proj", D, width, bias=False, scale=1 / math.sqrt(at.layers))
         self.states = [("h", (1, D))] + ([("conv", (self.K - 1, D))] if self.K else [])
 
     def __call__(self, g: Graph, x, state: dict):
@@ -807,7 +820,7 @@ class Mamba2Layer:
 
     width_unit = staticmethod(lambda cfg: cfg.head_dim)
 
-    def __init__(self, name: str, cfg: Mamba2, width: int, init: _Init, n_layers: int):
+    def __init__(self, name: str, cfg: Mamba2, width: int, init: _Init, at: LayerAt):
         D = cfg.expand * width
         if D % cfg.head_dim:
             raise SpecError(f"mamba2: expand x hidden = {D} is not divisible by head_dim = {cfg.head_dim}")
@@ -820,7 +833,7 @@ class Mamba2Layer:
         init(f"{name}.A_log", np.log(init.rng.uniform(1, 16, self.H)))
         init(f"{name}.D", np.ones(self.H))
         init.norm("rms", f"{name}.norm", D)
-        init.linear(f"{name}.out_proj", D, width, bias=False, scale=1 / math.sqrt(n_layers))
+        init.linear(f"{name}.out_proj", D, width, bias=False, scale=1 / math.sqrt(at.layers))
         self.states = [("conv", (cfg.conv - 1, conv)), ("ssm", (self.H, self.P, self.N))]
 
     def __call__(self, g: Graph, x, state: dict):
@@ -847,7 +860,7 @@ class GLALayer:
 
     width_unit = staticmethod(lambda cfg: 2 * cfg.heads)
 
-    def __init__(self, name: str, cfg: GLA, width: int, init: _Init, n_layers: int):
+    def __init__(self, name: str, cfg: GLA, width: int, init: _Init, at: LayerAt):
         K, V, H = round(cfg.expand_k * width), round(cfg.expand_v * width), cfg.heads
         if K % H or V % H:
             raise SpecError(f"gla: key width {K} and value width {V} must both be divisible by heads = {H}")
@@ -881,14 +894,14 @@ class HGRN2Layer:
 
     width_unit = staticmethod(lambda cfg: cfg.heads)
 
-    def __init__(self, name: str, cfg: HGRN2, width: int, init: _Init, n_layers: int):
+    def __init__(self, name: str, cfg: HGRN2, width: int, init: _Init, at: LayerAt):
         if width % cfg.heads:
             raise SpecError(f"hgrn2: hidden size {width} is not divisible by heads = {cfg.heads}")
         self.name, self.cfg, self.H, self.E = name, cfg, cfg.heads, width // cfg.heads
         for proj in ("q", "f", "i"):
             init.linear(f"{name}.{proj}_proj", width, width, bias=False)
         init.norm("rms", f"{name}.norm", width)
-        init.linear(f"{name}.o_proj", width, width, bias=False, scale=1 / math.sqrt(n_layers))
+        init.linear(f"{name}.o_proj", width, width, bias=False, scale=1 / math.sqrt(at.layers))
         self.states = [("ssm", (self.H, self.E, self.E))]
 
     def __call__(self, g: Graph, x, state: dict):
@@ -916,14 +929,14 @@ class RetNetLayer:
 
     width_unit = staticmethod(lambda cfg: 2 * cfg.heads)
 
-    def __init__(self, name: str, cfg: RetNet, width: int, init: _Init, n_layers: int):
+    def __init__(self, name: str, cfg: RetNet, width: int, init: _Init, at: LayerAt):
         V, H = cfg.value_factor * width, cfg.heads
         if width % (2 * H):
             raise SpecError(f"retnet: hidden size {width} is not divisible by 2 x heads = {2 * H}")
         self.name, self.cfg, self.V, self.H, self.dk = name, cfg, V, H, width // H
         for proj, out in (("q", width), ("k", width), ("v", V), ("g", V)):
             init.linear(f"{name}.{proj}_proj", width, out, bias=False)
-        init.linear(f"{name}.out_proj", V, width, bias=False, scale=1 / math.sqrt(n_layers))
+        init.linear(f"{name}.out_proj", V, width, bias=False, scale=1 / math.sqrt(at.layers))
         self.log_gamma = np.log(1 - 2.0 ** (-5 - np.arange(H)))
         half = self.dk // 2
         self.theta = np.repeat(10000.0 ** (-np.arange(half) / max(half - 1, 1)), 2)  # per key channel
@@ -951,10 +964,6 @@ class RetNetLayer:
         return g.linear(op.Mul(y, g.silu(proj("g"))), f"{n}.out_proj", bias=False), {"ssm": h}
 
 
-def _layer_index(name: str) -> int:
-    return int(name.split(".")[1]) if name.startswith("layers.") else 0
-
-
 class RWKV7Layer:
     """RWKV-7 time mixing (x070). Per frame, with x_* = x + (x_prev - x) mu_*: r, k, v
     projections; decay w = exp(-e^-0.5 sigmoid(w0 + tanh(x_w W1) W2)); in-context rate a =
@@ -965,14 +974,14 @@ class RWKV7Layer:
 
     width_unit = staticmethod(lambda cfg: cfg.head_size)
 
-    def __init__(self, name: str, cfg: RWKV7, width: int, init: _Init, n_layers: int):
+    def __init__(self, name: str, cfg: RWKV7, width: int, init: _Init, at: LayerAt):
         C, N = width, cfg.head_size
         if C % N:
             raise SpecError(f"rwkv7: hidden size {C} is not divisible by head_size = {N}")
         self.name, self.C, self.N, self.H = name, C, N, C // N
-        self.first = not any(k.endswith(".w0") for k in init.params)  # layers are made in order
+        self.first = at.first  # its values are passed on to the later RWKV-7 layers
         self.ranks = {"w": cfg.lora, "a": cfg.lora, "g": cfg.gate_lora, **({} if self.first else {"v": cfg.lora})}
-        depth = _layer_index(name) / max(n_layers - 1, 1)
+        depth = at.depth
         i = np.arange(C) / C
         for mix, power in (("r", 0.2), ("w", 0.9), ("k", 0.7), ("v", 0.7), ("a", 0.9), ("g", 0.2)):
             init(f"{name}.mu_{mix}", 1 - i ** (power * (1 - depth)))
@@ -1043,9 +1052,9 @@ class RWKV7FFNLayer:
     """RWKV-7 channel mixing: k = ReLU((x + (x_prev - x) mu_k) W_key)^2, out = k W_value.
     State: x_prev [1, C]."""
 
-    def __init__(self, name: str, cfg: RWKV7FFN, width: int, init: _Init, n_layers: int):
+    def __init__(self, name: str, cfg: RWKV7FFN, width: int, init: _Init, at: LayerAt):
         self.name = name
-        depth = _layer_index(name) / max(n_layers - 1, 1)
+        depth = at.depth
         init(f"{name}.mu_k", 1 - (np.arange(width) / width) ** ((1 - depth) ** 4))
         init.uniform(f"{name}.key.weight", (width, cfg.expand * width), 0.5 / math.sqrt(width))
         init(f"{name}.value.weight", np.zeros((cfg.expand * width, width)))
@@ -1064,7 +1073,7 @@ class CfCLayer:
     step t = 1 frame: one head); h = f1 (1 - tau) + tau f2. The input part of the backbone runs
     on the whole window; the rest is unrolled. State: h."""
 
-    def __init__(self, name: str, cfg: CfC, width: int, init: _Init, n_layers: int):
+    def __init__(self, name: str, cfg: CfC, width: int, init: _Init, at: LayerAt):
         U = cfg.backbone
         xavier = lambda n, shape: init.uniform(n, shape, math.sqrt(6 / sum(shape)))
         xavier(f"{name}.backbone_x.weight", (width, U))
@@ -1108,7 +1117,7 @@ class S5Layer:
     is x = T u with the Toeplitz powers of lambda (made by L complex products per window) plus
     lambda^(t+1) x_0. States: the real and imaginary parts of x."""
 
-    def __init__(self, name: str, cfg: S5, width: int, init: _Init, n_layers: int):
+    def __init__(self, name: str, cfg: S5, width: int, init: _Init, at: LayerAt):
         P = cfg.state
         lam = _hippo_n(P)
         step = np.exp(init.rng.uniform(math.log(1e-3), math.log(1e-1), P))
@@ -1241,7 +1250,7 @@ class Model:
         d_in = sum(widths[table] for _, table in CAT_FIELDS) + len(NUM_FIELDS) + spec.returns.input
         init.linear("in_proj", d_in, d)
         self.layers = []  # (block, mixer, prefix of the block's weights) per position
-        layers, shared = spec.layers, {}
+        layers, shared, kinds = spec.layers, {}, set()
         for i, block in enumerate(layers):
             name = f"shared.{block.share}" if block.share else f"layers.{i}"
             if block.share:  # each position's own input projection, started at the identity
@@ -1253,7 +1262,9 @@ class Model:
             init.norm(block.norm, f"{name}.norm", d)
             cls = MIXERS[type(block.mixer)]
             extra = {"window": spec.window} if cls is AttentionLayer else {}
-            self.layers.append((block, cls(f"{name}.mixer", block.mixer, d, init, len(layers), **extra), name))
+            at = LayerAt(i, len(layers), first=cls not in kinds)
+            kinds.add(cls)
+            self.layers.append((block, cls(f"{name}.mixer", block.mixer, d, init, at, **extra), name))
             if block.share:
                 shared[block.share] = self.layers[-1][1]
             if block.ffn:
