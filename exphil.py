@@ -580,7 +580,9 @@ class _Init:
             self(f"{name}.bias", np.zeros(width))
 
 
-# ---- mixers: one class per kind of layer; `states` lists carried tensors as (name, shape) --------
+# ---- mixers: one class per kind of layer ---------------------------------------------------------
+# `state_shapes(cfg, width)` declares the tensors a mixer carries as (name, shape), without the
+# batch axis, from its settings alone (`spec_states`); its `states` holds them.
 
 class LayerAt(NamedTuple):
     """Where a mixer is built: its block's position among the spec's `layers` blocks, and
@@ -596,10 +598,12 @@ class LayerAt(NamedTuple):
 
 
 class DenseLayer:
+    state_shapes = staticmethod(lambda cfg, width: [])
+
     def __init__(self, name: str, cfg: Dense, width: int, init: _Init, at: LayerAt):
         self.name, self.cfg = name, cfg
         init.linear(f"{name}.linear", width, width)
-        self.states: list[tuple[str, tuple[int, ...]]] = []
+        self.states = self.state_shapes(cfg, width)
 
     def __call__(self, g: Graph, x, state: dict):
         return g.activation(self.cfg.activation, g.linear(x, f"{self.name}.linear")), state
@@ -607,6 +611,8 @@ class DenseLayer:
 
 class LSTMLayer:
     """h, c carried; input projection hoisted out of the recurrence (one MatMul per window)."""
+
+    state_shapes = staticmethod(lambda cfg, width: [("h", (1, width)), ("c", (1, width))])
 
     def __init__(self, name: str, cfg: LSTM, width: int, init: _Init, at: LayerAt):
         self.name, H = name, width
@@ -617,7 +623,7 @@ class LSTMLayer:
         bias[H:2 * H] += cfg.forget_bias
         init(f"{name}.bias", bias)
         self.H = H
-        self.states = [("h", (1, H)), ("c", (1, H))]
+        self.states = self.state_shapes(cfg, width)
 
     def __call__(self, g: Graph, x, state: dict):
         op, n = g.op, self.name
@@ -640,6 +646,11 @@ class MambaLayer:
     Conv and projections run on the whole window; only h_t = exp(dt A) h_{t-1} + dt u_t B_t and
     its read-out y_t = C_t h_t are unrolled. States: the last K-1 conv inputs and h [D, N]."""
 
+    @staticmethod
+    def state_shapes(cfg: Mamba, width: int) -> list:
+        D = cfg.expand * width
+        return [("conv", (cfg.conv - 1, D)), ("ssm", (1, D, cfg.state))]
+
     def __init__(self, name: str, cfg: Mamba, width: int, init: _Init, at: LayerAt):
         self.name = name
         D, N, K = cfg.expand * width, cfg.state, cfg.conv
@@ -654,7 +665,7 @@ class MambaLayer:
         init(f"{name}.A_log", np.log(np.tile(np.arange(1, N + 1, dtype=np.float64), (D, 1))))
         init(f"{name}.D", np.ones(D))
         init.linear(f"{name}.out_proj", D, width, bias=False, scale=1 / math.sqrt(at.layers))
-        self.states = [("conv", (K - 1, D)), ("ssm", (1, D, N))]
+        self.states = self.state_shapes(cfg, width)
 
     def __call__(self, g: Graph, x, state: dict):
         op, n = g.op, self.name
@@ -685,6 +696,8 @@ class GRULayer:
     """h carried; input projection hoisted out of the recurrence. b_in and b_hn stay apart
     (ONNX GRU's linear_before_reset=1)."""
 
+    state_shapes = staticmethod(lambda cfg, width: [("h", (1, width))])
+
     def __init__(self, name: str, cfg: GRU, width: int, init: _Init, at: LayerAt):
         self.name, H = name, width
         bound = 1 / math.sqrt(H)
@@ -693,7 +706,7 @@ class GRULayer:
         init.uniform(f"{name}.b_ih", (3 * H,), bound)
         init.uniform(f"{name}.b_hh", (3 * H,), bound)
         self.H = H
-        self.states = [("h", (1, H))]
+        self.states = self.state_shapes(cfg, width)
 
     def __call__(self, g: Graph, x, state: dict):
         op, n = g.op, self.name
@@ -719,6 +732,11 @@ class AttentionLayer:
 
     width_unit = staticmethod(lambda cfg: cfg.heads)  # widths it accepts are multiples of this
 
+    @staticmethod
+    def state_shapes(cfg: Attention, width: int, window: int = 1) -> list:
+        H, dh, W = cfg.heads, width // cfg.heads, cfg.window or window
+        return [("k", (H, dh, W - 1)), ("v", (H, W - 1, dh)), ("valid", (W - 1,))]
+
     def __init__(self, name: str, cfg: Attention, width: int, init: _Init, at: LayerAt, window: int = 1):
         if width % cfg.heads:
             raise SpecError(f"attention: hidden size {width} is not divisible by heads = {cfg.heads}")
@@ -732,8 +750,7 @@ class AttentionLayer:
             init.norm("layer", f"{name}.k_norm", self.dh)
         if self.W < 2:
             raise SpecError(f"attention: window must be at least 2 frames (got {self.W})")
-        self.states = [("k", (self.H, self.dh, self.W - 1)), ("v", (self.H, self.W - 1, self.dh)),
-                       ("valid", (self.W - 1,))]
+        self.states = self.state_shapes(cfg, width, window)
 
     def bias(self, L: int) -> np.ndarray:
         """Constant [H, L, W-1+L] additive mask: 0 inside the band, -1e9 outside; ALiBi inside."""
@@ -770,6 +787,11 @@ class GatedSSMLayer:
     [u, z] = x W_in; u = SiLU(conv(u)); a = sigmoid(u W_a + b_a); h = a h + (1 - a) u;
     y = (h * SiLU(z)) W_out. Gates run on the whole window; only h is unrolled."""
 
+    @staticmethod
+    def state_shapes(cfg: GatedSSM, width: int) -> list:
+        D = cfg.expand * width
+        return [("h", (1, D))] + ([("conv", (cfg.conv - 1, D))] if cfg.conv else [])
+
     def __init__(self, name: str, cfg: GatedSSM, width: int, init: _Init, at: LayerAt):
         self.name, self.K = name, cfg.conv
         D = self.D = cfg.expand * width
@@ -781,7 +803,7 @@ class GatedSSMLayer:
         tau = np.exp(init.rng.uniform(math.log(4), math.log(256), D))  # memory of 4-256 frames
         init(f"{name}.gate.bias", np.log((1 - 1 / tau) / (1 / tau)))  # sigmoid(b) = 1 - 1/tau
         init.linear(f"{name}.out_proj", D, width, bias=False, scale=1 / math.sqrt(at.layers))
-        self.states = [("h", (1, D))] + ([("conv", (self.K - 1, D))] if self.K else [])
+        self.states = self.state_shapes(cfg, width)
 
     def __call__(self, g: Graph, x, state: dict):
         op, n = g.op, self.name
@@ -820,6 +842,11 @@ class Mamba2Layer:
 
     width_unit = staticmethod(lambda cfg: cfg.head_dim)
 
+    @staticmethod
+    def state_shapes(cfg: Mamba2, width: int) -> list:
+        D = cfg.expand * width
+        return [("conv", (cfg.conv - 1, D + 2 * cfg.state)), ("ssm", (D // cfg.head_dim, cfg.head_dim, cfg.state))]
+
     def __init__(self, name: str, cfg: Mamba2, width: int, init: _Init, at: LayerAt):
         D = cfg.expand * width
         if D % cfg.head_dim:
@@ -834,7 +861,7 @@ class Mamba2Layer:
         init(f"{name}.D", np.ones(self.H))
         init.norm("rms", f"{name}.norm", D)
         init.linear(f"{name}.out_proj", D, width, bias=False, scale=1 / math.sqrt(at.layers))
-        self.states = [("conv", (cfg.conv - 1, conv)), ("ssm", (self.H, self.P, self.N))]
+        self.states = self.state_shapes(cfg, width)
 
     def __call__(self, g: Graph, x, state: dict):
         op, n, H = g.op, self.name, self.H
@@ -860,6 +887,11 @@ class GLALayer:
 
     width_unit = staticmethod(lambda cfg: 2 * cfg.heads)
 
+    @staticmethod
+    def state_shapes(cfg: GLA, width: int) -> list:
+        K, V, H = round(cfg.expand_k * width), round(cfg.expand_v * width), cfg.heads
+        return [("ssm", (H, V // H, K // H))]
+
     def __init__(self, name: str, cfg: GLA, width: int, init: _Init, at: LayerAt):
         K, V, H = round(cfg.expand_k * width), round(cfg.expand_v * width), cfg.heads
         if K % H or V % H:
@@ -873,7 +905,7 @@ class GLALayer:
         init(f"{name}.gk_b.bias", np.zeros(K))
         init.norm("rms", f"{name}.norm", V // H)
         normal(f"{name}.o_proj.weight", (V, width))
-        self.states = [("ssm", (H, V // H, K // H))]
+        self.states = self.state_shapes(cfg, width)
 
     def __call__(self, g: Graph, x, state: dict):
         op, n, H = g.op, self.name, self.H
@@ -894,6 +926,8 @@ class HGRN2Layer:
 
     width_unit = staticmethod(lambda cfg: cfg.heads)
 
+    state_shapes = staticmethod(lambda cfg, width: [("ssm", (cfg.heads, width // cfg.heads, width // cfg.heads))])
+
     def __init__(self, name: str, cfg: HGRN2, width: int, init: _Init, at: LayerAt):
         if width % cfg.heads:
             raise SpecError(f"hgrn2: hidden size {width} is not divisible by heads = {cfg.heads}")
@@ -902,7 +936,7 @@ class HGRN2Layer:
             init.linear(f"{name}.{proj}_proj", width, width, bias=False)
         init.norm("rms", f"{name}.norm", width)
         init.linear(f"{name}.o_proj", width, width, bias=False, scale=1 / math.sqrt(at.layers))
-        self.states = [("ssm", (self.H, self.E, self.E))]
+        self.states = self.state_shapes(cfg, width)
 
     def __call__(self, g: Graph, x, state: dict):
         op, n, H, lb = g.op, self.name, self.H, self.cfg.lower_bound
@@ -929,6 +963,9 @@ class RetNetLayer:
 
     width_unit = staticmethod(lambda cfg: 2 * cfg.heads)
 
+    state_shapes = staticmethod(lambda cfg, width: [("ssm", (cfg.heads, cfg.value_factor * width // cfg.heads,
+                                                              width // cfg.heads))])
+
     def __init__(self, name: str, cfg: RetNet, width: int, init: _Init, at: LayerAt):
         V, H = cfg.value_factor * width, cfg.heads
         if width % (2 * H):
@@ -943,7 +980,7 @@ class RetNetLayer:
         swap = np.zeros((self.dk, self.dk))  # x @ swap: (x0, x1) -> (-x1, x0) on each pair
         swap[1::2, 0::2], swap[0::2, 1::2] = -np.eye(half), np.eye(half)
         self.swap = swap
-        self.states = [("ssm", (H, V // H, self.dk))]
+        self.states = self.state_shapes(cfg, width)
 
     def rotate(self, g: Graph, x, angle: np.ndarray):
         """x [..., n, dk] rotated by `angle` [n, dk] on each pair of key channels."""
@@ -974,6 +1011,9 @@ class RWKV7Layer:
 
     width_unit = staticmethod(lambda cfg: cfg.head_size)
 
+    state_shapes = staticmethod(lambda cfg, width: [("shift", (1, width)),
+                                                    ("wkv", (width // cfg.head_size, cfg.head_size, cfg.head_size))])
+
     def __init__(self, name: str, cfg: RWKV7, width: int, init: _Init, at: LayerAt):
         C, N = width, cfg.head_size
         if C % N:
@@ -1002,7 +1042,7 @@ class RWKV7Layer:
             init.uniform(f"{name}.{proj}_proj.weight", (C, C), bound / math.sqrt(C))
         init(f"{name}.o_proj.weight", np.zeros((C, C)))
         init.norm("layer", f"{name}.ln_x", C)
-        self.states = [("shift", (1, C)), ("wkv", (self.H, N, N))]
+        self.states = self.state_shapes(cfg, width)
 
     def __call__(self, g: Graph, x, state: dict):
         op, n, H, N = g.op, self.name, self.H, self.N
@@ -1052,13 +1092,15 @@ class RWKV7FFNLayer:
     """RWKV-7 channel mixing: k = ReLU((x + (x_prev - x) mu_k) W_key)^2, out = k W_value.
     State: x_prev [1, C]."""
 
+    state_shapes = staticmethod(lambda cfg, width: [("shift", (1, width))])
+
     def __init__(self, name: str, cfg: RWKV7FFN, width: int, init: _Init, at: LayerAt):
         self.name = name
         depth = at.depth
         init(f"{name}.mu_k", 1 - (np.arange(width) / width) ** ((1 - depth) ** 4))
         init.uniform(f"{name}.key.weight", (width, cfg.expand * width), 0.5 / math.sqrt(width))
         init(f"{name}.value.weight", np.zeros((cfg.expand * width, width)))
-        self.states = [("shift", (1, width))]
+        self.states = self.state_shapes(cfg, width)
 
     def __call__(self, g: Graph, x, state: dict):
         op, n = g.op, self.name
@@ -1073,6 +1115,8 @@ class CfCLayer:
     step t = 1 frame: one head); h = f1 (1 - tau) + tau f2. The input part of the backbone runs
     on the whole window; the rest is unrolled. State: h."""
 
+    state_shapes = staticmethod(lambda cfg, width: [("h", (1, width))])
+
     def __init__(self, name: str, cfg: CfC, width: int, init: _Init, at: LayerAt):
         U = cfg.backbone
         xavier = lambda n, shape: init.uniform(n, shape, math.sqrt(6 / sum(shape)))
@@ -1082,7 +1126,7 @@ class CfCLayer:
         for head in ("ff1", "ff2", "time"):
             xavier(f"{name}.{head}.weight", (U, width))
             init.uniform(f"{name}.{head}.bias", (width,), 1 / math.sqrt(U))
-        self.name, self.states = name, [("h", (1, width))]
+        self.name, self.states = name, self.state_shapes(cfg, width)
 
     def __call__(self, g: Graph, x, state: dict):
         op, n = g.op, self.name
@@ -1117,6 +1161,8 @@ class S5Layer:
     is x = T u with the Toeplitz powers of lambda (made by L complex products per window) plus
     lambda^(t+1) x_0. States: the real and imaginary parts of x."""
 
+    state_shapes = staticmethod(lambda cfg, width: [("re", (1, cfg.state)), ("im", (1, cfg.state))])
+
     def __init__(self, name: str, cfg: S5, width: int, init: _Init, at: LayerAt):
         P = cfg.state
         lam = _hippo_n(P)
@@ -1129,7 +1175,7 @@ class S5Layer:
             init(f"{name}.C_{part}", init.rng.normal(0, 0.5 / math.sqrt(P), (P, width)))
         init(f"{name}.D", init.rng.normal(0, 1, width))
         init.linear(f"{name}.glu", width, width)
-        self.name, self.P, self.states = name, P, [("re", (1, P)), ("im", (1, P))]
+        self.name, self.P, self.states = name, P, self.state_shapes(cfg, width)
 
     def __call__(self, g: Graph, x, state: dict):
         op, n, L, P = g.op, self.name, g.length, self.P
@@ -1168,6 +1214,19 @@ MIXERS = {Dense: DenseLayer, LSTM: LSTMLayer, GRU: GRULayer, Mamba: MambaLayer, 
           GatedSSM: GatedSSMLayer, Mamba2: Mamba2Layer, GLA: GLALayer, HGRN2: HGRN2Layer,
           RetNet: RetNetLayer, RWKV7: RWKV7Layer, RWKV7FFN: RWKV7FFNLayer,
           CfC: CfCLayer, S5: S5Layer}
+
+
+def _spec_settings(cls, spec: Spec) -> dict:
+    """What a mixer class takes from the spec beyond its own settings and the width."""
+    return {"window": spec.window} if cls is AttentionLayer else {}
+
+
+def spec_states(spec: Spec) -> list[tuple[str, tuple[int, ...]]]:
+    """A spec's carried state tensors as `Model.states` lists them, from its mixers' declarations
+    (`state_shapes`), without building the model."""
+    return [(f"layers.{i}.mixer.{s}", shape) for i, block in enumerate(spec.layers)
+            for cls in [MIXERS[type(block.mixer)]]
+            for s, shape in cls.state_shapes(block.mixer, spec.hidden, **_spec_settings(cls, spec))]
 
 
 def estimate_params(spec: Spec) -> int:
@@ -1261,10 +1320,10 @@ class Model:
                 continue
             init.norm(block.norm, f"{name}.norm", d)
             cls = MIXERS[type(block.mixer)]
-            extra = {"window": spec.window} if cls is AttentionLayer else {}
             at = LayerAt(i, len(layers), first=cls not in kinds)
             kinds.add(cls)
-            self.layers.append((block, cls(f"{name}.mixer", block.mixer, d, init, at, **extra), name))
+            mixer = cls(f"{name}.mixer", block.mixer, d, init, at, **_spec_settings(cls, spec))
+            self.layers.append((block, mixer, name))
             if block.share:
                 shared[block.share] = self.layers[-1][1]
             if block.ffn:
@@ -1333,8 +1392,7 @@ class Model:
     def states(self) -> list[tuple[str, tuple[int, ...]]]:
         """Carried state tensors, named `layers.<position>.mixer.<state>`, shapes without the
         batch axis (a shared block has a state at each of its positions)."""
-        return [(f"layers.{i}.mixer.{s}", shape) for i, (_, mixer, _) in enumerate(self.layers)
-                for s, shape in mixer.states]
+        return spec_states(self.spec)
 
     def zero_state(self, batch: int = 1) -> dict[str, np.ndarray]:
         return {n: np.zeros((batch, *shape), np.float32) for n, shape in self.states}
@@ -5227,10 +5285,10 @@ def checked_step_graph(run: Path, path: Path, info: dict) -> bytes:
     dims = lambda v: [d.dim_value or d.dim_param for d in v.type.tensor_type.shape.dim][1:]  # without the batch
     got = {v.name: dims(v) for v in [*proto.graph.input, *proto.graph.output]}
     if (run / "spec.toml").exists():  # the states of the run's spec
-        model = Model(load_spec(run / "spec.toml"), check=False)  # (its size was checked when it trained)
-        states, what = model.states, f"the run's spec {model.spec.name!r}"
-        scalars = [n for n, used in (("rtg", model.spec.returns.input), ("value", model.spec.returns.value)) if used]
-        samples = model.spec.heads.sampling == "autoregressive"
+        spec = load_spec(run / "spec.toml")
+        states, what = spec_states(spec), f"the run's spec {spec.name!r}"
+        scalars = [n for n, used in (("rtg", spec.returns.input), ("value", spec.returns.value)) if used]
+        samples = spec.heads.sampling == "autoregressive"
     else:  # at least a consistent interface
         states, what = [(k[len("state_in."):], v) for k, v in got.items() if k.startswith("state_in.")], "a step graph"
         scalars, samples = [n for n in ("rtg", "value") if n in got], "noise" in got
