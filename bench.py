@@ -630,7 +630,7 @@ def action_rates(heads: dict, selected) -> dict:
 
 def _window_session(model, length: int, loss: bool = False):
     """run(feeds) -> outputs of the model's window graph over `length` frames (with the loss)."""
-    extra = exphil.loss_graph(value_weight=model.spec.returns.value_weight) if loss else None
+    extra = exphil.add_loss if loss else None
     sess = exphil.session(model.build(length, extra=extra).SerializeToString(), "cpu", threads=0)
     names, inputs = [o.name for o in sess.get_outputs()], [i.name for i in sess.get_inputs()]
     return lambda feeds: dict(zip(names, sess.run(None, {n: feeds[n] for n in inputs})))

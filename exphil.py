@@ -609,13 +609,30 @@ class _Init:
             self(f"{name}.bias", np.zeros(width))
 
 
-# ---- mixers: one class per kind of layer; `states` lists carried tensors as (name, shape) --------
+# ---- mixers: one class per kind of layer ---------------------------------------------------------
+# `state_shapes(cfg, width)` declares the tensors a mixer carries as (name, shape), without the
+# batch axis, from its settings alone (`spec_states`); its `states` holds them.
+
+class LayerAt(NamedTuple):
+    """Where a mixer is built: its block's position among the spec's `layers` blocks, and
+    whether it is the first mixer of its kind there."""
+    index: int
+    layers: int
+    first: bool
+
+    @property
+    def depth(self) -> float:
+        """0 at the first block, 1 at the last."""
+        return self.index / max(self.layers - 1, 1)
+
 
 class DenseLayer:
-    def __init__(self, name: str, cfg: Dense, width: int, init: _Init, n_layers: int):
+    state_shapes = staticmethod(lambda cfg, width: [])
+
+    def __init__(self, name: str, cfg: Dense, width: int, init: _Init, at: LayerAt):
         self.name, self.cfg = name, cfg
         init.linear(f"{name}.linear", width, width)
-        self.states: list[tuple[str, tuple[int, ...]]] = []
+        self.states = self.state_shapes(cfg, width)
 
     def __call__(self, g: Graph, x, state: dict):
         return g.activation(self.cfg.activation, g.linear(x, f"{self.name}.linear")), state
@@ -624,7 +641,9 @@ class DenseLayer:
 class LSTMLayer:
     """h, c carried; input projection hoisted out of the recurrence (one MatMul per window)."""
 
-    def __init__(self, name: str, cfg: LSTM, width: int, init: _Init, n_layers: int):
+    state_shapes = staticmethod(lambda cfg, width: [("h", (1, width)), ("c", (1, width))])
+
+    def __init__(self, name: str, cfg: LSTM, width: int, init: _Init, at: LayerAt):
         self.name, H = name, width
         bound = 1 / math.sqrt(H)
         init.uniform(f"{name}.w_ih", (width, 4 * H), bound)
@@ -633,7 +652,7 @@ class LSTMLayer:
         bias[H:2 * H] += cfg.forget_bias
         init(f"{name}.bias", bias)
         self.H = H
-        self.states = [("h", (1, H)), ("c", (1, H))]
+        self.states = self.state_shapes(cfg, width)
 
     def __call__(self, g: Graph, x, state: dict):
         op, n = g.op, self.name
@@ -656,7 +675,12 @@ class MambaLayer:
     Conv and projections run on the whole window; only h_t = exp(dt A) h_{t-1} + dt u_t B_t and
     its read-out y_t = C_t h_t are unrolled. States: the last K-1 conv inputs and h [D, N]."""
 
-    def __init__(self, name: str, cfg: Mamba, width: int, init: _Init, n_layers: int):
+    @staticmethod
+    def state_shapes(cfg: Mamba, width: int) -> list:
+        D = cfg.expand * width
+        return [("conv", (cfg.conv - 1, D)), ("ssm", (1, D, cfg.state))]
+
+    def __init__(self, name: str, cfg: Mamba, width: int, init: _Init, at: LayerAt):
         self.name = name
         D, N, K = cfg.expand * width, cfg.state, cfg.conv
         R = cfg.dt_rank or math.ceil(width / 16)
@@ -669,8 +693,8 @@ class MambaLayer:
         init.step_bias(f"{name}.dt_proj.bias", D)
         init(f"{name}.A_log", np.log(np.tile(np.arange(1, N + 1, dtype=np.float64), (D, 1))))
         init(f"{name}.D", np.ones(D))
-        init.linear(f"{name}.out_proj", D, width, bias=False, scale=1 / math.sqrt(n_layers))
-        self.states = [("conv", (K - 1, D)), ("ssm", (1, D, N))]
+        init.linear(f"{name}.out_proj", D, width, bias=False, scale=1 / math.sqrt(at.layers))
+        self.states = self.state_shapes(cfg, width)
 
     def __call__(self, g: Graph, x, state: dict):
         op, n = g.op, self.name
@@ -701,7 +725,9 @@ class GRULayer:
     """h carried; input projection hoisted out of the recurrence. b_in and b_hn stay apart
     (ONNX GRU's linear_before_reset=1)."""
 
-    def __init__(self, name: str, cfg: GRU, width: int, init: _Init, n_layers: int):
+    state_shapes = staticmethod(lambda cfg, width: [("h", (1, width))])
+
+    def __init__(self, name: str, cfg: GRU, width: int, init: _Init, at: LayerAt):
         self.name, H = name, width
         bound = 1 / math.sqrt(H)
         init.uniform(f"{name}.w_ih", (width, 3 * H), bound)
@@ -709,7 +735,7 @@ class GRULayer:
         init.uniform(f"{name}.b_ih", (3 * H,), bound)
         init.uniform(f"{name}.b_hh", (3 * H,), bound)
         self.H = H
-        self.states = [("h", (1, H))]
+        self.states = self.state_shapes(cfg, width)
 
     def __call__(self, g: Graph, x, state: dict):
         op, n = g.op, self.name
@@ -735,21 +761,25 @@ class AttentionLayer:
 
     width_unit = staticmethod(lambda cfg: cfg.heads)  # widths it accepts are multiples of this
 
-    def __init__(self, name: str, cfg: Attention, width: int, init: _Init, n_layers: int, window: int = 1):
+    @staticmethod
+    def state_shapes(cfg: Attention, width: int, window: int = 1) -> list:
+        H, dh, W = cfg.heads, width // cfg.heads, cfg.window or window
+        return [("k", (H, dh, W - 1)), ("v", (H, W - 1, dh)), ("valid", (W - 1,))]
+
+    def __init__(self, name: str, cfg: Attention, width: int, init: _Init, at: LayerAt, window: int = 1):
         if width % cfg.heads:
             raise SpecError(f"attention: hidden size {width} is not divisible by heads = {cfg.heads}")
         self.name, self.cfg, self.d = name, cfg, width
         self.H, self.dh, self.W = cfg.heads, width // cfg.heads, cfg.window or window
         init(f"{name}.qkv.weight", init.rng.normal(0, 0.02, (width, 3 * width)))
         init(f"{name}.qkv.bias", np.zeros(3 * width))
-        init.linear(f"{name}.out", width, width, scale=1 / math.sqrt(2 * n_layers))
+        init.linear(f"{name}.out", width, width, scale=1 / math.sqrt(2 * at.layers))
         if cfg.qk_norm:
             init.norm("layer", f"{name}.q_norm", self.dh)
             init.norm("layer", f"{name}.k_norm", self.dh)
         if self.W < 2:
             raise SpecError(f"attention: window must be at least 2 frames (got {self.W})")
-        self.states = [("k", (self.H, self.dh, self.W - 1)), ("v", (self.H, self.W - 1, self.dh)),
-                       ("valid", (self.W - 1,))]
+        self.states = self.state_shapes(cfg, width, window)
 
     def bias(self, L: int) -> np.ndarray:
         """Constant [H, L, W-1+L] additive mask: 0 inside the band, -1e9 outside; ALiBi inside."""
@@ -786,7 +816,12 @@ class GatedSSMLayer:
     [u, z] = x W_in; u = SiLU(conv(u)); a = sigmoid(u W_a + b_a); h = a h + (1 - a) u;
     y = (h * SiLU(z)) W_out. Gates run on the whole window; only h is unrolled."""
 
-    def __init__(self, name: str, cfg: GatedSSM, width: int, init: _Init, n_layers: int):
+    @staticmethod
+    def state_shapes(cfg: GatedSSM, width: int) -> list:
+        D = cfg.expand * width
+        return [("h", (1, D))] + ([("conv", (cfg.conv - 1, D))] if cfg.conv else [])
+
+    def __init__(self, name: str, cfg: GatedSSM, width: int, init: _Init, at: LayerAt):
         self.name, self.K = name, cfg.conv
         D = self.D = cfg.expand * width
         init.linear(f"{name}.in_proj", width, 2 * D, bias=False)
@@ -796,8 +831,8 @@ class GatedSSMLayer:
         init(f"{name}.gate.weight", init.rng.normal(0, 0.02, (D, D)))
         tau = np.exp(init.rng.uniform(math.log(4), math.log(256), D))  # memory of 4-256 frames
         init(f"{name}.gate.bias", np.log((1 - 1 / tau) / (1 / tau)))  # sigmoid(b) = 1 - 1/tau
-        init.linear(f"{name}.out_proj", D, width, bias=False, scale=1 / math.sqrt(n_layers))
-        self.states = [("h", (1, D))] + ([("conv", (self.K - 1, D))] if self.K else [])
+        init.linear(f"{name}.out_proj", D, width, bias=False, scale=1 / math.sqrt(at.layers))
+        self.states = self.state_shapes(cfg, width)
 
     def __call__(self, g: Graph, x, state: dict):
         op, n = g.op, self.name
@@ -864,7 +899,12 @@ class Mamba2Layer(_SSMHeads):
     (`Graph.decayed_attention`); plus D x; gated RMSNorm of y * SiLU(z); out_proj.
     States: the last K-1 conv inputs and h [H, P, N]."""
 
-    def __init__(self, name: str, cfg: Mamba2, width: int, init: _Init, n_layers: int):
+    @staticmethod
+    def state_shapes(cfg: Mamba2, width: int) -> list:
+        D = cfg.expand * width
+        return [("conv", (cfg.conv - 1, D + 2 * cfg.state)), ("ssm", (D // cfg.head_dim, cfg.head_dim, cfg.state))]
+
+    def __init__(self, name: str, cfg: Mamba2, width: int, init: _Init, at: LayerAt):
         self.heads("mamba2", cfg, width)
         self.name, self.cfg, D = name, cfg, self.D
         conv = D + 2 * self.N
@@ -875,8 +915,8 @@ class Mamba2Layer(_SSMHeads):
         init(f"{name}.A_log", np.log(init.rng.uniform(1, 16, self.H)))
         init(f"{name}.D", np.ones(self.H))
         init.norm("rms", f"{name}.norm", D)
-        init.linear(f"{name}.out_proj", D, width, bias=False, scale=1 / math.sqrt(n_layers))
-        self.states = [("conv", (cfg.conv - 1, conv)), ("ssm", (self.H, self.P, self.N))]
+        init.linear(f"{name}.out_proj", D, width, bias=False, scale=1 / math.sqrt(at.layers))
+        self.states = self.state_shapes(cfg, width)
 
     def __call__(self, g: Graph, x, state: dict):
         op, n, H = g.op, self.name, self.H
@@ -926,7 +966,13 @@ class Mamba3Layer(_SSMHeads):
     accelerator's idle compute, and the SISO form is the paper's base model), B/C groups other
     than one shared by all heads, and the optional RMSNorm before out_proj."""
 
-    def __init__(self, name: str, cfg: Mamba3, width: int, init: _Init, n_layers: int):
+    @staticmethod
+    def state_shapes(cfg: Mamba3, width: int) -> list:
+        D, N, H, pairs = cfg.expand * width, cfg.state, cfg.expand * width // cfg.head_dim, int(cfg.rope * cfg.state) // 2
+        return [("ssm", (H, cfg.head_dim, N)), ("B", (1, N)), ("x", (1, D))] + \
+            ([("cos", (H, pairs)), ("sin", (H, pairs))] if pairs else [])
+
+    def __init__(self, name: str, cfg: Mamba3, width: int, init: _Init, at: LayerAt):
         self.heads("mamba3", cfg, width)
         self.name, self.cfg, N, H = name, cfg, self.N, self.H
         self.pairs = int(cfg.rope * N) // 2  # rotated channel pairs, one angle each
@@ -937,12 +983,11 @@ class Mamba3Layer(_SSMHeads):
             init.norm("rms", f"{name}.{bc}_norm", N)
             init(f"{name}.{bc}_bias", np.ones((H, 1, N)))
         init(f"{name}.D", np.ones(H))
-        init.linear(f"{name}.out_proj", self.D, width, bias=False, scale=1 / math.sqrt(n_layers))
+        init.linear(f"{name}.out_proj", self.D, width, bias=False, scale=1 / math.sqrt(at.layers))
         self.swap = _pair_swap(N, self.pairs)
         self.spread = np.zeros((max(self.pairs, 1), N))  # an angle per pair -> on both its channels
         self.spread[np.arange(self.pairs).repeat(2), np.arange(2 * self.pairs)] = 1.0
-        self.states = [("ssm", (H, self.P, N)), ("B", (1, N)), ("x", (1, self.D))]
-        self.states += [("cos", (H, self.pairs)), ("sin", (H, self.pairs))] if self.pairs else []
+        self.states = self.state_shapes(cfg, width)
 
     def angles(self, g: Graph, phi, dt, state: dict):
         """cos and sin [B, H, L, pairs] of theta_t (t = 1..L) and of theta_0 ([B, H, 1, pairs]),
@@ -1011,7 +1056,12 @@ class GLALayer:
 
     width_unit = staticmethod(lambda cfg: 2 * cfg.heads)
 
-    def __init__(self, name: str, cfg: GLA, width: int, init: _Init, n_layers: int):
+    @staticmethod
+    def state_shapes(cfg: GLA, width: int) -> list:
+        K, V, H = round(cfg.expand_k * width), round(cfg.expand_v * width), cfg.heads
+        return [("ssm", (H, V // H, K // H))]
+
+    def __init__(self, name: str, cfg: GLA, width: int, init: _Init, at: LayerAt):
         K, V, H = round(cfg.expand_k * width), round(cfg.expand_v * width), cfg.heads
         if K % H or V % H:
             raise SpecError(f"gla: key width {K} and value width {V} must both be divisible by heads = {H}")
@@ -1024,7 +1074,7 @@ class GLALayer:
         init(f"{name}.gk_b.bias", np.zeros(K))
         init.norm("rms", f"{name}.norm", V // H)
         normal(f"{name}.o_proj.weight", (V, width))
-        self.states = [("ssm", (H, V // H, K // H))]
+        self.states = self.state_shapes(cfg, width)
 
     def __call__(self, g: Graph, x, state: dict):
         op, n, H = g.op, self.name, self.H
@@ -1045,15 +1095,17 @@ class HGRN2Layer:
 
     width_unit = staticmethod(lambda cfg: cfg.heads)
 
-    def __init__(self, name: str, cfg: HGRN2, width: int, init: _Init, n_layers: int):
+    state_shapes = staticmethod(lambda cfg, width: [("ssm", (cfg.heads, width // cfg.heads, width // cfg.heads))])
+
+    def __init__(self, name: str, cfg: HGRN2, width: int, init: _Init, at: LayerAt):
         if width % cfg.heads:
             raise SpecError(f"hgrn2: hidden size {width} is not divisible by heads = {cfg.heads}")
         self.name, self.cfg, self.H, self.E = name, cfg, cfg.heads, width // cfg.heads
         for proj in ("q", "f", "i"):
             init.linear(f"{name}.{proj}_proj", width, width, bias=False)
         init.norm("rms", f"{name}.norm", width)
-        init.linear(f"{name}.o_proj", width, width, bias=False, scale=1 / math.sqrt(n_layers))
-        self.states = [("ssm", (self.H, self.E, self.E))]
+        init.linear(f"{name}.o_proj", width, width, bias=False, scale=1 / math.sqrt(at.layers))
+        self.states = self.state_shapes(cfg, width)
 
     def __call__(self, g: Graph, x, state: dict):
         op, n, H, lb = g.op, self.name, self.H, self.cfg.lower_bound
@@ -1080,19 +1132,22 @@ class RetNetLayer:
 
     width_unit = staticmethod(lambda cfg: 2 * cfg.heads)
 
-    def __init__(self, name: str, cfg: RetNet, width: int, init: _Init, n_layers: int):
+    state_shapes = staticmethod(lambda cfg, width: [("ssm", (cfg.heads, cfg.value_factor * width // cfg.heads,
+                                                              width // cfg.heads))])
+
+    def __init__(self, name: str, cfg: RetNet, width: int, init: _Init, at: LayerAt):
         V, H = cfg.value_factor * width, cfg.heads
         if width % (2 * H):
             raise SpecError(f"retnet: hidden size {width} is not divisible by 2 x heads = {2 * H}")
         self.name, self.cfg, self.V, self.H, self.dk = name, cfg, V, H, width // H
         for proj, out in (("q", width), ("k", width), ("v", V), ("g", V)):
             init.linear(f"{name}.{proj}_proj", width, out, bias=False)
-        init.linear(f"{name}.out_proj", V, width, bias=False, scale=1 / math.sqrt(n_layers))
+        init.linear(f"{name}.out_proj", V, width, bias=False, scale=1 / math.sqrt(at.layers))
         self.log_gamma = np.log(1 - 2.0 ** (-5 - np.arange(H)))
         half = self.dk // 2
         self.theta = np.repeat(10000.0 ** (-np.arange(half) / max(half - 1, 1)), 2)  # per key channel
         self.swap = _pair_swap(self.dk, half)
-        self.states = [("ssm", (H, V // H, self.dk))]
+        self.states = self.state_shapes(cfg, width)
 
     def rotate(self, g: Graph, x, angle: np.ndarray):
         """x [..., n, dk] rotated by `angle` [n, dk] on each pair of key channels."""
@@ -1111,10 +1166,6 @@ class RetNetLayer:
         return g.linear(op.Mul(y, g.silu(proj("g"))), f"{n}.out_proj", bias=False), {"ssm": h}
 
 
-def _layer_index(name: str) -> int:
-    return int(name.split(".")[1]) if name.startswith("layers.") else 0
-
-
 class RWKV7Layer:
     """RWKV-7 time mixing (x070). Per frame, with x_* = x + (x_prev - x) mu_*: r, k, v
     projections; decay w = exp(-e^-0.5 sigmoid(w0 + tanh(x_w W1) W2)); in-context rate a =
@@ -1125,14 +1176,17 @@ class RWKV7Layer:
 
     width_unit = staticmethod(lambda cfg: cfg.head_size)
 
-    def __init__(self, name: str, cfg: RWKV7, width: int, init: _Init, n_layers: int):
+    state_shapes = staticmethod(lambda cfg, width: [("shift", (1, width)),
+                                                    ("wkv", (width // cfg.head_size, cfg.head_size, cfg.head_size))])
+
+    def __init__(self, name: str, cfg: RWKV7, width: int, init: _Init, at: LayerAt):
         C, N = width, cfg.head_size
         if C % N:
             raise SpecError(f"rwkv7: hidden size {C} is not divisible by head_size = {N}")
         self.name, self.C, self.N, self.H = name, C, N, C // N
-        self.first = not any(k.endswith(".w0") for k in init.params)  # layers are made in order
+        self.first = at.first  # its values are passed on to the later RWKV-7 layers
         self.ranks = {"w": cfg.lora, "a": cfg.lora, "g": cfg.gate_lora, **({} if self.first else {"v": cfg.lora})}
-        depth = _layer_index(name) / max(n_layers - 1, 1)
+        depth = at.depth
         i = np.arange(C) / C
         for mix, power in (("r", 0.2), ("w", 0.9), ("k", 0.7), ("v", 0.7), ("a", 0.9), ("g", 0.2)):
             init(f"{name}.mu_{mix}", 1 - i ** (power * (1 - depth)))
@@ -1153,7 +1207,7 @@ class RWKV7Layer:
             init.uniform(f"{name}.{proj}_proj.weight", (C, C), bound / math.sqrt(C))
         init(f"{name}.o_proj.weight", np.zeros((C, C)))
         init.norm("layer", f"{name}.ln_x", C)
-        self.states = [("shift", (1, C)), ("wkv", (self.H, N, N))]
+        self.states = self.state_shapes(cfg, width)
 
     def __call__(self, g: Graph, x, state: dict):
         op, n, H, N = g.op, self.name, self.H, self.N
@@ -1203,13 +1257,15 @@ class RWKV7FFNLayer:
     """RWKV-7 channel mixing: k = ReLU((x + (x_prev - x) mu_k) W_key)^2, out = k W_value.
     State: x_prev [1, C]."""
 
-    def __init__(self, name: str, cfg: RWKV7FFN, width: int, init: _Init, n_layers: int):
+    state_shapes = staticmethod(lambda cfg, width: [("shift", (1, width))])
+
+    def __init__(self, name: str, cfg: RWKV7FFN, width: int, init: _Init, at: LayerAt):
         self.name = name
-        depth = _layer_index(name) / max(n_layers - 1, 1)
+        depth = at.depth
         init(f"{name}.mu_k", 1 - (np.arange(width) / width) ** ((1 - depth) ** 4))
         init.uniform(f"{name}.key.weight", (width, cfg.expand * width), 0.5 / math.sqrt(width))
         init(f"{name}.value.weight", np.zeros((cfg.expand * width, width)))
-        self.states = [("shift", (1, width))]
+        self.states = self.state_shapes(cfg, width)
 
     def __call__(self, g: Graph, x, state: dict):
         op, n = g.op, self.name
@@ -1224,7 +1280,9 @@ class CfCLayer:
     step t = 1 frame: one head); h = f1 (1 - tau) + tau f2. The input part of the backbone runs
     on the whole window; the rest is unrolled. State: h."""
 
-    def __init__(self, name: str, cfg: CfC, width: int, init: _Init, n_layers: int):
+    state_shapes = staticmethod(lambda cfg, width: [("h", (1, width))])
+
+    def __init__(self, name: str, cfg: CfC, width: int, init: _Init, at: LayerAt):
         U = cfg.backbone
         xavier = lambda n, shape: init.uniform(n, shape, math.sqrt(6 / sum(shape)))
         xavier(f"{name}.backbone_x.weight", (width, U))
@@ -1233,7 +1291,7 @@ class CfCLayer:
         for head in ("ff1", "ff2", "time"):
             xavier(f"{name}.{head}.weight", (U, width))
             init.uniform(f"{name}.{head}.bias", (width,), 1 / math.sqrt(U))
-        self.name, self.states = name, [("h", (1, width))]
+        self.name, self.states = name, self.state_shapes(cfg, width)
 
     def __call__(self, g: Graph, x, state: dict):
         op, n = g.op, self.name
@@ -1268,7 +1326,9 @@ class S5Layer:
     is x = T u with the Toeplitz powers of lambda (made by L complex products per window) plus
     lambda^(t+1) x_0. States: the real and imaginary parts of x."""
 
-    def __init__(self, name: str, cfg: S5, width: int, init: _Init, n_layers: int):
+    state_shapes = staticmethod(lambda cfg, width: [("re", (1, cfg.state)), ("im", (1, cfg.state))])
+
+    def __init__(self, name: str, cfg: S5, width: int, init: _Init, at: LayerAt):
         P = cfg.state
         lam = _hippo_n(P)
         step = np.exp(init.rng.uniform(math.log(1e-3), math.log(1e-1), P))
@@ -1280,7 +1340,7 @@ class S5Layer:
             init(f"{name}.C_{part}", init.rng.normal(0, 0.5 / math.sqrt(P), (P, width)))
         init(f"{name}.D", init.rng.normal(0, 1, width))
         init.linear(f"{name}.glu", width, width)
-        self.name, self.P, self.states = name, P, [("re", (1, P)), ("im", (1, P))]
+        self.name, self.P, self.states = name, P, self.state_shapes(cfg, width)
 
     def __call__(self, g: Graph, x, state: dict):
         op, n, L, P = g.op, self.name, g.length, self.P
@@ -1319,6 +1379,19 @@ MIXERS = {Dense: DenseLayer, LSTM: LSTMLayer, GRU: GRULayer, Mamba: MambaLayer, 
           GatedSSM: GatedSSMLayer, Mamba2: Mamba2Layer, Mamba3: Mamba3Layer, GLA: GLALayer, HGRN2: HGRN2Layer,
           RetNet: RetNetLayer, RWKV7: RWKV7Layer, RWKV7FFN: RWKV7FFNLayer,
           CfC: CfCLayer, S5: S5Layer}
+
+
+def _spec_settings(cls, spec: Spec) -> dict:
+    """What a mixer class takes from the spec beyond its own settings and the width."""
+    return {"window": spec.window} if cls is AttentionLayer else {}
+
+
+def spec_states(spec: Spec) -> list[tuple[str, tuple[int, ...]]]:
+    """A spec's carried state tensors as `Model.states` lists them, from its mixers' declarations
+    (`state_shapes`), without building the model."""
+    return [(f"layers.{i}.mixer.{s}", shape) for i, block in enumerate(spec.layers)
+            for cls in [MIXERS[type(block.mixer)]]
+            for s, shape in cls.state_shapes(block.mixer, spec.hidden, **_spec_settings(cls, spec))]
 
 
 def estimate_params(spec: Spec) -> int:
@@ -1403,7 +1476,7 @@ class Model:
         d_in = sum(widths[table] for _, table in fields) + n_num + spec.returns.input
         init.linear("in_proj", d_in, d)
         self.layers = []  # (block, mixer, prefix of the block's weights) per position
-        layers, shared = spec.layers, {}
+        layers, shared, kinds = spec.layers, {}, set()
         for i, block in enumerate(layers):
             name = f"shared.{block.share}" if block.share else f"layers.{i}"
             if block.share:  # each position's own input projection, started at the identity
@@ -1414,8 +1487,10 @@ class Model:
                 continue
             init.norm(block.norm, f"{name}.norm", d)
             cls = MIXERS[type(block.mixer)]
-            extra = {"window": spec.window} if cls is AttentionLayer else {}
-            self.layers.append((block, cls(f"{name}.mixer", block.mixer, d, init, len(layers), **extra), name))
+            at = LayerAt(i, len(layers), first=cls not in kinds)
+            kinds.add(cls)
+            mixer = cls(f"{name}.mixer", block.mixer, d, init, at, **_spec_settings(cls, spec))
+            self.layers.append((block, mixer, name))
             if block.share:
                 shared[block.share] = self.layers[-1][1]
             if block.ffn:
@@ -1484,8 +1559,7 @@ class Model:
     def states(self) -> list[tuple[str, tuple[int, ...]]]:
         """Carried state tensors, named `layers.<position>.mixer.<state>`, shapes without the
         batch axis (a shared block has a state at each of its positions)."""
-        return [(f"layers.{i}.mixer.{s}", shape) for i, (_, mixer, _) in enumerate(self.layers)
-                for s, shape in mixer.states]
+        return spec_states(self.spec)
 
     def zero_state(self, batch: int = 1) -> dict[str, np.ndarray]:
         return {n: np.zeros((batch, *shape), np.float32) for n, shape in self.states}
@@ -1571,7 +1645,7 @@ class Model:
     def build(self, length: int | None = None, step: bool = False, extra=None, training: bool = False):
         """The window graph over `length` frames (default: the spec's window), or the step graph.
 
-        `extra(g, heads, new_state)` may add inputs and outputs first (the training loss does).
+        `extra(g, heads, new_state, spec)` may add inputs and outputs first (the training loss does).
         training=True: the graph for onnxruntime-training, with a boolean input "training" that
         switches the spec's dropout on (train steps) or off (evaluation), when it has any."""
         length = 1 if step else (length or self.spec.window)
@@ -1611,7 +1685,7 @@ class Model:
         if self.spec.returns.value:
             heads["value"] = op.Squeeze(g.linear(x, "heads.value"), g.const([-1], np.int64))
         if extra is not None:
-            extra(g, heads, new_state)
+            extra(g, heads, new_state, self.spec)
         lead = ["B"] if step else ["B", length]
         for name, value in heads.items():
             if name == "action":
@@ -3437,16 +3511,21 @@ def frequency_loss(freqs: dict[str, list[float]], episodes: list[Episode], delay
     """The loss of always predicting `freqs` on these episodes."""
     out = {}
     for h, c in _transitions(episodes, delay).items():
-        q = np.asarray(freqs[h])
-        if h == "buttons":
-            p = q.clip(1e-6, 1 - 1e-6)
-            n1, n0 = c[:, 1].sum(0), c[:, 0].sum(0)
-            out[h] = float(-(n1 * np.log(p) + n0 * np.log(1 - p)).sum() / max((n0 + n1)[0], 1))
-        else:
-            y = c.sum(0)
-            out[h] = float(-(y * np.log(q)).sum() / max(y.sum(), 1))
+        targets = c.sum(0)  # the target frames' counts (see `_frequency_loss_sum`)
+        frames = targets[:, 0].sum() if h == "buttons" else targets.sum()
+        out[h] = _frequency_loss_sum(h, freqs[h], targets) / max(int(frames), 1)
     out["total"] = sum(out.values())
     return out
+
+
+def _frequency_loss_sum(h: str, freq: list[float], counts: np.ndarray) -> float:
+    """The loss of always predicting a head's label frequencies `freq`, summed over frames whose
+    targets are counted in `counts`: buttons [2, 8] (not pressed, pressed), other heads [k]."""
+    q = np.asarray(freq, np.float64)
+    if h == "buttons":
+        p = q.clip(1e-6, 1 - 1e-6)
+        return float(-(counts[1] * np.log(p) + counts[0] * np.log(1 - p)).sum())
+    return float(-(counts * np.log(q)).sum())
 
 
 # =================================================================================================
@@ -3475,19 +3554,19 @@ def _ort_training():
     return artifacts, api, onnxblock
 
 
-def loss_graph(distill: tuple[float, float] | None = None, value_weight: float = 0.1):
+def loss_graph(distill: tuple[float, float] | None = None):
     """The training loss, built inside the graph (`Model.build(extra=loss_graph())`).
 
     Hard loss: BCE summed over the 8 buttons plus the cross-entropy of each stick axis and the
     shoulder, each averaged over unmasked frames, summed over heads. Targets are probabilities.
     With distill = (T, alpha), each head's loss becomes
     alpha * T^2 * KL(teacher_T || student_T) + (1 - alpha) * hard, with the teacher's tempered
-    probabilities fed as `soft.<head>`. A model with a value head adds value_weight times the
-    squared error of its `value` against `target.value` (the return-to-go), averaged over
-    unmasked frames. Outputs: `loss`, `loss.<head>` (hard, per head), `loss.value` with a value
+    probabilities fed as `soft.<head>`. A model with a value head adds its spec's `value_weight`
+    times the squared error of its `value` against `target.value` (the return-to-go), averaged
+    over unmasked frames. Outputs: `loss`, `loss.<head>` (hard, per head), `loss.value` with a value
     head and, when distilling, `kl` (summed over heads)."""
 
-    def add(g: Graph, heads: dict, new_state: dict) -> None:
+    def add(g: Graph, heads: dict, new_state: dict, spec: Spec) -> None:
         op = g.op
         last = g.const([-1], np.int64)
         mask = g.input("mask", "FLOAT", ["B", g.length])
@@ -3522,7 +3601,7 @@ def loss_graph(distill: tuple[float, float] | None = None, value_weight: float =
         if "value" in heads:
             error = op.Sub(heads["value"], g.input("target.value", "FLOAT", ["B", g.length]))
             hard["value"] = op.Div(op.ReduceSum(op.Mul(op.Mul(error, error), mask), keepdims=0), count)
-            total = op.Add(total, op.Mul(hard["value"], value_weight))
+            total = op.Add(total, op.Mul(hard["value"], spec.returns.value_weight))
         # Every state output joins the loss with weight 0: onnxruntime-training 1.19 fails on a
         # Split (or fused Slices) whose outputs do not all reach the loss.
         for v in new_state.values():
@@ -3568,8 +3647,7 @@ class Trainer:
             tmp.mkdir(parents=True)
             clip = onnxblock.optim.ClipGradNorm(max_grad_norm) if max_grad_norm else None
             with _quiet_fd2():
-                loss = loss_graph(distill, model.spec.returns.value_weight)
-                artifacts.generate_artifacts(model.build(self.length, extra=loss, training=True),
+                artifacts.generate_artifacts(model.build(self.length, extra=loss_graph(distill), training=True),
                                              requires_grad=sorted(model.params), loss=None,
                                              optimizer=onnxblock.optim.AdamW(weight_decay=weight_decay,
                                                                              clip_grad=clip),
@@ -3913,8 +3991,10 @@ class Metrics:
         for name in ["loss", *(f"loss.{h}" for h in HEADS), *(n for n in ("kl", "loss.value") if n in out)]:
             self._count(name, float(out[name]) * frames)
         if "loss.value" in out and self.baselines and "mean_return" in self.baselines:
-            error = batch["target.value"][mask] - self.baselines["mean_return"]
-            self._count("mean_return.loss.value", (error.astype(np.float64) ** 2).sum())
+            # weighted as the loss graph weighs `loss.value`: by the mask, change frames included
+            error = batch["target.value"].astype(np.float64) - self.baselines["mean_return"]
+            weights = batch["mask"].astype(np.float64)
+            self._count("mean_return.loss.value", (weights * error ** 2).sum() / max(weights.sum(), 1.0) * frames)
         for h in HEADS:
             true = batch[f"target.{h}"][mask]
             true = true > 0.5 if h == "buttons" else true.argmax(-1)
@@ -3946,17 +4026,19 @@ class Metrics:
 
     def _baseline_losses(self, h, current, true) -> None:
         freq, markov = np.asarray(self.baselines["frequency"][h]), self.baselines.get("markov")
-        table = markov and np.asarray(markov[h])  # (runs from before the Markov tables have none)
         if h == "buttons":
-            y = true.astype(np.float64)
-            self._count(f"frequency.loss.{h}", _bce(freq, y).sum())
-            if markov:
-                self._count(f"markov.loss.{h}", _bce(table[current.astype(np.int64), np.arange(8)], y).sum())
+            counts = np.stack([(~true).sum(0), true.sum(0)])  # per button: frames not pressed, pressed
         else:
-            self._count(f"frequency.loss.{h}", -np.log(freq[true]).sum())
+            counts = np.bincount(true, minlength=len(freq))
             self._count(f"frequency.hit.{h}", (true == freq.argmax()).sum())
-            if markov:
-                self._count(f"markov.loss.{h}", -np.log(table[current, true]).sum())
+        self._count(f"frequency.loss.{h}", _frequency_loss_sum(h, freq, counts))
+        if markov:  # (runs from before the Markov tables have none)
+            table = np.asarray(markov[h])
+            if h == "buttons":
+                loss = _bce(table[current.astype(np.int64), np.arange(8)], true.astype(np.float64)).sum()
+            else:
+                loss = -np.log(table[current, true]).sum()
+            self._count(f"markov.loss.{h}", loss)
 
     def best_button_threshold(self) -> float:
         """The threshold of BUTTON_THRESHOLDS with the highest button F1 on these frames."""
@@ -4559,7 +4641,10 @@ def _load_data(run: _Run, out: Path, cache, log, ray) -> _Data:
 
 
 def _baselines(train_eps: list, d_lo: int, returns) -> dict:
-    """The label frequencies and Markov tables of the training games (and their mean return, with returns)."""
+    """The label frequencies and Markov tables of the training games (and their mean return, with returns).
+
+    All are counted on every training frame alike, whatever `--change-weight`: they are the
+    baselines of validation, whose frames are never change-weighted, and a model's start."""
     transitions = _transitions(train_eps, d_lo)  # counted on training games only
     baselines = {"frequency": _frequencies(transitions), "markov": _markov(transitions)}
     if returns:
@@ -4860,7 +4945,7 @@ class _Training:
     def score_exported(self, exported: dict) -> dict:
         """The exported weights on every validation frame, per group of player views; their metrics."""
         d = self.data
-        runner = _window_runner(self.model, loss_graph(self.distill, self.spec.returns.value_weight))
+        runner = _window_runner(self.model, loss_graph(self.distill))
         vt = _teacher_view(self.teacher, "val")
         new_metrics = lambda: Metrics(d.baselines, button_threshold=exported["button_threshold"])
         groups = {by: score_groups(runner, self.model, d.val_eps, self.L, self.d_lo, new_metrics, by,
@@ -5043,7 +5128,7 @@ def evaluate(run: str | os.PathLike, replays=None, batch_size: int = 64, cache: 
     if baselines and "returns" in info:
         baselines["mean_return"] = info["returns"]["mean_return"]
     new_metrics = lambda: Metrics(baselines=baselines, button_threshold=info.get("button_threshold", 0.5))
-    runner = _window_runner(model, loss_graph(value_weight=model.spec.returns.value_weight))
+    runner = _window_runner(model, add_loss)
     if by:
         metrics, report = score_groups(runner, model, episodes, L, delay, new_metrics, by, top, batch_size)
     else:
@@ -5371,10 +5456,10 @@ def checked_step_graph(run: Path, path: Path, info: dict) -> bytes:
     dims = lambda v: [d.dim_value or d.dim_param for d in v.type.tensor_type.shape.dim][1:]  # without the batch
     got = {v.name: dims(v) for v in [*proto.graph.input, *proto.graph.output]}
     if (run / "spec.toml").exists():  # the states of the run's spec
-        model = Model(load_spec(run / "spec.toml"), check=False)  # (its size was checked when it trained)
-        states, what = model.states, f"the run's spec {model.spec.name!r}"
-        scalars = [n for n, used in (("rtg", model.spec.returns.input), ("value", model.spec.returns.value)) if used]
-        samples = model.spec.heads.sampling == "autoregressive"
+        spec = load_spec(run / "spec.toml")
+        states, what = spec_states(spec), f"the run's spec {spec.name!r}"
+        scalars = [n for n, used in (("rtg", spec.returns.input), ("value", spec.returns.value)) if used]
+        samples = spec.heads.sampling == "autoregressive"
     else:  # at least a consistent interface
         states, what = [(k[len("state_in."):], v) for k, v in got.items() if k.startswith("state_in.")], "a step graph"
         scalars, samples = [n for n in ("rtg", "value") if n in got], "noise" in got
@@ -5402,6 +5487,10 @@ def step_path(run: str | os.PathLike, precision: str = "fp32") -> Path:
         raise ExphilError(f"{run}: no {precision} step graph ({path.name}){hint}; "
                           f"this folder has: {', '.join(have) or 'none (not a run folder)'}")
     return path
+
+
+def _all_finite(arrays: dict[str, np.ndarray]) -> bool:
+    return all(np.isfinite(v).all() for v in arrays.values())
 
 
 class Agent:
@@ -5437,6 +5526,7 @@ class Agent:
         self.frame_delay = int(self.info.get("frame_delay", 0))
         self._last_frame: int | None = None
         self._warned = False
+        self._finite = None  # the last logits `logits` returned, when they were all finite
         self.returns, self.target_return = None, None
         if self.step.rtg is not None:  # a return-conditioned policy
             self.returns = load_spec(run / "spec.toml").returns
@@ -5479,7 +5569,8 @@ class Agent:
             self._num = num.copy()
         noise = self.rule.numbers()[0] if self.step.samples else None  # (the graph samples the action)
         logits = self.step(cat, num, self.rtg if self.returns else 0.0, noise, self.temperature)
-        if not all(np.isfinite(v).all() for v in logits.values()):
+        self._finite = logits if _all_finite(logits) else None
+        if self._finite is None:
             self.step.reset()
             if not self._warned:
                 logger.warning("the model returned non-finite logits at frame %s (a NaN in "
@@ -5490,8 +5581,8 @@ class Agent:
     def sample(self, logits: dict[str, np.ndarray]) -> dict:
         """An action from one frame's logits, at the agent's temperature (autoregressive heads:
         the action the step graph sampled with them). Logits that are NaN or infinite are an
-        error: no action is ever made from them."""
-        if not np.isfinite(sum(float(v.sum()) for v in logits.values())):
+        error: no action is ever made from them (those `logits` just returned were checked there)."""
+        if logits is not self._finite and not _all_finite(logits):
             raise ExphilError("the model returned NaN or infinite logits")
         if "action" in logits:
             return action_dict(logits["action"])

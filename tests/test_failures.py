@@ -201,6 +201,18 @@ def test_graph_files_are_checked_before_onnxruntime_reads_them(tmp_path, mlp_run
     assert exphil.Agent(run).step.session is not None
 
 
+def test_a_step_graph_is_checked_against_its_spec_without_building_the_model(tmp_path, monkeypatch):
+    """The state names and shapes come from the spec's mixer declarations: no model is built."""
+    path = tmp_path / "step.onnx"
+    path.write_bytes(exphil.Model(exphil.load_spec(ROOT / "specs" / "gru.toml")).build(step=True).SerializeToString())
+    monkeypatch.setattr(exphil, "Model", None)
+    (tmp_path / "spec.toml").write_text((ROOT / "specs" / "gru.toml").read_text())
+    assert exphil.checked_step_graph(tmp_path, path, {}) == path.read_bytes()
+    (tmp_path / "spec.toml").write_text((ROOT / "specs" / "lstm.toml").read_text())
+    with pytest.raises(exphil.ExphilError, match="do not match the run's spec 'lstm'"):
+        exphil.checked_step_graph(tmp_path, path, {})
+
+
 def test_agent_names_missing_ports_and_recovers_from_a_nan_frame(tmp_path, caplog):
     """A recurrent agent fed one frame with a NaN returns non-finite logits for that frame only:
     its state is reset and the next frames are finite again (logged once)."""

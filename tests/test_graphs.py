@@ -216,7 +216,7 @@ def mixer_graph(layer_cls, cfg, width, length, seed=0, params=None, **kw):
     """One mixer layer alone as a window graph: x [B, L, width] -> y, with its states (and
     `params` instead of the initial weights when given)."""
     init = {}
-    layer = layer_cls("m", cfg, width, exphil._Init(init, np.random.default_rng(seed)), 1, **kw)
+    layer = layer_cls("m", cfg, width, exphil._Init(init, np.random.default_rng(seed)), exphil.LayerAt(0, 1, True), **kw)
     params = init if params is None else params
     g = exphil.Graph(params, length, "mixer")
     x = g.input("x", "FLOAT", ["B", length, width])
@@ -508,7 +508,7 @@ def test_rwkv7_matches_its_recurrence():
     cfg = exphil.RWKV7(head_size=N, lora=4, gate_lora=6)
     params, rng = {}, np.random.default_rng(3)
     init = exphil._Init(params, rng)
-    layers = [exphil.RWKV7Layer(f"m{i}", cfg, d, init, 2) for i in range(2)]
+    layers = [exphil.RWKV7Layer(f"m{i}", cfg, d, init, exphil.LayerAt(i, 2, first=i == 0)) for i in range(2)]
     for k in params:  # away from the initialisation's zeros, so that every term matters
         params[k] = params[k] + rng.normal(0, 0.3, params[k].shape).astype(np.float32)
     g = exphil.Graph(params, L, "rwkv7")

@@ -1,5 +1,6 @@
 """Rewards, the return-to-go, return-conditioned policies and value heads, on real replays."""
 
+import msgspec
 import numpy as np
 import pytest
 
@@ -110,6 +111,39 @@ def test_int8_graphs_of_a_return_conditioned_run_are_calibrated_and_checked_with
     report = exphil.quantize_run(dt_run.path, "static", calibration_frames=40, max_frames=600, min_agreement=0.0,
                                  replays=REPLAY, calibration_replays=REPLAY, quiet=True)
     assert report["frames"] > 500 and min(report["agreement"].values()) > 0.5
+
+
+def _value_model(value_weight=0.1):
+    """An untrained MLP with a value head (the spec's `value_weight` as given) and the two views of REPLAY."""
+    spec = exphil.load_spec(ROOT / "specs" / "mlp.toml")
+    spec = msgspec.structs.replace(spec, returns=exphil.Returns(value=True, value_weight=value_weight))
+    return exphil.Model(spec), exphil.load_replay(REPLAY)
+
+
+def test_the_loss_weighs_the_value_error_by_the_spec():
+    """`add_loss` adds the value head's squared error times the spec's `value_weight`."""
+    model, episodes = _value_model(value_weight=0.5)
+    batch = exphil.make_batch(episodes, [(0, 0), (1, 500)], model.spec.window, returns=model.spec.returns)
+    out = exphil._window_runner(model, exphil.add_loss)(batch)
+    heads = sum(float(out[f"loss.{h}"]) for h in exphil.HEADS)
+    assert float(out["loss"]) == pytest.approx(heads + 0.5 * float(out["loss.value"]), rel=1e-5)
+
+
+def test_a_value_head_at_the_mean_return_scores_its_baseline_with_change_weights():
+    """A value head that always predicts the mean return has exactly the mean-return baseline's
+    squared error, also on change-weighted frames (both weighted as the loss weighs frames)."""
+    model, episodes = _value_model()
+    mean_return = 0.25
+    model.params["heads.value.weight"][:] = 0
+    model.params["heads.value.bias"][:] = mean_return
+    wins = [(e, s) for e in (0, 1) for s in range(0, 6000, 10)]
+    batch = exphil.make_batch(episodes, wins, model.spec.window, change_weight=3.0, returns=model.spec.returns)
+    assert set(batch["mask"].ravel().tolist()) == {1.0, 3.0}
+    baselines = {"frequency": exphil.label_frequencies(episodes), "mean_return": mean_return}
+    metrics = exphil.Metrics(baselines)
+    metrics.add(exphil._window_runner(model, exphil.add_loss)(batch), batch)
+    r = metrics.result("val")
+    assert r["val_value_mse"] == pytest.approx(r["val_value_mse_mean_return"], abs=2e-5)  # (both rounded)
 
 
 @needs_training
