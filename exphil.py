@@ -3303,19 +3303,48 @@ class Windows:
 
 
 class Batches:
-    """An epoch's batches of windows in a seeded order: batch k is windows[order[k * size:(k + 1) * size]],
-    the order one number per window (the same order as `rng.permutation(len(windows))`)."""
+    """An epoch's batches of windows in a seeded order: batch k is the windows at positions
+    k * size .. (k + 1) * size of a pseudo-random permutation of the window numbers, computed for
+    those positions only (`order`), so nothing is held per window: the same order for the same
+    rng, each window exactly once.
+
+    The permutation is a keyed Feistel network over [0, 4^h), the smallest power of 4 at or
+    above the number of windows n (h bits each half, ROUNDS rounds, round keys drawn from the
+    rng), with cycle walking: a number that lands at or past n is permuted again until it lands
+    in [0, n) (fewer than 4 tries on average), which is a permutation of [0, n)."""
+
+    ROUNDS = 6
 
     def __init__(self, wins: Windows, size: int, rng: np.random.Generator):
-        n = len(wins)
-        self.wins, self.size = wins, size
-        self.order = rng.permutation(np.arange(n, dtype=np.uint32 if n < 1 << 32 else np.int64))
+        self.wins, self.size, self.n = wins, size, len(wins)
+        self.half = max(-(-(self.n - 1).bit_length() // 2), 1)
+        self.keys = rng.integers(0, np.iinfo(np.uint64).max, self.ROUNDS, dtype=np.uint64, endpoint=True)
 
     def __len__(self) -> int:
-        return -(-len(self.order) // self.size)
+        return -(-self.n // self.size)
 
     def __getitem__(self, k: int) -> np.ndarray:
-        return self.wins[self.order[k * self.size:(k + 1) * self.size]]
+        return self.wins[self.order(np.arange(k * self.size, min((k + 1) * self.size, self.n)))]
+
+    def order(self, positions) -> np.ndarray:
+        """The window numbers at these positions of the epoch's order (int64, each in [0, n))."""
+        out = self._feistel(np.asarray(positions, np.uint64))
+        walk = np.flatnonzero(out >= self.n)
+        while len(walk):
+            out[walk] = self._feistel(out[walk])
+            walk = walk[out[walk] >= self.n]
+        return out.astype(np.int64)
+
+    def _feistel(self, x: np.ndarray) -> np.ndarray:
+        """The keyed bijection of [0, 4^half) (uint64 arrays; products wrap modulo 2^64)."""
+        h, mask = np.uint64(self.half), np.uint64((1 << self.half) - 1)
+        left, right = x >> h, x & mask
+        for key in self.keys:  # the round function: splitmix64's finaliser of (right xor the round key)
+            z = right ^ key
+            z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+            z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+            left, right = right, left ^ ((z ^ (z >> np.uint64(31))) & mask)
+        return (left << h) | right
 
 
 def windows(episodes: list[Episode], length: int, delay: int = 0) -> Windows:

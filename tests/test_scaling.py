@@ -2,6 +2,9 @@
 validation on a fixed sample of the validation windows (every frame at the end)."""
 
 import json
+import time
+import tracemalloc
+import types
 
 import numpy as np
 import pytest
@@ -22,19 +25,55 @@ def episodes():
 
 
 @pytest.mark.parametrize("length, delay", [(1, 0), (8, 2), (60, 0), (60, 18)])
-def test_windows_and_batches_are_those_of_the_lists_they_replace(episodes, length, delay):
-    """The windows, numbered, are the list of (episode, first frame) pairs that training used to
-    hold, and an epoch's batches take them in the same seeded order: the same batches for a seed."""
+def test_windows_are_those_of_the_list_they_replace(episodes, length, delay):
+    """The windows, numbered, are the list of (episode, first frame) pairs that training used to hold."""
     listed = [(i, s) for i, ep in enumerate(episodes) for s in range(0, ep.frames - 1 - delay, length)]
     wins = exphil.windows(episodes, length, delay)
     assert len(wins) == len(listed) and wins[:].tolist() == [list(w) for w in listed]
     assert wins[len(listed) - 1].tolist() == list(listed[-1]) and wins[-1].tolist() == list(listed[-1])
-    for seed, epoch in ((0, 1), (3, 2)):
-        batches = exphil.Batches(wins, 64, np.random.default_rng([seed, epoch]))
-        order = np.random.default_rng([seed, epoch]).permutation(len(listed))
-        assert len(batches) == len(range(0, len(listed), 64))
-        assert np.array_equal(wins[batches.order], np.array(listed)[order])  # every batch: a run of this order
-        assert batches[1].tolist() == [list(listed[i]) for i in order[64:128]]
+
+
+def frames(n: int) -> list:
+    """Stand-ins for episodes whose windows of 1 frame number n in all."""
+    return [types.SimpleNamespace(frames=n + 1)]
+
+
+@pytest.mark.parametrize("n", [0, 1, 2, 3, 4, 5, 63, 64, 65, 1000, 1024, 4096, 4097, 100_003])
+def test_an_epoch_takes_each_window_exactly_once(n):
+    """An epoch's batches (64 windows, the last one shorter) hold every window once, whatever the number of windows."""
+    batches = exphil.Batches(exphil.Windows(frames(n), 1), 64, np.random.default_rng([0, 1]))
+    assert len(batches) == len(range(0, n, 64))
+    taken = [batches[k] for k in range(len(batches))]
+    assert all(len(b) == 64 for b in taken[:-1])
+    assert sorted(np.concatenate(taken)[:, 1].tolist() if taken else []) == list(range(n))
+
+
+def test_the_order_is_a_function_of_seed_and_epoch_and_looks_random(episodes):
+    """The same (seed, epoch) gives the same batches (so a resumed run takes the batches it would
+    have taken); another seed or epoch another order, with no trace of the windows' own order."""
+    wins = exphil.windows(episodes, 1)
+    order = lambda seed, epoch: exphil.Batches(wins, 64, np.random.default_rng([seed, epoch])).order(np.arange(len(wins)))
+    first = order(0, 1)
+    assert np.array_equal(first, order(0, 1)) and np.array_equal(np.sort(first), np.arange(len(wins)))
+    for other in (order(0, 2), order(1, 1)):
+        assert np.mean(first == other) < 0.01 and abs(np.corrcoef(first, other)[0, 1]) < 0.02
+    assert abs(np.corrcoef(np.arange(len(wins)), first)[0, 1]) < 0.02
+    batch = exphil.Batches(wins, 64, np.random.default_rng([0, 1]))[1]
+    assert batch.tolist() == wins[first[64:128]].tolist()
+
+
+def test_a_plan_holds_nothing_per_window():
+    """A plan over 10^9 windows is made, and its first, last and any batch read, at once and in a few kilobytes."""
+    wins = exphil.Windows(frames(10**6) * 1000, 1)
+    tracemalloc.start()
+    t0 = time.perf_counter()
+    batches = exphil.Batches(wins, 64, np.random.default_rng([0, 1]))
+    taken = [batches[k] for k in (0, 12_345_678, len(batches) - 1)]
+    seconds, (_, peak) = time.perf_counter() - t0, tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert len(wins) == 10**9 and len(batches) == 15_625_000 and all(b.shape == (64, 2) for b in taken)
+    assert seconds < 1 and peak < 1 << 20
+    assert ((0 <= np.concatenate(taken)) & (np.concatenate(taken) < [1000, 10**6])).all()
 
 
 @pytest.mark.parametrize("schedule", ["cosine", "constant"])
