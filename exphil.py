@@ -3223,6 +3223,7 @@ def filter_games(games: list[list[Episode]], character: str | None = None, oppon
     out = []
     for game in games:
         kept = [ep for ep in game if keep(*map(int, ep.cat[0, 2:5]), ep.frames)]
+        release_pages(len(game))  # (a dataset's: a read of each view's first frame maps its page, not kept)
         if kept:
             out.append(kept)
     return out
