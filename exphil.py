@@ -2643,14 +2643,15 @@ def parse_replays(task: tuple) -> tuple[list[dict], float]:
         row.update(path=str(path))
         try:
             row["hash"], game = _read_unchanged(path)
-            if isinstance(game, ReplayError):
-                raise game
-            eps = _episodes_from_game(game)
-        except ReplayError as e:
-            rows.append({**row, "skipped": e.reason})
-            continue
+            skipped = game.reason if isinstance(game, ReplayError) else None
+            eps = None if skipped else _episodes_from_game(game)
+        except ReplayError as e:  # (not raised again from here: a traceback through this frame would hold
+            skipped = e.reason    # every game of the task until the garbage collector ran)
         except _Unreadable as e:
             rows.append({**row, "error": str(e)})
+            continue
+        if skipped:
+            rows.append({**row, "skipped": skipped})
             continue
         codes = game.info.get("codes", {})
         row.update(frames=eps[0].frames, stage=game.stage, slippi=game.info.get("slippi"), date=game.info.get("date"),
@@ -2706,8 +2707,9 @@ def _read_unchanged(path, tries: int = 3) -> tuple[str, Game | ReplayError]:
             raise _Unreadable(f"cannot read file: {e.strerror}") from None
         try:
             game = read_replay(path, finalized=True)
-        except ReplayError as e:
-            game = e
+        except ReplayError as e:  # kept without tracebacks (its own, its cause's): their frames, and the
+            game = e.with_traceback(None)  # frames that called them, would hold every game of the task
+            game.__cause__ = game.__context__ = None
         with contextlib.suppress(_Changing):
             digest, after = _content(path)
             if after == before:

@@ -15,7 +15,7 @@ import pytest
 
 import bench
 import exphil
-from conftest import BROKEN, REPLAYS, ROOT
+from conftest import BROKEN, REPLAYS, ROOT, SHARED
 
 NETPLAY, NINTENDONT = REPLAYS / "hohav-py-slippi__netplay_name.slp", REPLAYS / "hohav-py-slippi__nintendont.slp"
 
@@ -200,6 +200,27 @@ def test_a_replay_replaced_after_hashing_is_recorded_as_what_was_parsed(tmp_path
     col = exphil.ingest(folder, data, workers=1)
     assert sorted(r["frames"] for r in col.dataset.rows()) == [6233, row["frames"]]
     assert col.hashes[target] == exphil._file_hash(NETPLAY)[0]
+
+
+def test_parsing_holds_no_game_after_its_task_even_with_unusable_replays(tmp_path):
+    """A parsing task's games are freed when it returns, with the garbage collector off: an
+    unusable replay's error keeps no reference to the task's games (through its traceback), so a
+    worker's memory does not grow with the tasks it has parsed."""
+    import gc
+
+    unusable = [p for p in sorted((SHARED / "odd").glob("*.slp")) if "corrupt" not in p.name][:4] or \
+        sorted(BROKEN.glob("*.slp"))
+    items = [(str(k), p) for k, p in enumerate([*sorted(REPLAYS.glob("*.slp")), *unusable])]
+    (tmp_path / "shards").mkdir()
+    gc.collect()
+    gc.disable()
+    try:
+        rows, _ = exphil.parse_replays((str(tmp_path), "task", items))
+        alive = sum(isinstance(o, exphil.Episode) for o in gc.get_objects())
+    finally:
+        gc.enable()
+    assert any(r.get("skipped") for r in rows) and sum(r.get("frames") is not None for r in rows) >= 2
+    assert alive == 0
 
 
 def test_hashing_reads_a_file_in_blocks(tmp_path):
