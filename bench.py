@@ -503,6 +503,7 @@ def architecture_row(path: str, replays: str | None, budget_seconds: float, seed
         best = run.info["exported_metrics"]
         frames_done = sum(r["frames_per_s"] * r["seconds"] for r in history)
         latency = exphil.step_latency(exphil.load_run(run.path)[0])
+        field = exphil.judge(run.path, closed=False, skills=False, seed=seed, quiet=True)["field_scores"]
     return {"spec": spec.name, "train_games": len(run.info["replays"]["train"]), "val_games": len(run.info["replays"]["val"]),
             "train_frames": run.info["frames"]["train"], "val_frames": best["val_frames"], "val_loss": best["val_loss"],
             "markov_loss": best["val_markov"]["loss"],
@@ -512,7 +513,7 @@ def architecture_row(path: str, replays: str | None, budget_seconds: float, seed
             "change_accuracy": best["val_change"]["accuracy"], "common_accuracy": best["val_frequency"]["accuracy"],
             "baseline_loss": run.info["baseline_loss"]["total"], "steps": run.info["steps"],
             "train_frames_per_s": frames_done / sum(r["seconds"] for r in history),
-            "step_p50_ms": latency["p50_ms"], "step_p99_ms": latency["p99_ms"]}
+            "step_p50_ms": latency["p50_ms"], "step_p99_ms": latency["p99_ms"], "field_scores": field}
 
 
 NETWORK_GBPS, MESSAGE_LATENCY_S = 10.0, 50e-6  # the modelled cluster: 10 Gb/s links, 50 us per message
@@ -587,6 +588,19 @@ def print_architectures(rows: list[dict]) -> None:
               f"{acc['main_x']:.3f} ({copy['main_x']:.3f}) | {acc['main_y']:.3f} ({copy['main_y']:.3f}) | "
               f"{r['button_f1']:.3f} ({r['copy_button_f1']:.3f}) | {r['change_accuracy']['main_x']:.3f} | {r['steps']} | "
               f"{r['train_frames_per_s']:,.0f} | {r['step_p50_ms']:.3f} | {verdict(r['step_p99_ms'])} |")
+
+
+def print_field_scores(rows: list[dict], key: str = "spec", label: str = "spec") -> None:
+    """The rows' field scores (the bot sampling, teacher-forced) under the baselines of the same
+    frames: copy, most common class and the Markov table (sampling) of the first row."""
+    first = rows[0]["field_scores"]
+    print(f"\nfield scores (macro-F1 / top-1) on {first['frames']:,} validation frames")
+    print(f"| {label} | " + " | ".join(exphil.FIELD_CLASSES) + " |")
+    print("|---|" + "---|" * len(exphil.FIELD_CLASSES))
+    named = [(who, first["rows"][who]) for who in ("copy", "most common class", "Markov") if who in first["rows"]]
+    for who, r in named + [(row[key], row["field_scores"]["rows"]["bot"]) for row in rows]:
+        print(f"| {who} | " + " | ".join(f"{r[k]['macro_f1']:.3f} / {r[k]['top1']:.3f}" for k in exphil.FIELD_CLASSES)
+              + " |")
 
 
 def print_learning_curve(rows: list[dict]) -> None:
@@ -1104,6 +1118,7 @@ def run_learning_curve(args, specs, error) -> dict:
           f"({rows[0]['val_frames']:,} frames, split by {args.split_by or 'player'}); the Markov baseline is "
           "counted on each row's training games\n")
     print_learning_curve(rows)
+    print_field_scores(rows, "train_games", "training games")
     return {"learning_curve": rows}
 
 
@@ -1120,6 +1135,7 @@ def run_architectures(args, specs, error) -> dict:
           + f" each, frame delay {args.frame_delay}; ranked by the margin of the validation loss under the "
           f"Markov baseline (frequency baseline {rows[0]['baseline_loss']:.3f})\n")
     print_architectures(rows)
+    print_field_scores(rows)
     return {"architectures": rows}
 
 

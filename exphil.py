@@ -5054,6 +5054,19 @@ def recorded_games(info: dict, which: str, log=None) -> list[list[Episode]]:
     return games
 
 
+def games_to_judge(run: Path, info: dict, replays=None, data=None, log=None) -> tuple[list[list[Episode]], list[dict]]:
+    """The games `eval` scores a run on: replays or a dataset, else the run's validation games."""
+    if replays is None and data is None:
+        games = recorded_games(info, "val", log)
+        if not games:
+            raise UsageError(f"{run}: it has no validation games to judge it on; pass --replays or --data")
+        return games, []
+    games, skipped = load_games(replays, log=log, data=data)
+    if not games:
+        raise ExphilError(f"{data or replays}: no usable replay (skipped {len(skipped)})")
+    return games, skipped
+
+
 MAX_FRAME_DELAY = 1 << 16  # frames (18 minutes): longer than a game of Melee's default 8-minute timer
 
 
@@ -5143,16 +5156,15 @@ def _window_runner(model: Model, extra=None):
     return run
 
 
-def evaluate(run: str | os.PathLike, replays=None, batch_size: int = 64, cache: Path | None = None,
-             quiet: bool = False, data: str | os.PathLike | None = None, by: str | None = None, top: int = 8) -> dict:
-    """Loss, button F1 and accuracies of a trained run on replays (every game, each played
-    from its start with the state carried), beside its baselines on the same frames: copy,
-    the run's Markov table and label frequencies (see Metrics), and on change frames.
+def evaluate(run: str | os.PathLike, replays=None, batch_size: int = 64, quiet: bool = False,
+             data: str | os.PathLike | None = None, by: str | None = None, top: int = 8) -> dict:
+    """Loss, button F1 and accuracies of a trained run on replays (or a dataset; neither: its
+    validation games), every game played from its start with the state carried, beside its
+    baselines on the same frames: copy, the run's Markov table and label frequencies (see
+    Metrics), and on change frames.
     by: also per group of player views ("by": see `score_groups`), one of GROUPINGS."""
     model, info = load_run(run)
-    games, skipped = load_games(replays, cache, _log(quiet), data=data)
-    if not games:
-        raise ExphilError(f"{data or replays}: no usable replay (skipped {len(skipped)})")
+    games, skipped = games_to_judge(Path(run), info, replays, data, _log(quiet))
     episodes = [ep for g in games for ep in g]
     delay, L = int(info.get("frame_delay", 0)), model.spec.window
     baselines = ({"frequency": info["label_frequencies"], "markov": info.get("markov_tables")}
@@ -6598,7 +6610,8 @@ BOT_ROWS = {  # row -> (the bot or the Markov baseline, closed controller, deter
 def judge(run: str | os.PathLike, replays=None, data: str | os.PathLike | None = None, closed: bool = True,
           skills: bool = True, field: bool = True, seed: int = 0, temperature: float = 1.0,
           hold: dict | None = None, quiet: bool = False) -> dict:
-    """Judge a run the way it plays, on replays (or a dataset): closed-controller rollouts
+    """Judge a run the way it plays, on replays (or a dataset; neither: the run's validation
+    games): closed-controller rollouts
     (`input_stats` of the bot beside the players, teacher-forced and reading back its own inputs,
     sampling and deterministic, and the Markov baseline), skill checks (`SKILLS`) and field scores
     (`field_labels`); the FP32 step graph with the Agent's rule at `temperature`, holding its
@@ -6609,9 +6622,7 @@ def judge(run: str | os.PathLike, replays=None, data: str | os.PathLike | None =
     info = json.loads((run / "run.json").read_text()) if (run / "run.json").exists() else {}
     graph = checked_step_graph(run, step_path(run), info)
     spec = load_spec(run / "spec.toml")
-    games, skipped = load_games(replays, log=_log(quiet), data=data)
-    if not games:
-        raise ExphilError(f"{data or replays}: no usable replay (skipped {len(skipped)})")
+    games, skipped = games_to_judge(run, info, replays, data, _log(quiet))
     episodes = [ep for g in games for ep in g]
     delay, threshold = int(info.get("frame_delay", 0)), info.get("button_threshold", 0.5)
     keep = hold_vector(info.get("hold") if hold is None else hold)
@@ -7090,8 +7101,9 @@ def _add_eval_command(sub) -> None:
     """`exphil eval`: the teacher-forced scores, or the bot judged the way it plays."""
     p = sub.add_parser("eval", help="loss and accuracy of a trained run on replays")
     p.add_argument("run")
-    source = p.add_mutually_exclusive_group(required=True)
-    source.add_argument("--replays", help="a .slp file or a directory (searched recursively)")
+    source = p.add_mutually_exclusive_group()
+    source.add_argument("--replays", help="a .slp file or a directory (searched recursively; default: the run's "
+                        "validation games)")
     source.add_argument("--data", help="a dataset folder (`exphil ingest`)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.add_argument("--by", choices=GROUPINGS, help="also per group of player views: the player's character, the "

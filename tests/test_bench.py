@@ -67,7 +67,12 @@ def test_architecture_table(tmp_path):
     for r in rows:
         assert abs(r["margin"] - (1 - r["val_loss"] / r["markov_loss"])) < 1e-9
         assert 0.5 < r["copy_accuracy"]["main_x"] < 1 and 0.5 < r["copy_button_f1"] < 1
+        assert set(r["field_scores"]["rows"]) == {"bot", "copy", "Markov", "most common class"}
+    # the field scores of every row: the same validation frames, so the same baselines
+    assert rows[0]["field_scores"]["frames"] == rows[1]["field_scores"]["frames"] > 0
+    assert rows[0]["field_scores"]["rows"]["copy"] == rows[1]["field_scores"]["rows"]["copy"]
     assert "| rank | spec | val loss | markov | vs markov |" in out and "3 optimizer steps" in out
+    assert "| spec | hal_buttons | mimic_buttons | main_stick |" in out and "| mlp | " in out.split("field scores")[1]
 
 
 def test_throughput_without_torch(tmp_path):
@@ -171,6 +176,8 @@ def test_learning_curve_and_architecture_table_on_a_dataset_split_by_player(tmp_
         assert abs(r["margin"] - (1 - r["val_loss"] / r["markov_loss"])) < 1e-9
         assert 0.5 < r["copy_accuracy"]["main_x"] < 1 and 0 < r["common_accuracy"]["main_x"] < 1
     assert "| training games | training frames | val loss | markov |" in out and "split by player" in out
+    assert rows[0]["field_scores"]["rows"]["copy"] == rows[1]["field_scores"]["rows"]["copy"]
+    assert "| training games | hal_buttons |" in out
     out = bench("--train", "--data", tmp_path / "data", "--split-by", "player", "--max-steps", "2",
                 "--batch-size", "512", "--specs", "specs/mlp.toml", "--json", tmp_path / "a.json")
     (row,) = json.loads((tmp_path / "a.json").read_text())["architectures"]

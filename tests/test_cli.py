@@ -45,6 +45,12 @@ def test_eval_reports_loss_and_baseline(mlp_run):
     assert out["games"] == 3 and out["frames"] > 20000 and not out["skipped"]
     assert 0 < out["loss"] < out["frequency"]["loss"]
     assert set(out["heads"]) == set(exphil.HEADS)
+    # without --replays or --data: the run's own validation games, scored as when named
+    val = mlp_run.info["replays"]["val"]
+    res = cli("eval", mlp_run.path, "--json")
+    assert res.returncode == 0, res.stderr
+    own, named = json.loads(res.stdout), exphil.evaluate(mlp_run.path, val, quiet=True)
+    assert own["games"] == len(val) > 0 and own["loss"] == named["loss"] and own["frames"] == named["frames"]
 
 
 def test_specs_version_and_unknown_spec_names():
