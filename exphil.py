@@ -1432,12 +1432,15 @@ def _true_values(g: Graph, action, head: str, logits):
 
 class Sampler:
     """Samples heads inside a step graph as `sample_actions` does, from the uniform numbers
-    `noise` [B, UNIFORMS] at `temperature`: a call samples one head from its logits [B, k] and
-    returns its one-hot value; `action()` joins the samples into codes [B, UNIFORMS]."""
+    `noise` [B, UNIFORMS] at `temperature`. A call samples one head from its logits [B, k] and
+    returns its value as the conditioning reads it in the step graph: the 0/1 bits of the
+    buttons; for a class head c, the steps b [B, k] of its cumulative distribution that lie
+    below the number (b_i = 1 for i < c, ties at the top kept by `prefix_rows`); `action()`
+    joins the samples into codes [B, UNIFORMS] (a class: the sum of its first k - 1 steps)."""
 
     def __init__(self, g: Graph, noise, temperature):
         op = g.op
-        self.g, self.codes = g, {}
+        self.g, self.values = g, {}
         self.numbers = dict(zip(HEADS, g.split(noise, [8] + [1] * len(_CLASS_HEADS))))  # (HEADS order)
         self.temperature = op.Max(temperature, g.const(1e-6))  # 0: the most likely value
 
@@ -1445,18 +1448,40 @@ class Sampler:
         g, op = self.g, self.g.op
         x = op.Div(logits, self.temperature)
         if head == "buttons":  # pressed when u < sigmoid(x / T)
-            pressed = op.Less(self.numbers[head], op.Sigmoid(x))
-            self.codes[head] = op.Cast(pressed, to=g.ir.DataType.INT64)
-            return op.Cast(pressed, to=g.ir.DataType.FLOAT)
-        # the class where the cumulative softmax passes u (the last one if rounding leaves it under u)
-        k, last = HEADS[head], g.const([-1], np.int64)
-        below = op.Less(op.CumSum(op.Softmax(x, axis=-1), g.const(-1, np.int64)), self.numbers[head])
-        cls = op.Min(op.ReduceSum(op.Cast(below, to=g.ir.DataType.INT64), last, keepdims=1), g.const([k - 1], np.int64))
-        self.codes[head] = cls
-        return op.Cast(op.Equal(cls, g.const(np.arange(k), np.int64)), to=g.ir.DataType.FLOAT)
+            below = op.Less(self.numbers[head], op.Sigmoid(x))
+        else:  # the class where the cumulative softmax passes u (the last one if rounding leaves it under u)
+            below = op.Less(op.CumSum(op.Softmax(x, axis=-1), g.const(-1, np.int64)), self.numbers[head])
+        self.values[head] = op.Cast(below, to=g.ir.DataType.FLOAT)
+        return self.values[head]
 
     def action(self):
-        return self.g.op.Concat(*(self.codes[h] for h in HEADS), axis=-1)
+        """Codes [B, UNIFORMS]: one MatMul adds up each class head's steps (all but its last)."""
+        g, op = self.g, self.g.op
+        pick = np.zeros((sum(HEADS.values()), UNIFORMS), np.float32)
+        pick[np.arange(8), np.arange(8)] = 1
+        for j, (h, first) in enumerate(zip(_CLASS_HEADS, np.cumsum(list(HEADS.values()))[:-1])):
+            pick[first:first + HEADS[h] - 1, 8 + j] = 1
+        codes = op.MatMul(op.Concat(*(self.values[h] for h in HEADS), axis=-1), g.const(pick))
+        return op.Cast(codes, to=g.ir.DataType.INT64)
+
+    @staticmethod
+    def prefix_rows(g: Graph, weight, before: Sequence[str]):
+        """The conditioning weights [sum k, r] of one-hot values of the heads `before`, rewritten
+        for the sampler's steps: a class head's rows W_0..W_k-1 become W_1 - W_0, ..., W_k-1 -
+        W_k-2, 0 (so steps b of class c give W_c - W_0), and the rows W_0 go to the returned
+        offset [r]. Built from parameters alone: onnxruntime folds it when the session loads."""
+        op, rows, offsets = g.op, [], []
+        blocks = g.split(weight, [HEADS[h] for h in before], axis=0) if len(before) > 1 else [weight]
+        for h, w in zip(before, blocks):
+            if h == "buttons":
+                rows.append(w)
+                continue
+            cut = lambda a, b: op.Slice(w, g.const([a], np.int64), g.const([b], np.int64), g.const([0], np.int64))
+            rows += [op.Sub(cut(1, HEADS[h]), cut(0, HEADS[h] - 1)), op.Mul(cut(0, 1), 0.0)]
+            offsets.append(cut(0, 1))
+        offset = functools.reduce(op.Add, offsets) if offsets else op.Mul(op.Slice(
+            weight, g.const([0], np.int64), g.const([1], np.int64), g.const([0], np.int64)), 0.0)
+        return (rows[0] if len(rows) == 1 else op.Concat(*rows, axis=0)), offset
 
 
 class Model:
@@ -1605,13 +1630,19 @@ class Model:
         heads = dict(zip(HEADS, g.split(logits, list(HEADS.values()))))
         if heads_spec.sampling == "independent":
             return heads
-        order = heads_spec.order
-        features = g.split(g.linear(x, "heads.ar.features"), [heads_spec.conditioning] * (len(order) - 1))
-        seen = []  # the one-hot values of the heads so far
-        for before, h, z in zip(order, order[1:], features):
+        order, r = heads_spec.order, heads_spec.conditioning
+        weights = {h: g.param(f"heads.ar.{h}.prefix") for h in order[1:]}
+        bias = g.param("heads.ar.features.bias")
+        if isinstance(choose, Sampler):  # its steps in place of one-hot values; the offsets join the bias
+            rows = {h: Sampler.prefix_rows(g, w, order[:j]) for j, (h, w) in enumerate(weights.items(), 1)}
+            weights = {h: w for h, (w, _) in rows.items()}
+            bias = op.Add(bias, op.Concat(*(o for _, o in rows.values()), axis=-1))
+        features = op.Add(op.MatMul(x, g.param("heads.ar.features.weight")), bias)
+        seen = []  # the values of the heads so far
+        for before, h, z in zip(order, order[1:], g.split(features, [r] * (len(order) - 1))):
             seen.append(choose(before, heads[before]))
             prefix = seen[0] if len(seen) == 1 else op.Concat(*seen, axis=-1)
-            z = g.activation("gelu", op.Add(z, op.MatMul(prefix, g.param(f"heads.ar.{h}.prefix"))))
+            z = g.activation("gelu", op.Add(z, op.MatMul(prefix, weights[h])))
             heads[h] = op.Add(heads[h], op.MatMul(z, g.param(f"heads.ar.{h}.out")))
         return heads
 
