@@ -1,4 +1,5 @@
 import json
+import shutil
 import subprocess
 import sys
 
@@ -51,6 +52,19 @@ def test_eval_reports_loss_and_baseline(mlp_run):
     assert res.returncode == 0, res.stderr
     own, named = json.loads(res.stdout), exphil.evaluate(mlp_run.path, val, quiet=True)
     assert own["games"] == len(val) > 0 and own["loss"] == named["loss"] and own["frames"] == named["frames"]
+
+
+
+def test_eval_of_a_run_without_validation_games_asks_for_games(mlp_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(mlp_run.path, run)
+    info = json.loads((run / "run.json").read_text())
+    info["replays"]["val"] = []
+    (run / "run.json").write_text(json.dumps(info))
+    for judged in ([], ["--field-scores"]):
+        res = cli("eval", run, *judged)
+        assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr
+        assert f"{run}: it has no validation games to judge it on; pass --replays or --data" in res.stderr
 
 
 def test_specs_version_and_unknown_spec_names():
