@@ -3021,8 +3021,11 @@ def _mapper(workers: int, ray: str | None = None):
     try:
         yield mapped
     finally:
+        # (a Ctrl-C that lands while the pool starts its manager thread leaves nothing to join:
+        # shutdown says so with a RuntimeError; the workers already started exit with this process)
         if pool is not None:
-            pool.shutdown(cancel_futures=True)
+            with contextlib.suppress(RuntimeError):
+                pool.shutdown(cancel_futures=True)
 
 
 class _Collection(NamedTuple):
