@@ -1468,8 +1468,8 @@ class Sampler:
     def prefix_rows(g: Graph, weight, before: Sequence[str]):
         """The conditioning weights [sum k, r] of one-hot values of the heads `before`, rewritten
         for the sampler's steps: a class head's rows W_0..W_k-1 become W_1 - W_0, ..., W_k-1 -
-        W_k-2, 0 (so steps b of class c give W_c - W_0), and the rows W_0 go to the returned
-        offset [r]. Built from parameters alone: onnxruntime folds it when the session loads."""
+        W_k-2, 0 (so steps b of class c give W_c - W_0), and the rows W_0 add up to the returned
+        offset [1, r]. Built from parameters alone: onnxruntime folds it when the session loads."""
         op, rows, offsets = g.op, [], []
         blocks = g.split(weight, [HEADS[h] for h in before], axis=0) if len(before) > 1 else [weight]
         for h, w in zip(before, blocks):
