@@ -3410,7 +3410,7 @@ def make_batch(episodes: list[Episode], wins: np.ndarray | Sequence[tuple[int, i
     mirror: per window, flip left and right. smoothing: label smoothing of the targets.
     change_weight: the mask (the loss weight) of frames whose target differs from the current
     controller in any head. controller_dropout (p, seed): zero the current-controller inputs of
-    a random share p of the frames.
+    a random share p of the frames. `delay` [B] holds each window's delay (`with_own_inputs`).
     teacher: {"logits": per-episode [T, sum(HEADS)] arrays, "temperature": T} adds the
     teacher's soft targets `soft.<head>` (distillation). returns: add each frame's return-to-go
     (`rtg`, the input of return-conditioned specs, and `target.value`, the same array)."""
@@ -3418,7 +3418,7 @@ def make_batch(episodes: list[Episode], wins: np.ndarray | Sequence[tuple[int, i
     B, C, F = len(wins), len(CAT_FIELDS), len(NUM_FIELDS)
     delays = np.broadcast_to(np.asarray(delay), (B,))
     batch = {"cat": np.zeros((B, length, C), np.int64), "num": np.zeros((B, length, F), np.float32),
-             "mask": np.zeros((B, length), np.float32)}
+             "mask": np.zeros((B, length), np.float32), "delay": delays.astype(np.int64)}
     labels = {h: np.zeros((B, length) + ((8,) if h == "buttons" else ()), np.int64) for h in HEADS}
     current = {h: np.zeros_like(v) for h, v in labels.items()}
     soft = teacher and np.zeros((B, length, sum(HEADS.values())), np.float32)
@@ -3474,6 +3474,29 @@ def make_batch(episodes: list[Episode], wins: np.ndarray | Sequence[tuple[int, i
                 p /= p.sum(-1, keepdims=True)
             batch[f"soft.{h}"] = p.astype(np.float32)
     return batch
+
+
+def with_own_inputs(batch: dict[str, np.ndarray], out: dict[str, np.ndarray], share: float,
+                    rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """The batch with a share of its frames holding the model's own decision in their controller
+    columns (and `current.<head>`) instead of the player's input, read back as play reads a
+    controller (`controller_features`): the action sampled at T = 1 (`sample_actions`) from
+    `out`, the model's outputs on this batch, at frame t - 1 - delay of the same window. What
+    the bot sees in play, to first order (those decisions saw the players' earlier inputs;
+    autoregressive heads' components are sampled given the player's earlier components)."""
+    B, L = batch["mask"].shape
+    flat = {h: out[h].reshape(B * L, -1) for h in HEADS}
+    codes = sample_actions(flat, rng.random((B * L, UNIFORMS))).reshape(B, L, UNIFORMS)
+    src = np.arange(L)[None] - 1 - batch["delay"][:, None]
+    b, t = np.nonzero((src >= 0) & (rng.random((B, L)) < share))
+    mine = codes[b, src[b, t]]
+    new = {**batch, "num": batch["num"].copy(), "current.buttons": batch["current.buttons"].copy()}
+    new["num"][b, t, _CTRL:_CTRL + 13] = controller_features(mine)
+    new["current.buttons"][b, t] = mine[:, :8]
+    for i, h in enumerate(_CLASS_HEADS):
+        new[f"current.{h}"] = batch[f"current.{h}"].copy()
+        new[f"current.{h}"][b, t] = mine[:, 8 + i]
+    return new
 
 
 def streams(episodes: list[Episode], length: int, batch_size: int, delay: int = 0,
@@ -4348,6 +4371,7 @@ class TrainConfig:
     mirror_prob: float = 0.0
     change_weight: float = 1.0  # loss weight of frames whose target differs from the current input
     controller_dropout: float = 0.0  # share of training frames whose current-controller inputs are zeroed
+    own_inputs: float = 0.0  # share of training frames whose controller inputs are the model's own decisions
     stateful: bool = False
     save_every: int = 0  # also checkpoint every N steps (0: at the end of each epoch only)
     early_stopping: bool = False
@@ -4378,6 +4402,7 @@ class TrainConfig:
                   (0 <= self.label_smoothing < 1, "label-smoothing must be in [0, 1)"),
                   (0 <= self.mirror_prob <= 1, "mirror-prob must be in [0, 1]"),
                   (0 <= self.controller_dropout <= 1, "controller-dropout must be in [0, 1]"),
+                  (0 <= self.own_inputs <= 1, "own-inputs must be in [0, 1]"),
                   (0 < self.change_weight < 1e6, "change-weight must be in (0, 1e6)"),
                   (self.frame_delay >= 0 and 0 <= self.delay_min <= self.delay_max,
                    "delays must be >= 0 and delay-min <= delay-max"),
@@ -4696,6 +4721,10 @@ def _load_data(run: _Run, out: Path, cache, log, ray) -> _Data:
     if config.controller_dropout and spec.heads.markov:
         raise UsageError(f"--controller-dropout hides the current controller that the Markov heads of spec "
                          f"{spec.name!r} read; set `markov = false` under [heads] to use it")
+    if config.own_inputs and spec.window <= 1 + d_hi:
+        raise UsageError(f"--own-inputs feeds each frame the decision made 1 + delay frames earlier in its window; "
+                         f"spec {spec.name!r} has windows of {spec.window} frame(s) (delay up to {d_hi}): "
+                         f"raise --window-size")
     train_wins, val_wins = Windows(train_eps, spec.window, d_hi), Windows(val_eps, spec.window, d_lo)
     if not len(train_wins) or (val_eps and not len(val_wins)):
         which, d = ("training", d_hi) if not train_wins else ("validation", d_lo)
@@ -4883,6 +4912,9 @@ class _Training:
                 batch = ahead.next()
                 if self.stateful:
                     batch = carry_state(batch, previous, batches[k], self.model)
+                if config.own_inputs:  # the model's decisions on this batch, read back as in play
+                    batch = with_own_inputs(batch, self.trainer.evaluate(batch), config.own_inputs,
+                                            np.random.default_rng([config.seed, epoch, k, 1 << 31]))
                 previous = self.trainer.step(batch, config.learning_rate(self.step, self.total_steps))
                 if not math.isfinite(float(previous["loss"])):
                     _diverged(out, d.info, f"the loss is {float(previous['loss'])} at step {self.step + 1}", config)
@@ -6906,6 +6938,9 @@ def _training_flags(p: argparse.ArgumentParser) -> None:
                    help="loss weight of frames whose target differs from the current input")
     o.add_argument("--controller-dropout", type=float,
                    help="share of training frames whose current-controller inputs are zeroed")
+    o.add_argument("--own-inputs", type=float, metavar="SHARE",
+                   help="share of training frames whose controller inputs hold the model's own decisions "
+                        "(sampled from its outputs on the same batch), as in play")
     o.add_argument("--stateful", action="store_true", default=None,
                    help="carry recurrent state across consecutive windows of each game (truncated BPTT)")
     o.add_argument("--max-steps", type=int, help="train this many steps in all, over as many epochs as they take "

@@ -294,3 +294,58 @@ def test_distillation_scores_each_group_of_validation_views_with_its_own_teacher
     info = json.loads((tmp_path / "student" / "run.json").read_text())
     groups = info["val_by"]["character"]
     assert len(groups) > 1 and sum(g["frames"] for g in groups.values()) == info["exported_metrics"]["val_frames"]
+
+
+def test_own_inputs_put_the_models_decisions_where_play_reads_them(episodes):
+    """--own-inputs: a frame's controller columns (and its current classes) hold the action
+    sampled from the model's outputs 1 + delay frames earlier in the same window, read back as
+    play reads a controller; nothing else changes. Outputs that are certain of a known action
+    per frame make the sample that action."""
+    wins = exphil.windows(episodes, 60)[30:46]
+    delays = np.arange(len(wins)) % 3
+    batch = exphil.make_batch(episodes, wins, 60, delay=delays)
+    B, L = batch["mask"].shape
+    want = np.random.default_rng(0).integers(0, exphil._CLASS_SIZES.min(), (B, L, exphil.UNIFORMS))
+    want[..., :8] %= 2
+    out = {"buttons": np.where(want[..., :8] == 1, 40.0, -40.0)}
+    for i, h in enumerate(exphil._CLASS_HEADS):
+        out[h] = np.where(np.arange(exphil.HEADS[h]) == want[..., 8 + i, None], 40.0, -40.0)
+    mine = exphil.with_own_inputs(batch, out, 1.0, np.random.default_rng(1))
+    ctrl = slice(exphil._CTRL, exphil._CTRL + 13)
+    for b, d in enumerate(delays):
+        lag = 1 + d
+        assert np.array_equal(mine["num"][b, :lag], batch["num"][b, :lag])
+        assert np.allclose(mine["num"][b, lag:, ctrl], exphil.controller_features(want[b, :L - lag]))
+        assert np.array_equal(mine["current.buttons"][b, lag:], want[b, :L - lag, :8])
+        for i, h in enumerate(exphil._CLASS_HEADS):
+            assert np.array_equal(mine[f"current.{h}"][b, lag:], want[b, :L - lag, 8 + i])
+    others = np.ones(batch["num"].shape[-1], bool)
+    others[ctrl] = False
+    assert np.array_equal(mine["num"][..., others], batch["num"][..., others])
+    assert all(np.array_equal(mine[k], batch[k]) for k in batch if k.startswith("target.") or k == "mask")
+    # a share: about that many frames, the rest untouched; none: the batch as it was
+    half = exphil.with_own_inputs(batch, out, 0.5, np.random.default_rng(2))
+    moved = (half["num"][..., ctrl] != batch["num"][..., ctrl]).any(-1)
+    could = (mine["num"][..., ctrl] != batch["num"][..., ctrl]).any(-1)
+    assert not (moved & ~could).any() and 0.4 < moved.sum() / could.sum() < 0.6
+    none = exphil.with_own_inputs(batch, out, 0.0, np.random.default_rng(3))
+    assert all(np.array_equal(none[k], batch[k]) for k in batch)
+
+
+def test_training_on_own_inputs_is_reproducible_and_changes_the_model(tmp_path):
+    """The decisions fed back are drawn from seeded numbers: the same settings give the same
+    weights; without them, others. With the Markov heads and autoregressive heads. A spec whose
+    windows hold no earlier frame is refused in one line."""
+    text = (SPEC / "gru.toml").read_text().replace('name = "gru"', 'name = "gru_ar"').replace("hidden = 256", "hidden = 32")
+    spec = tmp_path / "gru_ar.toml"
+    spec.write_text(text.replace("[heads]\n", '[heads]\nsampling = "autoregressive"\n'))
+
+    def weights(name, **kw):
+        exphil.train(spec, REPLAYS, max_steps=3, batch_size=16, out=tmp_path / name, quiet=True, **kw)
+        return exphil.load_run(tmp_path / name)[0].params
+    a, b, plain = weights("a", own_inputs=0.5), weights("b", own_inputs=0.5), weights("plain")
+    assert exphil.load_run(tmp_path / "a")[1]["config"]["own_inputs"] == 0.5
+    assert all(np.array_equal(a[n], b[n]) for n in a)
+    assert any(not np.array_equal(a[n], plain[n]) for n in a)
+    with pytest.raises(exphil.UsageError, match="windows of 1 frame"):
+        exphil.train(SPEC / "mlp.toml", REPLAYS, max_steps=1, own_inputs=0.5, out=tmp_path / "mlp", quiet=True)
