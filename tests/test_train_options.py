@@ -260,7 +260,8 @@ def test_distillation_loss_matches_its_formula(episodes):
 def test_settings_that_would_be_ignored_are_errors():
     for bad, message in [(dict(online_robust=True, frame_delay=2), "instead of frame-delay"),
                          (dict(delay_max=3), "only with online-robust"),
-                         (dict(val_split=1.0), "val-split"), (dict(mirror_prob=2), "mirror-prob")]:
+                         (dict(val_split=1.0), "val-split"), (dict(mirror_prob=2), "mirror-prob"),
+                         (dict(own_inputs=1.5), "own-inputs")]:
         with pytest.raises(exphil.ExphilError, match=message):
             exphil.TrainConfig(**bad)
     assert exphil.TrainConfig(online_robust=True, delay_min=1, delay_max=4).delays == (1, 4)
