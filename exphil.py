@@ -2448,6 +2448,14 @@ class Episode:
             self._rtg[returns] = returns_to_go(self.num, returns)
         return self._rtg[returns]
 
+    def part(self, start: int, end: int, returns: Returns | None = None) -> Episode:
+        """Its frames start .. end - 1 (with the whole game's returns-to-go for `returns`)."""
+        part = dataclasses.replace(self, cat=self.cat[start:end], num=self.num[start:end],
+                                   labels={h: v[start:end] for h, v in self.labels.items()}, _rtg={})
+        if returns is not None:
+            part._rtg[returns] = self.rtg(returns)[start:end]
+        return part
+
     def in_memory(self) -> Episode:
         """A copy in memory with the types parsing gives (int64 ids and classes, uint8 buttons)."""
         return Episode(self.source, self.port, self.cat.astype(np.int64), np.array(self.num),
@@ -6365,7 +6373,8 @@ def play(run: str | os.PathLike, dolphin: str | os.PathLike, iso: str | os.PathL
 # * `input_stats`: how a sequence of inputs moves (changes per second, holds, the joint
 #   distribution of buttons and main-stick region), bot beside the player of the same view.
 # * `SKILLS`: situations found from the player's action states, each with a window of frames
-#   where a well-defined input is correct; scored on the player's inputs and on the bot's.
+#   where a well-defined input is correct; scored on the player's inputs and on the bot's, and
+#   (`situated_skills`) on the bot's own inputs from each situation on.
 # * `field_labels`: single-label button classes and 37 two-dimensional main-stick clusters, as
 #   HAL and MIMIC publish their figures; `judge` scores them with macro-F1 and top-1.
 
@@ -6403,6 +6412,7 @@ def _graph_step(graph: bytes, views: int):
         out = dict(zip(names, sess.run(None, feeds)))
         state.update({"state_in." + n[len("state_out."):]: v for n, v in out.items() if n.startswith("state_out.")})
         return out
+    step.state = state  # (its carried state, by input name: `situated_skills` reads and sets it)
     return step
 
 
@@ -6418,19 +6428,22 @@ def _markov_step(tables: dict):
         for (h, k), v in zip(list(HEADS.items())[1:], ctrl[:, 8:].T):
             out[h] = np.log(tables[h][np.clip(np.rint(v * (k - 1)), 0, k - 1).astype(np.int64)])
         return out
+    step.state = {}
     return step
 
 
 def rollout(step, episodes: list[Episode], closed: bool = False, deterministic: bool = False,
             temperature: float = 1.0, delay: int = 0, seed: int = 0, returns: Returns | None = None,
-            button_threshold: float = 0.5, keep: np.ndarray | None = None) -> list[dict[str, np.ndarray]]:
+            button_threshold: float = 0.5, keep: np.ndarray | None = None, own_from: int = 0,
+            on_frame: Callable[[int], None] | None = None) -> list[dict[str, np.ndarray]]:
     """Walk the episodes (all at once, one frame per call of `step`: `_graph_step` or
     `_markov_step`) with the Agent's decision rule (`DecisionRule`, numbers kept from frame to
     frame with probability `keep`), and return per episode its decisions placed where they take effect:
     "inputs" [T, UNIFORMS] (the first 1 + delay frames neutral), and the head-wise guesses the
     field scores read: "buttons" [T, 8] (probability above `button_threshold`) and "main" [T]
     (the most likely of the 37 main-stick clusters). closed: the controller columns hold the
-    bot's own inputs instead of the replay's. returns: feed each frame's return-to-go."""
+    bot's own inputs instead of the replay's (from frame `own_from` on). returns: feed each
+    frame's return-to-go. on_frame(t) is called before each frame's step."""
     V, T = len(episodes), max(ep.frames for ep in episodes)
     cat, num = np.zeros((T, V, len(CAT_FIELDS)), np.int64), np.zeros((T, V, len(NUM_FIELDS)), np.float32)
     rtg = np.zeros((T, V), np.float32)
@@ -6443,8 +6456,10 @@ def rollout(step, episodes: list[Episode], closed: bool = False, deterministic: 
     pressed, main = np.zeros((T, V, 8), bool), np.zeros((T, V), np.int64)
     cut = _logit(button_threshold)
     for t in range(T):
+        if on_frame is not None:
+            on_frame(t)
         x = num[t]
-        if closed:
+        if closed and t >= own_from:
             x = x.copy()
             x[:, _CTRL_COLUMNS] = controller_features(inputs[t])
         u = rule.numbers()
@@ -6583,18 +6598,71 @@ def skill_situations(ep: Episode) -> dict[str, list[tuple[int, int, int]]]:
     return {name: [w for w in find(action) if w[1] >= 1 and w[2] <= ep.frames] for name, (find, *_) in SKILLS.items()}
 
 
+def skill_hit(name: str, x: np.ndarray) -> bool:
+    """Whether inputs x [n, UNIFORMS] (the frame before a situation's window, then the window)
+    got the skill right: the correct input on at least one frame of the window, pressed anew
+    where the skill asks (not already held on the frame before)."""
+    _, correct, new = SKILLS[name]
+    ok = correct(x)
+    return bool((ok[1:] & ~ok[:-1] if new else ok[1:]).any())
+
+
 def skill_scores(situations: list[dict], inputs: list[np.ndarray]) -> dict[str, tuple[int, int]]:
-    """Per skill, (situations, how many of them the inputs [T, UNIFORMS] of each view got right:
-    the correct input on at least one frame of the window, pressed anew where the skill asks)."""
-    res = {}
-    for name, (_, correct, new) in SKILLS.items():
-        hits = []
-        for found, x in zip(situations, inputs):
-            for _, a, b in found[name]:
-                ok = correct(x[a - 1:b])  # (from the frame before the window: was it already held?)
-                hits.append(bool((ok[1:] & ~ok[:-1] if new else ok[1:]).any()))
-        res[name] = (len(hits), sum(hits))
-    return res
+    """Per skill, (situations, how many of them the inputs [T, UNIFORMS] of each view got right)."""
+    return {name: (sum(len(f[name]) for f in situations),
+                   sum(skill_hit(name, x[a - 1:b]) for f, x in zip(situations, inputs) for _, a, b in f[name]))
+            for name in SKILLS}
+
+
+SITUATIONS_AT_ONCE = 256  # situations walked together (their carried states: ~76 KB each for mamba)
+
+
+def situated_skills(make_step: Callable[[int], Callable], episodes: list[Episode], found: list[dict],
+                    players: list[np.ndarray], temperature: float = 1.0, delay: int = 0, seed: int = 0,
+                    returns: Returns | None = None, keep: np.ndarray | None = None) -> dict[str, tuple[int, int]]:
+    """Skill checks (as `skill_scores`) of a bot that reads back its own inputs from each situation
+    on: up to the situation the game, the controller and the bot's carried state follow the
+    player's frames (a history the game state agrees with, as when the bot reached the situation
+    by itself), and from the first decision that takes effect in the window the bot reads its own
+    inputs, sampling as it plays. A whole game walked on its own inputs (`rollout`, closed) pairs
+    a game state the player's inputs made with a controller that never made them (a jump squat
+    the bot never pressed jump for), which lowers these checks for reasons play would not have.
+    make_step(views): a fresh `_graph_step` or `_markov_step`."""
+    lag, rng = 1 + delay, np.random.default_rng(seed)
+    hits = {name: [0, 0] for name in SKILLS}
+    pending = []  # (view, skill, window first, window end, carried state at the first decision)
+
+    def walk():
+        step = make_step(len(pending))
+        for n in step.state:
+            step.state[n] = np.stack([p[4][n] for p in pending])
+        parts = [episodes[v].part(a - lag, b, returns) for v, _, a, b, _ in pending]
+        out = rollout(step, parts, True, False, temperature, delay, int(rng.integers(2**31)), returns,
+                      keep=keep, own_from=lag)
+        for (v, name, a, b, _), r in zip(pending, out):  # the player's input at a - 1, the bot's at a .. b - 1
+            hits[name][0] += 1
+            hits[name][1] += skill_hit(name, np.vstack([players[v][a - 1:a], r["inputs"][lag:]]))
+        pending.clear()
+
+    for views in chunks(range(len(episodes)), VIEWS_AT_ONCE):
+        starts = collections.defaultdict(list)
+        for j, v in enumerate(views):
+            for name, windows in found[v].items():
+                for _, a, b in windows:
+                    if a >= lag:
+                        starts[a - lag].append((j, v, name, a, b))
+        step = make_step(len(views))
+
+        def at(t):  # before frame t's step: the state carried through frames 0 .. t - 1
+            for j, v, name, a, b in starts.get(t, ()):
+                pending.append((v, name, a, b, {n: s[j].copy() for n, s in step.state.items()}))
+            if len(pending) >= SITUATIONS_AT_ONCE:
+                walk()
+        rollout(step, [episodes[v] for v in views], False, True, temperature, delay, seed,
+                returns, on_frame=at)
+    if pending:
+        walk()
+    return {name: tuple(n) for name, n in hits.items()}
 
 
 # ---- scores comparable with HAL and MIMIC ---------------------------------------------------------
@@ -6677,9 +6745,9 @@ def judge(run: str | os.PathLike, replays=None, data: str | os.PathLike | None =
           skills: bool = True, field: bool = True, seed: int = 0, temperature: float = 1.0,
           hold: dict | None = None, quiet: bool = False) -> dict:
     """Judge a run the way it plays, on replays (or a dataset; neither: the run's validation
-    games): closed-controller rollouts
-    (`input_stats` of the bot beside the players, teacher-forced and reading back its own inputs,
-    sampling and deterministic, and the Markov baseline), skill checks (`SKILLS`) and field scores
+    games): closed-controller rollouts (`input_stats` of the bot beside the players,
+    teacher-forced and reading back its own inputs, sampling and deterministic, and the Markov
+    baseline), skill checks (`SKILLS`; also `situated_skills`) and field scores
     (`field_labels`); the FP32 step graph with the Agent's rule at `temperature`, holding its
     numbers as `hold` says (None: as the run's `hold`; the Markov rows never hold them)."""
     if not (math.isfinite(temperature) and temperature > 0):
@@ -6713,6 +6781,13 @@ def judge(run: str | os.PathLike, replays=None, data: str | os.PathLike | None =
         found = [skill_situations(ep) for ep in episodes]
         res["skills"] = {"players": skill_scores(found, players),
                          **{name: skill_scores(found, [r["inputs"] for r in rows]) for name, rows in runs.items()}}
+        situated = {"bot": (lambda n: _graph_step(graph, n), keep)}
+        if "markov_tables" in info:
+            situated["Markov"] = (lambda n: _markov_step(info["markov_tables"]), None)
+        for who, (make, held) in situated.items():
+            log(f"{who}, sampling, own inputs from each skill situation")
+            res["skills"][f"{who}, sampling, own inputs from the situation"] = situated_skills(
+                make, episodes, found, players, temperature, delay, seed, spec.returns if spec.returns.input else None, held)
     if field:
         res["field_scores"] = _field_rows(players, runs, delay)
     return res
@@ -6813,9 +6888,9 @@ def judge_tables(res: dict) -> str:
                          f"{r['longest_s_mean']:>10.1f} / {r['longest_s_max']:<6.1f}{extra}")
     if "skills" in res:
         names = list(SKILLS)
-        lines += ["", f"{'skill checks (rate, situations)':<36}" + "".join(f"{n:>14}" for n in names)]
+        lines += ["", f"{'skill checks (rate, situations)':<48}" + "".join(f"{n:>14}" for n in names)]
         for who, scores in res["skills"].items():
-            lines.append(f"{who:<36}" + "".join(f"{k / n if n else 0:>9.1%} ({n:>3})" for n, k in
+            lines.append(f"{who:<48}" + "".join(f"{k / n if n else 0:>9.1%} ({n:>3})" for n, k in
                                                 (scores[s] for s in names)))
     if "field_scores" in res:
         f = res["field_scores"]

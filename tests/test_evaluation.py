@@ -222,6 +222,51 @@ def test_skill_checks_score_a_scripted_input_sequence(views):
     assert own["wavedash"] == (3, 3) and own["ledge_option"][0] == 2
 
 
+def test_from_each_situation_a_copying_graph_holds_the_players_input_of_the_frame_before(views):
+    """Up to a situation the controller is the player's; from its window on the copying graph
+    reads back its own first decision (the player's input of the frame before, A held): never
+    a new press, and A, a ledge option, on every frame."""
+    found = [exphil.skill_situations(ep) for ep in views]
+    players = [exphil.episode_inputs(ep) for ep in views]
+    graph = copying_graph()
+    got = exphil.situated_skills(lambda n: exphil._graph_step(graph, n), views, found, players)
+    counts = {name: n for name, (n, _) in exphil.skill_scores(found, players).items()}
+    assert got == {"l_cancel": (counts["l_cancel"], 0), "tech": (counts["tech"], 0),
+                   "wavedash": (counts["wavedash"], 0), "ledge_option": (counts["ledge_option"], counts["ledge_option"])}
+    assert min(counts.values()) > 0
+
+
+def test_from_each_situation_the_bot_starts_from_its_teacher_forced_state(views, monkeypatch):
+    """A GRU (random weights) walked teacher-forced through a game: each situation's own-input
+    walk starts from the state carried to its first decision, so its first logits are those of
+    the teacher-forced walk at that frame, and not those of a fresh state."""
+    graph = exphil.Model(exphil.load_spec(ROOT / "specs" / "gru.toml")).build(step=True).SerializeToString()
+    ep = views[0]
+    forced, starts = [], []  # the teacher-forced logits per frame; (frame, inputs, first logits) per situation
+
+    def make(n):
+        step = exphil._graph_step(graph, n)
+        reached, teacher_forced = len(forced), not forced and not starts
+
+        def recorded(*args):
+            out = step(*args)
+            if teacher_forced:
+                forced.append(out)
+            elif recorded.first:
+                starts.append((reached, args, out))
+                recorded.first = False
+            return out
+        recorded.state, recorded.first = step.state, True
+        return recorded
+    monkeypatch.setattr(exphil, "SITUATIONS_AT_ONCE", 1)
+    found = [exphil.skill_situations(ep)]
+    got = exphil.situated_skills(make, [ep], found, [exphil.episode_inputs(ep)])
+    assert len(starts) == sum(n for n, _ in got.values()) > 10 and len(forced) == ep.frames
+    for t, args, out in starts:
+        assert all(np.allclose(out[h], forced[t][h], atol=1e-5) for h in exphil.HEADS), t
+        assert not np.allclose(exphil._graph_step(graph, 1)(*args)["main_x"], out["main_x"], atol=1e-4), t
+
+
 def test_the_l_cancel_check_agrees_with_the_games_own_flag():
     """On the shipped replays that record it, Melee's L-cancel flag of each aerial landing
     (peppi's post.l_cancel: 1 done, 2 missed) matches the check on the players' inputs."""
