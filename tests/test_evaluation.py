@@ -7,6 +7,7 @@ of its input into its logits, one ignores them."""
 import json
 import shutil
 
+import msgspec
 import numpy as np
 import onnx
 import pytest
@@ -237,10 +238,12 @@ def test_from_each_situation_a_copying_graph_holds_the_players_input_of_the_fram
 
 
 def test_from_each_situation_the_bot_starts_from_its_teacher_forced_state(views, monkeypatch):
-    """A GRU (random weights) walked teacher-forced through a game: each situation's own-input
-    walk starts from the state carried to its first decision, so its first logits are those of
-    the teacher-forced walk at that frame, and not those of a fresh state."""
-    graph = exphil.Model(exphil.load_spec(ROOT / "specs" / "gru.toml")).build(step=True).SerializeToString()
+    """A GRU (random weights, independent heads) walked teacher-forced through a game: each
+    situation's own-input walk starts from the state carried to its first decision, so its first
+    logits are those of the teacher-forced walk at that frame, and not those of a fresh state."""
+    spec = exphil.load_spec(ROOT / "specs" / "gru.toml")
+    spec = msgspec.structs.replace(spec, heads=msgspec.structs.replace(spec.heads, sampling="independent"))
+    graph = exphil.Model(spec).build(step=True).SerializeToString()
     ep = views[0].part(0, 3000)
     forced, starts = [], []  # the teacher-forced logits per frame; (frame, inputs, first logits) per situation
 
