@@ -3720,6 +3720,19 @@ def with_zero_state(batch: dict[str, np.ndarray], model: Model) -> dict[str, np.
     return {**{f"state_in.{n}": v for n, v in model.zero_state(len(batch["cat"])).items()}, **batch}
 
 
+@contextlib.contextmanager
+def _runtime_writes():
+    """onnxruntime-training reports a file it failed to write (a full disk) as a RuntimeError
+    ending in "errno:N": raise it as the OSError it is, which `train` reports in one line."""
+    try:
+        yield
+    except RuntimeError as e:
+        code = re.search(r"errno:(\d+)", str(e))
+        if code is None or int(code[1]) == 0:
+            raise
+        raise OSError(int(code[1]), os.strerror(int(code[1]))) from None
+
+
 def has_checkpoint(directory: Path) -> bool:
     return any((Path(directory) / f).exists() for f in ("checkpoint", "checkpoint.prev"))
 
@@ -3743,7 +3756,7 @@ class Trainer:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
             clip = onnxblock.optim.ClipGradNorm(max_grad_norm) if max_grad_norm else None
-            with _quiet_fd2():
+            with _quiet_fd2(), _runtime_writes():
                 artifacts.generate_artifacts(model.build(self.length, extra=loss_graph(distill), training=True),
                                              requires_grad=sorted(model.params), loss=None,
                                              optimizer=onnxblock.optim.AdamW(weight_decay=weight_decay,
@@ -3831,7 +3844,8 @@ class Trainer:
     def write_state(self, path: Path) -> None:
         """Parameters, optimizer state and properties into one file."""
         _, api, _ = _ort_training()
-        api.CheckpointState.save_checkpoint(self.state, str(path), include_optimizer_state=True)
+        with _runtime_writes():
+            api.CheckpointState.save_checkpoint(self.state, str(path), include_optimizer_state=True)
 
 
 def write_checkpoint(directory: Path, write: Callable[[Path], None]) -> None:
