@@ -6596,12 +6596,13 @@ def _ledge_input(x):
 
 
 # name -> (situations(the player's action ids [T]) -> [(frame, first, end)],
-#          correct(inputs [n, UNIFORMS]) -> [n] bool, only a new press counts)
+#          correct(inputs [n, UNIFORMS]) -> [n] bool, only a new press counts,
+#          a new press just before the window is too early: a mistake, not a shield or a drift)
 SKILLS = {
-    "l_cancel": (_l_cancel, lambda x: _trigger(x, z=True), True),
-    "tech": (_tech, _trigger, True),
-    "wavedash": (_wavedash, _trigger, True),
-    "ledge_option": (_ledge, _ledge_input, False),
+    "l_cancel": (_l_cancel, lambda x: _trigger(x, z=True), True, True),
+    "tech": (_tech, _trigger, True, True),
+    "wavedash": (_wavedash, _trigger, True, False),
+    "ledge_option": (_ledge, _ledge_input, False, False),
 }
 
 
@@ -6612,20 +6613,29 @@ def skill_situations(ep: Episode) -> dict[str, list[tuple[int, int, int]]]:
     return {name: [w for w in find(action) if w[1] >= 1 and w[2] <= ep.frames] for name, (find, *_) in SKILLS.items()}
 
 
-def skill_hit(name: str, x: np.ndarray) -> bool:
-    """Whether inputs x [n, UNIFORMS] (the frame before a situation's window, then the window)
-    got the skill right: the correct input on at least one frame of the window, pressed anew
-    where the skill asks (not already held on the frame before)."""
-    _, correct, new = SKILLS[name]
+SKILL_LEAD = 24  # frames (0.4 s) before a skill's window where a first new press comes too early
+
+
+def skill_hit(name: str, x: np.ndarray, lead: int = 0) -> tuple[bool, bool]:
+    """(hit, early) for inputs x [n, UNIFORMS]: a frame, the `lead` frames before a situation's
+    window, then the window. hit: the correct input on at least one frame of the window, pressed
+    anew where the skill asks (not already held on the frame before); early: where a press
+    can come too soon (L-cancel, tech), a new press of it in the lead frames."""
+    _, correct, new, early = SKILLS[name]
     ok = correct(x)
-    return bool((ok[1:] & ~ok[:-1] if new else ok[1:]).any())
+    got = ok[1:] & ~ok[:-1] if new else ok[1:]
+    return bool(got[lead:].any()), bool(early and got[:lead].any())
 
 
-def skill_scores(situations: list[dict], inputs: list[np.ndarray]) -> dict[str, tuple[int, int]]:
-    """Per skill, (situations, how many of them the inputs [T, UNIFORMS] of each view got right)."""
-    return {name: (sum(len(f[name]) for f in situations),
-                   sum(skill_hit(name, x[a - 1:b]) for f, x in zip(situations, inputs) for _, a, b in f[name]))
-            for name in SKILLS}
+def skill_scores(situations: list[dict], inputs: list[np.ndarray],
+                 lead: int = SKILL_LEAD) -> dict[str, tuple[int, int, int]]:
+    """Per skill, (situations, how many of them the inputs [T, UNIFORMS] of each view got right,
+    in how many a new press came early: in the `lead` frames before the window)."""
+    def score(name):
+        got = [skill_hit(name, x[max(a - 1 - lead, 0):b], min(lead, a - 1))
+               for f, x in zip(situations, inputs) for _, a, b in f[name]]
+        return len(got), sum(h for h, _ in got), sum(e for _, e in got)
+    return {name: score(name) for name in SKILLS}
 
 
 SITUATIONS_AT_ONCE = 256  # situations walked together (their carried states: ~76 KB each for mamba)
@@ -6633,29 +6643,31 @@ SITUATIONS_AT_ONCE = 256  # situations walked together (their carried states: ~7
 
 def situated_skills(make_step: Callable[[int], Callable], episodes: list[Episode], found: list[dict],
                     players: list[np.ndarray], temperature: float = 1.0, delay: int = 0, seed: int = 0,
-                    returns: Returns | None = None, keep: np.ndarray | None = None) -> dict[str, tuple[int, int]]:
+                    returns: Returns | None = None, keep: np.ndarray | None = None,
+                    lead: int = SKILL_LEAD) -> dict[str, tuple[int, int, int]]:
     """Skill checks (as `skill_scores`) of a bot that reads back its own inputs from each situation
-    on: up to the situation the game, the controller and the bot's carried state follow the
-    player's frames (a history the game state agrees with, as when the bot reached the situation
-    by itself), and from the first decision that takes effect in the window the bot reads its own
-    inputs, sampling as it plays. A whole game walked on its own inputs (`rollout`, closed) pairs
+    on: up to `lead` frames before the situation's window the game, the controller and the bot's
+    carried state follow the player's frames (a history the game state agrees with, as when the
+    bot reached the situation by itself), and from the first decision that takes effect there the
+    bot reads its own inputs, sampling as it plays (so a press that comes too early counts
+    against it, as in the game). A whole game walked on its own inputs (`rollout`, closed) pairs
     a game state the player's inputs made with a controller that never made them (a jump squat
     the bot never pressed jump for), which lowers these checks for reasons play would not have.
     make_step(views): a fresh `_graph_step` or `_markov_step`."""
     lag, rng = 1 + delay, np.random.default_rng(seed)
-    hits = {name: [0, 0] for name in SKILLS}
-    pending = []  # (view, skill, window first, window end, carried state at the first decision)
+    hits = {name: [0, 0, 0] for name in SKILLS}
+    pending = []  # (view, skill, first own input, window first, window end, state at its decision)
 
     def walk():
         step = make_step(len(pending))
         for n in step.state:
-            step.state[n] = np.stack([p[4][n] for p in pending])
-        parts = [episodes[v].part(a - lag, b, returns) for v, _, a, b, _ in pending]
+            step.state[n] = np.stack([p[5][n] for p in pending])
+        parts = [episodes[v].part(c - lag, b, returns) for v, _, c, _, b, _ in pending]
         out = rollout(step, parts, True, False, temperature, delay, int(rng.integers(2**31)), returns,
                       keep=keep, own_from=lag)
-        for (v, name, a, b, _), r in zip(pending, out):  # the player's input at a - 1, the bot's at a .. b - 1
-            hits[name][0] += 1
-            hits[name][1] += skill_hit(name, np.vstack([players[v][a - 1:a], r["inputs"][lag:]]))
+        for (v, name, c, a, b, _), r in zip(pending, out):  # the player's input at c - 1, the bot's at c .. b - 1
+            got = skill_hit(name, np.vstack([players[v][c - 1:c], r["inputs"][lag:]]), a - c)
+            hits[name] = [n + k for n, k in zip(hits[name], (1, *got))]
         pending.clear()
 
     for views in chunks(range(len(episodes)), VIEWS_AT_ONCE):
@@ -6664,12 +6676,13 @@ def situated_skills(make_step: Callable[[int], Callable], episodes: list[Episode
             for name, windows in found[v].items():
                 for _, a, b in windows:
                     if a >= lag:
-                        starts[a - lag].append((j, v, name, a, b))
+                        c = max(a - lead, lag)
+                        starts[c - lag].append((j, v, name, c, a, b))
         step = make_step(len(views))
 
         def at(t):  # before frame t's step: the state carried through frames 0 .. t - 1
-            for j, v, name, a, b in starts.get(t, ()):
-                pending.append((v, name, a, b, {n: s[j].copy() for n, s in step.state.items()}))
+            for j, v, name, c, a, b in starts.get(t, ()):
+                pending.append((v, name, c, a, b, {n: s[j].copy() for n, s in step.state.items()}))
             if len(pending) >= SITUATIONS_AT_ONCE:
                 walk()
         rollout(step, [episodes[v] for v in views], False, True, temperature, delay, seed,
@@ -6902,10 +6915,11 @@ def judge_tables(res: dict) -> str:
                          f"{r['longest_s_mean']:>10.1f} / {r['longest_s_max']:<6.1f}{extra}")
     if "skills" in res:
         names = list(SKILLS)
-        lines += ["", f"{'skill checks (rate, situations)':<48}" + "".join(f"{n:>14}" for n in names)]
+        lines += ["", f"{'skill checks: rate, early press, situations':<48}" + "".join(f"{n:>22}" for n in names)]
         for who, scores in res["skills"].items():
-            lines.append(f"{who:<48}" + "".join(f"{k / n if n else 0:>9.1%} ({n:>3})" for n, k in
-                                                (scores[s] for s in names)))
+            lines.append(f"{who:<48}" + "".join(
+                f"{k / max(n, 1):>9.1%} {format(e / max(n, 1), '.1%') if SKILLS[s][3] else '-':>6} ({n:>4})"
+                for s, (n, k, e) in zip(names, (scores[s] for s in names))))
     if "field_scores" in res:
         f = res["field_scores"]
         lines += ["", f"{'field scores, ' + format(f['frames'], ',') + ' frames':<36}"

@@ -205,35 +205,38 @@ def test_skill_checks_score_a_scripted_input_sequence(views):
     L, R, Z = 5, 6, 4
     x2[at(1237, 2), L] = 1          # touchdown frame: counts
     x2[at(1287, 2) - 6, Z] = 1      # the first frame of the window: counts
-    x2[at(1358, 2) - 7, R] = 1      # one frame early: no
-    x2[at(1405, 2) - 9:at(1405, 2), L] = 1  # held since before the window, not a new press: no
-    x2[at(1709, 2) - 2, 12] = 2     # the analog trigger: counts
+    x2[at(1358, 2) - 7, R] = 1      # one frame early: no (early)
+    x2[at(1405, 2) - 9:at(1405, 2), L] = 1  # held since before the window, not a new press: no (early)
+    x2[at(1709, 2) - 2, 12] = 2     # the analog trigger: counts (23 frames before 1730's jump
+                                    # squat, it is not early there: a shield before a wavedash)
     x2[at(1311, 2), R] = 1          # the airdodge frame: counts
     x2[at(1735, 2) + 1, R] = 1      # a frame after the special landing: no
     x2[at(2158, 2) + 36, 8] = 16    # main stick right on the last frame of the ledge window: counts
     x2[at(2210, 2) + 37, 2] = 1     # X one frame too late: no
     x1[at(1494, 1) - 1, L] = 1      # tech: the frame before the ground: counts
-    x1[at(1600, 1) - 21, L] = 1     # 21 frames before: no
+    x1[at(1600, 1) - 21, L] = 1     # 21 frames before: no (early)
     x1[at(1703, 1) - 20, R] = 1     # 20 frames before: counts
     found = [exphil.skill_situations(ep) for ep in (port2, port1)]
-    assert exphil.skill_scores(found, [x2, x1]) == {"l_cancel": (7, 3), "tech": (4, 2), "wavedash": (3, 1),
-                                                    "ledge_option": (2, 1)}
+    assert exphil.skill_scores(found, [x2, x1]) == {"l_cancel": (7, 3, 2), "tech": (4, 2, 1), "wavedash": (3, 1, 0),
+                                                    "ledge_option": (2, 1, 0)}
+    assert exphil.skill_scores(found, [x2, x1], lead=0)["tech"] == (4, 2, 0)
     # the players' own inputs on the same stretches
     own = exphil.skill_scores(found, [exphil.episode_inputs(ep) for ep in (port2, port1)])
-    assert own["wavedash"] == (3, 3) and own["ledge_option"][0] == 2
+    assert own["wavedash"] == (3, 3, 0) and own["ledge_option"][0] == 2
 
 
 def test_from_each_situation_a_copying_graph_holds_the_players_input_of_the_frame_before(views):
-    """Up to a situation the controller is the player's; from its window on the copying graph
-    reads back its own first decision (the player's input of the frame before, A held): never
+    """Up to `SKILL_LEAD` frames before a situation's window the controller is the player's; from
+    there on the copying graph reads back its own first decision (the player's input of the frame before, A held): never
     a new press, and A, a ledge option, on every frame."""
     found = [exphil.skill_situations(ep) for ep in views]
     players = [exphil.episode_inputs(ep) for ep in views]
     graph = copying_graph()
     got = exphil.situated_skills(lambda n: exphil._graph_step(graph, n), views, found, players)
-    counts = {name: n for name, (n, _) in exphil.skill_scores(found, players).items()}
-    assert got == {"l_cancel": (counts["l_cancel"], 0), "tech": (counts["tech"], 0),
-                   "wavedash": (counts["wavedash"], 0), "ledge_option": (counts["ledge_option"], counts["ledge_option"])}
+    counts = {name: n for name, (n, _, _) in exphil.skill_scores(found, players).items()}
+    assert got == {"l_cancel": (counts["l_cancel"], 0, 0), "tech": (counts["tech"], 0, 0),
+                   "wavedash": (counts["wavedash"], 0, 0),
+                   "ledge_option": (counts["ledge_option"], counts["ledge_option"], 0)}
     assert min(counts.values()) > 0
 
 
@@ -264,7 +267,10 @@ def test_from_each_situation_the_bot_starts_from_its_teacher_forced_state(views,
     monkeypatch.setattr(exphil, "SITUATIONS_AT_ONCE", 1)
     found = [exphil.skill_situations(ep)]
     got = exphil.situated_skills(make, [ep], found, [exphil.episode_inputs(ep)])
-    assert len(starts) == sum(n for n, _ in got.values()) > 10 and len(forced) == ep.frames
+    assert len(starts) == sum(n for n, _, _ in got.values()) > 10 and len(forced) == ep.frames
+    # each walk's first decision takes effect SKILL_LEAD frames before the window (or on frame 1)
+    assert sorted(t for t, _, _ in starts) == sorted(max(a - exphil.SKILL_LEAD, 1) - 1
+                                                     for f in found for w in f.values() for _, a, _ in w)
     fresh = exphil._graph_step(graph, 1)
     zero = {n: np.zeros_like(v) for n, v in fresh.state.items()}
     for t, args, out in starts:
