@@ -2,6 +2,7 @@
 present, on the wider set in ../shared/replays beside the repository."""
 
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,15 @@ REPLAYS = HERE / "replays"
 BROKEN = HERE / "broken"
 SHARED = ROOT.parent / "shared" / "replays"
 SPECS = sorted((ROOT / "specs").glob("*.toml"))
+
+
+def spec_text(shipped: str, sampling: str, **renamed) -> str:
+    """A shipped spec's text with its heads sampled `sampling` ("independent" or "autoregressive")
+    whatever the shipped file chose, and fields replaced: renamed={"name": "mlp_ar"} etc."""
+    text = re.sub(r'^sampling = .*\n(?:\s+#.*\n)*', "", (ROOT / "specs" / f"{shipped}.toml").read_text(), flags=re.M)
+    for field, value in renamed.items():
+        text = re.sub(rf"^{field} = \S+", f"{field} = {value!r}".replace("'", '"'), text, count=1, flags=re.M)
+    return text.replace("[heads]\n", f'[heads]\nsampling = "{sampling}"\n')
 
 
 def _gpu_providers() -> list[str]:
@@ -53,6 +63,16 @@ def mlp_run(tmp_path_factory):
 
     out = tmp_path_factory.mktemp("runs") / "mlp"
     return exphil.train(ROOT / "specs" / "mlp.toml", REPLAYS, epochs=1, out=out, quiet=True)
+
+
+@pytest.fixture(scope="session")
+def mlp_independent_run(tmp_path_factory):
+    """The same with independent heads (each sampled on its own, by the Agent in NumPy)."""
+    import exphil
+
+    folder = tmp_path_factory.mktemp("runs")
+    (folder / "mlp_ind.toml").write_text(spec_text("mlp", "independent", name="mlp_ind"))
+    return exphil.train(folder / "mlp_ind.toml", REPLAYS, epochs=1, out=folder / "mlp_ind", quiet=True)
 
 
 def stand_in_dolphin(tmp_path: Path):

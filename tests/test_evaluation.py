@@ -14,7 +14,7 @@ import pytest
 from onnx import TensorProto, helper
 
 import exphil
-from conftest import REPLAYS, ROOT
+from conftest import REPLAYS, ROOT, spec_text
 
 REPLAY = REPLAYS / "hohav-py-slippi__netplay_name.slp"  # Falco (port 1) vs Falco (port 2), 6,233 frames
 C = exphil._CTRL  # first controller column of `num`
@@ -80,7 +80,7 @@ def run_folder(tmp_path, graph, name):
     out = tmp_path / name
     out.mkdir()
     (out / "step.onnx").write_bytes(graph)
-    shutil.copy(ROOT / "specs" / "mlp.toml", out / "spec.toml")
+    (out / "spec.toml").write_text(spec_text("mlp", "independent"))  # (the graphs here sample nothing)
     (out / "run.json").write_text(json.dumps({"feature_version": exphil.FEATURE_VERSION, "frame_delay": 0}))
     return out
 
@@ -122,33 +122,38 @@ def test_a_graph_that_ignores_the_controller_plays_the_same_with_its_own_inputs(
     assert rows["bot, sampling, own inputs"]["button_changes_per_s"] > 1
 
 
-def test_the_deterministic_rule_does_not_freeze_with_its_own_inputs(mlp_run, views, monkeypatch):
-    """A trained model reading back its own inputs: the deterministic rule changes buttons and
-    the main stick at least half as often as the players do. The most likely class of every
-    head (the rule before) never changes anything: the Markov heads make "keep" the argmax."""
-    step = lambda: exphil._graph_step((mlp_run.path / "step.onnx").read_bytes(), 2)
+def test_the_deterministic_rule_does_not_freeze_with_its_own_inputs(mlp_run, mlp_independent_run, views,
+                                                                    monkeypatch):
+    """A trained model reading back its own inputs (autoregressive heads sampled in the graph,
+    and independent heads sampled in NumPy): the deterministic rule changes buttons and the main
+    stick at least half as often as the players do. The most likely class of every head (the
+    rule before) never changes anything: the Markov heads make "keep" the argmax."""
     players = exphil.input_stats([exphil.episode_inputs(ep) for ep in views])
-    once = [r["inputs"] for r in exphil.rollout(step(), views, closed=True, deterministic=True)]
-    moving = exphil.input_stats(once)
-    for k in ("button_changes_per_s", "main_changes_per_s"):
-        assert moving[k] >= players[k] / 2, (k, moving[k], players[k])
-    again = exphil.rollout(step(), views, closed=True, deterministic=True, seed=9)
-    assert all(np.array_equal(a, b["inputs"]) for a, b in zip(once, again))  # reproducible
+    for run in (mlp_run, mlp_independent_run):
+        step = lambda: exphil._graph_step((run.path / "step.onnx").read_bytes(), 2)
+        once = [r["inputs"] for r in exphil.rollout(step(), views, closed=True, deterministic=True)]
+        moving = exphil.input_stats(once)
+        for k in ("button_changes_per_s", "main_changes_per_s"):
+            assert moving[k] >= players[k] / 2, (run.path.name, k, moving[k], players[k])
+        again = exphil.rollout(step(), views, closed=True, deterministic=True, seed=9)
+        assert all(np.array_equal(a, b["inputs"]) for a, b in zip(once, again))  # reproducible
+    assert exphil.load_spec(mlp_run.path / "spec.toml").heads.sampling == "autoregressive"
 
     def most_likely(logits, u, temperature=1.0):
         heads = [logits[h].argmax(-1)[:, None] for h in list(exphil.HEADS)[1:]]
         return np.concatenate([logits["buttons"] > 0, *heads], 1).astype(np.int64)
-    monkeypatch.setattr(exphil, "sample_actions", most_likely)
-    frozen = exphil.input_stats([r["inputs"] for r in exphil.rollout(step(), views, closed=True, deterministic=True)])
+    monkeypatch.setattr(exphil, "sample_actions", most_likely)  # (heads sampled in NumPy)
+    step = exphil._graph_step((mlp_independent_run.path / "step.onnx").read_bytes(), 2)
+    frozen = exphil.input_stats([r["inputs"] for r in exphil.rollout(step, views, closed=True, deterministic=True)])
     assert frozen["button_changes_per_s"] == frozen["main_changes_per_s"] == 0
 
 
-def test_the_hold_is_chosen_so_the_bot_changes_its_inputs_as_often_as_the_players(mlp_run, tmp_path):
+def test_the_hold_is_chosen_so_the_bot_changes_its_inputs_as_often_as_the_players(mlp_independent_run, tmp_path):
     """`exphil hold` on a real game: for each group the bot (reading back its own inputs) changes
     more often than the player does, it keeps its numbers from frame to frame just enough to come
     down to the player's rate (within the bisection's step); the Agent and `eval` use it."""
     run = tmp_path / "run"
-    shutil.copytree(mlp_run.path, run)
+    shutil.copytree(mlp_independent_run.path, run)
     exphil.main(["hold", str(run), "--replays", str(REPLAY), "--quiet"])
     info = exphil.read_run_info(run)
     report, hold = info["hold_report"], info["hold"]

@@ -9,16 +9,15 @@ import numpy as np
 import pytest
 
 import exphil
-from conftest import REPLAYS, ROOT, needs_training
+from conftest import REPLAYS, ROOT, needs_training, spec_text
 
 pytestmark = needs_training
 REPLAY = REPLAYS / "hohav-py-slippi__netplay_name.slp"
 
 
 def autoregressive_spec(folder, extra: str = "") -> str:
-    text = (ROOT / "specs" / "mlp.toml").read_text().replace('name = "mlp"', 'name = "mlp_ar"')
     path = folder / "mlp_ar.toml"
-    path.write_text(text.replace("[heads]\n", '[heads]\nsampling = "autoregressive"\n') + extra)
+    path.write_text(spec_text("mlp", "autoregressive", name="mlp_ar") + extra)
     return path
 
 

@@ -18,7 +18,7 @@ import pytest
 from melee.controller import fix_analog_stick, fix_analog_trigger
 
 import exphil
-from conftest import GPU_PROVIDERS, REPLAYS, ROOT, SHARED
+from conftest import GPU_PROVIDERS, REPLAYS, ROOT, SHARED, spec_text
 from test_actions import BUTTON_NAMES, Pipe, sent
 
 REPLAY = REPLAYS / "hohav-py-slippi__netplay_name.slp"  # Falco (port 1) vs Falco (port 2), 6,233 frames
@@ -215,7 +215,8 @@ def test_int4_graph_is_checked_like_int8(mlp_copy):
     report = exphil.quantize_run(mlp_copy, "int4", min_agreement=0.9, max_frames=1000, replays=REPLAY, quiet=True)
     graph = onnx.load(mlp_copy / "step.int4.onnx")
     assert "MatMulNBits" in {n.op_type for n in graph.graph.node}
-    assert "MatMul" not in {n.op_type for n in graph.graph.node}  # (every MatMul of the mlp has a weight)
+    weights = {t.name for t in graph.graph.initializer}
+    assert not [n.name for n in graph.graph.node if n.op_type == "MatMul" and n.input[1] in weights]
     assert report["precision"] == "int4" and min(report["agreement"].values()) >= 0.9
     agent = exphil.Agent(mlp_copy, precision="int4", deterministic=True)
     assert set(agent.act(exphil.ReplayGame(REPLAY, fps=None).step(), 1, 2)) == set(exphil.HEADS)
@@ -405,17 +406,18 @@ def test_cli(mlp_copy, capsys):
 
 def test_readme_onnx_example_reproduces_the_agent(tmp_path):
     """The README's onnxruntime-only example (run as written, with the path replaced) gives the
-    Agent's logits on real replay frames, state carried; the graphs carry their metadata."""
+    Agent's logits on real replay frames, state carried, for a graph with independent heads
+    (test_heads runs it on autoregressive ones); the graphs carry their metadata."""
     readme = (ROOT / "README.md").read_text()
     code = readme.split("<!-- onnx-example -->\n```python\n", 1)[1].split("```", 1)[0]
-    out = tmp_path / "gru"
-    exphil.Model(exphil.load_spec(ROOT / "specs" / "gru.toml"), seed=1).save(out)
-    (out / "spec.toml").write_text((ROOT / "specs" / "gru.toml").read_text())
+    out, text = tmp_path / "gru", spec_text("gru", "independent")
+    exphil.Model(exphil.parse_spec(text), seed=1).save(out)
+    (out / "spec.toml").write_text(text)
     scope = {}
     exec(code.replace("runs/gru/step.onnx", str(out / "step.onnx")), scope)
     meta = exphil.graph_metadata(out / "step.onnx")
     assert json.loads(meta["exphil.num_fields"]) == exphil.NUM_FIELDS and meta["exphil.feature_version"] == str(exphil.FEATURE_VERSION)
-    assert exphil.parse_spec(meta["exphil.spec"]) == exphil.load_spec(ROOT / "specs" / "gru.toml")
+    assert exphil.parse_spec(meta["exphil.spec"]) == exphil.parse_spec(text)
     agent, game = exphil.Agent(out), exphil.ReplayGame(REPLAY, fps=None, frames=300)
     while (gs := game.step()) is not None:
         want = agent.logits(gs, 1, 2)

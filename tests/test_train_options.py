@@ -15,7 +15,7 @@ import onnx
 import pytest
 
 import exphil
-from conftest import REPLAYS, ROOT
+from conftest import REPLAYS, ROOT, spec_text
 
 SPEC = ROOT / "specs"
 
@@ -337,9 +337,8 @@ def test_training_on_own_inputs_is_reproducible_and_changes_the_model(tmp_path):
     """The decisions fed back are drawn from seeded numbers: the same settings give the same
     weights; without them, others. With the Markov heads and autoregressive heads. A spec whose
     windows hold no earlier frame is refused in one line."""
-    text = (SPEC / "gru.toml").read_text().replace('name = "gru"', 'name = "gru_ar"').replace("hidden = 256", "hidden = 32")
     spec = tmp_path / "gru_ar.toml"
-    spec.write_text(text.replace("[heads]\n", '[heads]\nsampling = "autoregressive"\n'))
+    spec.write_text(spec_text("gru", "autoregressive", name="gru_ar", hidden=32))
 
     def weights(name, **kw):
         exphil.train(spec, REPLAYS, max_steps=3, batch_size=16, out=tmp_path / name, quiet=True, **kw)
