@@ -6646,11 +6646,12 @@ def situated_skills(make_step: Callable[[int], Callable], episodes: list[Episode
                     returns: Returns | None = None, keep: np.ndarray | None = None,
                     lead: int = SKILL_LEAD) -> dict[str, tuple[int, int, int]]:
     """Skill checks (as `skill_scores`) of a bot that reads back its own inputs from each situation
-    on: up to `lead` frames before the situation's window the game, the controller and the bot's
-    carried state follow the player's frames (a history the game state agrees with, as when the
-    bot reached the situation by itself), and from the first decision that takes effect there the
-    bot reads its own inputs, sampling as it plays (so a press that comes too early counts
-    against it, as in the game). A whole game walked on its own inputs (`rollout`, closed) pairs
+    on: up to the situation's window (`lead` frames before it where a press can come too early)
+    the game, the controller and the bot's carried state follow the player's frames (a history
+    the game state agrees with, as when the bot reached the situation by itself), and from the
+    first decision that takes effect there the bot reads its own inputs, sampling as it plays (so
+    a press that comes too early counts against it, as in the game). A wavedash's window opens
+    with the jump squat, which the player's jump made: there the bot takes over at the window. A whole game walked on its own inputs (`rollout`, closed) pairs
     a game state the player's inputs made with a controller that never made them (a jump squat
     the bot never pressed jump for), which lowers these checks for reasons play would not have.
     make_step(views): a fresh `_graph_step` or `_markov_step`."""
@@ -6676,7 +6677,7 @@ def situated_skills(make_step: Callable[[int], Callable], episodes: list[Episode
             for name, windows in found[v].items():
                 for _, a, b in windows:
                     if a >= lag:
-                        c = max(a - lead, lag)
+                        c = max(a - (lead if SKILLS[name][3] else 0), lag)
                         starts[c - lag].append((j, v, name, c, a, b))
         step = make_step(len(views))
 

@@ -231,8 +231,8 @@ def test_skill_checks_score_a_scripted_input_sequence(views):
 
 
 def test_from_each_situation_a_copying_graph_holds_the_players_input_of_the_frame_before(views):
-    """Up to `SKILL_LEAD` frames before a situation's window the controller is the player's; from
-    there on the copying graph reads back its own first decision (the player's input of the frame before, A held): never
+    """Up to a situation's window (`SKILL_LEAD` frames before it for L-cancel and tech) the
+    controller is the player's; from there on the copying graph reads back its own first decision (the player's input of the frame before, A held): never
     a new press, and A, a ledge option, on every frame."""
     found = [exphil.skill_situations(ep) for ep in views]
     players = [exphil.episode_inputs(ep) for ep in views]
@@ -273,9 +273,11 @@ def test_from_each_situation_the_bot_starts_from_its_teacher_forced_state(views,
     found = [exphil.skill_situations(ep)]
     got = exphil.situated_skills(make, [ep], found, [exphil.episode_inputs(ep)])
     assert len(starts) == sum(n for n, _, _ in got.values()) > 10 and len(forced) == ep.frames
-    # each walk's first decision takes effect SKILL_LEAD frames before the window (or on frame 1)
-    assert sorted(t for t, _, _ in starts) == sorted(max(a - exphil.SKILL_LEAD, 1) - 1
-                                                     for f in found for w in f.values() for _, a, _ in w)
+    # each walk's first decision takes effect SKILL_LEAD frames before the window where a press
+    # can come too early (L-cancel, tech), at the window elsewhere (or on frame 1)
+    lead = {name: exphil.SKILL_LEAD if early else 0 for name, (*_, early) in exphil.SKILLS.items()}
+    assert sorted(t for t, _, _ in starts) == sorted(max(a - lead[name], 1) - 1
+                                                     for f in found for name, w in f.items() for _, a, _ in w)
     fresh = exphil._graph_step(graph, 1)
     zero = {n: np.zeros_like(v) for n, v in fresh.state.items()}
     for t, args, out in starts:
