@@ -6651,9 +6651,10 @@ def situated_skills(make_step: Callable[[int], Callable], episodes: list[Episode
     the game state agrees with, as when the bot reached the situation by itself), and from the
     first decision that takes effect there the bot reads its own inputs, sampling as it plays (so
     a press that comes too early counts against it, as in the game). A wavedash's window opens
-    with the jump squat, which the player's jump made: there the bot takes over at the window. A whole game walked on its own inputs (`rollout`, closed) pairs
-    a game state the player's inputs made with a controller that never made them (a jump squat
-    the bot never pressed jump for), which lowers these checks for reasons play would not have.
+    with the jump squat, which the player's jump made: there the bot takes over at the window.
+    A whole game walked on its own inputs (`rollout`, closed) pairs a game state the player's
+    inputs made with a controller that never made them (a jump squat the bot never pressed jump
+    for), which lowers these checks for reasons play would not have.
     make_step(views): a fresh `_graph_step` or `_markov_step`."""
     lag, rng = 1 + delay, np.random.default_rng(seed)
     hits = {name: [0, 0, 0] for name in SKILLS}
@@ -6917,10 +6918,10 @@ def judge_tables(res: dict) -> str:
     if "skills" in res:
         names = list(SKILLS)
         lines += ["", f"{'skill checks: rate, early press, situations':<48}" + "".join(f"{n:>22}" for n in names)]
+        def cell(skill, n, hits, early):
+            return f"{hits / max(n, 1):>9.1%} {format(early / max(n, 1), '.1%') if SKILLS[skill][3] else '-':>6} ({n:>4})"
         for who, scores in res["skills"].items():
-            lines.append(f"{who:<48}" + "".join(
-                f"{k / max(n, 1):>9.1%} {format(e / max(n, 1), '.1%') if SKILLS[s][3] else '-':>6} ({n:>4})"
-                for s, (n, k, e) in zip(names, (scores[s] for s in names))))
+            lines.append(f"{who:<48}" + "".join(cell(s, *scores[s]) for s in names))
     if "field_scores" in res:
         f = res["field_scores"]
         lines += ["", f"{'field scores, ' + format(f['frames'], ',') + ' frames':<36}"
