@@ -133,8 +133,8 @@ def test_a_layout_1_model_reads_only_layout_1s_columns(real_frames):
     rng = np.random.default_rng(0)
     scrambled_cat[..., 5:] = rng.integers(0, 256, scrambled_cat[..., 5:].shape)
     scrambled_num[..., 49:] = rng.normal(0, 1, scrambled_num[..., 49:].shape)
+    spec = exphil.parse_spec(spec_text("gru", "independent"))  # (the window graph needs no target action)
     for layout, moves in ((1, False), (2, True)):
-        spec = exphil.parse_spec(spec_text("gru", "independent"))  # (the window graph needs no target action)
         model = exphil.Model(msgspec.structs.replace(spec, layout=layout))
         assert (model.params["in_proj.weight"].shape[0] == v1_columns) == (layout == 1)
         assert ("embed.item" in model.params) == (layout == 2)
