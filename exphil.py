@@ -93,6 +93,7 @@ class _quiet_fd2:
 
 Pos = Annotated[int, msgspec.Meta(ge=1)]
 Norm = Literal["layer", "rms", "none"]
+Group = Literal["nana", "items", "randall"]  # the optional groups of feature columns (GROUPS)
 
 
 class _Strict(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
@@ -296,15 +297,17 @@ class Spec(_Strict):
     # (scaled up to keep the mean); play and evaluation use the whole model
     dropout: Annotated[float, msgspec.Meta(ge=0, lt=1)] = 0.0
     returns: Returns = Returns()
-    # the feature columns the model reads: 2, every column of feature layout 2 (the players, the
-    # controller, each Nana, the items, Randall); 1, only those of layout 1 (the players, the
-    # controller, the stage: layout 2's first columns). The graphs take layout 2's columns either way.
-    layout: Literal[1, 2] = 2
+    # what the model reads beyond the two players, their controller and the stage (which it always
+    # reads): each Nana, the nearest items and projectiles, Randall. The graphs take every column of
+    # the feature layout either way; the model has no parameters for a group it does not see.
+    sees: list[Group] = msgspec.field(default_factory=lambda: ["nana", "items", "randall"])
 
     @property
-    def columns(self) -> tuple[list[tuple[str, str]], int]:
-        """The categorical fields (name, embedding table) and the number of numeric columns the model reads."""
-        return LAYOUT_COLUMNS[self.layout]
+    def columns(self) -> tuple[list[tuple[int, str]], list[int]]:
+        """The categorical columns the model reads (index, embedding table) and its numeric columns."""
+        groups = [g for g in GROUPS if g == "players" or g in self.sees]
+        return ([(i, CAT_FIELDS[i][1]) for g in groups for i in GROUPS[g][0]],
+                [i for g in groups for i in GROUPS[g][1]])
 
     @property
     def layers(self) -> list[Block]:
@@ -358,6 +361,8 @@ def parse_spec(text: str | bytes, source: str = "<spec>") -> Spec:
         if " - at `$." in msg:  # "Expected `int`, got `str` - at `$.blocks[0].repeat`"
             problem, field = msg.rsplit(" - at `$.", 1)
             raise SpecError(f"{source}: field `{field.rstrip('`')}`: {problem}") from None
+        if msg == "Object contains unknown field `layout`":  # the setting `sees` replaced
+            msg = "field `layout`: replaced by `sees` (layout = 1 is sees = [], layout = 2 the default)"
         raise SpecError(f"{source}: {msg}") from None
     except msgspec.DecodeError as e:
         raise SpecError(f"{source}: not valid TOML: {e}") from None
@@ -1494,11 +1499,11 @@ class Model:
         init = _Init({}, np.random.default_rng(seed))
         d = spec.hidden
         widths = {table: getattr(spec.embed, table) for table in EMBED_TABLES}
-        fields, n_num = spec.columns
+        fields, nums = spec.columns
         for table, vocab in EMBED_TABLES.items():
             if any(t == table for _, t in fields):
                 init(f"embed.{table}", init.rng.normal(0, 1, (vocab, widths[table])))
-        d_in = sum(widths[table] for _, table in fields) + n_num + spec.returns.input
+        d_in = sum(widths[table] for _, table in fields) + len(nums) + spec.returns.input
         init.linear("in_proj", d_in, d)
         self.layers = []  # (block, mixer, prefix of the block's weights) per position
         layers, shared, kinds = spec.layers, {}, set()
@@ -1593,12 +1598,12 @@ class Model:
         """cat [B, L, C] int64, num [B, L, F] (and the return-to-go [B, L] of return-conditioned
         specs) -> the heads' features [B, L, D], new state."""
         op, spec = g.op, self.spec
-        feats, (fields, n_num) = [], spec.columns
-        for i, (_, table) in enumerate(fields):
+        feats, (fields, nums) = [], spec.columns
+        for i, table in fields:
             ids = op.Gather(cat, g.const(i, np.int64), axis=2)
             feats.append(g.lookup(f"embed.{table}", ids))
-        if n_num < len(NUM_FIELDS):
-            num = op.Slice(num, g.const([0], np.int64), g.const([n_num], np.int64), g.const([2], np.int64))
+        if len(nums) < len(NUM_FIELDS):
+            num = op.Gather(num, g.const(nums, np.int64), axis=2)
         extra = [op.Unsqueeze(rtg, g.const([-1], np.int64))] if rtg is not None else []
         x = g.dropout(g.linear(op.Concat(*feats, num, *extra, axis=-1), "in_proj"), spec.dropout)
         new_state = {}
@@ -1874,8 +1879,11 @@ _CTRL = 2 * _P                    # first controller column
 _NANA = _CTRL + len(_CONTROLLER_FIELDS)  # first Nana column (own, then the opponent's)
 _ITEMS = _NANA + 2 * len(_NANA_FIELDS)   # first item column
 _RANDALL = _ITEMS + ITEM_SLOTS * len(_ITEM_FIELDS)
-# what a spec's `layout` reads: layout 1's columns are the first of layout 2's
-LAYOUT_COLUMNS = {1: (CAT_FIELDS[:5], _NANA), 2: (CAT_FIELDS, len(NUM_FIELDS))}
+# the groups of columns (categorical, numeric) a spec's `sees` chooses from; "players" (the two
+# players, the controller, the stage) is always read
+GROUPS = {"players": (range(5), range(_NANA)), "nana": (range(5, 7), range(_NANA, _ITEMS)),
+          "items": (range(7, 7 + ITEM_SLOTS), range(_ITEMS, _RANDALL)),
+          "randall": (range(0), range(_RANDALL, len(NUM_FIELDS)))}
 
 # Lookup tables from raw game values to categorical ids.
 _ACTION_ID = np.full(1 << 16, UNKNOWN_ACTION, np.int64)

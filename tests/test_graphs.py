@@ -71,13 +71,13 @@ def autoregressive(path, order=AUTOREGRESSIVE_ORDER):
                                                                         order=order))
 
 
-def layout_1(path):
-    return msgspec.structs.replace(exphil.load_spec(path), layout=1)
+def seeing_only_items(path):
+    return msgspec.structs.replace(exphil.load_spec(path), sees=["items"])
 
 
 VARIANTS = {"gru with a value head": lambda: with_value_head(ROOT / "specs" / "gru.toml"),
             "gru with autoregressive heads": lambda: autoregressive(ROOT / "specs" / "gru.toml"),
-            "gru reading layout 1": lambda: layout_1(ROOT / "specs" / "gru.toml")}
+            "gru seeing only items": lambda: seeing_only_items(ROOT / "specs" / "gru.toml")}
 
 
 def variant(spec):
@@ -123,25 +123,33 @@ def test_step_graph_reproduces_window_graph(spec, real_frames):
             assert np.abs(window[f"state_out.{k}"] - final[k]).max() <= 1e-4, k
 
 
-def test_a_layout_1_model_reads_only_layout_1s_columns(real_frames):
-    """A spec with `layout = 1` has layout 1's input projection (133 inputs for gru's tables) and
-    no item table, and its outputs do not move when every column layout 2 added (each Nana,
-    the items, Randall) is scrambled, while a layout 2 model's do."""
+# the columns of each optional group (categorical, numeric), as the feature layout documents them
+GROUP_COLUMNS = {"nana": (slice(5, 7), slice(49, 87)), "items": (slice(7, 11), slice(87, 119)),
+                 "randall": (slice(0, 0), slice(119, 122))}
+
+
+@pytest.mark.parametrize("sees", [[], ["items"], ["nana", "randall"]], ids=str)
+def test_a_model_reads_only_the_groups_it_sees(real_frames, sees):
+    """A spec's `sees` decides which optional groups of columns (each Nana, the items, Randall) the
+    model reads: its outputs move when a group it sees is scrambled and stay put, to the bit, when
+    one it does not see is; its input projection and tables are only as wide as what it reads
+    (with `sees = []`, 133 inputs for gru's tables: layout 1's)."""
     cat, num, rtg = real_frames
-    v1_columns = 32 + 32 + 8 + 8 + 4 + 49  # (two actions, two characters, the stage; 49 numbers)
-    scrambled_cat, scrambled_num = cat.copy(), num.copy()
+    spec = exphil.parse_spec(f"sees = {sees}\n" + spec_text("gru", "independent"))  # (no target action needed)
+    model = exphil.Model(spec)
+    widths = {"nana": 2 * 32 + 38, "items": 4 * 8 + 32, "randall": 3}  # gru's tables: action 32, item 8
+    assert model.params["in_proj.weight"].shape[0] == 133 + sum(widths[g] for g in sees)
+    assert ("embed.item" in model.params) == ("items" in sees)
+    state = model.zero_state(2)
+    before = run_window(model, 60, cat[:, :60], num[:, :60], rtg[:, :60], state)
     rng = np.random.default_rng(0)
-    scrambled_cat[..., 5:] = rng.integers(0, 256, scrambled_cat[..., 5:].shape)
-    scrambled_num[..., 49:] = rng.normal(0, 1, scrambled_num[..., 49:].shape)
-    spec = exphil.parse_spec(spec_text("gru", "independent"))  # (the window graph needs no target action)
-    for layout, moves in ((1, False), (2, True)):
-        model = exphil.Model(msgspec.structs.replace(spec, layout=layout))
-        assert (model.params["in_proj.weight"].shape[0] == v1_columns) == (layout == 1)
-        assert ("embed.item" in model.params) == (layout == 2)
-        state = model.zero_state(2)
-        before = run_window(model, 60, cat[:, :60], num[:, :60], rtg[:, :60], state)
+    for group, (c, n) in GROUP_COLUMNS.items():
+        scrambled_cat, scrambled_num = cat.copy(), num.copy()
+        scrambled_cat[..., c] = rng.integers(0, 256, scrambled_cat[..., c].shape)
+        scrambled_num[..., n] = rng.normal(0, 1, scrambled_num[..., n].shape)
         after = run_window(model, 60, scrambled_cat[:, :60], scrambled_num[:, :60], rtg[:, :60], state)
-        assert (max(np.abs(before[h] - after[h]).max() for h in exphil.HEADS) > 1e-3) == moves
+        change = max(np.abs(before[h] - after[h]).max() for h in exphil.HEADS)
+        assert (change > 1e-3) if group in sees else (change == 0), (group, change)
 
 
 def test_autoregressive_step_graph_samples_like_the_numpy_rule(real_frames):

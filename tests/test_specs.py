@@ -36,7 +36,8 @@ def edited(tmp_path, old, new, name="lstm"):
     ('kind = "lstm"', 'kind = "lstmm"', "blocks[0].mixer.kind"),       # unknown layer kind
     ("[heads]", '[heads]\nsampling = "autoregresive"', "heads.sampling"),  # not a kind of heads
     ("[heads]", '[heads]\norder = ["buttons", "main_x"]', "`order` must name each head once"),  # a head missing
-    ("window = 60", "window = 60\nlayout = 3", "layout"),              # no such feature layout
+    ("window = 60", 'window = 60\nsees = ["nana", "item"]', "sees[1]"),  # no such group of features
+    ("window = 60", "window = 60\nlayout = 1", "`layout`: replaced by `sees` (layout = 1 is sees = [],"),
 ])
 def test_spec_errors_name_file_and_field(tmp_path, old, new, field):
     path = edited(tmp_path, old, new)
