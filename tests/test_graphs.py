@@ -652,7 +652,7 @@ def test_stepper_carries_state_like_the_window_graph(name, real_frames):
             assert np.abs(np.stack([g[h] for g in got]) - window[h][0]).max() <= 1e-4
         stepper.reset()
     if spec.returns.input:  # the return-to-go reaches the model
-        other = stepper(cat[0, 0], num[0, 0], rtg[0, 0] + 5.0)["main_x"].copy()
+        other = stepper(cat[0, 0], num[0, 0], rtg[0, 0] + 5.0, noise=noise[0])["main_x"].copy()
         assert np.abs(other - window["main_x"][0, 0]).max() > 1e-4
 
 
