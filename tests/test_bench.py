@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import exphil
-from conftest import REPLAYS, ROOT, SHARED, SPECS
+from conftest import REPLAYS, ROOT, SHARED, SPECS, spec_text
 
 
 def bench(*args):
@@ -21,7 +21,9 @@ def bench(*args):
 def test_latency_table(tmp_path):
     """A cell for every spec x available provider x precision (and the window re-run); numbers
     positive, p99 >= p50; providers not installed are reported as absent, not a crash."""
-    out = bench("--specs", "specs/mlp.toml", "specs/lstm.toml", "--providers", "cpu", "cuda", "coreml",
+    lstm = tmp_path / "lstm.toml"  # with independent heads: a window graph that can be re-run to play
+    lstm.write_text(spec_text("lstm", "independent"))
+    out = bench("--specs", "specs/mlp.toml", lstm, "--providers", "cpu", "cuda", "coreml",
                 "--json", tmp_path / "b.json")
     data = json.loads((tmp_path / "b.json").read_text())
     assert set(data["step"]) == {"mlp", "lstm"} and "CPUExecutionProvider" in data["machine"]["providers"]
