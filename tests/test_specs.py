@@ -34,7 +34,7 @@ def edited(tmp_path, old, new, name="lstm"):
     ("window = 60", 'window = "sixty"', "window"),                     # wrong type
     ("repeat = 2", "repeat = 0", "blocks[0].repeat"),                  # out of range
     ('kind = "lstm"', 'kind = "lstmm"', "blocks[0].mixer.kind"),       # unknown layer kind
-    ("[heads]", '[heads]\nsampling = "autoregresive"', "heads.sampling"),  # not a kind of heads
+    ('sampling = "autoregressive"', 'sampling = "autoregresive"', "heads.sampling"),  # not a kind of heads
     ("[heads]", '[heads]\norder = ["buttons", "main_x"]', "`order` must name each head once"),  # a head missing
     ("window = 60", 'window = 60\nsees = ["nana", "item"]', "sees[1]"),  # no such group of features
     ("window = 60", "window = 60\nlayout = 1", "`layout`: replaced by `sees` (layout = 1 is sees = [],"),
